@@ -1,0 +1,33 @@
+# The two commands in the README: `make demo` and `make test`. Both build .venv on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint typecheck pytest emulator bench bench-quick clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/batchd demo
+
+test: $(STAMP) lint typecheck pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check batchd tests bench
+
+typecheck: $(STAMP)
+	$(BIN)/mypy batchd
+
+pytest: $(STAMP)
+	$(BIN)/pytest -q
+
+emulator: $(STAMP)
+	$(BIN)/batchd emulator --host 127.0.0.1 --port 8089
+
+clean:
+	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache
