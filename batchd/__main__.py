@@ -1,0 +1,7 @@
+"""`python -m batchd` is the `batchd` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,21 @@
+"""Small asyncio helpers shared by the daemon's loops."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+
+async def wait_any(timeout: float, *events: asyncio.Event) -> bool:
+    """Wait until one of `events` is set or `timeout` seconds pass; True if an event was set."""
+    if any(event.is_set() for event in events):
+        return True
+    waiters = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        done, _ = await asyncio.wait(waiters, timeout=max(timeout, 0.0), return_when=asyncio.FIRST_COMPLETED)
+        return bool(done)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(*waiters, return_exceptions=True)

@@ -1,0 +1,214 @@
+"""The batcher: groups queued requests into provider batches and submits them.
+
+A group is (provider profile, endpoint, model). It is flushed when it reaches the profile's
+`max_requests` or `max_bytes` (never exceeding either) or when its oldest request has waited
+`max_wait`. Each batch is committed as an intent row before the first provider call; a batch
+whose create may have happened (a crash, a lost answer) is reconciled with the provider's list
+before it is ever created again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+from .aio import wait_any
+from .crashpoints import CrashPoints
+from .formats import anthropic_request, openai_request_line
+from .logs import get_logger
+from .providers import ProviderError, ProviderPool
+from .providers.base import backoff
+from .settings import Settings
+from .store import BatchRow, Group, Store
+
+log = get_logger("batchd.batcher")
+
+
+class Batcher:
+    """Flushes groups into batch intents and submits pending batches, concurrently."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        providers: ProviderPool,
+        workdir: Path,
+        on_submitted: Callable[[int], None],
+        crashpoints: CrashPoints,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.providers = providers
+        self.workdir = workdir
+        self._on_submitted = on_submitted
+        self._crashpoints = crashpoints
+        self._wake = asyncio.Event()
+        self._submitting: dict[int, asyncio.Task[None]] = {}
+        # Pending batches found at start-up may have been created before the crash.
+        self._unsure: set[int] = set()
+        self._instance = ""
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def recover(self) -> None:
+        self._instance = await self.store.instance_id()
+        self._unsure = {batch.id for batch in await self.store.batches_in_state("pending")}
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        try:
+            while not stopping.is_set():
+                self._wake.clear()
+                next_due = await self.flush(time.time())
+                await self._start_pending()
+                delay = max(min(next_due - time.time(), self.settings.batching.tick * 30), 0.05)
+                await wait_any(delay, self._wake, stopping)
+        finally:
+            await self._stop_submissions()
+
+    async def flush(self, now: float) -> float:
+        """Claim every group that is full or due; returns when the next group falls due."""
+        batching = self.settings.batching
+        next_due = now + batching.max_wait
+        holds = await self.store.active_holds(now)
+        in_flight = self._in_flight(await self.store.batches_in_state("pending", "submitted"))
+        for group in await self.store.queued_groups(now):
+            if (group.profile, group.model) in holds:
+                next_due = min(next_due, holds[(group.profile, group.model)])
+                continue
+            profile = self.settings.providers[group.profile]
+            while group.count > 0:
+                full = group.count >= profile.request_limit or group.bytes >= profile.byte_limit
+                due = now - group.oldest >= batching.max_wait
+                if not (full or due):
+                    next_due = min(next_due, group.oldest + batching.max_wait)
+                    break
+                if in_flight.get(group.profile, 0) >= profile.max_in_flight:
+                    break
+                batch = await self.store.claim_batch(
+                    group, profile.kind, profile.request_limit, profile.byte_limit, now
+                )
+                if batch is None:
+                    break
+                in_flight[group.profile] = in_flight.get(group.profile, 0) + 1
+                log.info(
+                    "batch.flushed",
+                    batch=batch.id,
+                    provider=batch.profile,
+                    model=batch.model,
+                    endpoint=batch.endpoint,
+                    requests=batch.requests,
+                    bytes=batch.bytes,
+                    reason="full" if full else "max_wait",
+                )
+                group = Group(
+                    group.profile,
+                    group.endpoint,
+                    group.model,
+                    group.count - batch.requests,
+                    group.bytes - batch.bytes,
+                    group.oldest,
+                )
+        later = await self.store.next_not_before(now)
+        return min(next_due, later) if later else next_due
+
+    @staticmethod
+    def _in_flight(batches: list[BatchRow]) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for batch in batches:
+            counts[batch.profile] = counts.get(batch.profile, 0) + 1
+        return counts
+
+    async def _start_pending(self) -> None:
+        now = time.time()
+        for batch in await self.store.batches_in_state("pending"):
+            if batch.id in self._submitting or batch.not_before > now:
+                continue
+            task = asyncio.create_task(self._submit(batch), name=f"submit-{batch.id}")
+            self._submitting[batch.id] = task
+            task.add_done_callback(partial(self._forget_submission, batch.id))
+
+    def _forget_submission(self, batch_id: int, _task: asyncio.Task[None]) -> None:
+        self._submitting.pop(batch_id, None)
+
+    async def _stop_submissions(self) -> None:
+        tasks = list(self._submitting.values())
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    async def _write_input(self, batch: BatchRow, path: Path) -> None:
+        with path.open("wb") as out:
+            async for chunk in self.store.batch_bodies(batch.id):
+                if batch.kind == "openai":
+                    out.write(b"".join(openai_request_line(i, endpoint, body) for i, endpoint, body in chunk))
+                else:
+                    out.write(b"".join(anthropic_request(i, body) + b"\n" for i, _endpoint, body in chunk))
+
+    async def _submit(self, batch: BatchRow) -> None:
+        started = time.monotonic()
+        metadata = {"batchd_batch": str(batch.id), "batchd_instance": self._instance}
+        path = self.workdir / f"batch-{batch.id}.jsonl"
+        try:
+            provider = self.providers.get(batch.profile)
+            if batch.id in self._unsure or batch.submit_attempts > 0:
+                taken = await self.store.remote_ids(batch.profile)
+                found = await provider.find_created(batch.id, metadata, batch.created_at, batch.requests, taken)
+                if found is not None:
+                    await self.store.mark_submitted(batch.id, found.id, found.status, time.time())
+                    self._unsure.discard(batch.id)
+                    log.info("batch.adopted", batch=batch.id, remote_id=found.id, provider=batch.profile)
+                    self._on_submitted(batch.id)
+                    return
+                self._unsure.discard(batch.id)
+            if batch.input_file_id:
+                # An upload from an interrupted attempt that no batch uses.
+                with contextlib.suppress(ProviderError):
+                    await provider.delete_file(batch.input_file_id)
+                await self.store.set_input_file(batch.id, None)
+            await self._write_input(batch, path)
+
+            async def remember_input(file_id: str | None) -> None:
+                await self.store.set_input_file(batch.id, file_id)
+                self._crashpoints.reach("after-upload")
+
+            remote = await provider.submit(batch.id, batch.endpoint, path, batch.requests, metadata, remember_input)
+            self._crashpoints.reach("after-create")
+            await self.store.mark_submitted(batch.id, remote.id, remote.status, time.time())
+            log.info(
+                "batch.submitted",
+                batch=batch.id,
+                remote_id=remote.id,
+                provider=batch.profile,
+                model=batch.model,
+                endpoint=batch.endpoint,
+                requests=batch.requests,
+                bytes=batch.bytes,
+                seconds=round(time.monotonic() - started, 3),
+            )
+            self._on_submitted(batch.id)
+        except ProviderError as exc:
+            delay = backoff(batch.submit_attempts, base=2.0, ceiling=self.settings.batching.retry_backoff_max)
+            if exc.ambiguous:
+                self._unsure.add(batch.id)
+            await self.store.note_submit_failure(batch.id, str(exc), time.time() + delay)
+            log.warning(
+                "batch.submit_failed",
+                batch=batch.id,
+                provider=batch.profile,
+                error=str(exc),
+                ambiguous=exc.ambiguous,
+                retry_in=round(delay, 1),
+            )
+            self._wake_later(delay)
+        finally:
+            path.unlink(missing_ok=True)
+
+    def _wake_later(self, delay: float) -> None:
+        asyncio.get_running_loop().call_later(delay, self._wake.set)

@@ -1,0 +1,134 @@
+"""The command line: `batchd run | submit | status | emulator | demo`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+from . import __version__
+from .settings import ConfigError, Settings, load_settings
+
+T = TypeVar("T")
+
+EX_CONFIG = 78  # sysexits.h: systemd shows it as a configuration error
+
+
+def run_loop(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine on uvloop (the daemon's loop), falling back to asyncio where uvloop is absent."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency; this is for odd platforms
+        return asyncio.run(coro)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coro)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(args.config)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .daemon import Daemon
+    from .logs import configure_logging
+
+    settings = _settings(args)
+    configure_logging(settings.daemon.log_format, settings.daemon.log_level)
+    daemon = Daemon(settings)
+    status = run_loop(daemon.run())
+    if status == 0 and daemon.stop_signal is not None:
+        # Die of the signal that stopped us, so the exit status tells systemd the truth.
+        sys.stdout.flush()
+        signal.signal(daemon.stop_signal, signal.SIG_DFL)
+        os.kill(os.getpid(), daemon.stop_signal)
+    return status
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from .spool import submit_file
+
+    spool_dir = args.spool_dir or _settings(args).daemon.spool_dir
+    for name in args.files:
+        source = Path(name)
+        if not source.is_file():
+            print(f"batchd submit: {name}: not a file", file=sys.stderr)
+            return 1
+        target = submit_file(source, spool_dir, name=args.name if len(args.files) == 1 else None)
+        print(target)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .status import render_status
+
+    settings = _settings(args)
+    return run_loop(render_status(settings, as_json=args.json))
+
+
+def cmd_emulator(args: argparse.Namespace) -> int:
+    from .emulator.cli import main as emulator_main
+
+    return emulator_main(args)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_loop(run_demo(requests=args.requests, keep=args.keep))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="batchd", description="Moves LLM calls that can wait onto batch APIs.")
+    parser.add_argument("--version", action="version", version=f"batchd {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("--config", help="TOML config file (default: $BATCHD_CONFIG)")
+        return sub
+
+    run = command("run", "run the daemon in the foreground")
+    run.set_defaults(handler=cmd_run)
+
+    submit = command("submit", "queue JSONL files by writing them into the spool safely")
+    submit.add_argument("files", nargs="+", help="JSONL files of OpenAI batch lines or Anthropic batch requests")
+    submit.add_argument("--name", help="file name in the spool (one file only)")
+    submit.add_argument("--spool-dir", help="spool directory (default: daemon.spool_dir of the config)")
+    submit.set_defaults(handler=cmd_submit)
+
+    status = command("status", "queue depth per route, live batches, recent errors")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(handler=cmd_status)
+
+    emulator = commands.add_parser("emulator", help="serve a local emulator of both batch APIs")
+    from .emulator.cli import add_arguments
+
+    add_arguments(emulator)
+    emulator.set_defaults(handler=cmd_emulator)
+
+    demo = command("demo", "run the emulator and a daemon on a temporary spool, end to end")
+    demo.add_argument("--requests", type=int, default=400, help="how many sample requests (default 400)")
+    demo.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    demo.set_defaults(handler=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        status: int = args.handler(args)
+    except ConfigError as exc:
+        print(f"batchd: configuration error:\n{exc}", file=sys.stderr)
+        return EX_CONFIG
+    except KeyboardInterrupt:
+        return 130
+    return status
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

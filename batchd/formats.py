@@ -1,0 +1,261 @@
+"""Input line parsing and validation, provider payloads, and result normalisation.
+
+Pure functions over bytes and dicts: nothing here does I/O, so every rule is unit-testable.
+Input lines are provider-native (an OpenAI batch line or an Anthropic batch request); result
+lines keep the provider's own body untouched and add batchd's fields around it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import orjson
+
+Kind = Literal["openai", "anthropic"]
+Status = Literal["succeeded", "errored", "expired", "canceled", "invalid"]
+
+ANTHROPIC_ENDPOINT = "/v1/messages"
+
+# The field each OpenAI batch endpoint cannot do without, besides `model`.
+OPENAI_ENDPOINTS: dict[str, str] = {
+    "/v1/chat/completions": "messages",
+    "/v1/responses": "input",
+    "/v1/embeddings": "input",
+    "/v1/completions": "prompt",
+    "/v1/moderations": "input",
+}
+
+MAX_CUSTOM_ID_CHARS = 512
+RETRYABLE_ANTHROPIC_ERRORS = frozenset({"api_error", "overloaded_error", "rate_limit_error", "timeout_error"})
+
+
+class LineError(ValueError):
+    """A line that cannot be queued; the message is the `invalid` result's reason."""
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedLine:
+    """One valid request line, ready to queue."""
+
+    kind: Kind
+    custom_id: str
+    endpoint: str
+    model: str
+    body: bytes  # the provider-native request body (OpenAI `body`, Anthropic `params`), as JSON
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What the provider said about one request."""
+
+    provider_custom_id: str
+    status: Status
+    response: Any
+    error: Any
+    usage: dict[str, int] | None
+    retryable: bool
+
+
+def parse_line(raw: bytes, line_number: int) -> ParsedLine:
+    """Parse one input line (without its newline) or raise LineError with a clear reason."""
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise LineError(f"line is not valid UTF-8 (byte {exc.start})") from None
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise LineError(f"line is not valid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise LineError(f"line is a JSON {type(obj).__name__}, expected an object")
+    custom_id = _custom_id(obj, line_number)
+    if "params" in obj and "body" not in obj:
+        return _parse_anthropic(obj, custom_id)
+    if "body" in obj or "url" in obj:
+        return _parse_openai(obj, custom_id)
+    raise LineError(
+        "unknown request shape: expected an OpenAI batch line (custom_id, method, url, body)"
+        " or an Anthropic batch request (custom_id, params)"
+    )
+
+
+def _custom_id(obj: dict[str, Any], line_number: int) -> str:
+    value = obj.get("custom_id")
+    if value is None:
+        return f"line-{line_number}"
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise LineError("custom_id must be a string")
+    text = str(value)
+    if not text:
+        raise LineError("custom_id must not be empty")
+    if len(text) > MAX_CUSTOM_ID_CHARS:
+        raise LineError(f"custom_id is longer than {MAX_CUSTOM_ID_CHARS} characters")
+    return text
+
+
+def _model(body: dict[str, Any], where: str) -> str:
+    model = body.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise LineError(f"{where}.model is missing or not a string")
+    return model
+
+
+def _parse_openai(obj: dict[str, Any], custom_id: str) -> ParsedLine:
+    method = obj.get("method", "POST")
+    if method != "POST":
+        raise LineError(f"method must be POST, got {method!r}")
+    url = obj.get("url")
+    if url not in OPENAI_ENDPOINTS:
+        raise LineError(f"url {url!r} is not a batch endpoint (one of {', '.join(OPENAI_ENDPOINTS)})")
+    body = obj.get("body")
+    if not isinstance(body, dict):
+        raise LineError("body is missing or not an object")
+    model = _model(body, "body")
+    required = OPENAI_ENDPOINTS[url]
+    if required not in body:
+        raise LineError(f"body.{required} is missing (required by {url})")
+    return ParsedLine("openai", custom_id, url, model, orjson.dumps(body))
+
+
+def _parse_anthropic(obj: dict[str, Any], custom_id: str) -> ParsedLine:
+    params = obj.get("params")
+    if not isinstance(params, dict):
+        raise LineError("params is not an object")
+    model = _model(params, "params")
+    if not isinstance(params.get("messages"), list):
+        raise LineError("params.messages is missing or not a list")
+    return ParsedLine("anthropic", custom_id, ANTHROPIC_ENDPOINT, model, orjson.dumps(params))
+
+
+def provider_custom_id(item_id: int) -> str:
+    """Our own short id for an item; fits Anthropic's ^[a-zA-Z0-9_-]{1,64}$ and is stable across retries."""
+    return f"i{item_id:x}"
+
+
+def item_id_from_custom_id(custom_id: str) -> int | None:
+    if not custom_id.startswith("i"):
+        return None
+    try:
+        return int(custom_id[1:], 16)
+    except ValueError:
+        return None
+
+
+def openai_request_line(item_id: int, endpoint: str, body: bytes) -> bytes:
+    """One line of an OpenAI batch input file (with its newline)."""
+    return b'{"custom_id":"%s","method":"POST","url":"%s","body":%s}\n' % (
+        provider_custom_id(item_id).encode(),
+        endpoint.encode(),
+        body,
+    )
+
+
+def anthropic_request(item_id: int, params: bytes) -> bytes:
+    """One element of an Anthropic create body's `requests` list, as JSON."""
+    return b'{"custom_id":"%s","params":%s}' % (provider_custom_id(item_id).encode(), params)
+
+
+def usage_of(kind: Kind, body: Any) -> dict[str, int] | None:
+    """Token counts from a provider response body, in one vocabulary for both providers."""
+    if not isinstance(body, dict):
+        return None
+    usage = body.get("usage")
+    if not isinstance(usage, dict):
+        return None
+    if kind == "anthropic":
+        return {
+            "input_tokens": int(usage.get("input_tokens") or 0),
+            "output_tokens": int(usage.get("output_tokens") or 0),
+            "cached_input_tokens": int(usage.get("cache_read_input_tokens") or 0),
+            "cache_creation_input_tokens": int(usage.get("cache_creation_input_tokens") or 0),
+        }
+    if "prompt_tokens" in usage:  # chat completions, completions, embeddings
+        details = usage.get("prompt_tokens_details") or {}
+        return {
+            "input_tokens": int(usage.get("prompt_tokens") or 0),
+            "output_tokens": int(usage.get("completion_tokens") or 0),
+            "cached_input_tokens": int(details.get("cached_tokens") or 0),
+        }
+    details = usage.get("input_tokens_details") or {}
+    return {  # responses
+        "input_tokens": int(usage.get("input_tokens") or 0),
+        "output_tokens": int(usage.get("output_tokens") or 0),
+        "cached_input_tokens": int(details.get("cached_tokens") or 0),
+    }
+
+
+def openai_outcome(line: dict[str, Any]) -> Outcome:
+    """Classify one line of an OpenAI output or error file."""
+    custom_id = str(line.get("custom_id"))
+    response = line.get("response")
+    error = line.get("error")
+    if error:
+        code = error.get("code") if isinstance(error, dict) else None
+        if code == "batch_expired":
+            return Outcome(custom_id, "expired", None, error, None, True)
+        if code in ("batch_cancelled", "batch_canceled"):
+            return Outcome(custom_id, "canceled", None, error, None, True)
+        return Outcome(custom_id, "errored", None, error, None, True)
+    if not isinstance(response, dict):
+        return Outcome(custom_id, "errored", None, {"message": "result line has no response"}, None, True)
+    status_code = int(response.get("status_code") or 0)
+    body = response.get("body")
+    if status_code == 200:
+        return Outcome(custom_id, "succeeded", body, None, usage_of("openai", body), False)
+    detail = body.get("error") if isinstance(body, dict) and isinstance(body.get("error"), dict) else body
+    failure = {"status_code": status_code, **(detail if isinstance(detail, dict) else {"message": detail})}
+    retryable = status_code == 429 or status_code >= 500 or status_code in (408, 409)
+    return Outcome(custom_id, "errored", None, failure, None, retryable)
+
+
+def anthropic_outcome(line: dict[str, Any]) -> Outcome:
+    """Classify one line of an Anthropic results stream."""
+    custom_id = str(line.get("custom_id"))
+    result = line.get("result") or {}
+    kind = result.get("type")
+    if kind == "succeeded":
+        message = result.get("message")
+        return Outcome(custom_id, "succeeded", message, None, usage_of("anthropic", message), False)
+    if kind == "expired":
+        return Outcome(custom_id, "expired", None, None, None, True)
+    if kind == "canceled":
+        return Outcome(custom_id, "canceled", None, None, None, True)
+    error = result.get("error")
+    inner = error.get("error") if isinstance(error, dict) else None
+    error_type = inner.get("type") if isinstance(inner, dict) else None
+    return Outcome(custom_id, "errored", None, error, None, error_type in RETRYABLE_ANTHROPIC_ERRORS)
+
+
+def result_line(
+    *,
+    custom_id: str,
+    status: Status,
+    line: int,
+    response: Any = None,
+    error: Any = None,
+    provider: str | None = None,
+    model: str | None = None,
+    batch_id: str | None = None,
+    usage: dict[str, int] | None = None,
+    cost: Any = None,
+) -> bytes:
+    """One line of a results file (without newline), fields as documented in the README."""
+    return orjson.dumps(
+        {
+            "custom_id": custom_id,
+            "status": status,
+            "response": response,
+            "error": error,
+            "provider": provider,
+            "model": model,
+            "batch_id": batch_id,
+            "usage": usage,
+            "cost": cost,
+            "line": line,
+        }
+    )
+
+
+def invalid_result(custom_id: str, line: int, reason: str) -> bytes:
+    return result_line(custom_id=custom_id, status="invalid", line=line, error={"message": reason})

@@ -1,0 +1,168 @@
+"""The interface every provider adapter offers the batcher and the pollers.
+
+An adapter is the only code that knows its SDK. It speaks in `RemoteBatch`, `Outcome` and
+`ProviderError`, never in SDK types, so the rest of batchd is the same for every provider.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import random
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from ..formats import Outcome, Status
+
+
+class ProviderError(Exception):
+    """A provider call failed.
+
+    `retryable`: the same call may succeed later (429, 5xx, timeouts, dropped connections).
+    `ambiguous`: the provider may have acted before the failure (a create whose answer was lost),
+    so it must be reconciled before it is tried again.
+    """
+
+    def __init__(self, message: str, *, retryable: bool, ambiguous: bool = False, status: int | None = None):
+        super().__init__(message)
+        self.retryable = retryable
+        self.ambiguous = ambiguous
+        self.status = status
+
+
+@dataclass(slots=True)
+class RemoteBatch:
+    """A provider batch as the provider reports it, in provider-neutral terms."""
+
+    id: str
+    status: str  # the provider's own status word
+    ended: bool  # no further change will come
+    created_at: float
+    counts: dict[str, int] = field(default_factory=dict)
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    # OpenAI batch-level failures: [{code, line, message, param}].
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    # Results are promised but not yet downloadable (a `completed` batch without its file id yet).
+    results_pending: bool = False
+    # How to finish requests that no result line mentions once the batch has ended.
+    unanswered_status: Status = "errored"
+    metadata: dict[str, str] = field(default_factory=dict)
+    total: int | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.status == "failed"
+
+
+def backoff(attempt: int, base: float = 1.0, ceiling: float = 60.0, rng: random.Random | None = None) -> float:
+    """Exponential backoff with full jitter on the upper half: base·2ⁿ capped, times 0.5–1.0."""
+    delay: float = min(ceiling, base * (2 ** max(attempt, 0)))
+    return delay * (0.5 + 0.5 * (rng or random).random())
+
+
+class Provider(abc.ABC):
+    """One provider profile's client."""
+
+    kind: str
+
+    def __init__(self, profile: str) -> None:
+        self.profile = profile
+
+    @abc.abstractmethod
+    async def submit(
+        self,
+        batch_id: int,
+        endpoint: str,
+        lines: Path,
+        request_count: int,
+        metadata: dict[str, str],
+        remember_input: Callable[[str | None], Any],
+    ) -> RemoteBatch:
+        """Create a batch from `lines` (our request lines, one JSON per line).
+
+        Makes exactly one create call (never retried by the SDK), so that a failure can be
+        reconciled before trying again. `remember_input` is awaited with any uploaded file id
+        before the create call, so a crash leaves a trace of it.
+        """
+
+    @abc.abstractmethod
+    async def find_created(
+        self, batch_id: int, metadata: dict[str, str], created_after: float, request_count: int, taken: set[str]
+    ) -> RemoteBatch | None:
+        """A batch that an earlier, interrupted submit of `batch_id` created at the provider, if any."""
+
+    @abc.abstractmethod
+    async def retrieve(self, remote_id: str) -> RemoteBatch:
+        """The batch's current state."""
+
+    @abc.abstractmethod
+    def results(self, remote: RemoteBatch, workdir: Path, chunk: int = 2000) -> AsyncIterator[list[Outcome]]:
+        """Every result line of an ended batch, in chunks, downloaded to `workdir` first."""
+
+    @abc.abstractmethod
+    async def cancel(self, remote_id: str) -> RemoteBatch:
+        """Ask the provider to cancel the batch."""
+
+    async def delete_file(self, file_id: str) -> None:  # noqa: B027 - optional for providers without files
+        """Delete an uploaded file that no batch uses (only OpenAI has files)."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release the HTTP client."""
+
+
+DOWNLOAD_ATTEMPTS = 5
+
+
+async def download(
+    open_stream: Callable[[], AbstractAsyncContextManager[Any]],
+    target: Path,
+    sdk_error: type[Exception],
+    classify: Callable[[Exception], ProviderError],
+) -> None:
+    """Stream a provider file to `target`; a dropped connection restarts the download from zero.
+
+    Results are applied only after the whole file is on disk, so a restart never duplicates one.
+    """
+    for attempt in range(DOWNLOAD_ATTEMPTS):
+        try:
+            with target.open("wb") as out:
+                async with open_stream() as response:
+                    async for chunk in response.iter_bytes():
+                        out.write(chunk)
+            return
+        except sdk_error as exc:
+            error = classify(exc)
+            if not error.retryable or attempt == DOWNLOAD_ATTEMPTS - 1:
+                raise error from exc
+        except Exception as exc:  # a transport cut mid-body surfaces as the HTTP library's own error
+            if attempt == DOWNLOAD_ATTEMPTS - 1:
+                raise ProviderError(f"download to {target.name}: {exc}", retryable=True) from exc
+        await asyncio.sleep(backoff(attempt, base=0.2, ceiling=5.0))
+
+
+def read_outcomes(path: Path, parse: Callable[[dict[str, Any]], Outcome], chunk: int) -> Iterator[list[Outcome]]:
+    """The result lines of a downloaded file, parsed, in chunks.
+
+    A line that cannot be read is skipped: its request stays unanswered and is retried.
+    """
+    outcomes: list[Outcome] = []
+    with path.open("rb") as handle:
+        for raw in handle:
+            if not raw.strip():
+                continue
+            try:
+                outcomes.append(parse(orjson.loads(raw)))
+            except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
+                continue
+            if len(outcomes) >= chunk:
+                yield outcomes
+                outcomes = []
+    if outcomes:
+        yield outcomes

@@ -1,0 +1,159 @@
+"""OpenAI Batch API adapter: the only module that imports the `openai` SDK."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
+
+import openai
+
+from ..formats import Outcome, Status, openai_outcome
+from .base import Provider, ProviderError, RemoteBatch, download, read_outcomes
+
+T = TypeVar("T")
+
+ENDED = frozenset({"completed", "failed", "expired", "cancelled"})
+UNANSWERED: dict[str, Status] = {"expired": "expired", "cancelled": "canceled"}
+# A provider clock may differ from ours; search a little before our own intent time.
+CLOCK_SKEW = 600.0
+
+
+def _error(exc: Exception) -> ProviderError:
+    if isinstance(exc, openai.APIStatusError):
+        status = exc.status_code
+        retryable = status in (408, 409, 429) or status >= 500
+        return ProviderError(
+            f"openai {status}: {exc.message}",
+            retryable=retryable,
+            ambiguous=status >= 500 or status == 408,
+            status=status,
+        )
+    if isinstance(exc, openai.APIConnectionError | openai.APITimeoutError):
+        return ProviderError(f"openai connection: {exc}", retryable=True, ambiguous=True)
+    return ProviderError(f"openai: {exc}", retryable=False)
+
+
+async def _call(coro: Awaitable[T]) -> T:
+    try:
+        return await coro
+    except openai.OpenAIError as exc:
+        raise _error(exc) from exc
+
+
+def _remote(batch: Any) -> RemoteBatch:
+    counts = batch.request_counts
+    count_map = {"total": counts.total, "completed": counts.completed, "failed": counts.failed} if counts else {}
+    errors = [
+        {"code": e.code, "line": e.line, "message": e.message, "param": e.param}
+        for e in ((batch.errors.data or []) if batch.errors else [])
+    ]
+    completed = count_map.get("completed", 0)
+    failed = count_map.get("failed", 0)
+    pending = batch.status == "completed" and (
+        (completed > 0 and batch.output_file_id is None)
+        or (failed > 0 and batch.error_file_id is None)
+        or (batch.output_file_id is None and batch.error_file_id is None and count_map.get("total", 0) > 0)
+    )
+    return RemoteBatch(
+        id=batch.id,
+        status=batch.status,
+        ended=batch.status in ENDED,
+        created_at=float(batch.created_at),
+        counts=count_map,
+        output_file_id=batch.output_file_id,
+        error_file_id=batch.error_file_id,
+        errors=errors,
+        results_pending=pending,
+        unanswered_status=UNANSWERED.get(batch.status, "errored"),
+        metadata=dict(batch.metadata or {}),
+        total=count_map.get("total"),
+    )
+
+
+class OpenAIProvider(Provider):
+    """A profile of kind `openai`: api.openai.com or any OpenAI-compatible batch API."""
+
+    kind = "openai"
+
+    def __init__(self, profile: str, api_key: str, base_url: str | None, timeout: float) -> None:
+        super().__init__(profile)
+        self._client = openai.AsyncOpenAI(api_key=api_key, base_url=base_url, timeout=timeout, max_retries=3)
+        # Creates are never retried by the SDK: a lost answer must be reconciled, not repeated.
+        self._create_client = self._client.with_options(max_retries=0)
+
+    async def submit(
+        self,
+        batch_id: int,
+        endpoint: str,
+        lines: Path,
+        request_count: int,
+        metadata: dict[str, str],
+        remember_input: Callable[[str | None], Any],
+    ) -> RemoteBatch:
+        with lines.open("rb") as handle:
+            uploaded = await _call(
+                self._client.files.create(
+                    file=(f"batchd-{batch_id}.jsonl", handle, "application/jsonl"), purpose="batch"
+                )
+            )
+        await remember_input(uploaded.id)
+        created = await _call(
+            self._create_client.batches.create(
+                input_file_id=uploaded.id,
+                endpoint=endpoint,  # type: ignore[arg-type]
+                completion_window="24h",
+                metadata=metadata,
+            )
+        )
+        return _remote(created)
+
+    async def find_created(
+        self, batch_id: int, metadata: dict[str, str], created_after: float, request_count: int, taken: set[str]
+    ) -> RemoteBatch | None:
+        page = await _call(self._client.batches.list(limit=100))
+        while True:
+            for batch in page.data:
+                if batch.created_at < created_after - CLOCK_SKEW:
+                    return None
+                found = dict(batch.metadata or {})
+                if batch.id not in taken and all(found.get(k) == v for k, v in metadata.items()):
+                    return _remote(batch)
+            if not page.has_next_page():
+                return None
+            page = await _call(page.get_next_page())
+
+    async def retrieve(self, remote_id: str) -> RemoteBatch:
+        return _remote(await _call(self._client.batches.retrieve(remote_id)))
+
+    async def cancel(self, remote_id: str) -> RemoteBatch:
+        return _remote(await _call(self._client.batches.cancel(remote_id)))
+
+    async def delete_file(self, file_id: str) -> None:
+        try:
+            await self._client.files.delete(file_id)
+        except openai.NotFoundError:
+            pass
+        except openai.OpenAIError as exc:
+            raise _error(exc) from exc
+
+    async def results(self, remote: RemoteBatch, workdir: Path, chunk: int = 2000) -> AsyncIterator[list[Outcome]]:
+        for file_id in (remote.output_file_id, remote.error_file_id):
+            if not file_id:
+                continue
+            target = workdir / f"{remote.id}-{file_id}.jsonl"
+            try:
+                await download(
+                    partial(self._client.files.with_streaming_response.content, file_id),
+                    target,
+                    openai.OpenAIError,
+                    _error,
+                )
+                for outcomes in read_outcomes(target, openai_outcome, chunk):
+                    yield outcomes
+            finally:
+                target.unlink(missing_ok=True)
+
+    async def close(self) -> None:
+        await self._client.close()

@@ -1,0 +1,253 @@
+"""One typed settings object: a TOML file, overridden by BATCHD_* variables, keys from credentials.
+
+Built once by the command line and passed to everything that needs it. Every invalid value is
+reported as a `ConfigError` naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+ProviderKind = Literal["openai", "anthropic"]
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the file and the key."""
+
+
+def parse_duration(value: Any) -> Any:
+    """Accept plain seconds (int/float) or strings like "500ms", "10m", "2h", "1d"."""
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if not match:
+            raise ValueError(f"not a duration: {value!r} (use seconds, or e.g. '30s', '10m', '2h')")
+        return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    return value
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration), Field(ge=0)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class DaemonSettings(_Section):
+    """`[daemon]`: where things live and how the process behaves."""
+
+    spool_dir: Path = Path("/var/spool/batchd")
+    state_dir: Path = Path("/var/lib/batchd")
+    log_format: Literal["auto", "json", "console"] = "auto"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    graceful_timeout: Duration = 20.0
+    rescan_interval: Duration = 30.0
+    done_retention: Duration = 7 * 86400.0
+    # A file in new/ whose last line has no newline is taken as still being written until it
+    # has been left alone this long.
+    settle_time: Duration = 5.0
+
+    @property
+    def database_path(self) -> Path:
+        return self.state_dir / "batchd.sqlite3"
+
+
+class BatchingSettings(_Section):
+    """`[batching]`: when groups are flushed and how batches are polled and retried."""
+
+    max_wait: Duration = 600.0
+    poll_interval_min: Duration = 10.0
+    poll_interval_max: Duration = 300.0
+    max_attempts: int = Field(default=3, ge=1)
+    tick: Duration = 1.0
+    retry_backoff_max: Duration = 900.0
+
+    @model_validator(mode="after")
+    def _intervals_ordered(self) -> BatchingSettings:
+        if self.poll_interval_min > self.poll_interval_max:
+            raise ValueError("poll_interval_min must not exceed poll_interval_max")
+        return self
+
+
+_PROVIDER_LIMITS: dict[str, tuple[int, int]] = {
+    "openai": (50_000, 200_000_000),
+    "anthropic": (100_000, 256_000_000),
+}
+
+
+class ProviderProfile(_Section):
+    """`[providers.NAME]`: one account at one batch API."""
+
+    kind: ProviderKind
+    base_url: str | None = None
+    api_key: SecretStr | None = None
+    api_key_env: str | None = None
+    api_key_credential: str | None = None
+    max_requests: int | None = Field(default=None, ge=1)
+    max_bytes: int | None = Field(default=None, ge=1024)
+    max_in_flight: int = Field(default=20, ge=1)
+    request_timeout: Duration = 600.0
+
+    @model_validator(mode="after")
+    def _fill_limits(self) -> ProviderProfile:
+        default_requests, default_bytes = _PROVIDER_LIMITS[self.kind]
+        self.max_requests = min(self.max_requests or default_requests, default_requests)
+        self.max_bytes = min(self.max_bytes or default_bytes, default_bytes)
+        return self
+
+    @property
+    def request_limit(self) -> int:
+        assert self.max_requests is not None
+        return self.max_requests
+
+    @property
+    def byte_limit(self) -> int:
+        assert self.max_bytes is not None
+        return self.max_bytes
+
+
+class Route(_Section):
+    """`[[routes]]`: requests whose model matches `model` (a glob) go to profile `provider`."""
+
+    model: str
+    provider: str
+
+
+class OutboxSettings(_Section):
+    """`[outbox]`: the results-file sink in spool/out/."""
+
+    enabled: bool = True
+
+
+def _default_providers() -> dict[str, ProviderProfile]:
+    return {
+        "openai": ProviderProfile(kind="openai", api_key_env="OPENAI_API_KEY"),
+        "anthropic": ProviderProfile(kind="anthropic", api_key_env="ANTHROPIC_API_KEY"),
+    }
+
+
+class Settings(BaseSettings):
+    """The whole configuration of one daemon."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="BATCHD_", env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+
+    daemon: DaemonSettings = Field(default_factory=DaemonSettings)
+    batching: BatchingSettings = Field(default_factory=BatchingSettings)
+    providers: dict[str, ProviderProfile] = Field(default_factory=_default_providers)
+    routes: list[Route] = Field(default_factory=list)
+    outbox: OutboxSettings = Field(default_factory=OutboxSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The TOML file arrives as init kwargs (see load_settings); environment variables win.
+        return (env_settings, init_settings)
+
+    @model_validator(mode="after")
+    def _routes_name_profiles(self) -> Settings:
+        for index, route in enumerate(self.routes):
+            if route.provider not in self.providers:
+                raise ValueError(
+                    f"routes[{index}].provider {route.provider!r} is not a profile in [providers]"
+                    f" (known: {', '.join(sorted(self.providers))})"
+                )
+        return self
+
+    def profile_for(self, kind: ProviderKind, model: str) -> str | None:
+        """The profile that takes `model` for a line of the API family `kind`, or None."""
+        for route in self.routes:
+            if fnmatch.fnmatchcase(model, route.model) and self.providers[route.provider].kind == kind:
+                return route.provider
+        if kind in self.providers and self.providers[kind].kind == kind:
+            return kind
+        for name, profile in self.providers.items():
+            if profile.kind == kind:
+                return name
+        return None
+
+    @property
+    def max_line_bytes(self) -> int:
+        """No single request may be larger than the largest batch any profile accepts."""
+        return max((profile.byte_limit for profile in self.providers.values()), default=256_000_000)
+
+
+def resolve_api_key(name: str, profile: ProviderProfile, environ: dict[str, str] | None = None) -> str | None:
+    """The profile's API key: inline, from a systemd credential, or from an environment variable."""
+    env = os.environ if environ is None else environ
+    if profile.api_key is not None:
+        return profile.api_key.get_secret_value()
+    credentials_dir = env.get("CREDENTIALS_DIRECTORY")
+    if credentials_dir:
+        for candidate in (profile.api_key_credential, f"{name}_api_key", name):
+            if candidate:
+                path = Path(credentials_dir) / candidate
+                if path.is_file():
+                    return path.read_text().strip()
+    if profile.api_key_env and env.get(profile.api_key_env):
+        return env[profile.api_key_env]
+    return None
+
+
+def _format_location(location: tuple[int | str, ...]) -> str:
+    text = ""
+    for part in location:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "(top level)"
+
+
+def load_settings(path: Path | str | None = None, overrides: dict[str, Any] | None = None) -> Settings:
+    """Read the TOML file at `path` (or $BATCHD_CONFIG), apply BATCHD_* variables and `overrides`."""
+    if path is None and os.environ.get("BATCHD_CONFIG"):
+        path = os.environ["BATCHD_CONFIG"]
+    data: dict[str, Any] = {}
+    source = str(path) if path is not None else "(defaults and environment)"
+    if path is not None:
+        try:
+            with open(path, "rb") as handle:
+                data = tomllib.load(handle)
+        except FileNotFoundError:
+            raise ConfigError(f"{source}: no such file") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    for section, values in (overrides or {}).items():
+        if isinstance(values, dict):
+            data.setdefault(section, {}).update(values)
+        else:
+            data[section] = values
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            key = _format_location(tuple(error["loc"]))
+            if error["type"] == "extra_forbidden":
+                problems.append(f"{source}: unknown key {key}")
+            else:
+                problems.append(f"{source}: {key}: {error['msg']}")
+        raise ConfigError("\n".join(problems)) from None

@@ -1,0 +1,70 @@
+"""Sinks: where results go once they are durable in SQLite. Each runs as its own task."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from ..aio import wait_any
+from ..logs import get_logger
+from ..providers.base import backoff
+from ..store import Store
+from .base import Sink
+
+log = get_logger("batchd.sinks")
+
+DELIVERY_CHUNK = 2000
+
+
+class SinkRunner:
+    """Feeds every sink the results after its cursor; a failing sink never holds up the others."""
+
+    def __init__(self, store: Store, sinks: list[Sink]) -> None:
+        self.store = store
+        self.sinks = sinks
+        self._wakes = {sink.name: asyncio.Event() for sink in sinks}
+
+    def wake(self) -> None:
+        for event in self._wakes.values():
+            event.set()
+
+    async def recover(self) -> None:
+        for sink in self.sinks:
+            await sink.recover()
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        async with asyncio.TaskGroup() as group:
+            for sink in self.sinks:
+                group.create_task(self._feed(sink, stopping), name=f"sink-{sink.name}")
+
+    async def drain(self) -> None:
+        """Deliver everything committed so far (used on a graceful stop)."""
+        for sink in self.sinks:
+            with contextlib.suppress(Exception):
+                await self._deliver_pending(sink)
+
+    async def _deliver_pending(self, sink: Sink) -> int:
+        cursor = await sink.cursor()
+        delivered = 0
+        while results := await self.store.results_after(cursor, DELIVERY_CHUNK):
+            await sink.deliver(results)
+            cursor = results[-1].id
+            delivered += len(results)
+        return delivered
+
+    async def _feed(self, sink: Sink, stopping: asyncio.Event) -> None:
+        wake = self._wakes[sink.name]
+        failures = 0
+        while not stopping.is_set():
+            wake.clear()
+            try:
+                await self._deliver_pending(sink)
+                failures = 0
+                timeout = 1.0
+            except Exception as exc:
+                failures += 1
+                timeout = backoff(failures, base=1.0, ceiling=300.0)
+                log.warning("sink.delivery_failed", sink=sink.name, error=str(exc), retry_in=round(timeout, 1))
+                await self.store.add_error("sink.delivery_failed", f"{sink.name}: {exc}")
+            # While a sink is failing only its backoff (or a stop) ends the wait, not new results.
+            await wait_any(timeout, stopping) if failures else await wait_any(timeout, wake, stopping)

@@ -1,0 +1,31 @@
+"""The sink interface: where result lines go once they are in SQLite."""
+
+from __future__ import annotations
+
+import abc
+
+from ..store import PendingResult, Store
+
+
+class Sink(abc.ABC):
+    """A destination for result lines.
+
+    Delivery is at-least-once from the store's point of view, so each sink makes it idempotent
+    (by result id) and records its own progress durably before `deliver` returns.
+    """
+
+    name: str
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    async def recover(self) -> None:  # noqa: B027 - most sinks need nothing at start-up
+        """Repair anything a crash left half-done; called once before the first delivery."""
+
+    @abc.abstractmethod
+    async def cursor(self) -> int:
+        """The id of the last result this sink has durably delivered."""
+
+    @abc.abstractmethod
+    async def deliver(self, results: list[PendingResult]) -> None:
+        """Deliver these results (in id order) and durably record that they were delivered."""

@@ -1,0 +1,721 @@
+"""The durable queue: the only module that speaks SQL.
+
+One aiosqlite connection in WAL mode with synchronous=FULL, so that every commit is durable
+before the caller takes an irreversible step (moving a spool file, calling a provider). Every
+statement runs under one asyncio lock, so a transaction never interleaves with another
+coroutine's statements on the shared connection. Schema changes are numbered migrations in
+`batchd/sql/NNN_*.sql`, tracked with `PRAGMA user_version`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import orjson
+
+from .formats import Outcome, Status, invalid_result, item_id_from_custom_id, provider_custom_id, result_line
+
+FINAL_ITEM_STATES = ("succeeded", "errored", "expired", "canceled")
+ERRORS_KEPT = 200
+
+
+@dataclass(frozen=True, slots=True)
+class NewItem:
+    """A valid line about to be queued."""
+
+    line: int
+    custom_id: str
+    profile: str
+    endpoint: str
+    model: str
+    body: bytes
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class NewResult:
+    """A result decided without a provider (an invalid line)."""
+
+    line: int
+    status: Status
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Group:
+    """Queued items that may share a provider batch."""
+
+    profile: str
+    endpoint: str
+    model: str
+    count: int
+    bytes: int
+    oldest: float
+
+
+@dataclass(slots=True)
+class BatchRow:
+    """A provider batch as recorded here."""
+
+    id: int
+    profile: str
+    kind: str
+    endpoint: str
+    model: str
+    state: str
+    remote_id: str | None
+    remote_status: str | None
+    input_file_id: str | None
+    output_file_id: str | None
+    error_file_id: str | None
+    requests: int
+    bytes: int
+    counts: dict[str, int] | None
+    created_at: float
+    submitted_at: float | None
+    submit_attempts: int
+    not_before: float
+    last_error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class PendingResult:
+    """A result line waiting for a sink."""
+
+    id: int
+    file_id: int
+    out_name: str
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class FileRow:
+    id: int
+    name: str
+    out_name: str
+    lines: int
+    delivered: int
+    out_bytes: int
+    state: str
+
+
+@dataclass(frozen=True, slots=True)
+class ApplySummary:
+    """What one chunk of provider outcomes did to the queue."""
+
+    final: int = 0
+    requeued: int = 0
+    ignored: int = 0
+
+
+def _batch_from_row(row: sqlite3.Row) -> BatchRow:
+    counts = orjson.loads(row["counts"]) if row["counts"] else None
+    return BatchRow(
+        id=row["id"],
+        profile=row["profile"],
+        kind=row["kind"],
+        endpoint=row["endpoint"],
+        model=row["model"],
+        state=row["state"],
+        remote_id=row["remote_id"],
+        remote_status=row["remote_status"],
+        input_file_id=row["input_file_id"],
+        output_file_id=row["output_file_id"],
+        error_file_id=row["error_file_id"],
+        requests=row["requests"],
+        bytes=row["bytes"],
+        counts=counts,
+        created_at=row["created_at"],
+        submitted_at=row["submitted_at"],
+        submit_attempts=row["submit_attempts"],
+        not_before=row["not_before"],
+        last_error=row["last_error"],
+    )
+
+
+def _migrations() -> list[tuple[int, str]]:
+    found = []
+    for entry in resources.files("batchd").joinpath("sql").iterdir():
+        name = entry.name
+        if name.endswith(".sql") and name[:3].isdigit():
+            found.append((int(name[:3]), entry.read_text()))
+    return sorted(found)
+
+
+class Store:
+    """The queue, batches, results and delivery state of one daemon."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db: aiosqlite.Connection | None = None
+        self._lock = asyncio.Lock()
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Open (creating with mode 0600) and migrate the database."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.path.exists():
+            fd = os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600)
+            os.close(fd)
+        db = await aiosqlite.connect(self.path, isolation_level=None)
+        db.row_factory = sqlite3.Row
+        await db.execute("PRAGMA journal_mode=WAL")
+        await db.execute("PRAGMA synchronous=FULL")
+        await db.execute("PRAGMA foreign_keys=ON")
+        await db.execute("PRAGMA busy_timeout=10000")
+        self._db = db
+        await self._migrate()
+
+    async def close(self) -> None:
+        if self._db is not None:
+            async with self._lock:
+                await self._db.close()
+            self._db = None
+
+    async def _migrate(self) -> None:
+        db = self._conn
+        async with self._lock:
+            (version,) = await (await db.execute("PRAGMA user_version")).fetchone() or (0,)
+            for number, script in _migrations():
+                if number <= version:
+                    continue
+                await db.execute("BEGIN IMMEDIATE")
+                try:
+                    for statement in script.split(";\n"):
+                        if statement.strip():
+                            await db.execute(statement)
+                    await db.execute(f"PRAGMA user_version={number}")
+                    await db.execute("COMMIT")
+                except BaseException:
+                    await db.execute("ROLLBACK")
+                    raise
+            await db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('instance', ?)", (uuid.uuid4().hex,))
+
+    @property
+    def _conn(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise RuntimeError("store is not open")
+        return self._db
+
+    @asynccontextmanager
+    async def _tx(self) -> AsyncIterator[aiosqlite.Connection]:
+        async with self._lock:
+            db = self._conn
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                await db.execute("ROLLBACK")
+                raise
+            await db.execute("COMMIT")
+
+    async def _fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        async with self._lock:
+            rows = await self._conn.execute_fetchall(sql, params)
+        return list(rows)
+
+    async def _fetchone(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Row | None:
+        rows = await self._fetchall(sql, params)
+        return rows[0] if rows else None
+
+    async def instance_id(self) -> str:
+        row = await self._fetchone("SELECT value FROM meta WHERE key = 'instance'")
+        assert row is not None
+        return str(row["value"])
+
+    async def integrity_check(self) -> str:
+        row = await self._fetchone("PRAGMA integrity_check")
+        return str(row[0]) if row else "no answer"
+
+    # -- intake ----------------------------------------------------------------------------
+
+    async def file_known(self, name: str, sha256: str) -> bool:
+        row = await self._fetchone("SELECT 1 FROM files WHERE name = ? AND sha256 = ?", (name, sha256))
+        return row is not None
+
+    @asynccontextmanager
+    async def ingest(self, name: str, sha256: str, size: int) -> AsyncIterator[Ingest]:
+        """One transaction for one spool file: all its items and invalid results, or nothing."""
+        stem = name[: -len(".jsonl")] if name.endswith(".jsonl") else name
+        async with self._tx() as db:
+            taken = await db.execute_fetchall("SELECT 1 FROM files WHERE out_name = ?", (f"{stem}.results.jsonl",))
+            cursor = await db.execute(
+                "INSERT INTO files (name, sha256, size, out_name, ingested_at) VALUES (?, ?, ?, '', ?)",
+                (name, sha256, size, time.time()),
+            )
+            file_id = cursor.lastrowid
+            assert file_id is not None
+            out_name = f"{stem}.{file_id}.results.jsonl" if taken else f"{stem}.results.jsonl"
+            await db.execute("UPDATE files SET out_name = ? WHERE id = ?", (out_name, file_id))
+            ingest = Ingest(db, file_id)
+            yield ingest
+            await ingest.finish()
+
+    # -- batching --------------------------------------------------------------------------
+
+    async def queued_groups(self, now: float) -> list[Group]:
+        rows = await self._fetchall(
+            "SELECT profile, endpoint, model, COUNT(*) AS n, SUM(size) AS bytes, MIN(queued_at) AS oldest"
+            " FROM items WHERE state = 'queued' AND not_before <= ?"
+            " GROUP BY profile, endpoint, model",
+            (now,),
+        )
+        return [Group(r["profile"], r["endpoint"], r["model"], r["n"], r["bytes"], r["oldest"]) for r in rows]
+
+    async def next_not_before(self, now: float) -> float | None:
+        row = await self._fetchone(
+            "SELECT MIN(not_before) AS t FROM items WHERE state = 'queued' AND not_before > ?", (now,)
+        )
+        return float(row["t"]) if row and row["t"] is not None else None
+
+    async def claim_batch(
+        self, group: Group, kind: str, max_requests: int, max_bytes: int, now: float
+    ) -> BatchRow | None:
+        """Record a batch intent and move up to the limits of the group's oldest items into it."""
+        async with self._tx() as db:
+            cursor = await db.execute(
+                "INSERT INTO batches (profile, kind, endpoint, model, created_at) VALUES (?, ?, ?, ?, ?)",
+                (group.profile, kind, group.endpoint, group.model, now),
+            )
+            batch_id = cursor.lastrowid
+            await db.execute(
+                "UPDATE items SET state = 'batched', batch_id = :batch WHERE id IN ("
+                " SELECT id FROM ("
+                "  SELECT id, SUM(size) OVER (ORDER BY id) AS running FROM items"
+                "  WHERE state = 'queued' AND profile = :profile AND endpoint = :endpoint AND model = :model"
+                "   AND not_before <= :now ORDER BY id LIMIT :max_requests"
+                " ) WHERE running <= :max_bytes)",
+                {
+                    "batch": batch_id,
+                    "profile": group.profile,
+                    "endpoint": group.endpoint,
+                    "model": group.model,
+                    "now": now,
+                    "max_requests": max_requests,
+                    "max_bytes": max_bytes,
+                },
+            )
+            rows = await db.execute_fetchall(
+                "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM items WHERE batch_id = ?", (batch_id,)
+            )
+            count, size = next(iter(rows))
+            if count == 0:
+                await db.execute("DELETE FROM batches WHERE id = ?", (batch_id,))
+                return None
+            await db.execute("UPDATE batches SET requests = ?, bytes = ? WHERE id = ?", (count, size, batch_id))
+            rows = await db.execute_fetchall("SELECT * FROM batches WHERE id = ?", (batch_id,))
+            return _batch_from_row(next(iter(rows)))
+
+    async def batch_bodies(self, batch_id: int, chunk: int = 2000) -> AsyncIterator[list[tuple[int, str, bytes]]]:
+        """The batch's requests as (item id, endpoint, body), in chunks, in id order."""
+        last = 0
+        while True:
+            rows = await self._fetchall(
+                "SELECT id, endpoint, body FROM items WHERE batch_id = ? AND id > ? ORDER BY id LIMIT ?",
+                (batch_id, last, chunk),
+            )
+            if not rows:
+                return
+            yield [(r["id"], r["endpoint"], bytes(r["body"])) for r in rows]
+            last = rows[-1]["id"]
+
+    async def batch_item_ids(self, batch_id: int) -> list[int]:
+        """The batch's items in the order of its input file."""
+        rows = await self._fetchall("SELECT id FROM items WHERE batch_id = ? ORDER BY id", (batch_id,))
+        return [row["id"] for row in rows]
+
+    async def batches_in_state(self, *states: str) -> list[BatchRow]:
+        marks = ",".join("?" for _ in states)
+        rows = await self._fetchall(f"SELECT * FROM batches WHERE state IN ({marks}) ORDER BY id", states)
+        return [_batch_from_row(r) for r in rows]
+
+    async def batch(self, batch_id: int) -> BatchRow | None:
+        row = await self._fetchone("SELECT * FROM batches WHERE id = ?", (batch_id,))
+        return _batch_from_row(row) if row else None
+
+    async def remote_ids(self, profile: str) -> set[str]:
+        rows = await self._fetchall(
+            "SELECT remote_id FROM batches WHERE profile = ? AND remote_id IS NOT NULL", (profile,)
+        )
+        return {r["remote_id"] for r in rows}
+
+    async def set_input_file(self, batch_id: int, input_file_id: str | None) -> None:
+        async with self._tx() as db:
+            await db.execute("UPDATE batches SET input_file_id = ? WHERE id = ?", (input_file_id, batch_id))
+
+    async def note_submit_failure(self, batch_id: int, error: str, retry_at: float) -> None:
+        async with self._tx() as db:
+            await db.execute(
+                "UPDATE batches SET submit_attempts = submit_attempts + 1, last_error = ?, not_before = ? WHERE id = ?",
+                (error, retry_at, batch_id),
+            )
+            await self._add_error(db, "batch.submit_failed", f"batch {batch_id}: {error}")
+
+    async def mark_submitted(self, batch_id: int, remote_id: str, remote_status: str, now: float) -> None:
+        """The provider holds the batch now: record its id and count an attempt for each item."""
+        async with self._tx() as db:
+            await db.execute(
+                "UPDATE batches SET state = 'submitted', remote_id = ?, remote_status = ?, submitted_at = ?,"
+                " last_error = NULL WHERE id = ?",
+                (remote_id, remote_status, now, batch_id),
+            )
+            await db.execute(
+                "UPDATE items SET state = 'submitted', attempts = attempts + 1"
+                " WHERE batch_id = ? AND state = 'batched'",
+                (batch_id,),
+            )
+
+    async def abandon_batch(self, batch_id: int) -> int:
+        """Give a never-created batch's items back to the queue and forget the batch."""
+        async with self._tx() as db:
+            cursor = await db.execute(
+                "UPDATE items SET state = 'queued', batch_id = NULL WHERE batch_id = ? AND state = 'batched'",
+                (batch_id,),
+            )
+            await db.execute("DELETE FROM batches WHERE id = ? AND remote_id IS NULL", (batch_id,))
+            return cursor.rowcount
+
+    async def record_poll(
+        self,
+        batch_id: int,
+        remote_status: str,
+        counts: dict[str, int] | None,
+        output_file_id: str | None,
+        error_file_id: str | None,
+    ) -> None:
+        async with self._tx() as db:
+            await db.execute(
+                "UPDATE batches SET remote_status = ?, counts = ?, output_file_id = ?, error_file_id = ?,"
+                " last_polled_at = ? WHERE id = ?",
+                (
+                    remote_status,
+                    orjson.dumps(counts) if counts else None,
+                    output_file_id,
+                    error_file_id,
+                    time.time(),
+                    batch_id,
+                ),
+            )
+
+    async def note_batch_error(self, batch_id: int, event: str, error: str) -> None:
+        async with self._tx() as db:
+            await db.execute("UPDATE batches SET last_error = ? WHERE id = ?", (error, batch_id))
+            await self._add_error(db, event, f"batch {batch_id}: {error}")
+
+    async def apply_outcomes(
+        self,
+        batch: BatchRow,
+        outcomes: Iterable[Outcome],
+        max_attempts: int,
+        retry_at: float,
+    ) -> ApplySummary:
+        """Record provider outcomes for items of `batch`: final ones become results, retryable ones requeue.
+
+        Idempotent: an item already decided, or no longer in this batch, is left alone, so the same
+        result file can be applied again after a crash.
+        """
+        by_item: dict[int, Outcome] = {}
+        ignored = 0
+        for outcome in outcomes:
+            item_id = item_id_from_custom_id(outcome.provider_custom_id)
+            if item_id is None:
+                ignored += 1
+            else:
+                by_item[item_id] = outcome
+        if not by_item:
+            return ApplySummary(ignored=ignored)
+        final = requeued = 0
+        now = time.time()
+        async with self._tx() as db:
+            ids = list(by_item)
+            rows: list[sqlite3.Row] = []
+            for start in range(0, len(ids), 500):
+                part = ids[start : start + 500]
+                marks = ",".join("?" for _ in part)
+                rows.extend(
+                    await db.execute_fetchall(
+                        f"SELECT id, file_id, line, custom_id, attempts FROM items WHERE id IN ({marks})"
+                        " AND batch_id = ? AND state = 'submitted'",
+                        (*part, batch.id),
+                    )
+                )
+            results: list[tuple[Any, ...]] = []
+            finals: list[tuple[str, int]] = []
+            retries: list[tuple[float, str | None, int]] = []
+            for row in rows:
+                outcome = by_item[row["id"]]
+                if outcome.retryable and row["attempts"] < max_attempts:
+                    error = orjson.dumps(outcome.error).decode() if outcome.error else outcome.status
+                    retries.append((retry_at, error, row["id"]))
+                    continue
+                usage = outcome.usage or {}
+                payload = result_line(
+                    custom_id=row["custom_id"],
+                    status=outcome.status,
+                    line=row["line"],
+                    response=outcome.response,
+                    error=outcome.error,
+                    provider=batch.profile,
+                    model=batch.model,
+                    batch_id=batch.remote_id,
+                    usage=outcome.usage,
+                )
+                results.append(
+                    (
+                        row["file_id"],
+                        row["line"],
+                        row["id"],
+                        outcome.status,
+                        batch.profile,
+                        batch.model,
+                        batch.id,
+                        usage.get("input_tokens"),
+                        usage.get("output_tokens"),
+                        usage.get("cached_input_tokens"),
+                        payload,
+                        now,
+                    )
+                )
+                finals.append((outcome.status, row["id"]))
+            await db.executemany(
+                "INSERT OR IGNORE INTO results (file_id, line, item_id, status, profile, model, batch_id,"
+                " input_tokens, output_tokens, cached_input_tokens, payload, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                results,
+            )
+            # The request body is no longer needed once an item has its final result.
+            await db.executemany("UPDATE items SET state = ?, body = x'' WHERE id = ?", finals)
+            await db.executemany(
+                "UPDATE items SET state = 'queued', batch_id = NULL, not_before = ?, last_error = ? WHERE id = ?",
+                retries,
+            )
+            final, requeued = len(finals), len(retries)
+        return ApplySummary(final=final, requeued=requeued, ignored=ignored + len(by_item) - len(rows))
+
+    async def requeue_unanswered(
+        self, batch: BatchRow, status: Status, error: Any, max_attempts: int, retry_at: float, refund: bool
+    ) -> ApplySummary:
+        """Items of an ended batch that no result line mentioned: retry them, or finish them as `status`.
+
+        With `refund`, the attempt is not counted (the provider never ran the request).
+        """
+        async with self._lock:
+            rows = await self._conn.execute_fetchall(
+                "SELECT id FROM items WHERE batch_id = ? AND state = 'submitted'", (batch.id,)
+            )
+        ids = [row[0] for row in rows]
+        if not ids:
+            return ApplySummary()
+        if refund:
+            async with self._tx() as db:
+                await db.execute(
+                    "UPDATE items SET attempts = MAX(attempts - 1, 0) WHERE batch_id = ? AND state = 'submitted'",
+                    (batch.id,),
+                )
+        outcomes = [Outcome(provider_custom_id(item_id), status, None, error, None, retryable=True) for item_id in ids]
+        return await self.apply_outcomes(batch, outcomes, max_attempts, retry_at)
+
+    async def finish_batch(self, batch_id: int) -> None:
+        async with self._tx() as db:
+            await db.execute(
+                "UPDATE batches SET state = 'done', collected_at = ?, ended_at = COALESCE(ended_at, ?) WHERE id = ?",
+                (time.time(), time.time(), batch_id),
+            )
+
+    async def hold(self, profile: str, model: str, base: float, ceiling: float, reason: str) -> float:
+        """Hold back submissions for (profile, model), doubling the pause on each consecutive failure."""
+        async with self._tx() as db:
+            rows = list(
+                await db.execute_fetchall(
+                    "SELECT failures FROM holds WHERE profile = ? AND model = ?", (profile, model)
+                )
+            )
+            failures = rows[0][0] + 1 if rows else 1
+            pause = min(base * 2 ** (failures - 1), ceiling)
+            until = time.time() + pause
+            await db.execute(
+                "INSERT INTO holds (profile, model, until, failures, reason) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (profile, model) DO UPDATE SET until = excluded.until,"
+                " failures = excluded.failures, reason = excluded.reason",
+                (profile, model, until, failures, reason),
+            )
+            await self._add_error(db, "batch.held", f"{profile}/{model}: {reason}")
+            return float(pause)
+
+    async def release_hold(self, profile: str, model: str) -> None:
+        async with self._tx() as db:
+            await db.execute("DELETE FROM holds WHERE profile = ? AND model = ?", (profile, model))
+
+    async def active_holds(self, now: float) -> dict[tuple[str, str], float]:
+        rows = await self._fetchall("SELECT profile, model, until FROM holds WHERE until > ?", (now,))
+        return {(r["profile"], r["model"]): r["until"] for r in rows}
+
+    # -- sinks -----------------------------------------------------------------------------
+
+    async def sink_cursor(self, sink: str) -> int:
+        row = await self._fetchone("SELECT last_result_id FROM sink_cursors WHERE sink = ?", (sink,))
+        return int(row["last_result_id"]) if row else 0
+
+    async def results_after(self, last_id: int, limit: int) -> list[PendingResult]:
+        rows = await self._fetchall(
+            "SELECT r.id, r.file_id, f.out_name, r.payload FROM results r JOIN files f ON f.id = r.file_id"
+            " WHERE r.id > ? ORDER BY r.id LIMIT ?",
+            (last_id, limit),
+        )
+        return [PendingResult(r["id"], r["file_id"], r["out_name"], bytes(r["payload"])) for r in rows]
+
+    async def outbox_delivered(self, last_id: int, files: dict[int, tuple[int, int]]) -> None:
+        """Advance the outbox cursor; `files` maps file id to (lines added, new durable .part length)."""
+        async with self._tx() as db:
+            await db.execute(
+                "INSERT INTO sink_cursors (sink, last_result_id) VALUES ('outbox', ?)"
+                " ON CONFLICT (sink) DO UPDATE SET last_result_id = excluded.last_result_id",
+                (last_id,),
+            )
+            await db.executemany(
+                "UPDATE files SET delivered = delivered + ?, out_bytes = ? WHERE id = ?",
+                [(added, length, file_id) for file_id, (added, length) in files.items()],
+            )
+
+    async def open_files(self) -> list[FileRow]:
+        rows = await self._fetchall("SELECT * FROM files WHERE state = 'open' ORDER BY id")
+        return [
+            FileRow(r["id"], r["name"], r["out_name"], r["lines"], r["delivered"], r["out_bytes"], r["state"])
+            for r in rows
+        ]
+
+    async def file(self, file_id: int) -> FileRow | None:
+        row = await self._fetchone("SELECT * FROM files WHERE id = ?", (file_id,))
+        if row is None:
+            return None
+        return FileRow(
+            row["id"], row["name"], row["out_name"], row["lines"], row["delivered"], row["out_bytes"], row["state"]
+        )
+
+    async def complete_file(self, file_id: int) -> None:
+        async with self._tx() as db:
+            await db.execute(
+                "UPDATE files SET state = 'complete', completed_at = ? WHERE id = ?", (time.time(), file_id)
+            )
+
+    # -- status ----------------------------------------------------------------------------
+
+    async def _add_error(self, db: aiosqlite.Connection, event: str, message: str) -> None:
+        await db.execute("INSERT INTO errors (at, event, message) VALUES (?, ?, ?)", (time.time(), event, message))
+        await db.execute("DELETE FROM errors WHERE id <= (SELECT MAX(id) FROM errors) - ?", (ERRORS_KEPT,))
+
+    async def add_error(self, event: str, message: str) -> None:
+        async with self._tx() as db:
+            await self._add_error(db, event, message)
+
+    async def status(self, errors: int = 10) -> dict[str, Any]:
+        """A snapshot for `batchd status`: queue per route, live batches, files, recent errors."""
+        queue = await self._fetchall(
+            "SELECT profile, endpoint, model, state, COUNT(*) AS n FROM items"
+            " WHERE state IN ('queued', 'batched', 'submitted') GROUP BY profile, endpoint, model, state"
+        )
+        routes: dict[tuple[str, str, str], dict[str, int]] = {}
+        for row in queue:
+            key = (row["profile"], row["endpoint"], row["model"])
+            routes.setdefault(key, {"queued": 0, "batched": 0, "submitted": 0})[row["state"]] = row["n"]
+        live = await self.batches_in_state("pending", "submitted")
+        totals = await self._fetchall("SELECT status, COUNT(*) AS n FROM results GROUP BY status")
+        files = await self._fetchall(
+            "SELECT name, out_name, lines, delivered, state FROM files ORDER BY id DESC LIMIT 20"
+        )
+        recent = await self._fetchall("SELECT at, event, message FROM errors ORDER BY id DESC LIMIT ?", (errors,))
+        holds = await self._fetchall("SELECT profile, model, until, reason FROM holds WHERE until > ?", (time.time(),))
+        return {
+            "queue": [
+                {"provider": p, "endpoint": e, "model": m, **counts} for (p, e, m), counts in sorted(routes.items())
+            ],
+            "batches": [
+                {
+                    "id": b.id,
+                    "provider": b.profile,
+                    "endpoint": b.endpoint,
+                    "model": b.model,
+                    "state": b.state,
+                    "remote_id": b.remote_id,
+                    "remote_status": b.remote_status,
+                    "requests": b.requests,
+                    "counts": b.counts,
+                    "created_at": b.created_at,
+                    "last_error": b.last_error,
+                }
+                for b in live
+            ],
+            "results": {row["status"]: row["n"] for row in totals},
+            "files": [dict(row) for row in files],
+            "holds": [dict(row) for row in holds],
+            "errors": [dict(row) for row in recent],
+        }
+
+
+class Ingest:
+    """Adds one file's rows inside the transaction opened by `Store.ingest`."""
+
+    def __init__(self, db: aiosqlite.Connection, file_id: int) -> None:
+        self._db = db
+        self.file_id = file_id
+        self.lines = 0
+        self.queued = 0
+        self.invalid = 0
+        self._now = time.time()
+
+    async def add(self, items: Sequence[NewItem], invalid: Sequence[NewResult], lines: int) -> None:
+        self.lines += lines
+        if items:
+            await self._db.executemany(
+                "INSERT INTO items (file_id, line, custom_id, profile, endpoint, model, body, size, queued_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (self.file_id, i.line, i.custom_id, i.profile, i.endpoint, i.model, i.body, i.size, self._now)
+                    for i in items
+                ],
+            )
+            self.queued += len(items)
+        if invalid:
+            await self._insert_results(invalid)
+
+    async def _insert_results(self, results: Sequence[NewResult]) -> None:
+        await self._db.executemany(
+            "INSERT INTO results (file_id, line, status, payload, created_at) VALUES (?, ?, ?, ?, ?)",
+            [(self.file_id, r.line, r.status, r.payload, self._now) for r in results],
+        )
+        self.invalid += len(results)
+
+    async def finish(self) -> None:
+        """Turn later duplicates of a custom_id into invalid results, then record the line count."""
+        rows = await self._db.execute_fetchall(
+            "SELECT id, line, custom_id FROM items WHERE file_id = :file AND id NOT IN"
+            " (SELECT MIN(id) FROM items WHERE file_id = :file GROUP BY custom_id)",
+            {"file": self.file_id},
+        )
+        duplicates = list(rows)
+        if duplicates:
+            await self._db.executemany("DELETE FROM items WHERE id = ?", [(row[0],) for row in duplicates])
+            self.queued -= len(duplicates)
+            await self._insert_results(
+                [
+                    NewResult(
+                        row[1],
+                        "invalid",
+                        invalid_result(row[2], row[1], f"duplicate custom_id {row[2]!r} in this file"),
+                    )
+                    for row in duplicates
+                ]
+            )
+        await self._db.execute("UPDATE files SET lines = ? WHERE id = ?", (self.lines, self.file_id))
