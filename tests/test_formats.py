@@ -1,0 +1,107 @@
+"""Unit tests: input line validation and result classification."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from batchd.formats import (
+    LineError,
+    anthropic_outcome,
+    item_id_from_custom_id,
+    openai_outcome,
+    openai_request_line,
+    parse_line,
+    provider_custom_id,
+)
+
+
+def line(obj: object) -> bytes:
+    return orjson.dumps(obj)
+
+
+def test_openai_line_is_parsed() -> None:
+    parsed = parse_line(
+        line({"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
+              "body": {"model": "gpt-4o-mini", "messages": []}}),
+        1,
+    )
+    assert (parsed.kind, parsed.custom_id, parsed.endpoint, parsed.model) == (
+        "openai", "a", "/v1/chat/completions", "gpt-4o-mini")
+    assert orjson.loads(parsed.body) == {"model": "gpt-4o-mini", "messages": []}
+
+
+def test_anthropic_line_is_parsed_and_custom_id_defaults_to_line_number() -> None:
+    parsed = parse_line(line({"params": {"model": "claude-haiku-4-5", "max_tokens": 5, "messages": []}}), 7)
+    assert (parsed.kind, parsed.custom_id, parsed.model) == ("anthropic", "line-7", "claude-haiku-4-5")
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b"\xff\xfe{}", "not valid UTF-8"),
+        (b"{not json", "not valid JSON"),
+        (b"[1, 2]", "JSON list, expected an object"),
+        (b'"text"', "JSON str, expected an object"),
+        (line({"custom_id": "x", "foo": 1}), "unknown request shape"),
+        (line({"custom_id": "x", "url": "/v1/chat/completions", "body": {"messages": []}}), "body.model is missing"),
+        (line({"custom_id": "x", "url": "/v1/chat/completions", "body": {"model": "m"}}), "body.messages is missing"),
+        (line({"custom_id": "x", "url": "/v1/images", "body": {"model": "m"}}), "is not a batch endpoint"),
+        (line({"custom_id": "x", "method": "GET", "url": "/v1/embeddings", "body": {}}), "method must be POST"),
+        (line({"custom_id": "x", "params": {"max_tokens": 1, "messages": []}}), "params.model is missing"),
+        (line({"custom_id": "x", "params": {"model": "claude"}}), "params.messages is missing"),
+        (line({"custom_id": "x", "params": "nope"}), "params is not an object"),
+        (line({"custom_id": "", "params": {"model": "c", "messages": []}}), "custom_id must not be empty"),
+        (line({"custom_id": ["a"], "params": {"model": "c", "messages": []}}), "custom_id must be a string"),
+        (line({"custom_id": "x" * 600, "params": {"model": "c", "messages": []}}), "longer than 512"),
+    ],
+)
+def test_bad_lines_have_clear_reasons(raw: bytes, reason: str) -> None:
+    with pytest.raises(LineError, match=reason.replace("(", r"\(").replace(".", r"\.")):
+        parse_line(raw, 1)
+
+
+def test_provider_custom_ids_round_trip_and_fit_anthropic_pattern() -> None:
+    for item_id in (1, 255, 10**12):
+        custom_id = provider_custom_id(item_id)
+        assert item_id_from_custom_id(custom_id) == item_id
+        assert len(custom_id) <= 64 and custom_id.replace("_", "").replace("-", "").isalnum()
+    assert item_id_from_custom_id("user-id") is None
+
+
+def test_openai_request_line_is_valid_json() -> None:
+    raw = openai_request_line(42, "/v1/embeddings", b'{"model":"m","input":"x"}')
+    assert raw.endswith(b"\n")
+    assert orjson.loads(raw) == {"custom_id": "i2a", "method": "POST", "url": "/v1/embeddings",
+                                 "body": {"model": "m", "input": "x"}}
+
+
+def test_openai_outcomes_are_classified() -> None:
+    ok = openai_outcome({"custom_id": "i1", "response": {"status_code": 200, "body": {
+        "usage": {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13}}}, "error": None})
+    assert (ok.status, ok.retryable, ok.usage) == ("succeeded", False,
+                                                  {"input_tokens": 10, "output_tokens": 3, "cached_input_tokens": 0})
+    bad = openai_outcome({"custom_id": "i2", "response": {"status_code": 400, "body": {
+        "error": {"message": "bad", "type": "invalid_request_error"}}}, "error": None})
+    assert (bad.status, bad.retryable, bad.error["status_code"]) == ("errored", False, 400)
+    server = openai_outcome({"custom_id": "i3", "response": {"status_code": 500, "body": {
+        "error": {"message": "oops", "type": "server_error"}}}, "error": None})
+    assert (server.status, server.retryable) == ("errored", True)
+    expired = openai_outcome({"custom_id": "i4", "response": None,
+                              "error": {"code": "batch_expired", "message": "late"}})
+    assert (expired.status, expired.retryable) == ("expired", True)
+
+
+def test_anthropic_outcomes_are_classified() -> None:
+    ok = anthropic_outcome({"custom_id": "i1", "result": {"type": "succeeded", "message": {
+        "usage": {"input_tokens": 5, "output_tokens": 2, "cache_read_input_tokens": 1}}}})
+    assert ok.status == "succeeded" and ok.usage is not None and ok.usage["cached_input_tokens"] == 1
+    invalid = anthropic_outcome({"custom_id": "i2", "result": {"type": "errored", "error": {
+        "type": "error", "error": {"type": "invalid_request_error", "message": "max_tokens: Field required"}}}})
+    assert (invalid.status, invalid.retryable) == ("errored", False)
+    overloaded = anthropic_outcome({"custom_id": "i3", "result": {"type": "errored", "error": {
+        "type": "error", "error": {"type": "api_error", "message": "boom"}}}})
+    assert overloaded.retryable
+    for kind in ("expired", "canceled"):
+        outcome = anthropic_outcome({"custom_id": "i4", "result": {"type": kind}})
+        assert (outcome.status, outcome.retryable) == (kind, True)
