@@ -31,7 +31,14 @@ RETRYABLE_ANTHROPIC_ERRORS = frozenset({"api_error", "overloaded_error", "rate_l
 
 
 class LineError(ValueError):
-    """A line that cannot be queued; the message is the `invalid` result's reason."""
+    """A line that cannot be queued; the message is the `invalid` result's reason.
+
+    `custom_id` is the line's own id when it could be read, so the result carries it.
+    """
+
+    def __init__(self, reason: str, custom_id: str | None = None) -> None:
+        super().__init__(reason)
+        self.custom_id = custom_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,14 +77,17 @@ def parse_line(raw: bytes, line_number: int) -> ParsedLine:
     if not isinstance(obj, dict):
         raise LineError(f"line is a JSON {type(obj).__name__}, expected an object")
     custom_id = _custom_id(obj, line_number)
-    if "params" in obj and "body" not in obj:
-        return _parse_anthropic(obj, custom_id)
-    if "body" in obj or "url" in obj:
-        return _parse_openai(obj, custom_id)
-    raise LineError(
-        "unknown request shape: expected an OpenAI batch line (custom_id, method, url, body)"
-        " or an Anthropic batch request (custom_id, params)"
-    )
+    try:
+        if "params" in obj and "body" not in obj:
+            return _parse_anthropic(obj, custom_id)
+        if "body" in obj or "url" in obj:
+            return _parse_openai(obj, custom_id)
+        raise LineError(
+            "unknown request shape: expected an OpenAI batch line (custom_id, method, url, body)"
+            " or an Anthropic batch request (custom_id, params)"
+        )
+    except LineError as exc:
+        raise LineError(str(exc), custom_id) from None
 
 
 def _custom_id(obj: dict[str, Any], line_number: int) -> str:

@@ -292,7 +292,8 @@ class Spool:
             try:
                 items.append(self._item(number, content, length))
             except LineError as exc:
-                invalid.append(NewResult(number, "invalid", invalid_result(f"line-{number}", number, str(exc))))
+                custom_id = exc.custom_id or f"line-{number}"
+                invalid.append(NewResult(number, "invalid", invalid_result(custom_id, number, str(exc))))
             if count >= CHUNK_LINES:
                 break
         return items, invalid, count
@@ -305,11 +306,17 @@ class Spool:
         parsed = parse_line(content, number)
         profile_name = self.settings.profile_for(parsed.kind, parsed.model)
         if profile_name is None:
-            raise LineError(f"no provider profile of kind {parsed.kind!r} is configured for model {parsed.model!r}")
+            raise LineError(
+                f"no provider profile of kind {parsed.kind!r} is configured for model {parsed.model!r}",
+                parsed.custom_id,
+            )
         size = len(parsed.body) + len(parsed.endpoint) + LINE_OVERHEAD
         limit = self.settings.providers[profile_name].byte_limit
         if size > limit:
-            raise LineError(f"request is {size} bytes, over provider {profile_name!r}'s batch limit of {limit} bytes")
+            raise LineError(
+                f"request is {size} bytes, over provider {profile_name!r}'s batch limit of {limit} bytes",
+                parsed.custom_id,
+            )
         return NewItem(number, parsed.custom_id, profile_name, parsed.endpoint, parsed.model, parsed.body, size)
 
 
@@ -336,6 +343,8 @@ def submit(requests: Iterable[Any], name: str | None = None, spool_dir: Path | s
     base = base if base.endswith(".jsonl") else f"{base}.jsonl"
     if "/" in base or base.startswith("."):
         raise ValueError(f"not a plain file name: {base!r}")
+    for directory in (paths.tmp, paths.new):
+        directory.mkdir(parents=True, exist_ok=True)
     temporary = paths.tmp / f".{base}.{os.getpid()}.{secrets.token_hex(4)}"
     try:
         with temporary.open("wb") as handle:

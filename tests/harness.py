@@ -1,0 +1,163 @@
+"""Acceptance-tier helpers: a config file, `python -m batchd run` as a subprocess, a fake NOTIFY_SOCKET."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from batchd.emulator import RunningEmulator
+
+
+def write_config(root: Path, emulator: RunningEmulator, **sections: dict[str, Any]) -> Path:
+    """A TOML config for a daemon on `root` pointed at `emulator`; `sections` override keys."""
+    config: dict[str, dict[str, Any]] = {
+        "daemon": {
+            "spool_dir": str(root / "spool"),
+            "state_dir": str(root / "state"),
+            "log_format": "json",
+            "graceful_timeout": 10,
+            "rescan_interval": 1,
+            "settle_time": 1,
+        },
+        "batching": {"max_wait": 1, "poll_interval_min": 0.2, "poll_interval_max": 1, "tick": 0.1},
+        "providers.openai": {"kind": "openai", "base_url": emulator.openai_base_url, "api_key_env": "TEST_OPENAI_KEY"},
+        "providers.anthropic": {
+            "kind": "anthropic",
+            "base_url": emulator.anthropic_base_url,
+            "api_key_env": "TEST_ANTHROPIC_KEY",
+        },
+    }
+    for name, values in sections.items():
+        config.setdefault(name.replace("__", "."), {}).update(values)
+    lines = []
+    for name, values in config.items():
+        lines.append(f"[{name}]")
+        for key, value in values.items():
+            lines.append(f"{key} = {orjson.dumps(value).decode()}")
+        lines.append("")
+    path = root / "batchd.toml"
+    path.write_text("\n".join(lines))
+    return path
+
+
+OPENAI_KEY = "sk-test-secret-openai-0123456789"
+ANTHROPIC_KEY = "sk-ant-test-secret-0123456789"
+
+
+class NotifySocket:
+    """A stand-in for systemd's notification socket."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.setblocking(False)
+        self.messages: list[str] = []
+
+    def drain(self) -> list[str]:
+        while True:
+            try:
+                self.messages.append(self.sock.recv(4096).decode())
+            except BlockingIOError:
+                return self.messages
+
+    def seen(self, text: str) -> bool:
+        return any(text in message for message in self.drain())
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class DaemonProcess:
+    """`python -m batchd run --config PATH` in a subprocess, its log in a file."""
+
+    def __init__(self, config: Path, log_path: Path, env: dict[str, str] | None = None) -> None:
+        self.config = config
+        self.log_path = log_path
+        self.env = {
+            **os.environ,
+            "TEST_OPENAI_KEY": OPENAI_KEY,
+            "TEST_ANTHROPIC_KEY": ANTHROPIC_KEY,
+            "PYTHONUNBUFFERED": "1",
+            **(env or {}),
+        }
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, **extra_env: str) -> DaemonProcess:
+        env = {**self.env, **extra_env}
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "batchd", "run", "--config", str(self.config)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        log.close()
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def signal(self, signum: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+
+    async def wait(self, timeout: float) -> int:
+        """The exit status; waits in a thread so an in-process emulator keeps serving."""
+        assert self.proc is not None
+        return await asyncio.to_thread(self.proc.wait, timeout)
+
+    async def kill(self) -> None:
+        if self.running():
+            self.signal(signal.SIGKILL)
+            await self.wait(30)
+
+    async def stop(self, timeout: float = 30) -> int:
+        if not self.running():
+            assert self.proc is not None
+            return self.proc.returncode
+        self.signal(signal.SIGTERM)
+        return await self.wait(timeout)
+
+    def log_events(self) -> list[dict[str, Any]]:
+        events = []
+        for line in self.log_path.read_bytes().splitlines():
+            try:
+                event = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(event, dict):
+                events.append(event)
+        return events
+
+
+def read_results(path: Path) -> list[dict[str, Any]]:
+    return [orjson.loads(line) for line in path.read_bytes().splitlines()]
+
+
+POLL_SECONDS = 0.1
+
+
+async def wait_for_file(path: Path, timeout: float, daemon: DaemonProcess | None = None) -> None:
+    """Wait until `path` exists; fail early if the daemon died."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if daemon is not None and not daemon.running():
+            raise AssertionError(f"daemon exited with {daemon.proc.returncode if daemon.proc else None}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path} did not appear within {timeout} s")
+        await asyncio.sleep(POLL_SECONDS)
