@@ -22,12 +22,22 @@ def line(obj: object) -> bytes:
 
 def test_openai_line_is_parsed() -> None:
     parsed = parse_line(
-        line({"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
-              "body": {"model": "gpt-4o-mini", "messages": []}}),
+        line(
+            {
+                "custom_id": "a",
+                "method": "POST",
+                "url": "/v1/chat/completions",
+                "body": {"model": "gpt-4o-mini", "messages": []},
+            }
+        ),
         1,
     )
     assert (parsed.kind, parsed.custom_id, parsed.endpoint, parsed.model) == (
-        "openai", "a", "/v1/chat/completions", "gpt-4o-mini")
+        "openai",
+        "a",
+        "/v1/chat/completions",
+        "gpt-4o-mini",
+    )
     assert orjson.loads(parsed.body) == {"model": "gpt-4o-mini", "messages": []}
 
 
@@ -72,35 +82,85 @@ def test_provider_custom_ids_round_trip_and_fit_anthropic_pattern() -> None:
 def test_openai_request_line_is_valid_json() -> None:
     raw = openai_request_line(42, "/v1/embeddings", b'{"model":"m","input":"x"}')
     assert raw.endswith(b"\n")
-    assert orjson.loads(raw) == {"custom_id": "i2a", "method": "POST", "url": "/v1/embeddings",
-                                 "body": {"model": "m", "input": "x"}}
+    assert orjson.loads(raw) == {
+        "custom_id": "i2a",
+        "method": "POST",
+        "url": "/v1/embeddings",
+        "body": {"model": "m", "input": "x"},
+    }
 
 
 def test_openai_outcomes_are_classified() -> None:
-    ok = openai_outcome({"custom_id": "i1", "response": {"status_code": 200, "body": {
-        "usage": {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13}}}, "error": None})
-    assert (ok.status, ok.retryable, ok.usage) == ("succeeded", False,
-                                                  {"input_tokens": 10, "output_tokens": 3, "cached_input_tokens": 0})
-    bad = openai_outcome({"custom_id": "i2", "response": {"status_code": 400, "body": {
-        "error": {"message": "bad", "type": "invalid_request_error"}}}, "error": None})
+    ok = openai_outcome(
+        {
+            "custom_id": "i1",
+            "response": {
+                "status_code": 200,
+                "body": {"usage": {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13}},
+            },
+            "error": None,
+        }
+    )
+    assert (ok.status, ok.retryable, ok.usage) == (
+        "succeeded",
+        False,
+        {"input_tokens": 10, "output_tokens": 3, "cached_input_tokens": 0},
+    )
+    bad = openai_outcome(
+        {
+            "custom_id": "i2",
+            "response": {"status_code": 400, "body": {"error": {"message": "bad", "type": "invalid_request_error"}}},
+            "error": None,
+        }
+    )
     assert (bad.status, bad.retryable, bad.error["status_code"]) == ("errored", False, 400)
-    server = openai_outcome({"custom_id": "i3", "response": {"status_code": 500, "body": {
-        "error": {"message": "oops", "type": "server_error"}}}, "error": None})
+    server = openai_outcome(
+        {
+            "custom_id": "i3",
+            "response": {"status_code": 500, "body": {"error": {"message": "oops", "type": "server_error"}}},
+            "error": None,
+        }
+    )
     assert (server.status, server.retryable) == ("errored", True)
-    expired = openai_outcome({"custom_id": "i4", "response": None,
-                              "error": {"code": "batch_expired", "message": "late"}})
+    expired = openai_outcome(
+        {"custom_id": "i4", "response": None, "error": {"code": "batch_expired", "message": "late"}}
+    )
     assert (expired.status, expired.retryable) == ("expired", True)
 
 
 def test_anthropic_outcomes_are_classified() -> None:
-    ok = anthropic_outcome({"custom_id": "i1", "result": {"type": "succeeded", "message": {
-        "usage": {"input_tokens": 5, "output_tokens": 2, "cache_read_input_tokens": 1}}}})
+    ok = anthropic_outcome(
+        {
+            "custom_id": "i1",
+            "result": {
+                "type": "succeeded",
+                "message": {"usage": {"input_tokens": 5, "output_tokens": 2, "cache_read_input_tokens": 1}},
+            },
+        }
+    )
     assert ok.status == "succeeded" and ok.usage is not None and ok.usage["cached_input_tokens"] == 1
-    invalid = anthropic_outcome({"custom_id": "i2", "result": {"type": "errored", "error": {
-        "type": "error", "error": {"type": "invalid_request_error", "message": "max_tokens: Field required"}}}})
+    invalid = anthropic_outcome(
+        {
+            "custom_id": "i2",
+            "result": {
+                "type": "errored",
+                "error": {
+                    "type": "error",
+                    "error": {"type": "invalid_request_error", "message": "max_tokens: Field required"},
+                },
+            },
+        }
+    )
     assert (invalid.status, invalid.retryable) == ("errored", False)
-    overloaded = anthropic_outcome({"custom_id": "i3", "result": {"type": "errored", "error": {
-        "type": "error", "error": {"type": "api_error", "message": "boom"}}}})
+    overloaded = anthropic_outcome(
+        {
+            "custom_id": "i3",
+            "result": {
+                "type": "errored",
+                "error": {"type": "error", "error": {"type": "api_error", "message": "boom"}},
+            },
+        }
+    )
     assert overloaded.retryable
     for kind in ("expired", "canceled"):
         outcome = anthropic_outcome({"custom_id": "i4", "result": {"type": kind}})

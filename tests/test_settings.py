@@ -41,7 +41,7 @@ def test_unknown_key_names_key_and_file(tmp_path: Path) -> None:
 
 def test_bad_duration_and_route(tmp_path: Path) -> None:
     path = write(tmp_path / "c.toml", '[batching]\nmax_wait = "soon"\n')
-    with pytest.raises(ConfigError, match="batching.max_wait"):
+    with pytest.raises(ConfigError, match=r"batching\.max_wait"):
         load_settings(path)
     path = write(tmp_path / "d.toml", '[[routes]]\nmodel = "llama-*"\nprovider = "nowhere"\n')
     with pytest.raises(ConfigError, match="nowhere"):
@@ -78,7 +78,9 @@ provider = "local"
 
 
 def test_api_key_sources(tmp_path: Path) -> None:
-    settings = load_settings(write(tmp_path / "c.toml", '[providers.openai]\nkind = "openai"\napi_key_env = "MY_KEY"\n'))
+    settings = load_settings(
+        write(tmp_path / "c.toml", '[providers.openai]\nkind = "openai"\napi_key_env = "MY_KEY"\n')
+    )
     profile = settings.providers["openai"]
     assert resolve_api_key("openai", profile, {"MY_KEY": "sk-env"}) == "sk-env"
     (tmp_path / "creds").mkdir()
