@@ -18,7 +18,7 @@ demo: $(STAMP)
 test: $(STAMP) lint typecheck pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check batchd tests bench
+	$(BIN)/ruff check batchd tests $(wildcard bench)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy batchd
@@ -28,6 +28,12 @@ pytest: $(STAMP)
 
 emulator: $(STAMP)
 	$(BIN)/batchd emulator --host 127.0.0.1 --port 8089
+
+bench: $(STAMP)
+	$(BIN)/python -m bench.run
+
+bench-quick: $(STAMP)
+	$(BIN)/python -m bench.run --quick
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -12,7 +12,8 @@ async def wait_any(timeout: float, *events: asyncio.Event) -> bool:
         return True
     waiters = [asyncio.ensure_future(event.wait()) for event in events]
     try:
-        done, _ = await asyncio.wait(waiters, timeout=max(timeout, 0.0), return_when=asyncio.FIRST_COMPLETED)
+        limit = None if timeout == float("inf") else max(timeout, 0.0)
+        done, _ = await asyncio.wait(waiters, timeout=limit, return_when=asyncio.FIRST_COMPLETED)
         return bool(done)
     finally:
         for waiter in waiters:

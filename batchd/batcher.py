@@ -51,6 +51,7 @@ class Batcher:
         # Pending batches found at start-up may have been created before the crash.
         self._unsure: set[int] = set()
         self._instance = ""
+        self.failure: BaseException | None = None
 
     def wake(self) -> None:
         self._wake.set()
@@ -62,6 +63,8 @@ class Batcher:
     async def run(self, stopping: asyncio.Event) -> None:
         try:
             while not stopping.is_set():
+                if self.failure is not None:
+                    raise RuntimeError(f"a submission died: {self.failure!r}") from self.failure
                 self._wake.clear()
                 next_due = await self.flush(time.time())
                 await self._start_pending()
@@ -132,8 +135,11 @@ class Batcher:
             self._submitting[batch.id] = task
             task.add_done_callback(partial(self._forget_submission, batch.id))
 
-    def _forget_submission(self, batch_id: int, _task: asyncio.Task[None]) -> None:
+    def _forget_submission(self, batch_id: int, task: asyncio.Task[None]) -> None:
         self._submitting.pop(batch_id, None)
+        if not task.cancelled() and task.exception() is not None and self.failure is None:
+            self.failure = task.exception()
+            self._wake.set()
 
     async def _stop_submissions(self) -> None:
         tasks = list(self._submitting.values())

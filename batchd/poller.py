@@ -54,13 +54,22 @@ class Pollers:
         self._hold_base = hold_base
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._stopping = asyncio.Event()
+        self._failed = asyncio.Event()
+        self.failure: BaseException | None = None
 
     def start(self, batch_id: int) -> None:
         if batch_id in self._tasks or self._stopping.is_set():
             return
         task = asyncio.create_task(self._poll(batch_id), name=f"poll-{batch_id}")
         self._tasks[batch_id] = task
-        task.add_done_callback(lambda _t: self._tasks.pop(batch_id, None))
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks = {batch_id: t for batch_id, t in self._tasks.items() if t is not task}
+        if not task.cancelled() and task.exception() is not None and self.failure is None:
+            # A poller that dies of a bug must not leave its batch silently unwatched.
+            self.failure = task.exception()
+            self._failed.set()
 
     @property
     def live(self) -> int:
@@ -70,13 +79,15 @@ class Pollers:
         self._stopping = stopping
         for batch in await self.store.batches_in_state("submitted"):
             self.start(batch.id)
-        await stopping.wait()
+        await wait_any(float("inf"), stopping, self._failed)
         tasks = list(self._tasks.values())
         for task in tasks:
             task.cancel()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        if self.failure is not None:
+            raise RuntimeError(f"a poller died: {self.failure!r}") from self.failure
 
     async def _poll(self, batch_id: int) -> None:
         batching = self.settings.batching

@@ -377,16 +377,6 @@ class Store:
                 (batch_id,),
             )
 
-    async def abandon_batch(self, batch_id: int) -> int:
-        """Give a never-created batch's items back to the queue and forget the batch."""
-        async with self._tx() as db:
-            cursor = await db.execute(
-                "UPDATE items SET state = 'queued', batch_id = NULL WHERE batch_id = ? AND state = 'batched'",
-                (batch_id,),
-            )
-            await db.execute("DELETE FROM batches WHERE id = ? AND remote_id IS NULL", (batch_id,))
-            return cursor.rowcount
-
     async def record_poll(
         self,
         batch_id: int,
