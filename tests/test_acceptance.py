@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -75,13 +76,15 @@ async def emulator_stats(emulator: RunningEmulator) -> dict[str, Any]:
         return data
 
 
-def submit_cli(source: Path, config: Path) -> Path:
-    done = subprocess.run(
-        [sys.executable, "-m", "batchd", "submit", "--config", str(config), str(source)],
-        check=True,
-        capture_output=True,
-        text=True,
+async def batchd_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run a `batchd` command in a thread, so the in-process emulator keeps serving."""
+    return await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "batchd", *args], check=True, capture_output=True, text=True
     )
+
+
+async def submit_cli(source: Path, config: Path) -> Path:
+    done = await batchd_cli("submit", "--config", str(config), str(source))
     return Path(done.stdout.strip())
 
 
@@ -98,7 +101,7 @@ async def test_120k_mixed_file_becomes_concurrent_batches_and_one_result_per_lin
     config = write_config(tmp_path, slow_emulator)
     daemon = DaemonProcess(config, tmp_path / "daemon.log").start()
     try:
-        dropped = submit_cli(source, config)
+        dropped = await submit_cli(source, config)
         assert dropped == tmp_path / "spool" / "new" / "nightly.jsonl"
         results_path = tmp_path / "spool" / "out" / "nightly.results.jsonl"
         await wait_for_file(results_path, timeout=240, daemon=daemon)
@@ -154,7 +157,7 @@ async def test_bad_lines_come_back_invalid_and_the_rest_goes_on(tmp_path: Path, 
     config = write_config(tmp_path, emulator, **{"providers.openai": {"max_bytes": 4096}})
     daemon = DaemonProcess(config, tmp_path / "daemon.log").start()
     try:
-        submit_cli(source, config)
+        await submit_cli(source, config)
         results_path = tmp_path / "spool" / "out" / "mixed.results.jsonl"
         await wait_for_file(results_path, timeout=60, daemon=daemon)
     finally:
@@ -177,6 +180,14 @@ async def test_bad_lines_come_back_invalid_and_the_rest_goes_on(tmp_path: Path, 
     assert results[12]["custom_id"] == "line-12"
     assert results[1]["response"]["object"] == "chat.completion"
     assert results[11]["response"]["type"] == "message"
+
+    status = await batchd_cli("status", "--json", "--config", str(config))
+    snapshot = orjson.loads(status.stdout)
+    assert snapshot["results"] == {"invalid": 9, "succeeded": 3}
+    assert snapshot["batches"] == [] and snapshot["queue"] == []
+    assert snapshot["files"][0]["name"] == "mixed.jsonl" and snapshot["files"][0]["state"] == "complete"
+    human = await batchd_cli("status", "--config", str(config))
+    assert "Live batches" in human.stdout and "invalid=9" in human.stdout
 
 
 async def test_unreadable_files_are_rejected_with_a_reason(tmp_path: Path, emulator: RunningEmulator) -> None:
@@ -218,7 +229,7 @@ async def test_sigterm_stops_gracefully_and_restart_polls_instead_of_resubmittin
     try:
         daemon.start()
         await wait_until(lambda: notify.seen("READY=1"), timeout=30)
-        submit_cli(source, config)
+        await submit_cli(source, config)
 
         async def both_submitted() -> bool:
             stats = await emulator_stats(slow_emulator)
