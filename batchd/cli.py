@@ -11,6 +11,8 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
+import orjson
+
 from . import __version__
 from .settings import ConfigError, Settings, load_settings
 
@@ -70,6 +72,34 @@ def cmd_status(args: argparse.Namespace) -> int:
     return run_loop(render_status(settings, as_json=args.json))
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import run_report
+    from .settings import parse_duration
+
+    since = float(parse_duration(args.since))
+    return run_loop(run_report(_settings(args), since, args.by, args.json))
+
+
+def cmd_estimate(args: argparse.Namespace) -> int:
+    from .report import estimate_file, render_estimate
+    from .status import terminal
+
+    settings = _settings(args)
+    for name in args.files:
+        estimate = estimate_file(settings, Path(name))
+        if args.json:
+            print(orjson.dumps(estimate, option=orjson.OPT_INDENT_2).decode())
+        else:
+            render_estimate(estimate, terminal())
+    return 0
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    from .results import show_results
+
+    return run_loop(show_results(_settings(args), args.file, args.custom_id, args.status, args.limit, args.json))
+
+
 def cmd_emulator(args: argparse.Namespace) -> int:
     from .emulator.cli import main as emulator_main
 
@@ -104,6 +134,27 @@ def build_parser() -> argparse.ArgumentParser:
     status = command("status", "queue depth per route, live batches, recent errors")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(handler=cmd_status)
+
+    report = command("report", "what was paid, what real-time would have cost, and the saving")
+    report.add_argument("--since", default="30d", help="how far back (e.g. 7d, 12h; default 30d)")
+    report.add_argument("--by", choices=["model", "day", "file", "provider"], default="model")
+    report.add_argument("--json", action="store_true", help="machine-readable output")
+    report.set_defaults(handler=cmd_report)
+
+    estimate = command("estimate", "estimated tokens, cost and batches of a JSONL file before submitting it")
+    estimate.add_argument("files", nargs="+")
+    estimate.add_argument("--json", action="store_true", help="machine-readable output")
+    estimate.set_defaults(handler=cmd_estimate)
+
+    results = command("results", "query stored results")
+    results.add_argument("--file", help="input file name, e.g. tickets.jsonl")
+    results.add_argument("--custom-id", help="the custom_id of the input line")
+    results.add_argument(
+        "--status", choices=["succeeded", "errored", "expired", "canceled", "invalid"], help="only this outcome"
+    )
+    results.add_argument("--limit", type=int, default=1000, help="at most this many (default 1000)")
+    results.add_argument("--json", action="store_true", help="print the result lines themselves (JSONL)")
+    results.set_defaults(handler=cmd_results)
 
     emulator = commands.add_parser("emulator", help="serve a local emulator of both batch APIs")
     from .emulator.cli import add_arguments

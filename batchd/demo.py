@@ -21,8 +21,10 @@ from pydantic import SecretStr
 from .daemon import Daemon
 from .emulator import EmulatorConfig, start_emulator
 from .logs import configure_logging
+from .report import build_report, render_report
 from .settings import BatchingSettings, DaemonSettings, ProviderProfile, Settings
 from .spool import SpoolPaths, submit
+from .status import terminal
 
 DEMO_TIMEOUT = 180.0
 TOPICS = ("billing", "login", "shipping", "refund", "bug report", "feature request", "praise", "cancellation")
@@ -138,5 +140,8 @@ async def run_demo(requests: int = 400, keep: bool = True) -> int:
     if invalid:
         print(f"  an invalid line: line {invalid['line']}: {invalid['error']['message']}")
     print(f"  results:     {results_path}")
+    report = await build_report(settings, 86400, "model")
+    if report is not None:
+        render_report(report, terminal())
     ok = len(results) == len(lines) and statuses.get("succeeded", 0) == requests
     return 0 if ok else 1

@@ -167,18 +167,25 @@ def anthropic_request(item_id: int, params: bytes) -> bytes:
 
 
 def usage_of(kind: Kind, body: Any) -> dict[str, int] | None:
-    """Token counts from a provider response body, in one vocabulary for both providers."""
+    """Token counts from a provider response body, in one vocabulary for both providers.
+
+    `input_tokens` is every input token, cached or not; `cached_input_tokens` (cache reads) and,
+    for Anthropic, `cache_creation_input_tokens` (cache writes) say how many of them were which.
+    """
     if not isinstance(body, dict):
         return None
     usage = body.get("usage")
     if not isinstance(usage, dict):
         return None
     if kind == "anthropic":
+        # Anthropic counts cache reads and writes apart from input_tokens; we count all input together.
+        cached = int(usage.get("cache_read_input_tokens") or 0)
+        writes = int(usage.get("cache_creation_input_tokens") or 0)
         return {
-            "input_tokens": int(usage.get("input_tokens") or 0),
+            "input_tokens": int(usage.get("input_tokens") or 0) + cached + writes,
             "output_tokens": int(usage.get("output_tokens") or 0),
-            "cached_input_tokens": int(usage.get("cache_read_input_tokens") or 0),
-            "cache_creation_input_tokens": int(usage.get("cache_creation_input_tokens") or 0),
+            "cached_input_tokens": cached,
+            "cache_creation_input_tokens": writes,
         }
     if "prompt_tokens" in usage:  # chat completions, completions, embeddings
         details = usage.get("prompt_tokens_details") or {}

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from .aio import wait_any
@@ -141,8 +142,11 @@ class Pollers:
         if remote.failed:
             total = await self._collect_failed(batch, remote)
         else:
+            prices = self.settings.price_table()
+            discount = self.settings.providers[batch.profile].batch_discount
+            cost_of = partial(prices.cost, batch.model, discount=discount)
             async for chunk in provider.results(remote, self.workdir):
-                summary = await self.store.apply_outcomes(batch, chunk, batching.max_attempts, now)
+                summary = await self.store.apply_outcomes(batch, chunk, batching.max_attempts, now, cost_of)
                 total = _add(total, summary)
                 self._crashpoints.reach("after-results-commit")
                 self._on_results()

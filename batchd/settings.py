@@ -24,6 +24,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from .pricing import ModelPrice, PriceTable
+
 ProviderKind = Literal["openai", "anthropic"]
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -105,6 +107,7 @@ class ProviderProfile(_Section):
     max_bytes: int | None = Field(default=None, ge=1024)
     max_in_flight: int = Field(default=20, ge=1)
     request_timeout: Duration = 600.0
+    batch_discount: float = Field(default=0.5, ge=0, le=1)
 
     @model_validator(mode="after")
     def _fill_limits(self) -> ProviderProfile:
@@ -156,6 +159,7 @@ class Settings(BaseSettings):
     providers: dict[str, ProviderProfile] = Field(default_factory=_default_providers)
     routes: list[Route] = Field(default_factory=list)
     outbox: OutboxSettings = Field(default_factory=OutboxSettings)
+    prices: dict[str, ModelPrice] = Field(default_factory=dict)
 
     @classmethod
     def settings_customise_sources(
@@ -190,6 +194,9 @@ class Settings(BaseSettings):
             if profile.kind == kind:
                 return name
         return None
+
+    def price_table(self) -> PriceTable:
+        return PriceTable(self.prices)
 
     @property
     def max_line_bytes(self) -> int:

@@ -14,6 +14,11 @@ from .settings import Settings
 from .store import Store
 
 
+def terminal() -> Console:
+    """A console; wide when output goes to a file or pipe, so tables are not squeezed."""
+    return Console(width=None if sys.stdout.isatty() else 160)
+
+
 async def snapshot(settings: Settings) -> dict[str, Any] | None:
     """The store's status snapshot, or None when there is no database yet."""
     path = settings.daemon.database_path
@@ -82,5 +87,5 @@ async def render_status(settings: Settings, as_json: bool = False) -> int:
     if as_json:
         sys.stdout.write(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() + "\n")
     else:
-        render(data, Console())
+        render(data, terminal())
     return 0

@@ -14,17 +14,18 @@ import os
 import sqlite3
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import aiosqlite
 import orjson
 
 from .formats import Outcome, Status, invalid_result, item_id_from_custom_id, provider_custom_id, result_line
+from .pricing import UNPRICED, Cost
 
 FINAL_ITEM_STATES = ("succeeded", "errored", "expired", "canceled")
 ERRORS_KEPT = 200
@@ -410,8 +411,11 @@ class Store:
         outcomes: Iterable[Outcome],
         max_attempts: int,
         retry_at: float,
+        cost_of: Callable[[dict[str, int] | None], Cost | None] | None = None,
     ) -> ApplySummary:
         """Record provider outcomes for items of `batch`: final ones become results, retryable ones requeue.
+
+        `cost_of` prices a result's usage; a result with usage but no price is marked unpriced.
 
         Idempotent: an item already decided, or no longer in this batch, is left alone, so the same
         result file can be applied again after a crash.
@@ -451,6 +455,8 @@ class Store:
                     retries.append((retry_at, error, row["id"]))
                     continue
                 usage = outcome.usage or {}
+                cost = cost_of(outcome.usage) if cost_of is not None and outcome.usage else None
+                cost_json = cost.as_json() if cost else (UNPRICED if outcome.usage else None)
                 payload = result_line(
                     custom_id=row["custom_id"],
                     status=outcome.status,
@@ -461,6 +467,7 @@ class Store:
                     model=batch.model,
                     batch_id=batch.remote_id,
                     usage=outcome.usage,
+                    cost=cost_json,
                 )
                 results.append(
                     (
@@ -474,6 +481,9 @@ class Store:
                         usage.get("input_tokens"),
                         usage.get("output_tokens"),
                         usage.get("cached_input_tokens"),
+                        usage.get("cache_creation_input_tokens"),
+                        cost.batch if cost else None,
+                        cost.realtime if cost else None,
                         payload,
                         now,
                     )
@@ -481,8 +491,8 @@ class Store:
                 finals.append((outcome.status, row["id"]))
             await db.executemany(
                 "INSERT OR IGNORE INTO results (file_id, line, item_id, status, profile, model, batch_id,"
-                " input_tokens, output_tokens, cached_input_tokens, payload, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " input_tokens, output_tokens, cached_input_tokens, cache_creation_input_tokens, cost_batch,"
+                " cost_realtime, payload, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 results,
             )
             # The request body is no longer needed once an item has its final result.
@@ -599,6 +609,53 @@ class Store:
             await db.execute(
                 "UPDATE files SET state = 'complete', completed_at = ? WHERE id = ?", (time.time(), file_id)
             )
+
+    # -- reports ---------------------------------------------------------------------------
+
+    REPORT_KEYS: ClassVar[dict[str, str]] = {
+        "model": "COALESCE(r.model, '(invalid)')",
+        "provider": "COALESCE(r.profile, '(invalid)')",
+        "day": "date(r.created_at, 'unixepoch')",
+        "file": "f.name",
+    }
+
+    async def report(self, since: float, by: str) -> list[dict[str, Any]]:
+        """Requests, tokens and cost per `by` (model, provider, day or file) for results since `since`."""
+        key = self.REPORT_KEYS[by]
+        rows = await self._fetchall(
+            f"SELECT {key} AS key, COUNT(*) AS requests,"
+            " SUM(r.status = 'succeeded') AS succeeded,"
+            " COALESCE(SUM(r.input_tokens), 0) AS input_tokens,"
+            " COALESCE(SUM(r.cached_input_tokens), 0) AS cached_input_tokens,"
+            " COALESCE(SUM(r.output_tokens), 0) AS output_tokens,"
+            " SUM(r.cost_batch) AS cost_batch, SUM(r.cost_realtime) AS cost_realtime,"
+            " SUM(r.cost_batch IS NULL AND r.input_tokens IS NOT NULL) AS unpriced"
+            " FROM results r JOIN files f ON f.id = r.file_id WHERE r.created_at >= ?"
+            " GROUP BY key ORDER BY key",
+            (since,),
+        )
+        return [dict(row) for row in rows]
+
+    async def query_results(
+        self, file: str | None, custom_id: str | None, status: str | None, limit: int
+    ) -> list[dict[str, Any]]:
+        """Stored result lines matching every given filter, oldest first."""
+        where, params = [], []
+        for column, value in (
+            ("f.name", file),
+            ("json_extract(CAST(r.payload AS TEXT), '$.custom_id')", custom_id),
+            ("r.status", status),
+        ):
+            if value is not None:
+                where.append(f"{column} = ?")
+                params.append(value)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        rows = await self._fetchall(
+            f"SELECT f.name AS file, r.line, r.status, r.payload FROM results r JOIN files f ON f.id = r.file_id"
+            f" {clause} ORDER BY r.id LIMIT ?",
+            (*params, limit),
+        )
+        return [dict(row) for row in rows]
 
     # -- status ----------------------------------------------------------------------------
 

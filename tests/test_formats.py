@@ -138,7 +138,12 @@ def test_anthropic_outcomes_are_classified() -> None:
             },
         }
     )
-    assert ok.status == "succeeded" and ok.usage is not None and ok.usage["cached_input_tokens"] == 1
+    assert ok.status == "succeeded" and ok.usage == {
+        "input_tokens": 6,
+        "output_tokens": 2,
+        "cached_input_tokens": 1,
+        "cache_creation_input_tokens": 0,
+    }
     invalid = anthropic_outcome(
         {
             "custom_id": "i2",

@@ -1,0 +1,193 @@
+"""What the batches cost and saved (`batchd report`), and what a file will cost (`batchd estimate`).
+
+Estimate heuristic (documented in the README): input tokens are ceil(characters / 4) of every
+text in the request plus 4 per message; output tokens are the request's own ceiling
+(max_tokens, max_completion_tokens or max_output_tokens), or 256 when it sets none, and 0 for
+embeddings and moderations. So the output side is an upper bound, the input side an estimate.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import orjson
+from rich.console import Console
+from rich.table import Table
+
+from .formats import LineError, parse_line
+from .settings import Settings
+from .spool import LINE_OVERHEAD
+from .status import terminal
+from .store import Store
+
+DEFAULT_OUTPUT_TOKENS = 256
+NO_OUTPUT_ENDPOINTS = ("/v1/embeddings", "/v1/moderations")
+
+
+def _money(value: float | None) -> str:
+    return "unpriced" if value is None else f"${value:,.4f}"
+
+
+async def build_report(settings: Settings, since_seconds: float, by: str) -> dict[str, Any] | None:
+    path = settings.daemon.database_path
+    if not path.exists():
+        return None
+    store = Store(path)
+    await store.open()
+    try:
+        rows = await store.report(time.time() - since_seconds, by)
+    finally:
+        await store.close()
+    for row in rows:
+        if row["cost_batch"] is None and not row["unpriced"]:
+            row["cost_batch"] = row["cost_realtime"] = 0.0  # nothing billed (invalid or failed requests)
+        priced = row["cost_batch"] is not None
+        row["saving"] = (row["cost_realtime"] - row["cost_batch"]) if priced else None
+    totals: dict[str, Any] = {
+        key: sum(row[key] for row in rows)
+        for key in ("requests", "succeeded", "input_tokens", "cached_input_tokens", "output_tokens", "unpriced")
+    }
+    for key in ("cost_batch", "cost_realtime", "saving"):
+        values = [row[key] for row in rows if row[key] is not None]
+        totals[key] = sum(values) if values else None
+    return {"since_seconds": since_seconds, "by": by, "rows": rows, "total": totals}
+
+
+def render_report(report: dict[str, Any], console: Console) -> None:
+    table = Table(title=f"batchd savings, last {report['since_seconds'] / 86400:g} days, by {report['by']}")
+    for column in (report["by"], "requests", "input tok", "output tok", "paid (batch)", "real-time", "saved"):
+        table.add_column(column, justify="left" if column == report["by"] else "right")
+    for row in [*report["rows"], {"key": "total", **report["total"]}]:
+        note = f" (+{row['unpriced']} unpriced)" if row["unpriced"] and row["cost_batch"] is not None else ""
+        table.add_row(
+            str(row["key"]),
+            f"{row['requests']:,}",
+            f"{row['input_tokens']:,}",
+            f"{row['output_tokens']:,}",
+            _money(row["cost_batch"]) + note,
+            _money(row["cost_realtime"]),
+            _money(row["saving"]),
+        )
+    console.print(table)
+
+
+async def run_report(settings: Settings, since_seconds: float, by: str, as_json: bool) -> int:
+    report = await build_report(settings, since_seconds, by)
+    if report is None:
+        print(f"batchd report: no database at {settings.daemon.database_path}", file=sys.stderr)
+        return 1
+    if as_json:
+        sys.stdout.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        render_report(report, terminal())
+    return 0
+
+
+def _text_chars(value: Any) -> int:
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, list):
+        return sum(_text_chars(v) for v in value)
+    if isinstance(value, dict):
+        return sum(_text_chars(v) for k, v in value.items() if k not in ("type", "role", "model"))
+    return 0
+
+
+def estimate_tokens(endpoint: str, body: dict[str, Any]) -> tuple[int, int]:
+    """(input, output) tokens for one request by the heuristic in this module's docstring."""
+    messages = body.get("messages")
+    text = {k: v for k, v in body.items() if k in ("messages", "input", "prompt", "system", "instructions")}
+    tokens_in = math.ceil(_text_chars(text) / 4) + 4 * (len(messages) if isinstance(messages, list) else 1)
+    if endpoint in NO_OUTPUT_ENDPOINTS:
+        return tokens_in, 0
+    ceiling = body.get("max_tokens") or body.get("max_completion_tokens") or body.get("max_output_tokens")
+    return tokens_in, int(ceiling) if isinstance(ceiling, int) and ceiling > 0 else DEFAULT_OUTPUT_TOKENS
+
+
+def estimate_file(settings: Settings, path: Path) -> dict[str, Any]:
+    """Per (provider, endpoint, model): requests, estimated tokens, cost, and how many batches."""
+    prices = settings.price_table()
+    groups: dict[tuple[str, str, str], dict[str, Any]] = defaultdict(
+        lambda: {"requests": 0, "bytes": 0, "input_tokens": 0, "output_tokens": 0}
+    )
+    invalid = 0
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                parsed = parse_line(raw.rstrip(b"\r\n"), number)
+            except LineError:
+                invalid += 1
+                continue
+            profile = settings.profile_for(parsed.kind, parsed.model)
+            if profile is None:
+                invalid += 1
+                continue
+            tokens_in, tokens_out = estimate_tokens(parsed.endpoint, orjson.loads(parsed.body))
+            group = groups[(profile, parsed.endpoint, parsed.model)]
+            group["requests"] += 1
+            group["bytes"] += len(parsed.body) + len(parsed.endpoint) + LINE_OVERHEAD
+            group["input_tokens"] += tokens_in
+            group["output_tokens"] += tokens_out
+    rows = []
+    for (profile, endpoint, model), group in sorted(groups.items()):
+        limits = settings.providers[profile]
+        batches = max(
+            math.ceil(group["requests"] / limits.request_limit), math.ceil(group["bytes"] / limits.byte_limit)
+        )
+        usage = {"input_tokens": group["input_tokens"], "output_tokens": group["output_tokens"]}
+        cost = prices.cost(model, usage, limits.batch_discount)
+        rows.append(
+            {
+                "provider": profile,
+                "endpoint": endpoint,
+                "model": model,
+                **group,
+                "batches": batches,
+                "cost_batch": cost.batch if cost else None,
+                "cost_realtime": cost.realtime if cost else None,
+            }
+        )
+    return {"file": str(path), "rows": rows, "invalid_lines": invalid}
+
+
+def render_estimate(estimate: dict[str, Any], console: Console) -> None:
+    table = Table(title=f"Estimate for {estimate['file']} (output tokens are an upper bound)")
+    for column in (
+        "provider",
+        "model",
+        "endpoint",
+        "requests",
+        "batches",
+        "input tok",
+        "output tok",
+        "batch price",
+        "real-time",
+    ):
+        table.add_column(column)
+    for row in estimate["rows"]:
+        table.add_row(
+            row["provider"],
+            row["model"],
+            row["endpoint"],
+            f"{row['requests']:,}",
+            str(row["batches"]),
+            f"{row['input_tokens']:,}",
+            f"{row['output_tokens']:,}",
+            _money(row["cost_batch"]),
+            _money(row["cost_realtime"]),
+        )
+    console.print(table)
+    priced = [row for row in estimate["rows"] if row["cost_batch"] is not None]
+    if priced:
+        batch = sum(row["cost_batch"] for row in priced)
+        realtime = sum(row["cost_realtime"] for row in priced)
+        console.print(
+            f"Total: {_money(batch)} at batch price instead of {_money(realtime)} ({_money(realtime - batch)} saved)"
+        )
+    if estimate["invalid_lines"]:
+        console.print(f"{estimate['invalid_lines']} lines are invalid and will not be sent")
