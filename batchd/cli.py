@@ -100,6 +100,27 @@ def cmd_results(args: argparse.Namespace) -> int:
     return run_loop(show_results(_settings(args), args.file, args.custom_id, args.status, args.limit, args.json))
 
 
+def cmd_redeliver(args: argparse.Namespace) -> int:
+    from .store import Store
+
+    settings = _settings(args)
+    if not settings.daemon.database_path.exists():
+        print(f"batchd redeliver: no database at {settings.daemon.database_path}", file=sys.stderr)
+        return 1
+
+    async def flag() -> int:
+        store = Store(settings.daemon.database_path)
+        await store.open()
+        try:
+            return await store.request_redelivery(args.sink)
+        finally:
+            await store.close()
+
+    count = run_loop(flag())
+    print(f"{count} parked results will be delivered again by the running daemon")
+    return 0
+
+
 def cmd_emulator(args: argparse.Namespace) -> int:
     from .emulator.cli import main as emulator_main
 
@@ -155,6 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
     results.add_argument("--limit", type=int, default=1000, help="at most this many (default 1000)")
     results.add_argument("--json", action="store_true", help="print the result lines themselves (JSONL)")
     results.set_defaults(handler=cmd_results)
+
+    redeliver = command("redeliver", "send parked results to their sink again")
+    redeliver.add_argument("--sink", help="only this sink (default: all)")
+    redeliver.set_defaults(handler=cmd_redeliver)
 
     emulator = commands.add_parser("emulator", help="serve a local emulator of both batch APIs")
     from .emulator.cli import add_arguments

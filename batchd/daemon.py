@@ -26,6 +26,7 @@ from .settings import Settings
 from .sinks import SinkRunner
 from .sinks.base import Sink
 from .sinks.outbox import OutboxSink
+from .sinks.webhook import WebhookSink
 from .spool import Spool
 from .store import Store
 
@@ -115,6 +116,9 @@ class Daemon:
             shutil.rmtree(self.workdir, ignore_errors=True)
         self.workdir.mkdir(parents=True, mode=0o700, exist_ok=True)
         await self.store.open()
+        instance = await self.store.instance_id()
+        for webhook in self.settings.sinks:
+            self.sinks.add(WebhookSink(self.store, webhook, instance))
         await self.sinks.recover()
         await self.batcher.recover()
         taken = await self.spool.rescan()

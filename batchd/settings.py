@@ -10,6 +10,7 @@ import fnmatch
 import os
 import re
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -134,6 +135,26 @@ class Route(_Section):
     provider: str
 
 
+class WebhookSink(_Section):
+    """`[[sinks]]` of kind webhook: POSTs signed chunks of result lines to a URL."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    kind: Literal["webhook"] = "webhook"
+    url: str
+    secret: SecretStr | None = None
+    secret_env: str | None = None
+    secret_credential: str | None = None
+    batch_size: int = Field(default=100, ge=1, le=10_000)
+    timeout: Duration = 10.0
+    max_age: Duration = 86400.0
+    headers: dict[str, str] = Field(default_factory=dict)
+
+    def resolve_secret(self, environ: Mapping[str, str] | None = None) -> str | None:
+        return resolve_secret(
+            self.secret, self.secret_env, (self.secret_credential, f"{self.name}_webhook_secret"), environ
+        )
+
+
 class OutboxSettings(_Section):
     """`[outbox]`: the results-file sink in spool/out/."""
 
@@ -159,6 +180,7 @@ class Settings(BaseSettings):
     providers: dict[str, ProviderProfile] = Field(default_factory=_default_providers)
     routes: list[Route] = Field(default_factory=list)
     outbox: OutboxSettings = Field(default_factory=OutboxSettings)
+    sinks: list[WebhookSink] = Field(default_factory=list)
     prices: dict[str, ModelPrice] = Field(default_factory=dict)
 
     @classmethod
@@ -172,6 +194,14 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # The TOML file arrives as init kwargs (see load_settings); environment variables win.
         return (env_settings, init_settings)
+
+    @model_validator(mode="after")
+    def _sink_names_unique(self) -> Settings:
+        names = [sink.name for sink in self.sinks]
+        for name in names:
+            if names.count(name) > 1 or name == "outbox":
+                raise ValueError(f"sinks: name {name!r} is used twice or reserved")
+        return self
 
     @model_validator(mode="after")
     def _routes_name_profiles(self) -> Settings:
@@ -204,21 +234,33 @@ class Settings(BaseSettings):
         return max((profile.byte_limit for profile in self.providers.values()), default=256_000_000)
 
 
-def resolve_api_key(name: str, profile: ProviderProfile, environ: dict[str, str] | None = None) -> str | None:
-    """The profile's API key: inline, from a systemd credential, or from an environment variable."""
+def resolve_secret(
+    inline: SecretStr | None,
+    env_name: str | None,
+    credential_names: tuple[str | None, ...],
+    environ: Mapping[str, str] | None = None,
+) -> str | None:
+    """A secret: inline, else from a systemd credential file, else from an environment variable."""
     env = os.environ if environ is None else environ
-    if profile.api_key is not None:
-        return profile.api_key.get_secret_value()
+    if inline is not None:
+        return inline.get_secret_value()
     credentials_dir = env.get("CREDENTIALS_DIRECTORY")
     if credentials_dir:
-        for candidate in (profile.api_key_credential, f"{name}_api_key", name):
+        for candidate in credential_names:
             if candidate:
                 path = Path(credentials_dir) / candidate
                 if path.is_file():
                     return path.read_text().strip()
-    if profile.api_key_env and env.get(profile.api_key_env):
-        return env[profile.api_key_env]
+    if env_name and env.get(env_name):
+        return env[env_name]
     return None
+
+
+def resolve_api_key(name: str, profile: ProviderProfile, environ: Mapping[str, str] | None = None) -> str | None:
+    """The profile's API key: inline, from a systemd credential, or from an environment variable."""
+    return resolve_secret(
+        profile.api_key, profile.api_key_env, (profile.api_key_credential, f"{name}_api_key", name), environ
+    )
 
 
 def _format_location(location: tuple[int | str, ...]) -> str:

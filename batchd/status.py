@@ -71,6 +71,9 @@ def render(data: dict[str, Any], console: Console) -> None:
     console.print(batches)
     results = ", ".join(f"{k}={v}" for k, v in sorted(data["results"].items())) or "none yet"
     console.print(f"Results: {results}")
+    for sink in data.get("sinks", []):
+        parked = f", {sink['parked']} parked (batchd redeliver)" if sink["parked"] else ""
+        console.print(f"Sink {sink['sink']}: {sink['pending']} pending{parked}")
     for hold in data["holds"]:
         console.print(f"Held: {hold['profile']}/{hold['model']} until {_when(hold['until'])} ({hold['reason']})")
     if data["errors"]:

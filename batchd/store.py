@@ -98,6 +98,7 @@ class PendingResult:
     file_id: int
     out_name: str
     payload: bytes
+    created_at: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -569,12 +570,56 @@ class Store:
         return int(row["last_result_id"]) if row else 0
 
     async def results_after(self, last_id: int, limit: int) -> list[PendingResult]:
+        return await self._pending_results("r.id > ?", (last_id,), limit)
+
+    async def _pending_results(self, where: str, params: Sequence[Any], limit: int) -> list[PendingResult]:
         rows = await self._fetchall(
-            "SELECT r.id, r.file_id, f.out_name, r.payload FROM results r JOIN files f ON f.id = r.file_id"
-            " WHERE r.id > ? ORDER BY r.id LIMIT ?",
-            (last_id, limit),
+            "SELECT r.id, r.file_id, f.out_name, r.payload, r.created_at FROM results r"
+            f" JOIN files f ON f.id = r.file_id WHERE {where} ORDER BY r.id LIMIT ?",
+            (*params, limit),
         )
-        return [PendingResult(r["id"], r["file_id"], r["out_name"], bytes(r["payload"])) for r in rows]
+        return [PendingResult(r["id"], r["file_id"], r["out_name"], bytes(r["payload"]), r["created_at"]) for r in rows]
+
+    async def advance_cursor(self, sink: str, last_id: int) -> None:
+        async with self._tx() as db:
+            await db.execute(
+                "INSERT INTO sink_cursors (sink, last_result_id) VALUES (?, ?)"
+                " ON CONFLICT (sink) DO UPDATE SET last_result_id = MAX(last_result_id, excluded.last_result_id)",
+                (sink, last_id),
+            )
+
+    async def park(self, sink: str, result_ids: Sequence[int], error: str, advance_to: int | None) -> None:
+        """Give up on results for now: record them as parked and (for new ones) move the cursor past them."""
+        async with self._tx() as db:
+            await db.executemany(
+                "INSERT INTO parked (sink, result_id, parked_at, error) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (sink, result_id) DO UPDATE SET redeliver = 0, error = excluded.error",
+                [(sink, result_id, time.time(), error) for result_id in result_ids],
+            )
+            if advance_to is not None:
+                await db.execute(
+                    "INSERT INTO sink_cursors (sink, last_result_id) VALUES (?, ?) ON CONFLICT (sink)"
+                    " DO UPDATE SET last_result_id = MAX(last_result_id, excluded.last_result_id)",
+                    (sink, advance_to),
+                )
+            await self._add_error(db, "sink.parked", f"{sink}: {len(result_ids)} results parked: {error}")
+
+    async def to_redeliver(self, sink: str, limit: int) -> list[PendingResult]:
+        return await self._pending_results(
+            "r.id IN (SELECT result_id FROM parked WHERE sink = ? AND redeliver = 1)", (sink,), limit
+        )
+
+    async def unpark(self, sink: str, result_ids: Sequence[int]) -> None:
+        async with self._tx() as db:
+            await db.executemany("DELETE FROM parked WHERE sink = ? AND result_id = ?", [(sink, i) for i in result_ids])
+
+    async def request_redelivery(self, sink: str | None) -> int:
+        """Flag parked results (of one sink, or all) to be sent again; returns how many."""
+        async with self._tx() as db:
+            cursor = await db.execute(
+                "UPDATE parked SET redeliver = 1 WHERE redeliver = 0 AND (? IS NULL OR sink = ?)", (sink, sink)
+            )
+            return cursor.rowcount
 
     async def outbox_delivered(self, last_id: int, files: dict[int, tuple[int, int]]) -> None:
         """Advance the outbox cursor; `files` maps file id to (lines added, new durable .part length)."""
@@ -684,6 +729,10 @@ class Store:
         )
         recent = await self._fetchall("SELECT at, event, message FROM errors ORDER BY id DESC LIMIT ?", (errors,))
         holds = await self._fetchall("SELECT profile, model, until, reason FROM holds WHERE until > ?", (time.time(),))
+        sinks = await self._fetchall(
+            "SELECT c.sink, (SELECT COUNT(*) FROM results WHERE id > c.last_result_id) AS pending,"
+            " (SELECT COUNT(*) FROM parked p WHERE p.sink = c.sink) AS parked FROM sink_cursors c ORDER BY c.sink"
+        )
         return {
             "queue": [
                 {"provider": p, "endpoint": e, "model": m, **counts} for (p, e, m), counts in sorted(routes.items())
@@ -707,6 +756,7 @@ class Store:
             "results": {row["status"]: row["n"] for row in totals},
             "files": [dict(row) for row in files],
             "holds": [dict(row) for row in holds],
+            "sinks": [dict(row) for row in sinks],
             "errors": [dict(row) for row in recent],
         }
 

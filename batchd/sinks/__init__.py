@@ -21,8 +21,14 @@ class SinkRunner:
 
     def __init__(self, store: Store, sinks: list[Sink]) -> None:
         self.store = store
-        self.sinks = sinks
-        self._wakes = {sink.name: asyncio.Event() for sink in sinks}
+        self.sinks: list[Sink] = []
+        self._wakes: dict[str, asyncio.Event] = {}
+        for sink in sinks:
+            self.add(sink)
+
+    def add(self, sink: Sink) -> None:
+        self.sinks.append(sink)
+        self._wakes[sink.name] = asyncio.Event()
 
     def wake(self) -> None:
         for event in self._wakes.values():
@@ -33,17 +39,23 @@ class SinkRunner:
             await sink.recover()
 
     async def run(self, stopping: asyncio.Event) -> None:
-        async with asyncio.TaskGroup() as group:
+        try:
+            async with asyncio.TaskGroup() as group:
+                for sink in self.sinks:
+                    group.create_task(self._feed(sink, stopping), name=f"sink-{sink.name}")
+        finally:
             for sink in self.sinks:
-                group.create_task(self._feed(sink, stopping), name=f"sink-{sink.name}")
+                await sink.close()
 
     async def drain(self) -> None:
         """Deliver everything committed so far (used on a graceful stop)."""
         for sink in self.sinks:
             with contextlib.suppress(Exception):
                 await self._deliver_pending(sink)
+            await sink.close()
 
     async def _deliver_pending(self, sink: Sink) -> int:
+        await sink.before_delivery()
         cursor = await sink.cursor()
         delivered = 0
         while results := await self.store.results_after(cursor, DELIVERY_CHUNK):

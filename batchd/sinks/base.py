@@ -22,6 +22,12 @@ class Sink(abc.ABC):
     async def recover(self) -> None:  # noqa: B027 - most sinks need nothing at start-up
         """Repair anything a crash left half-done; called once before the first delivery."""
 
+    async def before_delivery(self) -> None:  # noqa: B027 - only sinks that park results need it
+        """Called before each round of delivery (e.g. to send again what was asked to be redelivered)."""
+
+    async def close(self) -> None:  # noqa: B027 - only sinks holding connections need it
+        """Release what the sink holds open."""
+
     @abc.abstractmethod
     async def cursor(self) -> int:
         """The id of the last result this sink has durably delivered."""
