@@ -66,9 +66,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .status import render_status
+    from .status import render_status, watch_status
 
     settings = _settings(args)
+    if args.watch:
+        try:
+            return run_loop(watch_status(settings, args.interval, args.count))
+        except KeyboardInterrupt:
+            return 0
     return run_loop(render_status(settings, as_json=args.json))
 
 
@@ -154,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = command("status", "queue depth per route, live batches, recent errors")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("--watch", action="store_true", help="a live view, until Ctrl-C")
+    status.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes with --watch")
+    status.add_argument("--count", type=int, help="stop after this many refreshes with --watch")
     status.set_defaults(handler=cmd_status)
 
     report = command("report", "what was paid, what real-time would have cost, and the saving")

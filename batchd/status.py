@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from rich.console import Console
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress_bar import ProgressBar
 from rich.table import Table
+from rich.text import Text
 
 from .settings import Settings
 from .store import Store
@@ -38,7 +42,20 @@ def _when(timestamp: float | None) -> str:
     return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def render(data: dict[str, Any], console: Console) -> None:
+def _progress(batch: dict[str, Any]) -> tuple[int, int]:
+    """(done, total) from the provider's request counts; Anthropic reports all at the end."""
+    counts = batch["counts"] or {}
+    if "total" in counts:  # OpenAI
+        total = counts["total"] or batch["requests"]
+        return counts.get("completed", 0) + counts.get("failed", 0), total
+    if counts:
+        total = sum(counts.values())
+        return total - counts.get("processing", 0), total
+    return 0, batch["requests"]
+
+
+def view(data: dict[str, Any]) -> Group:
+    """Everything `batchd status` shows, as one renderable (printed once, or live with --watch)."""
     queue = Table(title="Queue", title_justify="left")
     for column in ("provider", "endpoint", "model", "queued", "batched", "submitted"):
         queue.add_column(column, justify="right" if column in ("queued", "batched", "submitted") else "left")
@@ -51,35 +68,52 @@ def render(data: dict[str, Any], console: Console) -> None:
             str(row["batched"]),
             str(row["submitted"]),
         )
-    console.print(queue)
     batches = Table(title="Live batches", title_justify="left")
-    for column in ("id", "provider", "model", "remote id", "status", "requests", "counts", "created", "last error"):
+    for column in ("id", "provider", "model", "remote id", "status", "progress", "done", "created", "last error"):
         batches.add_column(column)
     for batch in data["batches"]:
-        counts = ", ".join(f"{k}={v}" for k, v in (batch["counts"] or {}).items())
+        done, total = _progress(batch)
         batches.add_row(
             str(batch["id"]),
             batch["provider"],
             batch["model"],
             batch["remote_id"] or "-",
             batch["remote_status"] or batch["state"],
-            str(batch["requests"]),
-            counts or "-",
+            ProgressBar(total=max(total, 1), completed=done, width=20),
+            f"{done}/{total}",
             _when(batch["created_at"]),
             (batch["last_error"] or "")[:60],
         )
-    console.print(batches)
+    lines: list[Any] = [queue, batches]
     results = ", ".join(f"{k}={v}" for k, v in sorted(data["results"].items())) or "none yet"
-    console.print(f"Results: {results}")
+    lines.append(Text(f"Results: {results}"))
     for sink in data.get("sinks", []):
         parked = f", {sink['parked']} parked (batchd redeliver)" if sink["parked"] else ""
-        console.print(f"Sink {sink['sink']}: {sink['pending']} pending{parked}")
+        lines.append(Text(f"Sink {sink['sink']}: {sink['pending']} pending{parked}"))
     for hold in data["holds"]:
-        console.print(f"Held: {hold['profile']}/{hold['model']} until {_when(hold['until'])} ({hold['reason']})")
+        lines.append(Text(f"Held: {hold['profile']}/{hold['model']} until {_when(hold['until'])} ({hold['reason']})"))
     if data["errors"]:
-        console.print("Recent errors:")
+        lines.append(Text("Recent errors:"))
         for error in data["errors"]:
-            console.print(f"  {_when(error['at'])} {error['event']}: {error['message'][:160]}")
+            lines.append(Text(f"  {_when(error['at'])} {error['event']}: {error['message'][:160]}"))
+    return Group(*lines)
+
+
+def render(data: dict[str, Any], console: Console) -> None:
+    console.print(view(data))
+
+
+async def watch_status(settings: Settings, interval: float, count: int | None) -> int:
+    """A live view, refreshed every `interval` seconds until Ctrl-C (or `count` refreshes)."""
+    shown = 0
+    with Live(console=terminal(), auto_refresh=False) as live:
+        while count is None or shown < count:
+            data = await snapshot(settings)
+            live.update(view(data) if data else Text("waiting for the database…"), refresh=True)
+            shown += 1
+            if count is None or shown < count:
+                await asyncio.sleep(interval)
+    return 0
 
 
 async def render_status(settings: Settings, as_json: bool = False) -> int:

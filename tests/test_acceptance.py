@@ -237,6 +237,8 @@ async def test_sigterm_stops_gracefully_and_restart_polls_instead_of_resubmittin
 
         await wait_until(both_submitted, timeout=30)
         await wait_until(lambda: sum(e.get("event") == "batch.submitted" for e in daemon.log_events()) == 2)
+        live = await batchd_cli("status", "--watch", "--count", "1", "--config", str(config))
+        assert "msgbatch_" in live.stdout and "batch_" in live.stdout and "/300" in live.stdout
         stopped_at = time.monotonic()
         status = await daemon.stop(timeout=30)
         assert status == -signal.SIGTERM
