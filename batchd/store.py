@@ -189,16 +189,17 @@ class Store:
     async def _migrate(self) -> None:
         db = self._conn
         async with self._lock:
-            (version,) = await (await db.execute("PRAGMA user_version")).fetchone() or (0,)
             for number, script in _migrations():
-                if number <= version:
-                    continue
+                # The version is read inside the write transaction, so two processes opening a new
+                # database at once (the daemon and `batchd status`) never run a migration twice.
                 await db.execute("BEGIN IMMEDIATE")
                 try:
-                    for statement in script.split(";\n"):
-                        if statement.strip():
-                            await db.execute(statement)
-                    await db.execute(f"PRAGMA user_version={number}")
+                    (version,) = await (await db.execute("PRAGMA user_version")).fetchone() or (0,)
+                    if number > version:
+                        for statement in script.split(";\n"):
+                            if statement.strip():
+                                await db.execute(statement)
+                        await db.execute(f"PRAGMA user_version={number}")
                     await db.execute("COMMIT")
                 except BaseException:
                     await db.execute("ROLLBACK")

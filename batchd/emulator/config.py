@@ -1,0 +1,74 @@
+"""Configuration of the emulator: timing, auth and switchable fault injection."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class Faults:
+    """Faults the emulator injects; every field can be changed at start-up and at run time.
+
+    All randomness comes from ``random.Random(seed)`` so a run with the same call sequence replays.
+    """
+
+    seed: int = 0
+    http_error_rate: float = 0.0
+    http_error_statuses: tuple[int, ...] = (429, 500, 529)
+    http_error_paths: tuple[str, ...] = ()
+    retry_after: float = 0.05
+    drop_download_rate: float = 0.0
+    shuffle_results: bool = False
+    late_output_file: bool = False
+    token_limits: dict[str, int] = field(default_factory=dict)
+    request_error_rate: float = 0.0
+
+    def merged(self, changes: dict[str, Any]) -> Faults:
+        """Return a copy with ``changes`` applied (JSON values coerced); unknown keys raise ValueError."""
+        known = {f.name: f for f in dataclasses.fields(self)}
+        unknown = set(changes) - set(known)
+        if unknown:
+            raise ValueError(f"unknown fault field(s): {', '.join(sorted(unknown))}")
+        values: dict[str, Any] = {}
+        for name, value in changes.items():
+            current = getattr(self, name)
+            if isinstance(current, tuple):
+                if not isinstance(value, list | tuple):
+                    raise ValueError(f"{name} must be a list")
+                values[name] = tuple(value)
+            elif isinstance(current, dict):
+                if not isinstance(value, dict):
+                    raise ValueError(f"{name} must be an object")
+                values[name] = {str(k): int(v) for k, v in value.items()}
+            elif isinstance(current, bool):
+                if not isinstance(value, bool):
+                    raise ValueError(f"{name} must be a boolean")
+                values[name] = value
+            elif isinstance(current, int):
+                values[name] = int(value)
+            else:
+                values[name] = float(value)
+        return dataclasses.replace(self, **values)
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready view (tuples become lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+@dataclass
+class EmulatorConfig:
+    """How the emulator behaves: processing time, accepted keys, storage and faults."""
+
+    processing_seconds: float = 0.2
+    time_scale: float = 1.0
+    api_keys: frozenset[str] | None = None
+    data_dir: Path | None = None
+    faults: Faults = field(default_factory=Faults)
+
+    @property
+    def batch_seconds(self) -> float:
+        """Wall time from create to end of one batch."""
+        return max(0.0, self.processing_seconds * self.time_scale)
