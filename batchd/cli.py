@@ -109,19 +109,15 @@ def cmd_redeliver(args: argparse.Namespace) -> int:
     from .store import Store
 
     settings = _settings(args)
-    if not settings.daemon.database_path.exists():
-        print(f"batchd redeliver: no database at {settings.daemon.database_path}", file=sys.stderr)
-        return 1
 
-    async def flag() -> int:
-        store = Store(settings.daemon.database_path)
-        await store.open()
-        try:
-            return await store.request_redelivery(args.sink)
-        finally:
-            await store.close()
+    async def flag() -> int | None:
+        async with Store.existing(settings.daemon.database_path) as store:
+            return None if store is None else await store.request_redelivery(args.sink)
 
     count = run_loop(flag())
+    if count is None:
+        print(f"batchd redeliver: no database at {settings.daemon.database_path}", file=sys.stderr)
+        return 1
     print(f"{count} parked results will be delivered again by the running daemon")
     return 0
 

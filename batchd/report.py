@@ -34,15 +34,10 @@ def _money(value: float | None) -> str:
 
 
 async def build_report(settings: Settings, since_seconds: float, by: str) -> dict[str, Any] | None:
-    path = settings.daemon.database_path
-    if not path.exists():
-        return None
-    store = Store(path)
-    await store.open()
-    try:
+    async with Store.existing(settings.daemon.database_path) as store:
+        if store is None:
+            return None
         rows = await store.report(time.time() - since_seconds, by)
-    finally:
-        await store.close()
     for row in rows:
         if row["cost_batch"] is None and not row["unpriced"]:
             row["cost_batch"] = row["cost_realtime"] = 0.0  # nothing billed (invalid or failed requests)

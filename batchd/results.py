@@ -15,16 +15,11 @@ from .store import Store
 async def show_results(
     settings: Settings, file: str | None, custom_id: str | None, status: str | None, limit: int, as_json: bool
 ) -> int:
-    path = settings.daemon.database_path
-    if not path.exists():
-        print(f"batchd results: no database at {path}", file=sys.stderr)
-        return 1
-    store = Store(path)
-    await store.open()
-    try:
+    async with Store.existing(settings.daemon.database_path) as store:
+        if store is None:
+            print(f"batchd results: no database at {settings.daemon.database_path}", file=sys.stderr)
+            return 1
         rows = await store.query_results(file, custom_id, status, limit)
-    finally:
-        await store.close()
     if as_json:
         sys.stdout.buffer.write(b"".join(bytes(row["payload"]) + b"\n" for row in rows))
         return 0 if rows else 1

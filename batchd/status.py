@@ -25,15 +25,8 @@ def terminal() -> Console:
 
 async def snapshot(settings: Settings) -> dict[str, Any] | None:
     """The store's status snapshot, or None when there is no database yet."""
-    path = settings.daemon.database_path
-    if not path.exists():
-        return None
-    store = Store(path)
-    await store.open()
-    try:
-        return await store.status()
-    finally:
-        await store.close()
+    async with Store.existing(settings.daemon.database_path) as store:
+        return None if store is None else await store.status()
 
 
 def _when(timestamp: float | None) -> str:

@@ -165,6 +165,20 @@ class Store:
 
     # -- lifecycle -------------------------------------------------------------------------
 
+    @classmethod
+    @asynccontextmanager
+    async def existing(cls, path: Path) -> AsyncIterator[Store | None]:
+        """For commands beside the daemon: the open store if a daemon has created it, else None."""
+        if not path.exists():
+            yield None
+            return
+        store = cls(path)
+        await store.open()
+        try:
+            yield store
+        finally:
+            await store.close()
+
     async def open(self) -> None:
         """Open (creating with mode 0600) and migrate the database."""
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ import anthropic
 from anthropic.types.messages import MessageBatch
 
 from ..formats import Outcome, anthropic_outcome
-from .base import Provider, ProviderError, RemoteBatch, download, read_outcomes
+from .base import Provider, ProviderError, RemoteBatch, download, read_outcomes, status_error
 
 T = TypeVar("T")
 
@@ -20,14 +20,7 @@ CLOCK_SKEW = 600.0
 
 def _error(exc: Exception) -> ProviderError:
     if isinstance(exc, anthropic.APIStatusError):
-        status = exc.status_code
-        retryable = status in (408, 409, 429) or status >= 500
-        return ProviderError(
-            f"anthropic {status}: {exc.message}",
-            retryable=retryable,
-            ambiguous=status >= 500 or status == 408,
-            status=status,
-        )
+        return status_error("anthropic", exc.status_code, exc.message)
     if isinstance(exc, anthropic.APIConnectionError | anthropic.APITimeoutError):
         return ProviderError(f"anthropic connection: {exc}", retryable=True, ambiguous=True)
     return ProviderError(f"anthropic: {exc}", retryable=False)

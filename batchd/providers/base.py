@@ -35,6 +35,16 @@ class ProviderError(Exception):
         self.status = status
 
 
+def status_error(vendor: str, status: int, message: str) -> ProviderError:
+    """An HTTP error answer: 408/409/429/5xx may succeed later; a 5xx or 408 may hide a create that happened."""
+    return ProviderError(
+        f"{vendor} {status}: {message}",
+        retryable=status in (408, 409, 429) or status >= 500,
+        ambiguous=status >= 500 or status == 408,
+        status=status,
+    )
+
+
 @dataclass(slots=True)
 class RemoteBatch:
     """A provider batch as the provider reports it, in provider-neutral terms."""

@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 import openai
 
 from ..formats import Outcome, Status, openai_outcome
-from .base import Provider, ProviderError, RemoteBatch, download, read_outcomes
+from .base import Provider, ProviderError, RemoteBatch, download, read_outcomes, status_error
 
 T = TypeVar("T")
 
@@ -22,14 +22,7 @@ CLOCK_SKEW = 600.0
 
 def _error(exc: Exception) -> ProviderError:
     if isinstance(exc, openai.APIStatusError):
-        status = exc.status_code
-        retryable = status in (408, 409, 429) or status >= 500
-        return ProviderError(
-            f"openai {status}: {exc.message}",
-            retryable=retryable,
-            ambiguous=status >= 500 or status == 408,
-            status=status,
-        )
+        return status_error("openai", exc.status_code, exc.message)
     if isinstance(exc, openai.APIConnectionError | openai.APITimeoutError):
         return ProviderError(f"openai connection: {exc}", retryable=True, ambiguous=True)
     return ProviderError(f"openai: {exc}", retryable=False)
