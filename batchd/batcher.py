@@ -51,6 +51,7 @@ class Batcher:
         # Pending batches found at start-up may have been created before the crash.
         self._unsure: set[int] = set()
         self._instance = ""
+        self._reconciling: dict[str, asyncio.Lock] = {}
         self.failure: BaseException | None = None
 
     def wake(self) -> None:
@@ -78,7 +79,14 @@ class Batcher:
         batching = self.settings.batching
         next_due = now + batching.max_wait
         holds = await self.store.active_holds(now)
-        in_flight = self._in_flight(await self.store.batches_in_state("pending", "submitted"))
+        live = await self.store.batches_in_state("pending", "submitted")
+        in_flight = self._in_flight(live)
+        # Anthropic batches carry no metadata, so after a crash a pending batch is matched to the
+        # provider's batches by request count: no two pending batches of a profile share one.
+        pending_counts: dict[str, set[int]] = {}
+        for row in live:
+            if row.state == "pending" and row.kind == "anthropic":
+                pending_counts.setdefault(row.profile, set()).add(row.requests)
         for group in await self.store.queued_groups(now):
             if (group.profile, group.model) in holds:
                 next_due = min(next_due, holds[(group.profile, group.model)])
@@ -92,11 +100,14 @@ class Batcher:
                     break
                 if in_flight.get(group.profile, 0) >= profile.max_in_flight:
                     break
+                avoid = frozenset(pending_counts.get(group.profile, ())) if profile.kind == "anthropic" else frozenset()
                 batch = await self.store.claim_batch(
-                    group, profile.kind, profile.request_limit, profile.byte_limit, now
+                    group, profile.kind, profile.request_limit, profile.byte_limit, now, avoid
                 )
                 if batch is None:
                     break
+                if batch.kind == "anthropic":
+                    pending_counts.setdefault(batch.profile, set()).add(batch.requests)
                 in_flight[group.profile] = in_flight.get(group.profile, 0) + 1
                 log.info(
                     "batch.flushed",
@@ -164,15 +175,17 @@ class Batcher:
         try:
             provider = self.providers.get(batch.profile)
             if batch.id in self._unsure or batch.submit_attempts > 0:
-                taken = await self.store.remote_ids(batch.profile)
-                found = await provider.find_created(batch.id, metadata, batch.created_at, batch.requests, taken)
+                # One reconciliation at a time per profile, so two batches never adopt the same remote one.
+                async with self._reconciling.setdefault(batch.profile, asyncio.Lock()):
+                    taken = await self.store.remote_ids(batch.profile)
+                    found = await provider.find_created(batch.id, metadata, batch.created_at, batch.requests, taken)
+                    if found is not None:
+                        await self.store.mark_submitted(batch.id, found.id, found.status, time.time())
+                self._unsure.discard(batch.id)
                 if found is not None:
-                    await self.store.mark_submitted(batch.id, found.id, found.status, time.time())
-                    self._unsure.discard(batch.id)
                     log.info("batch.adopted", batch=batch.id, remote_id=found.id, provider=batch.profile)
                     self._on_submitted(batch.id)
                     return
-                self._unsure.discard(batch.id)
             if batch.input_file_id:
                 # An upload from an interrupted attempt that no batch uses.
                 with contextlib.suppress(ProviderError):

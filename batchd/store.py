@@ -298,9 +298,18 @@ class Store:
         return float(row["t"]) if row and row["t"] is not None else None
 
     async def claim_batch(
-        self, group: Group, kind: str, max_requests: int, max_bytes: int, now: float
+        self,
+        group: Group,
+        kind: str,
+        max_requests: int,
+        max_bytes: int,
+        now: float,
+        avoid_counts: frozenset[int] = frozenset(),
     ) -> BatchRow | None:
-        """Record a batch intent and move up to the limits of the group's oldest items into it."""
+        """Record a batch intent and move up to the limits of the group's oldest items into it.
+
+        A batch never gets a request count in `avoid_counts`: one item is left queued instead.
+        """
         async with self._tx() as db:
             cursor = await db.execute(
                 "INSERT INTO batches (profile, kind, endpoint, model, created_at) VALUES (?, ?, ?, ?, ?)",
@@ -328,6 +337,16 @@ class Store:
                 "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM items WHERE batch_id = ?", (batch_id,)
             )
             count, size = next(iter(rows))
+            if count in avoid_counts:
+                await db.execute(
+                    "UPDATE items SET state = 'queued', batch_id = NULL"
+                    " WHERE id = (SELECT MAX(id) FROM items WHERE batch_id = ?)",
+                    (batch_id,),
+                )
+                rows = await db.execute_fetchall(
+                    "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM items WHERE batch_id = ?", (batch_id,)
+                )
+                count, size = next(iter(rows))
             if count == 0:
                 await db.execute("DELETE FROM batches WHERE id = ?", (batch_id,))
                 return None

@@ -129,7 +129,9 @@ async def run_lines(state: EmulatorState, job: Job, run: LineRun, total: int, du
 
     async def step(upto: int) -> None:
         rate = state.faults.request_error_rate
-        state.counters["request_errors"] += await asyncio.to_thread(run.step, upto, rate, job.rng.random)
+        # Await first, then add: `+=` would read the counter before the await and lose other batches' counts.
+        injected = await asyncio.to_thread(run.step, upto, rate, job.rng.random)
+        state.counters["request_errors"] += injected
 
     start = time.monotonic()
     while run.pos < total and not job.interrupted and not state.closing:
