@@ -77,7 +77,7 @@ class Batcher:
     async def flush(self, now: float) -> float:
         """Claim every group that is full or due; returns when the next group falls due."""
         batching = self.settings.batching
-        next_due = now + batching.max_wait
+        next_due = float("inf")  # nothing queued: sleep until woken (or the loop's longest nap)
         holds = await self.store.active_holds(now)
         live = await self.store.batches_in_state("pending", "submitted")
         in_flight = self._in_flight(live)
@@ -109,6 +109,7 @@ class Batcher:
                 if batch.kind == "anthropic":
                     pending_counts.setdefault(batch.profile, set()).add(batch.requests)
                 in_flight[group.profile] = in_flight.get(group.profile, 0) + 1
+                self._spawn(batch)  # upload this one while the next is being claimed
                 log.info(
                     "batch.flushed",
                     batch=batch.id,
@@ -140,11 +141,15 @@ class Batcher:
     async def _start_pending(self) -> None:
         now = time.time()
         for batch in await self.store.batches_in_state("pending"):
-            if batch.id in self._submitting or batch.not_before > now:
-                continue
-            task = asyncio.create_task(self._submit(batch), name=f"submit-{batch.id}")
-            self._submitting[batch.id] = task
-            task.add_done_callback(partial(self._forget_submission, batch.id))
+            if batch.not_before <= now:
+                self._spawn(batch)
+
+    def _spawn(self, batch: BatchRow) -> None:
+        if batch.id in self._submitting:
+            return
+        task = asyncio.create_task(self._submit(batch), name=f"submit-{batch.id}")
+        self._submitting[batch.id] = task
+        task.add_done_callback(partial(self._forget_submission, batch.id))
 
     def _forget_submission(self, batch_id: int, task: asyncio.Task[None]) -> None:
         self._submitting.pop(batch_id, None)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import time
 from collections.abc import Callable
 from functools import partial
@@ -95,10 +96,13 @@ class Pollers:
         interval = batching.poll_interval_min
         seen: tuple[str, dict[str, int]] | None = None
         failures = 0
+        # Read once: only this poller changes the batch until it is collected.
+        batch = await self.store.batch(batch_id)
+        if batch is None or batch.state != "submitted" or batch.remote_id is None:
+            return
+        # Jitter, so that a thousand pollers started together do not poll in one burst forever.
+        await wait_any(random.uniform(0, interval), self._stopping)
         while not self._stopping.is_set():
-            batch = await self.store.batch(batch_id)
-            if batch is None or batch.state != "submitted" or batch.remote_id is None:
-                return
             try:
                 provider = self.providers.get(batch.profile)
                 remote = await provider.retrieve(batch.remote_id)

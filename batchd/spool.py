@@ -28,6 +28,7 @@ from typing import IO, Any
 import orjson
 import watchfiles
 
+from .aio import wait_any
 from .formats import LineError, invalid_result, parse_line
 from .logs import get_logger
 from .settings import Settings
@@ -159,8 +160,7 @@ class Spool:
                 timeout = self.settings.daemon.rescan_interval
                 if self._waiting:  # a file still being written: look again soon
                     timeout = min(timeout, max(self.settings.daemon.settle_time / 2, 0.2))
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout=timeout)
+                await wait_any(timeout, self._wake, stopping)
                 self._wake.clear()
         finally:
             watcher.cancel()
@@ -170,7 +170,7 @@ class Spool:
     async def _watch(self, stopping: asyncio.Event) -> None:
         try:
             async for _changes in watchfiles.awatch(
-                self.paths.new, stop_event=stopping, debounce=50, step=20, recursive=False
+                self.paths.new, stop_event=stopping, debounce=50, step=200, recursive=False
             ):
                 self._wake.set()
         except (OSError, RuntimeError) as exc:  # inotify unavailable: the periodic rescan still works

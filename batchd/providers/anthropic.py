@@ -33,6 +33,23 @@ async def _call(coro: Awaitable[T]) -> T:
         raise _error(exc) from exc
 
 
+BODY_OPEN = b'{"requests":['
+BODY_CLOSE = b"]}"
+
+
+async def _create_body(lines: Path, size: int) -> AsyncIterator[bytes]:
+    """`{"requests":[line,line,…]}` from a file of newline-terminated JSON requests."""
+    yield BODY_OPEN
+    remaining = size
+    with lines.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            remaining -= len(chunk)
+            if remaining == 0:
+                chunk = chunk[:-1]  # the last request's newline
+            yield chunk.replace(b"\n", b",")
+    yield BODY_CLOSE
+
+
 def _timestamp(value: datetime | None) -> float:
     return value.timestamp() if value else 0.0
 
@@ -77,21 +94,20 @@ class AnthropicProvider(Provider):
         metadata: dict[str, str],
         remember_input: Callable[[str | None], Any],
     ) -> RemoteBatch:
-        # The body is assembled from our request lines as bytes, never as Python objects:
-        # one copy of the batch in memory instead of several.
-        body = bytearray(b'{"requests":[')
-        with lines.open("rb") as handle:
-            for index, raw in enumerate(handle):
-                if index:
-                    body += b","
-                body += raw.rstrip(b"\n")
-        body += b"]}"
+        # The body streams from our request file (one request per line) in 1 MiB chunks: newlines
+        # become commas, so the batch is never held in memory, however large.
+        size = lines.stat().st_size
         created = await _call(
             self._create_client.post(
                 "/v1/messages/batches",
                 cast_to=MessageBatch,
-                content=bytes(body),
-                options={"headers": {"Content-Type": "application/json"}},
+                content=_create_body(lines, size),
+                options={
+                    "headers": {
+                        "Content-Type": "application/json",
+                        "Content-Length": str(len(BODY_OPEN) + size - 1 + len(BODY_CLOSE)),
+                    }
+                },
             )
         )
         return _remote(created)
