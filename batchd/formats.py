@@ -67,12 +67,12 @@ class Outcome:
 def parse_line(raw: bytes, line_number: int) -> ParsedLine:
     """Parse one input line (without its newline) or raise LineError with a clear reason."""
     try:
-        raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise LineError(f"line is not valid UTF-8 (byte {exc.start})") from None
-    try:
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
+        try:  # orjson refuses invalid UTF-8 too; say which it was
+            raw.decode("utf-8")
+        except UnicodeDecodeError as bad:
+            raise LineError(f"line is not valid UTF-8 (byte {bad.start})") from None
         raise LineError(f"line is not valid JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise LineError(f"line is a JSON {type(obj).__name__}, expected an object")

@@ -131,6 +131,7 @@ class Spool:
         self._on_ingest = on_ingest
         self._wake = asyncio.Event()
         self._waiting: dict[str, float] = {}
+        self._routes: dict[tuple[str, str], str | None] = {}  # (kind, model) -> profile, per settings
 
     def wake(self) -> None:
         self._wake.set()
@@ -304,7 +305,10 @@ class Spool:
         if not content.strip():
             raise LineError("empty line")
         parsed = parse_line(content, number)
-        profile_name = self.settings.profile_for(parsed.kind, parsed.model)
+        route = (parsed.kind, parsed.model)
+        if route not in self._routes:
+            self._routes[route] = self.settings.profile_for(parsed.kind, parsed.model)
+        profile_name = self._routes[route]
         if profile_name is None:
             raise LineError(
                 f"no provider profile of kind {parsed.kind!r} is configured for model {parsed.model!r}",

@@ -31,7 +31,7 @@ FINAL_ITEM_STATES = ("succeeded", "errored", "expired", "canceled")
 ERRORS_KEPT = 200
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class NewItem:
     """A valid line about to be queued."""
 
@@ -359,7 +359,8 @@ class Store:
         last = 0
         while True:
             rows = await self._fetchall(
-                "SELECT id, endpoint, body FROM items WHERE batch_id = ? AND id > ? ORDER BY id LIMIT ?",
+                "SELECT i.id, i.endpoint, b.body FROM items i JOIN item_bodies b ON b.item_id = i.id"
+                " WHERE i.batch_id = ? AND i.id > ? ORDER BY i.id LIMIT ?",
                 (batch_id, last, chunk),
             )
             if not rows:
@@ -531,7 +532,8 @@ class Store:
                 results,
             )
             # The request body is no longer needed once an item has its final result.
-            await db.executemany("UPDATE items SET state = ?, body = x'' WHERE id = ?", finals)
+            await db.executemany("UPDATE items SET state = ? WHERE id = ?", finals)
+            await db.executemany("DELETE FROM item_bodies WHERE item_id = ?", [(item,) for _, item in finals])
             await db.executemany(
                 "UPDATE items SET state = 'queued', batch_id = NULL, not_before = ?, last_error = ? WHERE id = ?",
                 retries,
@@ -805,17 +807,29 @@ class Ingest:
         self.queued = 0
         self.invalid = 0
         self._now = time.time()
+        self._next_id: int | None = None
 
     async def add(self, items: Sequence[NewItem], invalid: Sequence[NewResult], lines: int) -> None:
         self.lines += lines
         if items:
+            if self._next_id is None:
+                # Ids are assigned here so bodies can go to their own table in the same pass; the
+                # transaction holds SQLite's write lock, so nobody else takes these ids.
+                rows = await self._db.execute_fetchall("SELECT COALESCE(MAX(id), 0) + 1 FROM items")
+                self._next_id = int(next(iter(rows))[0])
+            first = self._next_id
+            self._next_id += len(items)
             await self._db.executemany(
-                "INSERT INTO items (file_id, line, custom_id, profile, endpoint, model, body, size, queued_at)"
+                "INSERT INTO items (id, file_id, line, custom_id, profile, endpoint, model, size, queued_at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
-                    (self.file_id, i.line, i.custom_id, i.profile, i.endpoint, i.model, i.body, i.size, self._now)
-                    for i in items
+                    (first + n, self.file_id, i.line, i.custom_id, i.profile, i.endpoint, i.model, i.size, self._now)
+                    for n, i in enumerate(items)
                 ],
+            )
+            await self._db.executemany(
+                "INSERT INTO item_bodies (item_id, body) VALUES (?, ?)",
+                [(first + n, i.body) for n, i in enumerate(items)],
             )
             self.queued += len(items)
         if invalid:
@@ -830,6 +844,12 @@ class Ingest:
 
     async def finish(self) -> None:
         """Turn later duplicates of a custom_id into invalid results, then record the line count."""
+        any_duplicate = await self._db.execute_fetchall(
+            "SELECT 1 FROM items WHERE file_id = ? GROUP BY custom_id HAVING COUNT(*) > 1 LIMIT 1", (self.file_id,)
+        )
+        if not list(any_duplicate):
+            await self._db.execute("UPDATE files SET lines = ? WHERE id = ?", (self.lines, self.file_id))
+            return
         rows = await self._db.execute_fetchall(
             "SELECT id, line, custom_id FROM items WHERE file_id = :file AND id NOT IN"
             " (SELECT MIN(id) FROM items WHERE file_id = :file GROUP BY custom_id)",
@@ -838,6 +858,7 @@ class Ingest:
         duplicates = list(rows)
         if duplicates:
             await self._db.executemany("DELETE FROM items WHERE id = ?", [(row[0],) for row in duplicates])
+            await self._db.executemany("DELETE FROM item_bodies WHERE item_id = ?", [(row[0],) for row in duplicates])
             self.queued -= len(duplicates)
             await self._insert_results(
                 [
