@@ -1,0 +1,220 @@
+"""Benchmark 3, collect: a completed batch's output file streamed into SQLite and the outbox.
+
+batchd: `Pollers._collect` (download to disk, parse and classify every line, apply outcomes to
+SQLite in chunks, requeue the unanswered) then the outbox sink's delivery of every result line into
+`spool/out/NAME.results.jsonl`, on a copy of a store whose batch the emulator has completed.
+Baseline: download the same output file with the SDK and write it to a file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from .common import (
+    API_KEY_OPENAI,
+    MB,
+    Context,
+    EmulatorProcess,
+    Row,
+    count_lines,
+    count_matching_lines,
+    fmt_mb,
+    fmt_rate,
+    log,
+    median,
+    write_durably,
+    write_small_openai,
+)
+
+ROUND_TIMEOUT = 600.0
+PROCESSING = 0.5
+
+
+async def batchd_side(template: str, root: str, openai_url: str) -> dict[str, Any]:
+    from batchd.crashpoints import CrashPoints
+    from batchd.poller import Pollers
+    from batchd.providers import ProviderPool
+    from batchd.sinks import SinkRunner
+    from batchd.sinks.outbox import OutboxSink
+    from batchd.store import Store
+
+    from .batchd_setup import install_database, make_settings, quiet_logs
+
+    quiet_logs()
+    base = Path(root)
+    settings = make_settings(base, openai_url)
+    store = Store(install_database(Path(template), base))
+    await store.open()
+    workdir = base / "work"
+    workdir.mkdir()
+    providers = ProviderPool(settings.providers)
+    pollers = Pollers(
+        settings,
+        store,
+        providers,
+        workdir,
+        on_results=lambda: None,
+        on_requeued=lambda: None,
+        crashpoints=CrashPoints(""),
+    )
+    out_dir = settings.daemon.spool_dir / "out"
+    outbox = OutboxSink(store, out_dir)
+    sinks = SinkRunner(store, [outbox])
+    await sinks.recover()
+    (batch,) = await store.batches_in_state("submitted")
+    assert batch.remote_id is not None
+    remote = await providers.get(batch.profile).retrieve(batch.remote_id)
+    started = time.perf_counter()
+    await pollers._collect(batch, remote)
+    delivered = await sinks._deliver_pending(outbox)
+    seconds = time.perf_counter() - started
+    await providers.close()
+    await store.close()
+    results = out_dir / "bench.results.jsonl"
+    exists = results.exists()
+    return {
+        "seconds": seconds,
+        "delivered": delivered,
+        "lines": count_lines(results) if exists else 0,
+        "succeeded": count_matching_lines(results, b'"status":"succeeded"') if exists else 0,
+    }
+
+
+async def baseline_side(file_id: str, base_url: str, target: str) -> dict[str, Any]:
+    import openai
+
+    started = time.perf_counter()
+    client = openai.AsyncOpenAI(api_key=API_KEY_OPENAI, base_url=base_url)
+    content = await client.files.content(file_id)
+    data = content.content
+    write_durably(Path(target), data)
+    seconds = time.perf_counter() - started
+    await client.close()
+    return {"seconds": seconds, "lines": data.count(b"\n"), "bytes": len(data)}
+
+
+async def _completed_store(root: Path, source: Path, openai_url: str, timeout: float) -> tuple[Path, str]:
+    """A store whose one batch the emulator has completed; returns (database, output file id)."""
+    from batchd.batcher import Batcher
+    from batchd.crashpoints import CrashPoints
+    from batchd.providers import ProviderPool
+    from batchd.store import Store
+
+    from .batchd_setup import ingest_file, make_settings
+
+    settings = make_settings(root, openai_url)
+    store = Store(settings.daemon.database_path)
+    await store.open()
+    providers = ProviderPool(settings.providers)
+    try:
+        await ingest_file(settings, store, source)
+        workdir = root / "work"
+        workdir.mkdir()
+        batcher = Batcher(settings, store, providers, workdir, lambda _id: None, CrashPoints(""))
+        await batcher.recover()
+        now = time.time()
+        (group,) = await store.queued_groups(now)
+        batch = await store.claim_batch(group, "openai", 50_000, 200_000_000, now)
+        assert batch is not None
+        await batcher._submit(batch)
+        submitted = await store.batch(batch.id)
+        assert submitted is not None and submitted.remote_id is not None
+        provider = providers.get("openai")
+        deadline = time.monotonic() + timeout
+        while True:
+            remote = await provider.retrieve(submitted.remote_id)
+            if remote.ended and not remote.results_pending:
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"emulator batch still {remote.status} after {timeout:.0f} s")
+            await asyncio.sleep(0.1)
+        if remote.status != "completed" or not remote.output_file_id:
+            raise RuntimeError(f"emulator batch ended {remote.status} without an output file")
+        return settings.daemon.database_path, remote.output_file_id
+    finally:
+        await providers.close()
+        await store.close()
+
+
+def run(ctx: Context) -> list[Row]:
+    from .batchd_setup import quiet_logs
+    from .worker import run_loop
+
+    quiet_logs()
+    scale = ctx.scale
+    count = scale.collect_lines
+    source = ctx.workdir("collect", "data") / "requests.jsonl"
+    write_small_openai(source, count)
+    with EmulatorProcess(ctx.workdir("collect", "emulator"), PROCESSING) as emulator:
+        template, file_id = run_loop(
+            _completed_store(ctx.workdir("collect", "template"), source, emulator.openai_base_url, 300.0)
+        )
+        log(f"collect: {count:,} result lines, {scale.collect_rounds} rounds")
+        ours: list[dict[str, Any]] = []
+        theirs: list[dict[str, Any]] = []
+        for number in range(scale.collect_rounds):
+            order = ("batchd", "baseline") if number % 2 == 0 else ("baseline", "batchd")
+            for side in order:
+                root = ctx.workdir("collect", f"r{number}-{side}")
+                try:
+                    if side == "batchd":
+                        ours.append(
+                            ctx.zygotes["batchd-openai"].run(
+                                "bench.collect:batchd_side",
+                                ROUND_TIMEOUT,
+                                template=str(template),
+                                root=str(root),
+                                openai_url=emulator.openai_base_url,
+                            )
+                        )
+                    else:
+                        theirs.append(
+                            ctx.zygotes["openai"].run(
+                                "bench.collect:baseline_side",
+                                ROUND_TIMEOUT,
+                                file_id=file_id,
+                                base_url=emulator.openai_base_url,
+                                target=str(root / "output.jsonl"),
+                            )
+                        )
+                finally:
+                    shutil.rmtree(root, ignore_errors=True)
+            log(
+                f"  round {number + 1}: batchd {ours[-1]['seconds']:.2f} s, baseline {theirs[-1]['seconds']:.2f} s,"
+                f" peak RSS {ours[-1]['peak_rss'] / MB:.0f} / {theirs[-1]['peak_rss'] / MB:.0f} MB"
+            )
+    shutil.rmtree(ctx.root / "collect", ignore_errors=True)
+    for result in ours:
+        if result["lines"] != count or result["succeeded"] != count:
+            raise RuntimeError(f"batchd wrote {result['lines']} result lines ({result['succeeded']} succeeded)")
+    if any(result["lines"] != count for result in theirs):
+        raise RuntimeError(f"baseline downloaded {[r['lines'] for r in theirs]} lines, expected {count}")
+    ratio = median([a["seconds"] / b["seconds"] for a, b in zip(ours, theirs, strict=True)])
+    output_bytes = theirs[0]["bytes"]
+    return [
+        Row(
+            name="collect",
+            batchd=fmt_rate(count / median([r["seconds"] for r in ours]), "results/s"),
+            baseline=fmt_rate(count / median([r["seconds"] for r in theirs]), "results/s"),
+            ratio=ratio,
+            target="≤ 1.5",
+            met=ratio <= 1.5,
+            notes=f"{count:,}-line output file ({output_bytes / MB:.0f} MB): download + SQLite + outbox vs download"
+            f" + write; peak RSS {fmt_mb(median([r['peak_rss'] for r in ours]))}"
+            f" vs {fmt_mb(median([r['peak_rss'] for r in theirs]))}",
+            details={
+                "lines": count,
+                "output_bytes": output_bytes,
+                "batchd_seconds": [r["seconds"] for r in ours],
+                "baseline_seconds": [r["seconds"] for r in theirs],
+                "batchd_cpu_s": [r["cpu_s"] for r in ours],
+                "baseline_cpu_s": [r["cpu_s"] for r in theirs],
+                "batchd_peak_rss": [r["peak_rss"] for r in ours],
+                "baseline_peak_rss": [r["peak_rss"] for r in theirs],
+            },
+        )
+    ]
