@@ -112,7 +112,8 @@ def prebuild(template: Path, target: Path, kind: str) -> int:
 
     db = sqlite3.connect(template)
     rows = db.execute(
-        "SELECT i.id, i.endpoint, b.body FROM items i JOIN item_bodies b ON b.item_id = i.id WHERE i.state = 'queued' ORDER BY i.id"
+        "SELECT i.id, i.endpoint, b.body FROM items i JOIN item_bodies b ON b.item_id = i.id"
+        " WHERE i.state = 'queued' ORDER BY i.id"
     )
     with target.open("wb") as out:
         if kind == "openai":
