@@ -76,7 +76,7 @@ class Daemon:
             crashpoints=self.crashpoints,
             hold_base=hold_base,
         )
-        self.spool = Spool(settings, self.store, on_ingest=self._on_ingest)
+        self.spool = Spool(settings, self.store, on_ingest=self._on_ingest, crashpoints=self.crashpoints)
 
     def _on_submitted(self, batch_id: int) -> None:
         self.pollers.start(batch_id)

@@ -29,6 +29,7 @@ import orjson
 import watchfiles
 
 from .aio import wait_any
+from .crashpoints import CrashPoints
 from .formats import LineError, invalid_result, parse_line
 from .logs import get_logger
 from .settings import Settings
@@ -124,8 +125,11 @@ def _sha256(path: Path) -> tuple[str, int]:
 class Spool:
     """Watches new/ and ingests each file into the store."""
 
-    def __init__(self, settings: Settings, store: Store, on_ingest: Callable[[], None]) -> None:
+    def __init__(
+        self, settings: Settings, store: Store, on_ingest: Callable[[], None], crashpoints: CrashPoints | None = None
+    ) -> None:
         self.settings = settings
+        self._crashpoints = crashpoints or CrashPoints("")
         self.paths = SpoolPaths(settings.daemon.spool_dir)
         self.store = store
         self._on_ingest = on_ingest
@@ -265,6 +269,7 @@ class Spool:
                         if not count:
                             break
                         await ingest.add(items, invalid, count)
+                        self._crashpoints.reach("mid-ingest")
             report.lines, report.queued, report.invalid = ingest.lines, ingest.queued, ingest.invalid
         target = _unique_target(self.paths.done, name)
         os.rename(path, target)
