@@ -261,6 +261,7 @@ class Spool:
         if await self.store.file_known(name, sha256):
             log.info("spool.already_ingested", file=name)
         else:
+            log.info("spool.ingesting", file=name, bytes=size)
             async with self.store.ingest(name, sha256, size) as ingest:
                 with path.open("rb") as handle:
                     lines = _read_lines(handle, self.settings.max_line_bytes)
