@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import inspect
 import os
 import signal
 import sys
-import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -20,6 +18,8 @@ from anthropic.types.messages import MessageBatch
 from openai.types import Batch
 
 from batchd.emulator import EmulatorConfig, Faults, RunningEmulator, start_emulator
+
+from .conftest import wait_until
 
 OPENAI_TERMINAL = ("completed", "failed", "expired", "cancelled")
 
@@ -91,16 +91,7 @@ async def submit(oai: openai.AsyncOpenAI, data: bytes, endpoint: str = "/v1/chat
 
 async def poll(check: Callable[[], Any], timeout: float = 30.0, interval: float = 0.02) -> Any:
     """Call (and await, if needed) ``check()`` until it returns something truthy; fail at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if inspect.isawaitable(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        await asyncio.sleep(interval)
+    return await wait_until(check, timeout=timeout, interval=interval)
 
 
 async def wait_batch(oai: openai.AsyncOpenAI, batch_id: str, statuses: tuple[str, ...] = OPENAI_TERMINAL) -> Batch:
