@@ -94,12 +94,15 @@ class Pollers:
     async def _poll(self, batch_id: int) -> None:
         batching = self.settings.batching
         interval = batching.poll_interval_min
-        seen: tuple[str, dict[str, int]] | None = None
         failures = 0
         # Read once: only this poller changes the batch until it is collected.
         batch = await self.store.batch(batch_id)
         if batch is None or batch.state != "submitted" or batch.remote_id is None:
             return
+        # What the database already holds is not news: no write until the provider's answer changes.
+        seen: tuple[str, dict[str, int]] | None = (
+            (batch.remote_status, batch.counts) if batch.remote_status and batch.counts else None
+        )
         # Jitter, so that a thousand pollers started together do not poll in one burst forever.
         await wait_any(random.uniform(0, interval), self._stopping)
         while not self._stopping.is_set():
