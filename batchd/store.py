@@ -337,7 +337,7 @@ class Store:
                 "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM items WHERE batch_id = ?", (batch_id,)
             )
             count, size = next(iter(rows))
-            if count in avoid_counts:
+            while count in avoid_counts and count > 0:
                 await db.execute(
                     "UPDATE items SET state = 'queued', batch_id = NULL"
                     " WHERE id = (SELECT MAX(id) FROM items WHERE batch_id = ?)",

@@ -128,3 +128,14 @@ async def test_duplicate_custom_ids_become_invalid_at_ingest(store: Store) -> No
     assert sorted(r.payload.count(b"duplicate custom_id") for r in results) == [1, 1]
     assert sum(g.count for g in await store.queued_groups(time.time())) == 2
     assert isinstance((await store.queued_groups(time.time()))[0], Group)
+
+
+async def test_claim_avoids_request_counts_of_pending_batches(store: Store) -> None:
+    await queue(store, 25)
+    now = time.time()
+    [group] = await store.queued_groups(now)
+    batch = await store.claim_batch(group, "anthropic", 10, 10**9, now, avoid_counts=frozenset({10, 9}))
+    assert batch is not None and batch.requests == 8
+    [group] = await store.queued_groups(now)
+    assert group.count == 17
+    assert await store.claim_batch(group, "anthropic", 1, 10**9, now, avoid_counts=frozenset({1})) is None
