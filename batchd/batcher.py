@@ -173,8 +173,12 @@ class Batcher:
                 else:
                     out.write(b"".join(anthropic_request(i, body) + b"\n" for i, _endpoint, body in chunk))
 
-    async def _submit(self, batch: BatchRow) -> None:
+    async def _submit(self, listed: BatchRow) -> None:
         started = time.monotonic()
+        # The row as it is now: the caller's copy may predate a failure that just rescheduled it.
+        batch = await self.store.batch(listed.id)
+        if batch is None or batch.state != "pending" or batch.not_before > time.time():
+            return
         metadata = {"batchd_batch": str(batch.id), "batchd_instance": self._instance}
         path = self.workdir / f"batch-{batch.id}.jsonl"
         try:
@@ -184,6 +188,12 @@ class Batcher:
                 async with self._reconciling.setdefault(batch.profile, asyncio.Lock()):
                     taken = await self.store.remote_ids(batch.profile)
                     found = await provider.find_created(batch.id, metadata, batch.created_at, batch.requests, taken)
+                    owner = await self.store.remote_owner(found.id) if found is not None else None
+                    if found is not None and owner is not None:
+                        # Never two local batches on one remote batch: refuse, and say so loudly.
+                        log.error("batch.adopt_conflict", batch=batch.id, remote_id=found.id, owner=owner)
+                        await self.store.add_error("batch.adopt_conflict", f"batch {batch.id}: {found.id} is {owner}'s")
+                        found = None
                     if found is not None:
                         await self.store.mark_submitted(batch.id, found.id, found.status, time.time())
                 self._unsure.discard(batch.id)

@@ -400,6 +400,10 @@ class Store:
             )
             await self._add_error(db, "batch.submit_failed", f"batch {batch_id}: {error}")
 
+    async def remote_owner(self, remote_id: str) -> int | None:
+        row = await self._fetchone("SELECT id FROM batches WHERE remote_id = ?", (remote_id,))
+        return int(row["id"]) if row else None
+
     async def mark_submitted(self, batch_id: int, remote_id: str, remote_status: str, now: float) -> None:
         """The provider holds the batch now: record its id and count an attempt for each item."""
         async with self._tx() as db:
