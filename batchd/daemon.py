@@ -17,6 +17,7 @@ import signal
 import socket
 import time
 
+from .aio import wait_any
 from .batcher import Batcher
 from .crashpoints import CrashPoints
 from .logs import get_logger
@@ -176,5 +177,4 @@ class Daemon:
         interval = int(usec) / 1_000_000 / 2
         while not self.stopping.is_set():
             sd_notify("WATCHDOG=1")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), timeout=interval)
+            await wait_any(interval, self.stopping)

@@ -154,7 +154,7 @@ class Pollers:
             cost_of = partial(prices.cost, batch.model, discount=discount)
             async for chunk in provider.results(remote, self.workdir):
                 summary = await self.store.apply_outcomes(batch, chunk, batching.max_attempts, now, cost_of)
-                total = _add(total, summary)
+                total += summary
                 self._crashpoints.reach("after-results-commit")
                 self._on_results()
             leftover = await self.store.requeue_unanswered(
@@ -165,7 +165,7 @@ class Pollers:
                 now,
                 refund=False,
             )
-            total = _add(total, leftover)
+            total += leftover
             await self.store.release_hold(batch.profile, batch.model)
         await self.store.finish_batch(batch.id)
         if batch.kind == "openai" and batch.input_file_id:
@@ -220,12 +220,4 @@ class Pollers:
             now,
             refund=False,
         )
-        return _add(summary, rest)
-
-
-def _add(first: ApplySummary, second: ApplySummary) -> ApplySummary:
-    return ApplySummary(
-        final=first.final + second.final,
-        requeued=first.requeued + second.requeued,
-        ignored=first.ignored + second.ignored,
-    )
+        return summary + rest

@@ -96,7 +96,7 @@ def _read_lines(handle: IO[bytes], max_bytes: int) -> Iterator[tuple[int, bytes 
         if not raw:
             return
         number += 1
-        if len(raw) > max_bytes + 1 or (len(raw) == max_bytes + 2 and not raw.endswith(b"\n")):
+        if len(raw) > max_bytes + 1:  # more than max_bytes before the newline
             # Too long: skip the rest of it without holding it in memory.
             length = len(raw)
             while not raw.endswith(b"\n"):

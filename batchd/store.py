@@ -120,6 +120,9 @@ class ApplySummary:
     requeued: int = 0
     ignored: int = 0
 
+    def __add__(self, other: ApplySummary) -> ApplySummary:
+        return ApplySummary(self.final + other.final, self.requeued + other.requeued, self.ignored + other.ignored)
+
 
 def _batch_from_row(row: sqlite3.Row) -> BatchRow:
     counts = orjson.loads(row["counts"]) if row["counts"] else None
@@ -550,22 +553,19 @@ class Store:
     ) -> ApplySummary:
         """Items of an ended batch that no result line mentioned: retry them, or finish them as `status`.
 
-        With `refund`, the attempt is not counted (the provider never ran the request).
+        With `refund`, the provider never ran them: the attempt is given back and every one goes
+        back to the queue, in one statement so that a crash cannot refund an attempt twice.
         """
-        async with self._lock:
-            rows = await self._conn.execute_fetchall(
-                "SELECT id FROM items WHERE batch_id = ? AND state = 'submitted'", (batch.id,)
-            )
-        ids = [row[0] for row in rows]
-        if not ids:
-            return ApplySummary()
         if refund:
             async with self._tx() as db:
-                await db.execute(
-                    "UPDATE items SET attempts = MAX(attempts - 1, 0) WHERE batch_id = ? AND state = 'submitted'",
-                    (batch.id,),
+                cursor = await db.execute(
+                    "UPDATE items SET state = 'queued', batch_id = NULL, attempts = MAX(attempts - 1, 0),"
+                    " not_before = ?, last_error = ? WHERE batch_id = ? AND state = 'submitted'",
+                    (retry_at, orjson.dumps(error).decode() if error else status, batch.id),
                 )
-        outcomes = [Outcome(provider_custom_id(item_id), status, None, error, None, retryable=True) for item_id in ids]
+                return ApplySummary(requeued=cursor.rowcount)
+        rows = await self._fetchall("SELECT id FROM items WHERE batch_id = ? AND state = 'submitted'", (batch.id,))
+        outcomes = [Outcome(provider_custom_id(row["id"]), status, None, error, None, retryable=True) for row in rows]
         return await self.apply_outcomes(batch, outcomes, max_attempts, retry_at)
 
     async def finish_batch(self, batch_id: int) -> None:
