@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -63,3 +64,16 @@ def make_settings(root: Path, emulator: RunningEmulator | None, **batching: Any)
 @pytest.fixture
 def settings(tmp_path: Path, emulator: RunningEmulator) -> Settings:
     return make_settings(tmp_path, emulator)
+
+
+def require_root() -> None:
+    """Skip a test that needs root (other uids, mounts), or fail it where the root tier is required.
+
+    CI sets BATCHD_REQUIRE_ROOT_TIER=1, so a machine without root fails loudly instead of
+    silently skipping the hostile-producer and full-disk tests.
+    """
+    if os.geteuid() == 0:
+        return
+    if os.environ.get("BATCHD_REQUIRE_ROOT_TIER") == "1":
+        pytest.fail("this test needs root and BATCHD_REQUIRE_ROOT_TIER=1 forbids skipping it")
+    pytest.skip("needs root (other uids, mounts); CI runs it as root")
