@@ -12,7 +12,10 @@ import os
 import random
 import signal
 import sqlite3
+import subprocess
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +24,7 @@ import pytest
 
 from batchd.emulator import Faults, RunningEmulator
 
-from .conftest import wait_until
+from .conftest import require_root, wait_until
 from .harness import DaemonProcess, NotifySocket, read_results, wait_for_file, write_config
 from .test_faults import (
     all_custom_ids,
@@ -212,57 +215,45 @@ async def test_after_a_crash_anthropic_batches_of_one_flush_each_adopt_their_own
 
 FILES = 10
 KILLS = 20
+# ENOSPC on the outbox: spool/out is a small tmpfs, nearly filled by a filler file until this round.
+DISK_FREED_AT = 12
+OTHER_FILES = 2
 
 
-@pytest.mark.slow
-async def test_sigkill_at_random_moments_under_http_errors_loses_and_duplicates_nothing(tmp_path: Path) -> None:
-    # Seeded: CHAOS_SEED replays a failure. 20,000 lines over both providers, 20 SIGKILLs, with
-    # HTTP errors on every call and retryable errors inside batches.
-    seed = int(os.environ.get("CHAOS_SEED", "1234"))
-    rng = random.Random(seed)
+@contextmanager
+def full_disk(directory: Path, size: str = "48m", free_bytes: int = 64 * 1024) -> Iterator[Path]:
+    """A real filesystem at `directory` with only `free_bytes` left; yields the filler to delete."""
+    directory.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0750", "tmpfs", str(directory)], check=True)
+    try:
+        filler = directory / ".filler"
+        usage = os.statvfs(directory)
+        with filler.open("wb") as handle:
+            handle.truncate(0)
+            remaining = usage.f_bavail * usage.f_frsize - free_bytes
+            block = b"\0" * (1 << 20)
+            while remaining > 0:
+                remaining -= handle.write(block[: min(len(block), remaining)])
+        yield filler
+    finally:
+        subprocess.run(["umount", "-l", str(directory)], check=False)
+
+
+def chaos_files(rng: random.Random, count: int, base: int) -> dict[str, list[dict[str, Any]]]:
     files: dict[str, list[dict[str, Any]]] = {}
-    for k in range(FILES):
-        # Equal shares per file, so Anthropic batches of equal size are likely.
-        lines: list[dict[str, Any]] = [chat_line(k * 10_000 + n) for n in range(800)]
-        lines += [embedding_line(k * 10_000 + n) for n in range(200)]
-        lines += [claude_line(k * 10_000 + n) for n in range(1000)]
+    for k in range(count):
+        # Equal shares per file, so Anthropic batches of equal size are likely (in both daemons).
+        n0 = base + k * 10_000
+        lines: list[dict[str, Any]] = [chat_line(n0 + n) for n in range(800)]
+        lines += [embedding_line(n0 + n) for n in range(200)]
+        lines += [claude_line(n0 + n) for n in range(1000)]
         rng.shuffle(lines)
         files[f"part-{k}"] = lines
-    spool = tmp_path / "spool"
-    database = tmp_path / "state" / "batchd.sqlite3"
-    faults = Faults(seed=seed, http_error_rate=0.1, request_error_rate=0.02)
-    async with emulator_with(faults, processing_seconds=1.0) as emu:
-        config = write_config(
-            tmp_path,
-            emu,
-            batching={"max_wait": 0.5, "retry_backoff_max": 4, "max_attempts": 10},
-            **{"providers.openai": {"max_requests": 1500}, "providers.anthropic": {"max_requests": 1800}},
-        )
-        notify = NotifySocket(tmp_path / "notify.sock")
-        daemon = DaemonProcess(config, tmp_path / "daemon.log", env={"NOTIFY_SOCKET": str(notify.path)})
-        kills = []
-        try:
-            for round_number in range(KILLS):
-                daemon.start()
-                await wait_until(lambda: notify.seen("READY=1"), timeout=30)
-                notify.messages.clear()
-                if round_number < FILES:  # a new file while the daemon runs: the kill may land mid-ingest
-                    name = f"part-{round_number}"
-                    drop(spool, f"{name}.jsonl", files[name])
-                # The chaos itself: a seeded random moment, not a wait for a condition.
-                await asyncio.sleep(rng.uniform(0.2, 1.5))
-                await daemon.kill()
-                kills.append(daemon.proc.returncode if daemon.proc else None)
-            daemon.start()
-            for name in files:
-                await wait_for_file(out_path(spool, name), timeout=300, daemon=daemon)
-            await wait_until(lambda: query(database, "SELECT COUNT(*) FROM batches WHERE state != 'done'") == [(0,)])
-        finally:
-            await daemon.stop()
-            notify.close()
-        stats = await emulator_stats(emu)
-        resent = await assert_resent_only_after_failure(emu)
-    assert kills == [KILLED] * KILLS
+    return files
+
+
+def assert_answers_are_their_own(spool: Path, files: dict[str, list[dict[str, Any]]]) -> int:
+    """One success per line, each the answer to this very request (not another daemon's)."""
     total = 0
     for name, lines in files.items():
         by_id = assert_one_result_per_line(read_results(out_path(spool, name)), lines)
@@ -271,14 +262,81 @@ async def test_sigkill_at_random_moments_under_http_errors_loses_and_duplicates_
             if "embed" not in line["custom_id"]:
                 assert by_id[line["custom_id"]]["response"]["id"] == expected_response_id(line)
         total += len(lines)
+    return total
+
+
+@pytest.mark.slow
+async def test_sigkill_at_random_moments_under_http_errors_loses_and_duplicates_nothing(tmp_path: Path) -> None:
+    # Seeded: CHAOS_SEED replays a failure. 20,000 lines over both providers, 20 SIGKILLs, with
+    # HTTP errors on every call, retryable errors inside batches, a full disk under the outbox for
+    # the first rounds, and a second daemon (its own database) on the same provider account.
+    require_root()
+    seed = int(os.environ.get("CHAOS_SEED", "1234"))
+    rng = random.Random(seed)
+    files = chaos_files(rng, FILES, 0)
+    other_files = chaos_files(rng, OTHER_FILES, 500_000)
+    spool = tmp_path / "spool"
+    other_root = tmp_path / "other"
+    other_root.mkdir()
+    database = tmp_path / "state" / "batchd.sqlite3"
+    faults = Faults(seed=seed, http_error_rate=0.1, request_error_rate=0.02)
+    limits = {"providers.openai": {"max_requests": 1500}, "providers.anthropic": {"max_requests": 1800}}
+    batching = {"max_wait": 0.5, "retry_backoff_max": 4, "max_attempts": 10}
+    async with emulator_with(faults, processing_seconds=1.0) as emu:
+        config = write_config(tmp_path, emu, batching=batching, **limits)
+        notify = NotifySocket(tmp_path / "notify.sock")
+        daemon = DaemonProcess(config, tmp_path / "daemon.log", env={"NOTIFY_SOCKET": str(notify.path)})
+        other = DaemonProcess(write_config(other_root, emu, batching=batching, **limits), other_root / "daemon.log")
+        kills = []
+        with full_disk(spool / "out") as filler:
+            try:
+                other.start()
+                for name, lines in other_files.items():
+                    drop(other_root / "spool", f"{name}.jsonl", lines)
+                for round_number in range(KILLS):
+                    if round_number == DISK_FREED_AT:
+                        filler.unlink()
+                    daemon.start()
+                    await wait_until(lambda: notify.seen("READY=1"), timeout=30)
+                    notify.messages.clear()
+                    if round_number < FILES:  # a new file while the daemon runs: the kill may land mid-ingest
+                        name = f"part-{round_number}"
+                        drop(spool, f"{name}.jsonl", files[name])
+                    # The chaos itself: a seeded random moment, not a wait for a condition.
+                    await asyncio.sleep(rng.uniform(0.2, 1.5))
+                    await daemon.kill()
+                    kills.append(daemon.proc.returncode if daemon.proc else None)
+                assert other.running(), "the second daemon died"
+                daemon.start()
+                for name in files:
+                    await wait_for_file(out_path(spool, name), timeout=300, daemon=daemon)
+                for name in other_files:
+                    await wait_for_file(out_path(other_root / "spool", name), timeout=300, daemon=other)
+                await wait_until(
+                    lambda: query(database, "SELECT COUNT(*) FROM batches WHERE state != 'done'") == [(0,)]
+                )
+                total = assert_answers_are_their_own(spool, files)
+                other_total = assert_answers_are_their_own(other_root / "spool", other_files)
+                assert not list((spool / "out").glob("*.part"))
+            finally:
+                await daemon.stop()
+                await other.stop()
+                notify.close()
+        stats = await emulator_stats(emu)
+        resent = await assert_resent_only_after_failure(emu)
+    assert kills == [KILLED] * KILLS
     assert total == 20_000
-    assert len(all_custom_ids(stats)) == total
+    assert other_total == 2 * OTHER_FILES * 1000
+    # Every request of both daemons reached the provider under an id of its own.
+    assert len(all_custom_ids(stats)) == total + other_total
     # A request went out again only after it had failed (checked per request above), never because
     # of a crash: at most as many re-sends as injected request errors.
     assert 0 < resent <= stats["faults_injected"]["request_errors"]
     assert stats["faults_injected"]["http_errors"] > 0
+    # The full disk really was met by the outbox, and survived.
+    events = [event.get("event") for event in daemon.log_events()]
+    assert "sink.delivery_failed" in events
     assert not list((spool / "new").iterdir())
-    assert not list((spool / "out").glob("*.part"))
     connection = sqlite3.connect(database)
     try:
         assert connection.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
