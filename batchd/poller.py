@@ -220,6 +220,7 @@ class Pollers:
         )
         log.warning("batch.overdue_cancelled", batch=batch.id, remote_id=remote.id, status=remote.status)
         await self.store.note_cancel_requested(batch.id, message)
+        batch.cancel_requested_at = time.time()
         return True
 
     async def _vanished(self, batch: BatchRow, error: str) -> None:
@@ -337,9 +338,10 @@ class Pollers:
                 )
             total += leftover
             await self.store.release_hold(batch.profile, batch.model)
-        if fate is None and batch.cancel_requested_at is not None:
+        recorded = fate is None and batch.cancel_requested_at is not None  # logged when the cancel went out
+        if recorded:
             fate, fate_error = "overdue_cancelled", f"cancelled past its window; {total.requeued} requests requeued"
-        await self.store.finish_batch(batch.id, fate, fate_error)
+        await self.store.finish_batch(batch.id, fate, fate_error, record=not recorded)
         if batch.kind == "openai" and batch.input_file_id:
             with contextlib.suppress(ProviderError):
                 await provider.delete_file(batch.input_file_id)

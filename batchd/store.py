@@ -557,8 +557,8 @@ class Store:
         """Record provider outcomes for items of `batch`: final ones become results, retryable ones requeue.
 
         `retry_at` is when a requeued item may go out again: a time, or a function of the attempts
-        the item has made (its own backoff). A requeued item's age counts from now, so retries of
-        one route are batched together like fresh work.
+        the item has made (its own backoff). A requeued item's age counts from the requeue (from
+        when its backoff ends), so retries of one route are batched together like fresh work.
 
         `cost_of` prices a result's usage; a result with usage but no price is marked unpriced.
 
@@ -599,7 +599,9 @@ class Store:
                 if outcome.retryable and row["attempts"] < max_attempts:
                     error = orjson.dumps(outcome.error).decode() if outcome.error else outcome.status
                     not_before = retry_at(row["attempts"]) if callable(retry_at) else retry_at
-                    retries.append((not_before, now, error, row["id"]))
+                    # Its age for max_wait starts when it may go again, not at its first ingest:
+                    # retries becoming due within one max_wait leave together, not one by one.
+                    retries.append((not_before, max(now, not_before), error, row["id"]))
                     continue
                 usage = outcome.usage or {}
                 cost = cost_of(outcome.usage) if cost_of is not None and outcome.usage else None
@@ -685,7 +687,9 @@ class Store:
         ]
         return await self.apply_outcomes(batch, outcomes, max_attempts, retry_at)
 
-    async def finish_batch(self, batch_id: int, fate: str | None = None, error: str | None = None) -> None:
+    async def finish_batch(
+        self, batch_id: int, fate: str | None = None, error: str | None = None, record: bool = True
+    ) -> None:
         """The batch is over; `fate` (and `error`, shown by status) say how when it did not end normally."""
         now = time.time()
         async with self._tx() as db:
@@ -694,7 +698,7 @@ class Store:
                 " fate = COALESCE(?, fate), last_error = COALESCE(?, last_error) WHERE id = ?",
                 (now, now, fate, error, batch_id),
             )
-            if fate is not None:
+            if fate is not None and record:
                 await self._add_error(db, f"batch.{fate}", f"batch {batch_id}: {error or fate}")
 
     async def hold(self, profile: str, model: str, base: float, ceiling: float, reason: str) -> float:

@@ -456,7 +456,9 @@ async def run_batch(state: EmulatorState, batch: OpenAIBatch, source: Path) -> N
         batch.usage = run.usage
         if state.faults.lose_output and batch.output_file_id in state.files:
             state.files.pop(batch.output_file_id).path.unlink(missing_ok=True)
-        batch.late_pending = final == "completed" and state.faults.late_output_file and bool(files)
+        batch.late_pending = (
+            final in ("completed", "expired", "cancelled") and state.faults.late_output_file and bool(files)
+        )
         stamp(final)
     except Exception:
         # An emulator bug must show up as a failed batch, not as a batch stuck forever.

@@ -287,9 +287,9 @@ class EmulatorState:
             },
             "anthropic": {"batches_created": c["anthropic_batches"], "custom_ids": self.anthropic_custom_ids},
             "http_calls": c["http_calls"],
+            "create_faults": c["create_faults"],
             "faults_injected": {
-                k: c[k]
-                for k in ("http_errors", "dropped_downloads", "request_errors", "late_output_files", "create_faults")
+                k: c[k] for k in ("http_errors", "dropped_downloads", "request_errors", "late_output_files")
             },
         }
 

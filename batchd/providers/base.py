@@ -91,20 +91,23 @@ class ResultsReport:
 class WindowScan:
     """When a scan of a provider's batch list, looking for batches created since `start`, may stop.
 
-    Only at a batch older than the window, and only if every batch seen so far came newest-first:
-    a list in any other order is read to its end, so a batch inside the window is never missed.
+    Only at a batch older than the window, and only once the list has shown itself newest-first
+    (a decrease seen, no increase): a list in any other order is read to its end, so a batch
+    inside the window is never missed.
     """
 
     def __init__(self, start: float) -> None:
         self.start = start
         self._last: float | None = None
-        self._newest_first = True
+        self._increase = False
+        self._decrease = False
 
     def past_window(self, created_at: float) -> bool:
-        if self._last is not None and created_at > self._last:
-            self._newest_first = False
+        if self._last is not None:
+            self._increase = self._increase or created_at > self._last
+            self._decrease = self._decrease or created_at < self._last
         self._last = created_at
-        return self._newest_first and created_at < self.start
+        return self._decrease and not self._increase and created_at < self.start
 
     def inside(self, created_at: float) -> bool:
         return created_at >= self.start
