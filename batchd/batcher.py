@@ -23,7 +23,7 @@ from .logs import get_logger
 from .providers import ProviderError, ProviderPool
 from .providers.base import backoff
 from .settings import Settings
-from .store import BatchRow, Group, Store
+from .store import BatchRow, BatchState, Group, Store
 
 log = get_logger("batchd.batcher")
 
@@ -79,13 +79,14 @@ class Batcher:
         batching = self.settings.batching
         next_due = float("inf")  # nothing queued: sleep until woken (or the loop's longest nap)
         holds = await self.store.active_holds(now)
-        live = await self.store.batches_in_state("pending", "submitted")
+        live = await self.store.batches_in_state(*BatchState.LIVE)
         in_flight = self._in_flight(live)
         # Anthropic batches carry no metadata, so after a crash a pending batch is matched to the
-        # provider's batches by request count: no two pending batches of a profile share one.
+        # provider's batches by request count: no two pending batches of a profile share one (an
+        # unverified one may go back to pending).
         pending_counts: dict[str, set[int]] = {}
         for row in live:
-            if row.state == "pending" and row.kind == "anthropic":
+            if row.state in (BatchState.PENDING, BatchState.UNVERIFIED) and row.kind == "anthropic":
                 pending_counts.setdefault(row.profile, set()).add(row.requests)
         for group in await self.store.queued_groups(now):
             if (group.profile, group.model) in holds:
@@ -166,12 +167,14 @@ class Batcher:
                 await task
 
     async def _write_input(self, batch: BatchRow, path: Path) -> None:
+        # Every custom_id carries this database's instance: the proof that a batch is ours.
+        instance = self._instance
         with path.open("wb") as out:
             async for chunk in self.store.batch_bodies(batch.id):
                 if batch.kind == "openai":
-                    out.write(b"".join(openai_request_line(i, endpoint, body) for i, endpoint, body in chunk))
+                    out.write(b"".join(openai_request_line(i, endpoint, body, instance) for i, endpoint, body in chunk))
                 else:
-                    out.write(b"".join(anthropic_request(i, body) + b"\n" for i, _endpoint, body in chunk))
+                    out.write(b"".join(anthropic_request(i, body, instance) + b"\n" for i, _endpoint, body in chunk))
 
     async def _submit(self, listed: BatchRow) -> None:
         started = time.monotonic()
@@ -186,7 +189,8 @@ class Batcher:
             if batch.id in self._unsure or batch.submit_attempts > 0:
                 # One reconciliation at a time per profile, so two batches never adopt the same remote one.
                 async with self._reconciling.setdefault(batch.profile, asyncio.Lock()):
-                    taken = await self.store.remote_ids(batch.profile)
+                    # Remote batches held by a local batch, or already proven not this intent's.
+                    taken = await self.store.remote_ids(batch.profile) | await self.store.rejected_remotes(batch.id)
                     found = await provider.find_created(batch.id, metadata, batch.created_at, batch.requests, taken)
                     owner = await self.store.remote_owner(found.id) if found is not None else None
                     if found is not None and owner is not None:
@@ -194,11 +198,20 @@ class Batcher:
                         log.error("batch.adopt_conflict", batch=batch.id, remote_id=found.id, owner=owner)
                         await self.store.add_error("batch.adopt_conflict", f"batch {batch.id}: {found.id} is {owner}'s")
                         found = None
-                    if found is not None:
-                        await self.store.mark_submitted(batch.id, found.id, found.status, time.time())
+                    # OpenAI metadata names our instance and this intent: proof enough. An Anthropic
+                    # match by count and time is held unverified until its results prove it ours.
+                    verified = found is not None and provider.kind == "openai"
+                    if found is not None and verified:
+                        await self.store.mark_submitted(batch.id, found.id, found.status, time.time(), found.created_at)
+                    elif found is not None:
+                        await self.store.mark_unverified(
+                            batch.id, found.id, found.status, time.time(), found.created_at
+                        )
                 self._unsure.discard(batch.id)
                 if found is not None:
-                    log.info("batch.adopted", batch=batch.id, remote_id=found.id, provider=batch.profile)
+                    log.info(
+                        "batch.adopted", batch=batch.id, remote_id=found.id, provider=batch.profile, verified=verified
+                    )
                     self._on_submitted(batch.id)
                     return
             if batch.input_file_id:
@@ -214,7 +227,7 @@ class Batcher:
 
             remote = await provider.submit(batch.id, batch.endpoint, path, batch.requests, metadata, remember_input)
             self._crashpoints.reach("after-create")
-            await self.store.mark_submitted(batch.id, remote.id, remote.status, time.time())
+            await self.store.mark_submitted(batch.id, remote.id, remote.status, time.time(), remote.created_at or None)
             log.info(
                 "batch.submitted",
                 batch=batch.id,

@@ -7,6 +7,8 @@ lines keep the provider's own body untouched and add batchd's fields around it.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Container, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -138,32 +140,92 @@ def _parse_anthropic(obj: dict[str, Any], custom_id: str) -> ParsedLine:
     return ParsedLine("anthropic", custom_id, ANTHROPIC_ENDPOINT, model, orjson.dumps(params))
 
 
-def provider_custom_id(item_id: int) -> str:
-    """Our own short id for an item; fits Anthropic's ^[a-zA-Z0-9_-]{1,64}$ and is stable across retries."""
-    return f"i{item_id:x}"
+INSTANCE_CHARS = 16
+_CUSTOM_ID = re.compile(r"b([0-9a-f]{16})_([0-9a-f]{1,16})")
+_LEGACY_CUSTOM_ID = re.compile(r"i([0-9a-f]{1,16})")
 
 
-def item_id_from_custom_id(custom_id: str) -> int | None:
-    if not custom_id.startswith("i"):
+@dataclass(frozen=True, slots=True)
+class CustomId:
+    """What our own provider custom_id says: the item, and the database (instance) that sent it.
+
+    `instance` is None for the legacy form `i<hex>` of batches submitted before instances were
+    carried; such ids prove nothing about who sent them.
+    """
+
+    item_id: int
+    instance: str | None
+
+
+def instance_tag(instance: str) -> str:
+    """The part of a database's instance id that goes into every custom_id it sends."""
+    return instance[:INSTANCE_CHARS].lower()
+
+
+def provider_custom_id(item_id: int, instance: str = "") -> str:
+    """Our own short id for an item: `b<16 hex of instance>_<item hex>` (or legacy `i<hex>` without instance).
+
+    Fits Anthropic's ^[a-zA-Z0-9_-]{1,64}$ and is stable across retries of the item, so a request
+    keeps one id however many batches it goes through. Anthropic batches carry no metadata, so
+    the instance in every id is what proves that a batch found at the provider is ours.
+    """
+    if not instance:
+        return f"i{item_id:x}"
+    return f"b{instance_tag(instance)}_{item_id:x}"
+
+
+def parse_custom_id(custom_id: str) -> CustomId | None:
+    """Read one of our custom_ids (either form); None for anything else."""
+    match = _CUSTOM_ID.fullmatch(custom_id)
+    if match:
+        return CustomId(int(match.group(2), 16), match.group(1))
+    match = _LEGACY_CUSTOM_ID.fullmatch(custom_id)
+    if match:
+        return CustomId(int(match.group(1), 16), None)
+    return None
+
+
+def item_id_from_custom_id(custom_id: str, instance: str | None = None) -> int | None:
+    """The item id of one of our custom_ids; with `instance`, only if that database sent it.
+
+    A legacy id carries no instance and is accepted (batches submitted before the upgrade).
+    """
+    parsed = parse_custom_id(custom_id)
+    if parsed is None:
         return None
-    try:
-        return int(custom_id[1:], 16)
-    except ValueError:
+    if instance and parsed.instance is not None and parsed.instance != instance_tag(instance):
         return None
+    return parsed.item_id
 
 
-def openai_request_line(item_id: int, endpoint: str, body: bytes) -> bytes:
+def owned_by(custom_ids: Iterable[str], instance: str, items: Container[int]) -> bool:
+    """True when every id was sent by `instance` and names an item of `items` (the batch's own).
+
+    The proof of ownership of an Anthropic batch found by reconciliation: legacy ids, another
+    database's ids or ids of items outside the batch make it somebody else's.
+    """
+    tag = instance_tag(instance)
+    seen = False
+    for custom_id in custom_ids:
+        parsed = parse_custom_id(custom_id)
+        if parsed is None or parsed.instance != tag or parsed.item_id not in items:
+            return False
+        seen = True
+    return seen
+
+
+def openai_request_line(item_id: int, endpoint: str, body: bytes, instance: str = "") -> bytes:
     """One line of an OpenAI batch input file (with its newline)."""
     return b'{"custom_id":"%s","method":"POST","url":"%s","body":%s}\n' % (
-        provider_custom_id(item_id).encode(),
+        provider_custom_id(item_id, instance).encode(),
         endpoint.encode(),
         body,
     )
 
 
-def anthropic_request(item_id: int, params: bytes) -> bytes:
+def anthropic_request(item_id: int, params: bytes, instance: str = "") -> bytes:
     """One element of an Anthropic create body's `requests` list, as JSON."""
-    return b'{"custom_id":"%s","params":%s}' % (provider_custom_id(item_id).encode(), params)
+    return b'{"custom_id":"%s","params":%s}' % (provider_custom_id(item_id, instance).encode(), params)
 
 
 def usage_of(kind: Kind, body: Any) -> dict[str, int] | None:

@@ -19,17 +19,32 @@ from pathlib import Path
 
 from .aio import wait_any
 from .crashpoints import CrashPoints
-from .formats import Outcome, provider_custom_id
+from .formats import Outcome, owned_by, provider_custom_id
 from .logs import get_logger
+from .policy import overdue, retry_delay
 from .providers import ProviderError, ProviderPool
-from .providers.base import RemoteBatch, backoff
+from .providers.base import RemoteBatch, ResultsReport, backoff
 from .settings import Settings
-from .store import ApplySummary, BatchRow, Store
+from .store import ApplySummary, BatchRow, BatchState, Store
 
 log = get_logger("batchd.poller")
 
 TOKEN_LIMIT = "token_limit_exceeded"
 HOLD_BASE = 60.0
+# Consecutive 404s on retrieve before a batch counts as gone.
+VANISHED_AFTER = 2
+
+
+def output_lost(kind: str, remote: RemoteBatch, unavailable: set[str]) -> bool:
+    """Whether requests the provider finished (and billed) are among those left without a result.
+
+    OpenAI writes finished requests to the output file, failed and expired ones to the error
+    file: only a lost output file loses finished work. Anthropic has one results stream; its
+    counts say whether anything in it had finished.
+    """
+    if kind == "openai":
+        return "output" in unavailable and (remote.finished is None or remote.finished > 0)
+    return "results" in unavailable and (remote.finished is None or remote.finished > 0)
 
 
 class Pollers:
@@ -55,6 +70,7 @@ class Pollers:
         self._crashpoints = crashpoints
         self._hold_base = hold_base
         self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._instance = ""
         self._stopping = asyncio.Event()
         self._failed = asyncio.Event()
         self.failure: BaseException | None = None
@@ -79,7 +95,8 @@ class Pollers:
 
     async def run(self, stopping: asyncio.Event) -> None:
         self._stopping = stopping
-        for batch in await self.store.batches_in_state("submitted"):
+        self._instance = await self.store.instance_id()
+        for batch in await self.store.batches_in_state(*BatchState.POLLED):
             self.start(batch.id)
         await wait_any(float("inf"), stopping, self._failed)
         tasks = list(self._tasks.values())
@@ -91,26 +108,40 @@ class Pollers:
         if self.failure is not None:
             raise RuntimeError(f"a poller died: {self.failure!r}") from self.failure
 
+    def _retry_at(self, attempts: int) -> float:
+        """When an item that failed retryably on its `attempts`-th try may go out again (its own backoff)."""
+        batching = self.settings.batching
+        return time.time() + retry_delay(attempts, batching.retry_backoff_base, batching.retry_backoff_max)
+
     async def _poll(self, batch_id: int) -> None:
         batching = self.settings.batching
         interval = batching.poll_interval_min
         failures = 0
+        missing = 0
         # Read once: only this poller changes the batch until it is collected.
         batch = await self.store.batch(batch_id)
-        if batch is None or batch.state != "submitted" or batch.remote_id is None:
+        if batch is None or batch.state not in BatchState.POLLED or batch.remote_id is None:
             return
         # What the database already holds is not news: no write until the provider's answer changes.
         seen: tuple[str, dict[str, int]] | None = (
             (batch.remote_status, batch.counts) if batch.remote_status and batch.counts else None
         )
+        cancel_sent = batch.cancel_requested_at is not None
+        ended_seen_at = batch.ended_at
         # Jitter, so that a thousand pollers started together do not poll in one burst forever.
         await wait_any(random.uniform(0, interval), self._stopping)
         while not self._stopping.is_set():
             try:
                 provider = self.providers.get(batch.profile)
                 remote = await provider.retrieve(batch.remote_id)
-                failures = 0
+                failures = missing = 0
             except ProviderError as exc:
+                if exc.status == 404:
+                    # Twice in a row, so that one confused answer does not end a batch.
+                    missing += 1
+                    if missing >= VANISHED_AFTER:
+                        await self._vanished(batch, str(exc))
+                        return
                 failures += 1
                 log.warning("batch.poll_failed", batch=batch_id, remote_id=batch.remote_id, error=str(exc))
                 await self.store.note_batch_error(batch_id, "batch.poll_failed", str(exc))
@@ -124,50 +155,193 @@ class Pollers:
                     log.info(
                         "batch.status", batch=batch_id, remote_id=remote.id, status=remote.status, counts=remote.counts
                     )
+                    if not remote.known_status:
+                        # Logged once per change: treated as not ended, and the deadline still runs.
+                        log.warning("batch.unknown_status", batch=batch_id, remote_id=remote.id, status=remote.status)
+                        await self.store.note_batch_error(
+                            batch_id,
+                            "batch.unknown_status",
+                            f"unknown status {remote.status!r}: taken as still running until its window + grace",
+                        )
                 await self.store.record_poll(
-                    batch_id, remote.status, remote.counts, remote.output_file_id, remote.error_file_id
+                    batch_id, remote.status, remote.counts, remote.output_file_id, remote.error_file_id, remote.ended
                 )
                 interval = batching.poll_interval_min
                 seen = state
             else:
                 interval = min(interval * 1.5, batching.poll_interval_max)
-            if remote.ended and not remote.results_pending:
-                try:
-                    await self._collect(batch, remote)
-                    return
-                except ProviderError as exc:
-                    log.warning("batch.collect_failed", batch=batch_id, remote_id=remote.id, error=str(exc))
-                    await self.store.note_batch_error(batch_id, "batch.collect_failed", str(exc))
+            if not remote.ended:
+                cancel_sent = await self._cancel_if_overdue(batch, remote, cancel_sent)
+            else:
+                now = time.time()
+                ended_seen_at = ended_seen_at or now
+                unavailable: set[str] = set()
+                if remote.results_pending and now > ended_seen_at + batching.expiry_grace:
+                    # Output promised but never named: past the grace it counts as unavailable.
+                    unavailable = self._never_named(batch, remote)
+                if not remote.results_pending or unavailable:
+                    try:
+                        await self._collect(batch, remote, unavailable)
+                        return
+                    except ProviderError as exc:
+                        log.warning("batch.collect_failed", batch=batch_id, remote_id=remote.id, error=str(exc))
+                        await self.store.note_batch_error(batch_id, "batch.collect_failed", str(exc))
             await wait_any(interval, self._stopping)
 
-    async def _collect(self, batch: BatchRow, remote: RemoteBatch) -> None:
+    @staticmethod
+    def _never_named(batch: BatchRow, remote: RemoteBatch) -> set[str]:
+        if batch.kind != "openai":
+            return {"results"}
+        missing = set()
+        if remote.output_file_id is None:
+            missing.add("output")
+        if remote.error_file_id is None:
+            missing.add("error")
+        return missing
+
+    async def _cancel_if_overdue(self, batch: BatchRow, remote: RemoteBatch, cancel_sent: bool) -> bool:
+        """Cancel a batch still running past its window plus grace; its requests come back once it has ended."""
+        batching = self.settings.batching
+        created = batch.remote_created_at or remote.created_at or batch.submitted_at or batch.created_at
+        if cancel_sent or not overdue(created, time.time(), batching.completion_window, batching.expiry_grace):
+            return cancel_sent
+        if batch.state == BatchState.UNVERIFIED:
+            return False  # maybe a stranger's batch: never cancel what is not proven ours
+        try:
+            await self.providers.get(batch.profile).cancel(remote.id)
+        except ProviderError as exc:
+            log.warning("batch.cancel_failed", batch=batch.id, remote_id=remote.id, error=str(exc))
+            await self.store.note_batch_error(batch.id, "batch.cancel_failed", str(exc))
+            return False
+        message = (
+            f"still {remote.status!r} {round(time.time() - created)} s after creation (window"
+            f" {batching.completion_window:g} s + grace {batching.expiry_grace:g} s): cancel requested;"
+            " unfinished requests go back to the queue once it has ended"
+        )
+        log.warning("batch.overdue_cancelled", batch=batch.id, remote_id=remote.id, status=remote.status)
+        await self.store.note_cancel_requested(batch.id, message)
+        batch.cancel_requested_at = time.time()
+        return True
+
+    async def _vanished(self, batch: BatchRow, error: str) -> None:
+        """The provider no longer knows the batch: its requests go back to the queue, once."""
+        assert batch.remote_id is not None
+        if batch.state == BatchState.UNVERIFIED:
+            await self._not_ours(batch, "vanished before its ownership could be proven")
+            return
+        batching = self.settings.batching
+        summary = await self.store.requeue_unanswered(
+            batch,
+            "errored",
+            {"code": "batch_vanished", "message": f"batch {batch.remote_id} is gone at the provider"},
+            batching.max_attempts,
+            self._retry_at,
+            refund=False,
+        )
+        message = f"{batch.remote_id} is gone at the provider ({error}); {summary.requeued} requests requeued"
+        log.warning(
+            "batch.vanished",
+            batch=batch.id,
+            remote_id=batch.remote_id,
+            requeued=summary.requeued,
+            final=summary.final,
+        )
+        await self.store.finish_batch(batch.id, "vanished", message)
+        self._on_results()
+        if summary.requeued:
+            self._on_requeued()
+
+    async def _not_ours(self, batch: BatchRow, reason: str) -> None:
+        assert batch.remote_id is not None
+        log.warning("batch.not_ours", batch=batch.id, remote_id=batch.remote_id, reason=reason)
+        await self.store.unadopt(batch.id, batch.remote_id, reason)
+        self._on_requeued()  # the batcher reconciles the intent again
+
+    async def _owned(self, batch: BatchRow, remote: RemoteBatch) -> str | None:
+        """Why an unverified batch is not provably ours (None when its results prove it is)."""
+        provider = self.providers.get(batch.profile)
+        report = ResultsReport()
+        custom_ids: list[str] = []
+        async for chunk in provider.results(remote, self.workdir, report):
+            custom_ids.extend(outcome.provider_custom_id for outcome in chunk)
+        if report.unavailable:
+            return "its results are unavailable, so its ownership cannot be proven"
+        items = set(await self.store.batch_item_ids(batch.id))
+        if not owned_by(custom_ids, self._instance, items) or len(set(custom_ids)) != len(items):
+            return "its results are not answers to this batch's requests from this database"
+        return None
+
+    async def _collect(self, batch: BatchRow, remote: RemoteBatch, unavailable: set[str]) -> None:
         started = time.monotonic()
         batching = self.settings.batching
         provider = self.providers.get(batch.profile)
-        now = time.time()
         total = ApplySummary()
+        fate: str | None = None
+        fate_error: str | None = None
+        if batch.state == BatchState.UNVERIFIED:
+            if not self._instance:
+                self._instance = await self.store.instance_id()
+            reason = "its results are unavailable" if unavailable else await self._owned(batch, remote)
+            if reason is not None:
+                await self._not_ours(batch, reason)
+                return
+            await self.store.confirm_ownership(batch.id)
+            log.info("batch.verified", batch=batch.id, remote_id=remote.id, provider=batch.profile)
+            confirmed = await self.store.batch(batch.id)
+            assert confirmed is not None
+            batch = confirmed
         if remote.failed:
             total = await self._collect_failed(batch, remote)
         else:
             prices = self.settings.price_table()
             discount = self.settings.providers[batch.profile].batch_discount
             cost_of = partial(prices.cost, batch.model, discount=discount)
-            async for chunk in provider.results(remote, self.workdir):
-                summary = await self.store.apply_outcomes(batch, chunk, batching.max_attempts, now, cost_of)
-                total += summary
-                self._crashpoints.reach("after-results-commit")
-                self._on_results()
-            leftover = await self.store.requeue_unanswered(
-                batch,
-                remote.unanswered_status,
-                {"message": f"no result for this request in batch {remote.id} ({remote.status})"},
-                batching.max_attempts,
-                now,
-                refund=False,
-            )
+            report = ResultsReport(unavailable=set(unavailable))
+            if not unavailable:
+                async for chunk in provider.results(remote, self.workdir, report):
+                    summary = await self.store.apply_outcomes(
+                        batch, chunk, batching.max_attempts, self._retry_at, cost_of
+                    )
+                    total += summary
+                    self._crashpoints.reach("after-results-commit")
+                    self._on_results()
+            if report.unavailable and output_lost(batch.kind, remote, report.unavailable):
+                # What the provider finished is paid for: not sent again automatically (an operator may).
+                fate = "output_unavailable"
+                what = "refused (results_url on another host)" if report.refused else "gone at the provider"
+                fate_error = f"output of {remote.id} ({', '.join(sorted(report.unavailable))}) {what}"
+                leftover = await self.store.requeue_unanswered(
+                    batch,
+                    "errored",
+                    {"code": "output_unavailable", "message": fate_error},
+                    batching.max_attempts,
+                    self._retry_at,
+                    refund=False,
+                    retryable=False,
+                )
+                log.warning(
+                    "batch.output_unavailable",
+                    batch=batch.id,
+                    remote_id=remote.id,
+                    unavailable=sorted(report.unavailable),
+                    refused=report.refused,
+                    errored=leftover.final,
+                )
+            else:
+                leftover = await self.store.requeue_unanswered(
+                    batch,
+                    remote.unanswered_status,
+                    {"message": f"no result for this request in batch {remote.id} ({remote.status})"},
+                    batching.max_attempts,
+                    self._retry_at,
+                    refund=False,
+                )
             total += leftover
             await self.store.release_hold(batch.profile, batch.model)
-        await self.store.finish_batch(batch.id)
+        recorded = fate is None and batch.cancel_requested_at is not None  # logged when the cancel went out
+        if recorded:
+            fate, fate_error = "overdue_cancelled", f"cancelled past its window; {total.requeued} requests requeued"
+        await self.store.finish_batch(batch.id, fate, fate_error, record=not recorded)
         if batch.kind == "openai" and batch.input_file_id:
             with contextlib.suppress(ProviderError):
                 await provider.delete_file(batch.input_file_id)
@@ -207,7 +381,9 @@ class Pollers:
         if by_line:
             ids = await self.store.batch_item_ids(batch.id)
             bad = [
-                Outcome(provider_custom_id(ids[line - 1]), "invalid", None, error, None, retryable=False)
+                Outcome(
+                    provider_custom_id(ids[line - 1], self._instance), "invalid", None, error, None, retryable=False
+                )
                 for line, error in by_line.items()
                 if 0 < line <= len(ids)
             ]
@@ -217,7 +393,7 @@ class Pollers:
             "errored",
             {"message": f"batch {remote.id} failed", "errors": remote.errors[:5]},
             batching.max_attempts,
-            now,
+            self._retry_at,
             refund=False,
         )
         return summary + rest

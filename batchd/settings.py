@@ -82,6 +82,14 @@ class BatchingSettings(_Section):
     max_attempts: int = Field(default=3, ge=1)
     tick: Duration = 1.0
     retry_backoff_max: Duration = 900.0
+    # A retryable per-request failure waits retry_backoff_base · 2^(attempt-1) (jittered, capped at
+    # retry_backoff_max) before it may be batched again.
+    retry_backoff_base: Duration = 1.0
+    # The providers' processing window (both: 24 h). A batch not ended this long after its creation
+    # plus expiry_grace is cancelled; promised output still missing expiry_grace after a batch
+    # ended counts as unavailable.
+    completion_window: Duration = 86400.0
+    expiry_grace: Duration = 3600.0
 
     @model_validator(mode="after")
     def _intervals_ordered(self) -> BatchingSettings:

@@ -88,6 +88,24 @@ class BatchRow:
     submit_attempts: int
     not_before: float
     last_error: str | None
+    remote_created_at: float | None = None
+    cancel_requested_at: float | None = None
+    ended_at: float | None = None
+    fate: str | None = None
+
+
+class BatchState:
+    """Local batch states (batches.state); the provider's own word is kept apart in remote_status."""
+
+    PENDING = "pending"  # an intent with no remote batch known
+    UNVERIFIED = "unverified"  # adopted by reconciliation, not yet proven ours (Anthropic)
+    SUBMITTED = "submitted"  # a remote batch that is ours
+    DONE = "done"  # collected, or ended in a defined way (`fate`)
+    LIVE = (PENDING, UNVERIFIED, SUBMITTED)
+    POLLED = (UNVERIFIED, SUBMITTED)
+
+
+RetryAt = float | Callable[[int], float]
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +164,10 @@ def _batch_from_row(row: sqlite3.Row) -> BatchRow:
         submit_attempts=row["submit_attempts"],
         not_before=row["not_before"],
         last_error=row["last_error"],
+        remote_created_at=row["remote_created_at"],
+        cancel_requested_at=row["cancel_requested_at"],
+        ended_at=row["ended_at"],
+        fate=row["fate"],
     )
 
 
@@ -165,6 +187,7 @@ class Store:
         self.path = path
         self._db: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
+        self._instance = ""
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -222,6 +245,8 @@ class Store:
                     await db.execute("ROLLBACK")
                     raise
             await db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('instance', ?)", (uuid.uuid4().hex,))
+            rows = list(await db.execute_fetchall("SELECT value FROM meta WHERE key = 'instance'"))
+            self._instance = str(rows[0][0])
 
     @property
     def _conn(self) -> aiosqlite.Connection:
@@ -407,19 +432,86 @@ class Store:
         row = await self._fetchone("SELECT id FROM batches WHERE remote_id = ?", (remote_id,))
         return int(row["id"]) if row else None
 
-    async def mark_submitted(self, batch_id: int, remote_id: str, remote_status: str, now: float) -> None:
+    async def mark_submitted(
+        self, batch_id: int, remote_id: str, remote_status: str, now: float, remote_created_at: float | None = None
+    ) -> None:
         """The provider holds the batch now: record its id and count an attempt for each item."""
         async with self._tx() as db:
             await db.execute(
                 "UPDATE batches SET state = 'submitted', remote_id = ?, remote_status = ?, submitted_at = ?,"
-                " last_error = NULL WHERE id = ?",
-                (remote_id, remote_status, now, batch_id),
+                " remote_created_at = ?, last_error = NULL WHERE id = ?",
+                (remote_id, remote_status, now, remote_created_at or now, batch_id),
             )
             await db.execute(
                 "UPDATE items SET state = 'submitted', attempts = attempts + 1"
                 " WHERE batch_id = ? AND state = 'batched'",
                 (batch_id,),
             )
+
+    async def mark_unverified(
+        self, batch_id: int, remote_id: str, remote_status: str, now: float, remote_created_at: float | None
+    ) -> None:
+        """A remote batch that may be this intent's (found by count and time): held, not yet ours.
+
+        Its items stay `batched` and no attempt is counted until the batch is proven ours, so a
+        stranger's batch can be let go without a trace on the items.
+        """
+        async with self._tx() as db:
+            await db.execute(
+                "UPDATE batches SET state = 'unverified', remote_id = ?, remote_status = ?, submitted_at = ?,"
+                " remote_created_at = ?, last_error = ? WHERE id = ? AND state = 'pending'",
+                (
+                    remote_id,
+                    remote_status,
+                    now,
+                    remote_created_at or now,
+                    f"adopted {remote_id} provisionally: ownership is proven from its results once it has ended",
+                    batch_id,
+                ),
+            )
+
+    async def confirm_ownership(self, batch_id: int) -> None:
+        """The unverified batch's results prove it ours: it becomes submitted, each item counts an attempt."""
+        async with self._tx() as db:
+            await db.execute(
+                "UPDATE batches SET state = 'submitted', last_error = NULL WHERE id = ? AND state = 'unverified'",
+                (batch_id,),
+            )
+            await db.execute(
+                "UPDATE items SET state = 'submitted', attempts = attempts + 1"
+                " WHERE batch_id = ? AND state = 'batched'",
+                (batch_id,),
+            )
+
+    async def unadopt(self, batch_id: int, remote_id: str, reason: str) -> None:
+        """The unverified batch is not ours: let it go, never offer it to this intent again, reconcile anew."""
+        async with self._tx() as db:
+            await db.execute(
+                "INSERT OR IGNORE INTO batch_rejects (batch_id, remote_id, rejected_at, reason) VALUES (?, ?, ?, ?)",
+                (batch_id, remote_id, time.time(), reason),
+            )
+            # submit_attempts > 0 makes the batcher reconcile again before it ever creates.
+            await db.execute(
+                "UPDATE batches SET state = 'pending', remote_id = NULL, remote_status = NULL, counts = NULL,"
+                " submitted_at = NULL, remote_created_at = NULL, ended_at = NULL, output_file_id = NULL,"
+                " error_file_id = NULL, submit_attempts = submit_attempts + 1, not_before = 0, last_error = ?"
+                " WHERE id = ? AND state = 'unverified' AND remote_id = ?",
+                (f"{remote_id} was not ours: {reason}", batch_id, remote_id),
+            )
+            await self._add_error(db, "batch.not_ours", f"batch {batch_id}: {remote_id}: {reason}")
+
+    async def rejected_remotes(self, batch_id: int) -> set[str]:
+        rows = await self._fetchall("SELECT remote_id FROM batch_rejects WHERE batch_id = ?", (batch_id,))
+        return {r["remote_id"] for r in rows}
+
+    async def note_cancel_requested(self, batch_id: int, error: str) -> None:
+        async with self._tx() as db:
+            await db.execute(
+                "UPDATE batches SET cancel_requested_at = COALESCE(cancel_requested_at, ?), last_error = ?"
+                " WHERE id = ?",
+                (time.time(), error, batch_id),
+            )
+            await self._add_error(db, "batch.overdue_cancelled", f"batch {batch_id}: {error}")
 
     async def record_poll(
         self,
@@ -428,17 +520,23 @@ class Store:
         counts: dict[str, int] | None,
         output_file_id: str | None,
         error_file_id: str | None,
+        ended: bool = False,
     ) -> None:
+        """The provider's latest answer; `ended` stamps when the batch was first seen ended."""
+        now = time.time()
         async with self._tx() as db:
             await db.execute(
                 "UPDATE batches SET remote_status = ?, counts = ?, output_file_id = ?, error_file_id = ?,"
-                " last_polled_at = ? WHERE id = ?",
+                " last_polled_at = ?, ended_at = CASE WHEN ? THEN COALESCE(ended_at, ?) ELSE ended_at END"
+                " WHERE id = ?",
                 (
                     remote_status,
                     orjson.dumps(counts) if counts else None,
                     output_file_id,
                     error_file_id,
-                    time.time(),
+                    now,
+                    ended,
+                    now,
                     batch_id,
                 ),
             )
@@ -453,20 +551,25 @@ class Store:
         batch: BatchRow,
         outcomes: Iterable[Outcome],
         max_attempts: int,
-        retry_at: float,
+        retry_at: RetryAt,
         cost_of: Callable[[dict[str, int] | None], Cost | None] | None = None,
     ) -> ApplySummary:
         """Record provider outcomes for items of `batch`: final ones become results, retryable ones requeue.
 
+        `retry_at` is when a requeued item may go out again: a time, or a function of the attempts
+        the item has made (its own backoff). A requeued item's age counts from the requeue (from
+        when its backoff ends), so retries of one route are batched together like fresh work.
+
         `cost_of` prices a result's usage; a result with usage but no price is marked unpriced.
 
+        An id sent by another database (another instance in the custom_id) is ignored and counted.
         Idempotent: an item already decided, or no longer in this batch, is left alone, so the same
         result file can be applied again after a crash.
         """
         by_item: dict[int, Outcome] = {}
         ignored = 0
         for outcome in outcomes:
-            item_id = item_id_from_custom_id(outcome.provider_custom_id)
+            item_id = item_id_from_custom_id(outcome.provider_custom_id, self._instance)
             if item_id is None:
                 ignored += 1
             else:
@@ -490,12 +593,15 @@ class Store:
                 )
             results: list[tuple[Any, ...]] = []
             finals: list[tuple[str, int]] = []
-            retries: list[tuple[float, str | None, int]] = []
+            retries: list[tuple[float, float, str | None, int]] = []
             for row in rows:
                 outcome = by_item[row["id"]]
                 if outcome.retryable and row["attempts"] < max_attempts:
                     error = orjson.dumps(outcome.error).decode() if outcome.error else outcome.status
-                    retries.append((retry_at, error, row["id"]))
+                    not_before = retry_at(row["attempts"]) if callable(retry_at) else retry_at
+                    # Its age for max_wait starts when it may go again, not at its first ingest:
+                    # retries becoming due within one max_wait leave together, not one by one.
+                    retries.append((not_before, max(now, not_before), error, row["id"]))
                     continue
                 usage = outcome.usage or {}
                 cost = cost_of(outcome.usage) if cost_of is not None and outcome.usage else None
@@ -542,38 +648,58 @@ class Store:
             await db.executemany("UPDATE items SET state = ? WHERE id = ?", finals)
             await db.executemany("DELETE FROM item_bodies WHERE item_id = ?", [(item,) for _, item in finals])
             await db.executemany(
-                "UPDATE items SET state = 'queued', batch_id = NULL, not_before = ?, last_error = ? WHERE id = ?",
+                "UPDATE items SET state = 'queued', batch_id = NULL, not_before = ?, queued_at = ?, last_error = ?"
+                " WHERE id = ?",
                 retries,
             )
             final, requeued = len(finals), len(retries)
         return ApplySummary(final=final, requeued=requeued, ignored=ignored + len(by_item) - len(rows))
 
     async def requeue_unanswered(
-        self, batch: BatchRow, status: Status, error: Any, max_attempts: int, retry_at: float, refund: bool
+        self,
+        batch: BatchRow,
+        status: Status,
+        error: Any,
+        max_attempts: int,
+        retry_at: RetryAt,
+        refund: bool,
+        retryable: bool = True,
     ) -> ApplySummary:
         """Items of an ended batch that no result line mentioned: retry them, or finish them as `status`.
 
         With `refund`, the provider never ran them: the attempt is given back and every one goes
         back to the queue, in one statement so that a crash cannot refund an attempt twice.
+        Without `retryable`, every one ends as `status` at once (output the provider has lost).
         """
         if refund:
+            not_before = retry_at(0) if callable(retry_at) else retry_at
             async with self._tx() as db:
                 cursor = await db.execute(
                     "UPDATE items SET state = 'queued', batch_id = NULL, attempts = MAX(attempts - 1, 0),"
-                    " not_before = ?, last_error = ? WHERE batch_id = ? AND state = 'submitted'",
-                    (retry_at, orjson.dumps(error).decode() if error else status, batch.id),
+                    " not_before = ?, queued_at = ?, last_error = ? WHERE batch_id = ? AND state = 'submitted'",
+                    (not_before, time.time(), orjson.dumps(error).decode() if error else status, batch.id),
                 )
                 return ApplySummary(requeued=cursor.rowcount)
         rows = await self._fetchall("SELECT id FROM items WHERE batch_id = ? AND state = 'submitted'", (batch.id,))
-        outcomes = [Outcome(provider_custom_id(row["id"]), status, None, error, None, retryable=True) for row in rows]
+        outcomes = [
+            Outcome(provider_custom_id(row["id"], self._instance), status, None, error, None, retryable=retryable)
+            for row in rows
+        ]
         return await self.apply_outcomes(batch, outcomes, max_attempts, retry_at)
 
-    async def finish_batch(self, batch_id: int) -> None:
+    async def finish_batch(
+        self, batch_id: int, fate: str | None = None, error: str | None = None, record: bool = True
+    ) -> None:
+        """The batch is over; `fate` (and `error`, shown by status) say how when it did not end normally."""
+        now = time.time()
         async with self._tx() as db:
             await db.execute(
-                "UPDATE batches SET state = 'done', collected_at = ?, ended_at = COALESCE(ended_at, ?) WHERE id = ?",
-                (time.time(), time.time(), batch_id),
+                "UPDATE batches SET state = 'done', collected_at = ?, ended_at = COALESCE(ended_at, ?),"
+                " fate = COALESCE(?, fate), last_error = COALESCE(?, last_error) WHERE id = ?",
+                (now, now, fate, error, batch_id),
             )
+            if fate is not None and record:
+                await self._add_error(db, f"batch.{fate}", f"batch {batch_id}: {error or fate}")
 
     async def hold(self, profile: str, model: str, base: float, ceiling: float, reason: str) -> float:
         """Hold back submissions for (profile, model), doubling the pause on each consecutive failure."""
@@ -762,7 +888,11 @@ class Store:
         for row in queue:
             key = (row["profile"], row["endpoint"], row["model"])
             routes.setdefault(key, {"queued": 0, "batched": 0, "submitted": 0})[row["state"]] = row["n"]
-        live = await self.batches_in_state("pending", "submitted")
+        live = await self.batches_in_state(*BatchState.LIVE)
+        ended_badly = await self._fetchall(
+            "SELECT id, profile, model, remote_id, remote_status, fate, last_error, collected_at FROM batches"
+            " WHERE state = 'done' AND fate IS NOT NULL ORDER BY id DESC LIMIT 10"
+        )
         totals = await self._fetchall("SELECT status, COUNT(*) AS n FROM results GROUP BY status")
         files = await self._fetchall(
             "SELECT name, out_name, lines, delivered, state FROM files ORDER BY id DESC LIMIT 20"
@@ -790,9 +920,12 @@ class Store:
                     "counts": b.counts,
                     "created_at": b.created_at,
                     "last_error": b.last_error,
+                    "cancel_requested_at": b.cancel_requested_at,
                 }
                 for b in live
             ],
+            # Batches that ended in a defined but abnormal way (vanished, output lost, overdue ...).
+            "ended_batches": [dict(row) for row in ended_badly],
             "results": {row["status"]: row["n"] for row in totals},
             "files": [dict(row) for row in files],
             "holds": [dict(row) for row in holds],

@@ -7,6 +7,7 @@ from aiohttp import web
 from batchd.emulator import anthropic_api, openai_api
 from batchd.emulator.common import ApiError, json_response, read_json, state_of
 from batchd.emulator.config import Faults
+from batchd.emulator.state import AnthropicBatch, OpenAIBatch
 
 
 async def stats(request: web.Request) -> web.Response:
@@ -65,6 +66,68 @@ async def expire(request: web.Request) -> web.Response:
     raise ApiError(404, f"no batch {batch_id}")
 
 
+async def delete_file(request: web.Request) -> web.Response:
+    """DELETE /_emulator/files/{id}: the file is gone (an output deleted before the client downloads it)."""
+    state = state_of(request)
+    record = state.files.pop(request.match_info["file_id"], None)
+    if record is None:
+        raise ApiError(404, f"no file {request.match_info['file_id']}")
+    record.path.unlink(missing_ok=True)
+    return json_response({"id": record.id, "deleted": True})
+
+
+async def delete_batch(request: web.Request) -> web.Response:
+    """DELETE /_emulator/batches/{id}: the batch is gone, whatever its state (retrieve answers 404)."""
+    state = state_of(request)
+    batch_id = request.match_info["batch_id"]
+    batch: OpenAIBatch | AnthropicBatch | None = state.openai_batches.pop(batch_id, None)
+    if batch is None:
+        batch = state.anthropic_batches.pop(batch_id, None)
+    if batch is None:
+        raise ApiError(404, f"no batch {batch_id}")
+    batch.job.cancel_requested = True  # its task stops; nobody can see what it writes
+    batch.job.poke()
+    return json_response({"id": batch_id, "deleted": True})
+
+
+async def patch_batch(request: web.Request) -> web.Response:
+    """PATCH /_emulator/batches/{id}: {"status": word or null, "hold": bool, "age_seconds": s}.
+
+    ``status`` is shown instead of the real status until a cancel arrives (an unknown status);
+    ``hold`` keeps the batch running after its work is done until it is cancelled, expired or
+    released; ``age_seconds`` moves its creation time into the past.
+    """
+    state = state_of(request)
+    body = await read_json(request)
+    unknown = set(body) - {"status", "hold", "age_seconds"}
+    if unknown:
+        raise ApiError(400, f"unknown field(s): {', '.join(sorted(unknown))}")
+    batch_id = request.match_info["batch_id"]
+    batch: OpenAIBatch | AnthropicBatch | None = state.openai_batches.get(batch_id) or state.anthropic_batches.get(
+        batch_id
+    )
+    if batch is None:
+        raise ApiError(404, f"no batch {batch_id}")
+    if "status" in body:
+        if body["status"] is not None and not isinstance(body["status"], str):
+            raise ApiError(400, "status must be a string or null")
+        batch.status_override = body["status"]
+    if "hold" in body:
+        batch.job.held = bool(body["hold"])
+        batch.job.poke()
+    if "age_seconds" in body:
+        age = body["age_seconds"]
+        if not isinstance(age, int | float):
+            raise ApiError(400, "age_seconds must be a number")
+        if isinstance(batch, OpenAIBatch):
+            batch.created_at -= int(age)
+        else:
+            batch.created_at -= float(age)
+    if isinstance(batch, OpenAIBatch):
+        return json_response(batch.to_json())
+    return json_response(batch.to_json(f"{request.scheme}://{request.host}"))
+
+
 async def reset(request: web.Request) -> web.Response:
     """POST /_emulator/reset: faults back to defaults; batches and stats stay."""
     state = state_of(request)
@@ -80,4 +143,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_put("/_emulator/faults", put_faults)
     app.router.add_put("/_emulator/config", put_config)
     app.router.add_post("/_emulator/batches/{batch_id}/expire", expire)
+    app.router.add_delete("/_emulator/batches/{batch_id}", delete_batch)
+    app.router.add_patch("/_emulator/batches/{batch_id}", patch_batch)
+    app.router.add_delete("/_emulator/files/{file_id}", delete_file)
     app.router.add_post("/_emulator/reset", reset)

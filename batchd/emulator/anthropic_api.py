@@ -15,7 +15,15 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from batchd.emulator.common import ApiError, int_query, json_response, state_of, stream_file
+from batchd.emulator.common import (
+    ApiError,
+    fail_after_create,
+    fail_before_create,
+    int_query,
+    json_response,
+    state_of,
+    stream_file,
+)
 from batchd.emulator.jobs import JsonlSink, LineRun, run_lines
 from batchd.emulator.responses import RequestRejected, anthropic_message
 from batchd.emulator.state import AnthropicBatch, EmulatorState, Limits
@@ -29,8 +37,8 @@ _SAMPLING_REMOVED = "2026-10-21"
 
 
 def _base_url(request: web.Request) -> str:
-    """How the client reached us, so results_url points back at this emulator."""
-    return f"{request.scheme}://{request.host}"
+    """How the client reached us, so results_url points back at this emulator (unless a fault says otherwise)."""
+    return state_of(request).faults.results_url_base or f"{request.scheme}://{request.host}"
 
 
 def _batch_or_404(state: EmulatorState, batch_id: str) -> AnthropicBatch:
@@ -136,6 +144,8 @@ def normalize_requests(source: Path, target: Path, limits: Limits) -> list[str]:
 async def create_batch(request: web.Request) -> web.Response:
     """POST /v1/messages/batches: the body is spooled to disk, then validated and normalized."""
     state = state_of(request)
+    action = state.next_create_action()
+    fail_before_create(action)
     limit = state.limits.anthropic_max_body_bytes
     too_large = ApiError(413, "Request exceeds the maximum allowed number of bytes.")
     if request.content_length is not None and request.content_length > limit:
@@ -175,7 +185,7 @@ async def create_batch(request: web.Request) -> web.Response:
     for custom_id in custom_ids:
         state.anthropic_custom_ids.setdefault(custom_id, []).append(batch_id)
     state.spawn(run_batch(state, batch))
-    return json_response(batch.to_json(_base_url(request)))
+    return fail_after_create(request, action) or json_response(batch.to_json(_base_url(request)))
 
 
 async def retrieve_batch(request: web.Request) -> web.Response:
@@ -187,7 +197,9 @@ async def retrieve_batch(request: web.Request) -> web.Response:
 async def list_batches(request: web.Request) -> web.Response:
     """GET /v1/messages/batches: newest first; after_id pages toward older, before_id toward newer."""
     state = state_of(request)
-    items = list(reversed(state.anthropic_batches.values()))
+    items = list(state.anthropic_batches.values())
+    if state.faults.list_order != "asc":
+        items.reverse()
     ids = [b.id for b in items]
     limit = int_query(request, "limit", 20, 1, 1000)
     before, after = request.query.get("before_id"), request.query.get("after_id")
@@ -213,6 +225,7 @@ async def cancel_batch(request: web.Request) -> web.Response:
     """POST /v1/messages/batches/{id}/cancel."""
     state = state_of(request)
     batch = _batch_or_404(state, request.match_info["batch_id"])
+    batch.status_override = None
     if batch.status == "ended":
         raise ApiError(400, f"Message batch {batch.id} has already ended and cannot be canceled.")
     if batch.status == "in_progress":
@@ -243,6 +256,8 @@ async def batch_results(request: web.Request) -> web.StreamResponse:
     batch = _batch_or_404(state_of(request), request.match_info["batch_id"])
     if batch.status != "ended":
         raise ApiError(400, f"Message batch {batch.id} has not finished processing; results are not available yet.")
+    if not batch.results_path.exists():
+        raise ApiError(404, f"Results of message batch {batch.id} are no longer available.")
     return await stream_file(request, batch.results_path, "application/x-jsonl")
 
 
@@ -303,6 +318,8 @@ async def run_batch(state: EmulatorState, batch: AnthropicBatch) -> None:
         await asyncio.to_thread(run.close_rest)
         await asyncio.to_thread(run.sink.finish, job.rng if state.faults.shuffle_results else None)
         batch.counts = run.counts
+        if state.faults.lose_output:
+            batch.results_path.unlink(missing_ok=True)
     except Exception:
         # An emulator bug must end the batch (every request errored) rather than leave it stuck.
         logging.getLogger(__name__).exception("message batch %s crashed", batch.id)

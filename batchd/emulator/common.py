@@ -122,3 +122,21 @@ async def stream_file(request: web.Request, path: Path, content_type: str) -> we
         return response
     await response.write_eof()
     return response
+
+
+def fail_before_create(action: str) -> None:
+    """create_script "before:STATUS": the create fails and nothing is created."""
+    if action.startswith("before:"):
+        raise ApiError(int(action.split(":", 1)[1]), "Internal server error")
+
+
+def fail_after_create(request: web.Request, action: str) -> web.Response | None:
+    """create_script "after:STATUS" / "after:drop": the batch exists, the client never learns its id."""
+    if not action.startswith("after:"):
+        return None
+    how = action.split(":", 1)[1]
+    if how == "drop":
+        if request.transport is not None:
+            request.transport.close()
+        return web.Response(status=500)
+    raise ApiError(int(how), "Internal server error")

@@ -25,6 +25,16 @@ class Faults:
     late_output_file: bool = False
     token_limits: dict[str, int] = field(default_factory=dict)
     request_error_rate: float = 0.0
+    # Batch creates (both vendors, in call order) answered by script: "ok"; "before:500" fails
+    # without creating; "after:500" creates the batch, then answers 500; "after:drop" creates it,
+    # then drops the connection (the ambiguous create). Past the end of the script creates are ok.
+    create_script: tuple[str, ...] = ()
+    # A finished batch loses its output at once: OpenAI output files 404, Anthropic results 404.
+    lose_output: bool = False
+    # Anthropic results_url points here (e.g. another host) instead of back at the emulator.
+    results_url_base: str = ""
+    # Order of the batch lists: "desc" (newest first, as documented) or "asc".
+    list_order: str = "desc"
 
     def merged(self, changes: dict[str, Any]) -> Faults:
         """Return a copy with ``changes`` applied (JSON values coerced); unknown keys raise ValueError."""
@@ -46,6 +56,10 @@ class Faults:
             elif isinstance(current, bool):
                 if not isinstance(value, bool):
                     raise ValueError(f"{name} must be a boolean")
+                values[name] = value
+            elif isinstance(current, str):
+                if not isinstance(value, str):
+                    raise ValueError(f"{name} must be a string")
                 values[name] = value
             elif isinstance(current, int):
                 values[name] = int(value)

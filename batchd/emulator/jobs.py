@@ -134,7 +134,14 @@ async def run_lines(state: EmulatorState, job: Job, run: LineRun, total: int, du
         state.counters["request_errors"] += injected
 
     start = time.monotonic()
-    while run.pos < total and not job.interrupted and not state.closing:
+    while not job.interrupted and not state.closing:
+        if run.pos >= total:
+            if not job.held:
+                break
+            # Held: the work is done but the batch stays running until cancelled, expired or released.
+            job.wake.clear()
+            await job.wake.wait()
+            continue
         span = duration()
         elapsed = time.monotonic() - start
         due = total if span <= 0 or elapsed >= span else int(total * elapsed / span)

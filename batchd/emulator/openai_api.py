@@ -16,7 +16,16 @@ from typing import Any
 import orjson
 from aiohttp import BodyPartReader, web
 
-from batchd.emulator.common import ApiError, int_query, json_response, read_json, state_of, stream_file
+from batchd.emulator.common import (
+    ApiError,
+    fail_after_create,
+    fail_before_create,
+    int_query,
+    json_response,
+    read_json,
+    state_of,
+    stream_file,
+)
 from batchd.emulator.jobs import JsonlSink, LineRun, run_lines, wait_until
 from batchd.emulator.responses import (
     ENDPOINTS,
@@ -233,6 +242,8 @@ def _valid_metadata(metadata: Any) -> bool:
 async def create_batch(request: web.Request) -> web.Response:
     """POST /v1/batches: returns `validating`; the input is scanned now, judged when validation ends."""
     state = state_of(request)
+    action = state.next_create_action()
+    fail_before_create(action)
     body = await read_json(request)
     for name in ("input_file_id", "endpoint", "completion_window"):
         if not isinstance(body.get(name), str):
@@ -275,7 +286,7 @@ async def create_batch(request: web.Request) -> web.Response:
     state.openai_batches[batch_id] = batch
     state.counters["openai_batches"] += 1
     state.spawn(run_batch(state, batch, private))
-    return json_response(batch.to_json())
+    return fail_after_create(request, action) or json_response(batch.to_json())
 
 
 async def retrieve_batch(request: web.Request) -> web.Response:
@@ -292,7 +303,9 @@ async def retrieve_batch(request: web.Request) -> web.Response:
 async def list_batches(request: web.Request) -> web.Response:
     """GET /v1/batches, newest first."""
     state = state_of(request)
-    items = list(reversed(state.openai_batches.values()))
+    items = list(state.openai_batches.values())
+    if state.faults.list_order != "asc":
+        items.reverse()
     return json_response(_page(items, request.query.get("after"), int_query(request, "limit", 20, 1, 100)))
 
 
@@ -300,6 +313,7 @@ async def cancel_batch(request: web.Request) -> web.Response:
     """POST /v1/batches/{id}/cancel."""
     state = state_of(request)
     batch = _batch_or_404(state, request.match_info["batch_id"])
+    batch.status_override = None
     if batch.status in ("validating", "in_progress", "finalizing"):
         batch.status = "cancelling"
         batch.times["cancelling"] = int(state.now())
@@ -440,7 +454,11 @@ async def run_batch(state: EmulatorState, batch: OpenAIBatch, source: Path) -> N
             state.files[path.name] = FileRecord(path.name, size, created, name, "batch_output", path, expires_at)
             setattr(batch, f"{kind}_file_id", path.name)
         batch.usage = run.usage
-        batch.late_pending = final == "completed" and state.faults.late_output_file and bool(files)
+        if state.faults.lose_output and batch.output_file_id in state.files:
+            state.files.pop(batch.output_file_id).path.unlink(missing_ok=True)
+        batch.late_pending = (
+            final in ("completed", "expired", "cancelled") and state.faults.late_output_file and bool(files)
+        )
         stamp(final)
     except Exception:
         # An emulator bug must show up as a failed batch, not as a batch stuck forever.

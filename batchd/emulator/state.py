@@ -25,6 +25,8 @@ class Job:
         self.wake = asyncio.Event()
         self.cancel_requested = False
         self.expire_fraction: float | None = None
+        # Admin: keep the batch running (in_progress) after its work is done, until cancel/expiry.
+        self.held = False
 
     @property
     def interrupted(self) -> bool:
@@ -107,6 +109,8 @@ class OpenAIBatch:
     output_file_id: str | None = None
     error_file_id: str | None = None
     late_pending: bool = False
+    # Admin: a status word shown instead of the real one, until a cancel.
+    status_override: str | None = None
 
     def to_json(self, hide_files: bool = False) -> dict[str, Any]:
         """The Batch wire shape; ``hide_files`` serves the late_output_file fault."""
@@ -118,7 +122,7 @@ class OpenAIBatch:
             "errors": {"object": "list", "data": self.errors} if self.errors else None,
             "input_file_id": self.input_file_id,
             "completion_window": "24h",
-            "status": self.status,
+            "status": self.status_override or self.status,
             "output_file_id": None if hide_files else self.output_file_id,
             "error_file_id": None if hide_files else self.error_file_id,
             "created_at": self.created_at,
@@ -159,6 +163,7 @@ class AnthropicBatch:
     cancel_initiated_at: float | None = None
     ended_at: float | None = None
     counts: Counter[str] = field(default_factory=Counter)
+    status_override: str | None = None
 
     def to_json(self, base_url: str) -> dict[str, Any]:
         """The MessageBatch wire shape; ``base_url`` is how the client reached us."""
@@ -167,7 +172,7 @@ class AnthropicBatch:
         return {
             "id": self.id,
             "type": "message_batch",
-            "processing_status": self.status,
+            "processing_status": self.status_override or self.status,
             "request_counts": {"processing": 0 if ended else self.total, **counts},
             "ended_at": rfc3339(self.ended_at),
             "created_at": rfc3339(self.created_at),
@@ -206,6 +211,7 @@ class EmulatorState:
         self.openai_custom_ids: dict[str, list[str]] = {}
         self.anthropic_custom_ids: dict[str, list[str]] = {}
         self.counters: Counter[str] = Counter()
+        self.create_index = 0
         self.closing = False
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -218,7 +224,18 @@ class EmulatorState:
         """Replace the live faults; a new seed restarts the random stream so runs replay."""
         if faults.seed != self.config.faults.seed:
             self.rng = random.Random(faults.seed)
+        if faults.create_script != self.config.faults.create_script:
+            self.create_index = 0
         self.config = dataclasses.replace(self.config, faults=faults)
+
+    def next_create_action(self) -> str:
+        """The create_script entry for this create call ("ok" once the script is used up)."""
+        script = self.faults.create_script
+        action = script[self.create_index] if self.create_index < len(script) else "ok"
+        self.create_index += 1
+        if action != "ok":
+            self.counters["create_faults"] += 1
+        return action
 
     def set_timing(self, processing_seconds: float | None, time_scale: float | None) -> None:
         """Change processing time; running batches re-read their deadlines at once."""
@@ -270,6 +287,7 @@ class EmulatorState:
             },
             "anthropic": {"batches_created": c["anthropic_batches"], "custom_ids": self.anthropic_custom_ids},
             "http_calls": c["http_calls"],
+            "create_faults": c["create_faults"],
             "faults_injected": {
                 k: c[k] for k in ("http_errors", "dropped_downloads", "request_errors", "late_output_files")
             },

@@ -8,14 +8,34 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import anthropic
+import httpx2
 from anthropic.types.messages import MessageBatch
 
 from ..formats import Outcome, anthropic_outcome
-from .base import Provider, ProviderError, RemoteBatch, download, read_outcomes, status_error
+from ..logs import get_logger
+from ..policy import same_host
+from .base import (
+    Provider,
+    ProviderError,
+    RemoteBatch,
+    ResultsReport,
+    WindowScan,
+    download,
+    read_outcomes,
+    status_error,
+)
 
 T = TypeVar("T")
 
+log = get_logger("batchd.providers.anthropic")
+
 CLOCK_SKEW = 600.0
+DEFAULT_BASE_URL = "https://api.anthropic.com"
+KNOWN = frozenset({"in_progress", "canceling", "ended"})
+
+
+class ForeignHost(Exception):
+    """A request about to leave for a host other than the profile's own (it would carry the key)."""
 
 
 def _error(exc: Exception) -> ProviderError:
@@ -72,6 +92,10 @@ def _remote(batch: MessageBatch) -> RemoteBatch:
         counts=count_map,
         results_pending=ended and not batch.results_url,
         total=sum(count_map.values()),
+        results_url=batch.results_url,
+        known_status=batch.processing_status in KNOWN,
+        # Counters stay 0 until the batch has ended; then these two were run by the provider.
+        finished=counts.succeeded + counts.errored if ended else None,
     )
 
 
@@ -82,7 +106,19 @@ class AnthropicProvider(Provider):
 
     def __init__(self, profile: str, api_key: str, base_url: str | None, timeout: float) -> None:
         super().__init__(profile)
-        self._client = anthropic.AsyncAnthropic(api_key=api_key, base_url=base_url, timeout=timeout, max_retries=3)
+        self._base_url = base_url or DEFAULT_BASE_URL
+
+        async def same_host_only(request: httpx2.Request) -> None:
+            # Defence in depth: the SDK follows whatever results_url a batch names, with our key.
+            if not same_host(self._base_url, str(request.url), DEFAULT_BASE_URL):
+                raise ForeignHost(f"refused a request to {request.url.host}: not the profile's host")
+
+        http_client = anthropic.DefaultAsyncHttpxClient(event_hooks={"request": [same_host_only]})
+        self._client = anthropic.AsyncAnthropic(
+            api_key=api_key, base_url=base_url, timeout=timeout, max_retries=3, http_client=http_client
+        )
+        # The host the SDK really talks to (base_url may also come from ANTHROPIC_BASE_URL).
+        self._base_url = str(self._client.base_url)
         self._create_client = self._client.with_options(max_retries=0)
 
     async def submit(
@@ -115,18 +151,21 @@ class AnthropicProvider(Provider):
     async def find_created(
         self, batch_id: int, metadata: dict[str, str], created_after: float, request_count: int, taken: set[str]
     ) -> RemoteBatch | None:
-        # Anthropic batches carry no metadata: adopt the oldest batch created since our intent
-        # with exactly our request count that no other local batch has claimed.
+        # Anthropic batches carry no metadata: a candidate is a batch created since our intent with
+        # exactly our request count that no local batch holds and that was not already found to be
+        # a stranger's (`taken`). It is only a candidate: the caller holds it unverified until its
+        # results prove it ours (every custom_id carries our instance and an item of the intent).
         candidates: list[RemoteBatch] = []
+        scan = WindowScan(created_after - CLOCK_SKEW)
         page = await _call(self._client.messages.batches.list(limit=100))
         while True:
             done = False
             for batch in page.data:
                 remote = _remote(batch)
-                if remote.created_at < created_after - CLOCK_SKEW:
+                if scan.past_window(remote.created_at):
                     done = True
                     break
-                if remote.id not in taken and remote.total == request_count:
+                if scan.inside(remote.created_at) and remote.id not in taken and remote.total == request_count:
                     candidates.append(remote)
             if done or not page.has_next_page():
                 break
@@ -140,15 +179,34 @@ class AnthropicProvider(Provider):
     async def cancel(self, remote_id: str) -> RemoteBatch:
         return _remote(await _call(self._client.messages.batches.cancel(remote_id)))
 
-    async def results(self, remote: RemoteBatch, workdir: Path, chunk: int = 2000) -> AsyncIterator[list[Outcome]]:
+    async def results(
+        self, remote: RemoteBatch, workdir: Path, report: ResultsReport, chunk: int = 2000
+    ) -> AsyncIterator[list[Outcome]]:
+        if remote.results_url and not same_host(self._base_url, remote.results_url, DEFAULT_BASE_URL):
+            # The key would go to that host with the request: never. The results count as unavailable.
+            log.warning(
+                "batch.results_url_refused",
+                provider=self.profile,
+                remote_id=remote.id,
+                host=httpx2.URL(remote.results_url).host,
+            )
+            report.unavailable.add("results")
+            report.refused = True
+            return
         target = workdir / f"{remote.id}.jsonl"
         try:
-            await download(
-                lambda: self._client.messages.batches.with_streaming_response.results(remote.id),
-                target,
-                anthropic.AnthropicError,
-                _error,
-            )
+            try:
+                await download(
+                    lambda: self._client.messages.batches.with_streaming_response.results(remote.id),
+                    target,
+                    anthropic.AnthropicError,
+                    _error,
+                )
+            except ProviderError as exc:
+                if exc.status != 404:
+                    raise
+                report.unavailable.add("results")  # the batch or its results were deleted at the provider
+                return
             for outcomes in read_outcomes(target, anthropic_outcome, chunk):
                 yield outcomes
         finally:

@@ -64,10 +64,53 @@ class RemoteBatch:
     unanswered_status: Status = "errored"
     metadata: dict[str, str] = field(default_factory=dict)
     total: int | None = None
+    # Anthropic: where the results are; followed only to the profile's own host.
+    results_url: str | None = None
+    # The status word is one this adapter knows (a new word is logged and treated as not ended).
+    known_status: bool = True
+    # Requests the provider finished (answered or failed on their own), by its counts; None if unknown.
+    finished: int | None = None
 
     @property
     def failed(self) -> bool:
         return self.status == "failed"
+
+
+@dataclass(slots=True)
+class ResultsReport:
+    """What a results download could not deliver, filled in by `Provider.results`.
+
+    `unavailable` names the result files the provider no longer has (404) or that we refused to
+    fetch: "output" and "error" (OpenAI), "results" (Anthropic).
+    """
+
+    unavailable: set[str] = field(default_factory=set)
+    refused: bool = False
+
+
+class WindowScan:
+    """When a scan of a provider's batch list, looking for batches created since `start`, may stop.
+
+    Only at a batch older than the window, and only once the list has shown itself newest-first
+    (a decrease seen, no increase): a list in any other order is read to its end, so a batch
+    inside the window is never missed.
+    """
+
+    def __init__(self, start: float) -> None:
+        self.start = start
+        self._last: float | None = None
+        self._increase = False
+        self._decrease = False
+
+    def past_window(self, created_at: float) -> bool:
+        if self._last is not None:
+            self._increase = self._increase or created_at > self._last
+            self._decrease = self._decrease or created_at < self._last
+        self._last = created_at
+        return self._decrease and not self._increase and created_at < self.start
+
+    def inside(self, created_at: float) -> bool:
+        return created_at >= self.start
 
 
 def backoff(attempt: int, base: float = 1.0, ceiling: float = 60.0, rng: random.Random | None = None) -> float:
@@ -112,8 +155,14 @@ class Provider(abc.ABC):
         """The batch's current state."""
 
     @abc.abstractmethod
-    def results(self, remote: RemoteBatch, workdir: Path, chunk: int = 2000) -> AsyncIterator[list[Outcome]]:
-        """Every result line of an ended batch, in chunks, downloaded to `workdir` first."""
+    def results(
+        self, remote: RemoteBatch, workdir: Path, report: ResultsReport, chunk: int = 2000
+    ) -> AsyncIterator[list[Outcome]]:
+        """Every result line of an ended batch, in chunks, downloaded to `workdir` first.
+
+        A result file the provider no longer has (or that may not be fetched) is skipped and
+        named in `report`; any other failure raises ProviderError.
+        """
 
     @abc.abstractmethod
     async def cancel(self, remote_id: str) -> RemoteBatch:

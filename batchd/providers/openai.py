@@ -10,11 +10,23 @@ from typing import Any, TypeVar
 import openai
 
 from ..formats import Outcome, Status, openai_outcome
-from .base import Provider, ProviderError, RemoteBatch, download, read_outcomes, status_error
+from .base import (
+    Provider,
+    ProviderError,
+    RemoteBatch,
+    ResultsReport,
+    WindowScan,
+    download,
+    read_outcomes,
+    status_error,
+)
 
 T = TypeVar("T")
 
 ENDED = frozenset({"completed", "failed", "expired", "cancelled"})
+KNOWN = ENDED | {"validating", "in_progress", "finalizing", "cancelling"}
+# Ended batches whose results live in files: until the files are named, the results are pending.
+WITH_FILES = frozenset({"completed", "expired", "cancelled"})
 UNANSWERED: dict[str, Status] = {"expired": "expired", "cancelled": "canceled"}
 # A provider clock may differ from ours; search a little before our own intent time.
 CLOCK_SKEW = 600.0
@@ -44,10 +56,17 @@ def _remote(batch: Any) -> RemoteBatch:
     ]
     completed = count_map.get("completed", 0)
     failed = count_map.get("failed", 0)
-    pending = batch.status == "completed" and (
+    # An expired or cancelled batch also writes its finished (and unfinished) requests to files:
+    # requeueing before they are named would pay again for the ones that did finish.
+    pending = batch.status in WITH_FILES and (
         (completed > 0 and batch.output_file_id is None)
         or (failed > 0 and batch.error_file_id is None)
-        or (batch.output_file_id is None and batch.error_file_id is None and count_map.get("total", 0) > 0)
+        or (
+            batch.status == "completed"
+            and batch.output_file_id is None
+            and batch.error_file_id is None
+            and count_map.get("total", 0) > 0
+        )
     )
     return RemoteBatch(
         id=batch.id,
@@ -62,6 +81,8 @@ def _remote(batch: Any) -> RemoteBatch:
         unanswered_status=UNANSWERED.get(batch.status, "errored"),
         metadata=dict(batch.metadata or {}),
         total=count_map.get("total"),
+        known_status=batch.status in KNOWN,
+        finished=completed if counts else None,
     )
 
 
@@ -105,13 +126,22 @@ class OpenAIProvider(Provider):
     async def find_created(
         self, batch_id: int, metadata: dict[str, str], created_after: float, request_count: int, taken: set[str]
     ) -> RemoteBatch | None:
+        # Ours only by metadata (our instance and this intent); the whole window is read, whatever
+        # order the list comes in.
+        scan = WindowScan(created_after - CLOCK_SKEW)
         page = await _call(self._client.batches.list(limit=100))
         while True:
             for batch in page.data:
-                if batch.created_at < created_after - CLOCK_SKEW:
+                created = float(batch.created_at)
+                if scan.past_window(created):
                     return None
                 found = dict(batch.metadata or {})
-                if batch.id not in taken and all(found.get(k) == v for k, v in metadata.items()):
+                if (
+                    scan.inside(created)
+                    and batch.id not in taken
+                    and metadata
+                    and all(found.get(k) == v for k, v in metadata.items())
+                ):
                     return _remote(batch)
             if not page.has_next_page():
                 return None
@@ -131,18 +161,26 @@ class OpenAIProvider(Provider):
         except openai.OpenAIError as exc:
             raise _error(exc) from exc
 
-    async def results(self, remote: RemoteBatch, workdir: Path, chunk: int = 2000) -> AsyncIterator[list[Outcome]]:
-        for file_id in (remote.output_file_id, remote.error_file_id):
+    async def results(
+        self, remote: RemoteBatch, workdir: Path, report: ResultsReport, chunk: int = 2000
+    ) -> AsyncIterator[list[Outcome]]:
+        for kind, file_id in (("output", remote.output_file_id), ("error", remote.error_file_id)):
             if not file_id:
                 continue
             target = workdir / f"{remote.id}-{file_id}.jsonl"
             try:
-                await download(
-                    partial(self._client.files.with_streaming_response.content, file_id),
-                    target,
-                    openai.OpenAIError,
-                    _error,
-                )
+                try:
+                    await download(
+                        partial(self._client.files.with_streaming_response.content, file_id),
+                        target,
+                        openai.OpenAIError,
+                        _error,
+                    )
+                except ProviderError as exc:
+                    if exc.status != 404:
+                        raise
+                    report.unavailable.add(kind)  # deleted (or expired) at the provider
+                    continue
                 for outcomes in read_outcomes(target, openai_outcome, chunk):
                     yield outcomes
             finally:
