@@ -161,3 +161,26 @@ async def wait_for_file(path: Path, timeout: float, daemon: DaemonProcess | None
         if time.monotonic() > deadline:
             raise AssertionError(f"{path} did not appear within {timeout} s")
         await asyncio.sleep(POLL_SECONDS)
+
+
+def open_position(pid: int, info: os.stat_result) -> int | None:
+    """Where process `pid` is reading the file `info` describes (its fd's offset), or None if not open.
+
+    Lets a test act while the daemon is mid-way through a file, without hooks in the daemon.
+    """
+    base = Path(f"/proc/{pid}")
+    try:
+        fds = os.listdir(base / "fd")
+    except OSError:
+        return None
+    for fd in fds:
+        try:
+            now = os.stat(base / "fd" / fd)
+            if (now.st_dev, now.st_ino) != (info.st_dev, info.st_ino):
+                continue
+            for line in (base / "fdinfo" / fd).read_text().splitlines():
+                if line.startswith("pos:"):
+                    return int(line.split()[1])
+        except OSError:
+            continue
+    return None

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,7 +19,7 @@ from batchd.spool import Spool
 from batchd.store import Store
 
 from .conftest import make_settings, wait_until
-from .harness import DaemonProcess, NotifySocket, write_config
+from .harness import DaemonProcess, NotifySocket, open_position, write_config
 from .test_acceptance import chat_line
 
 
@@ -113,3 +115,153 @@ async def test_a_second_signal_forces_exit_and_a_restart_finishes_the_work(
         await daemon.stop()
         notify.close()
     assert (spool / "out" / "big.results.jsonl").read_bytes().count(b"\n") == 300_000
+
+
+# -- file identity, races and hostile names ------------------------------------------------------
+
+
+def db_rows(store: Store, sql: str, params: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+    """Read the daemon's database beside it, the way an operator would."""
+    with sqlite3.connect(store.path) as db:
+        return list(db.execute(sql, params))
+
+
+def named_line(prefix: str, n: int) -> bytes:
+    line = chat_line(n)
+    line["custom_id"] = f"{prefix}-{n}"
+    return orjson.dumps(line) + b"\n"
+
+
+@pytest.mark.parametrize("swapped_in", ["file", "fifo"])
+async def test_a_file_renamed_over_new_name_during_ingest_is_not_moved_unread(
+    intake: tuple[Spool, Store, Settings], tmp_path: Path, swapped_in: str
+) -> None:
+    spool, store, _ = intake
+    big = spool.paths.new / "big.jsonl"
+    big.write_bytes(b"".join(named_line("big", n) for n in range(60_000)))
+    info = big.stat()
+    other = tmp_path / "other.jsonl"
+    if swapped_in == "fifo":
+        os.mkfifo(other)
+    else:
+        other.write_bytes(b"".join(named_line("other", n) for n in range(3)))
+    scan = asyncio.create_task(spool.rescan())
+    # The attack: while the daemon is reading big.jsonl, the producer renames another file over its name.
+    await wait_until(lambda: (open_position(os.getpid(), info) or 0) > 0, timeout=30, interval=0.002)
+    os.rename(other, big)
+    assert open_position(os.getpid(), info) is not None, "the rename came after the ingest: the test proves nothing"
+    await scan
+    assert db_rows(store, "SELECT COUNT(*) FROM items WHERE custom_id LIKE 'big-%'") == [(60_000,)]
+    # The file now named big.jsonl was never read: it must still be in new/, not in done/.
+    assert big.exists() and os.lstat(big).st_ino != info.st_ino
+    assert [p.name for p in spool.paths.done.iterdir()] == []
+    await spool.rescan()
+    if swapped_in == "fifo":
+        assert (spool.paths.rejected / "big.jsonl").exists() and not big.exists()
+    else:
+        assert db_rows(store, "SELECT COUNT(*) FROM items WHERE custom_id LIKE 'other-%'") == [(3,)]
+        assert not big.exists()
+    out_names = db_rows(store, "SELECT out_name FROM files ORDER BY id")
+    assert len(out_names) == len(set(out_names))
+
+
+async def test_same_name_and_content_dropped_again_after_done_is_new_work(
+    intake: tuple[Spool, Store, Settings],
+) -> None:
+    spool, store, _ = intake
+    content = b"".join(named_line("x", n) for n in range(2))
+    (spool.paths.new / "again.jsonl").write_bytes(content)
+    assert await spool.rescan() == 1
+    assert (spool.paths.done / "again.jsonl").exists()
+    (spool.paths.new / "again.jsonl").write_bytes(content)
+    assert await spool.rescan() == 1
+    rows = db_rows(store, "SELECT name, out_name, lines FROM files ORDER BY id")
+    assert rows == [("again.jsonl", "again.results.jsonl", 2), ("again.jsonl", "again.1.results.jsonl", 2)]
+    assert db_rows(store, "SELECT COUNT(*) FROM items") == [(4,)]
+    assert not (spool.paths.new / "again.jsonl").exists()
+
+
+async def test_a_fallback_results_name_never_equals_another_files_name(intake: tuple[Spool, Store, Settings]) -> None:
+    spool, store, _ = intake
+    # a.jsonl, then a.3.jsonl (results a.3.results.jsonl), then a second a.jsonl: the old fallback
+    # STEM.ID.results.jsonl gave it a.3.results.jsonl too, so two inputs shared one results file.
+    for name, prefix in (("a.jsonl", "first"), ("a.3.jsonl", "three"), ("a.jsonl", "second")):
+        (spool.paths.new / name).write_bytes(b"".join(named_line(prefix, n) for n in range(2)))
+        assert await spool.rescan() == 1
+    out_names = [row[0] for row in db_rows(store, "SELECT out_name FROM files ORDER BY id")]
+    assert out_names == ["a.results.jsonl", "a.3.results.jsonl", "a.1.results.jsonl"]
+
+
+async def test_a_results_name_present_in_out_is_not_reused(intake: tuple[Spool, Store, Settings]) -> None:
+    spool, store, _ = intake
+    (spool.paths.out / "b.results.jsonl").write_bytes(b"somebody else's results\n")
+    (spool.paths.out / "b.1.results.jsonl.part").write_bytes(b"")
+    (spool.paths.new / "b.jsonl").write_bytes(named_line("b", 1))
+    assert await spool.rescan() == 1
+    assert db_rows(store, "SELECT out_name FROM files") == [("b.2.results.jsonl",)]
+    assert (spool.paths.out / "b.results.jsonl").read_bytes() == b"somebody else's results\n"
+
+
+async def test_a_name_that_is_not_utf8_is_rejected_with_an_escaped_name(
+    intake: tuple[Spool, Store, Settings],
+) -> None:
+    spool, store, _ = intake
+    raw = os.fsencode(spool.paths.new) + b"/bad\xff.jsonl"
+    with open(raw, "wb") as handle:
+        handle.write(named_line("bad", 1))
+    (spool.paths.new / "good.jsonl").write_bytes(named_line("good", 1))
+    assert await spool.rescan() == 2
+    rejected = sorted(os.listdir(os.fsencode(spool.paths.rejected)))
+    assert rejected == [b"bad\\xff.jsonl", b"bad\\xff.jsonl.error.json"]
+    report = orjson.loads((spool.paths.rejected / "bad\\xff.jsonl.error.json").read_bytes())
+    assert report["file"] == "bad\\xff.jsonl" and "UTF-8" in report["error"]
+    assert db_rows(store, "SELECT name FROM files") == [("good.jsonl",)]
+
+
+async def test_a_byte_order_mark_does_not_make_the_first_line_invalid(intake: tuple[Spool, Store, Settings]) -> None:
+    spool, store, _ = intake
+    (spool.paths.new / "windows.jsonl").write_bytes(b"\xef\xbb\xbf" + named_line("w", 1) + named_line("w", 2))
+    assert await spool.rescan() == 1
+    assert await store.results_after(0, 10) == []
+    assert db_rows(store, "SELECT custom_id FROM items ORDER BY line") == [("w-1",), ("w-2",)]
+
+
+async def test_done_cleanup_does_not_follow_a_swapped_done_directory(
+    intake: tuple[Spool, Store, Settings], tmp_path: Path
+) -> None:
+    spool, _, settings = intake
+    settings.daemon.done_retention = 1
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "precious.db").write_bytes(b"data")
+    os.utime(victim / "precious.db", (1, 1))
+    spool.paths.done.rmdir()
+    spool.paths.done.symlink_to(victim)
+    spool._clean_done()
+    assert (victim / "precious.db").read_bytes() == b"data"
+
+
+async def test_a_report_is_not_written_through_a_swapped_rejected_directory(
+    intake: tuple[Spool, Store, Settings], tmp_path: Path
+) -> None:
+    spool, _, _ = intake
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    spool.paths.rejected.rmdir()
+    spool.paths.rejected.symlink_to(victim)
+    (spool.paths.new / "empty.jsonl").write_bytes(b"")
+    await spool.rescan()
+    assert list(victim.iterdir()) == []
+
+
+async def test_done_cleanup_removes_old_regular_files_only(intake: tuple[Spool, Store, Settings]) -> None:
+    spool, _, settings = intake
+    settings.daemon.done_retention = 60
+    old, fresh = spool.paths.done / "old.jsonl", spool.paths.done / "fresh.jsonl"
+    old.write_bytes(b"x\n")
+    fresh.write_bytes(b"y\n")
+    os.utime(old, (1, 1))
+    (spool.paths.done / "sub").mkdir()
+    os.utime(spool.paths.done / "sub", (1, 1))
+    spool._clean_done()
+    assert sorted(p.name for p in spool.paths.done.iterdir()) == ["fresh.jsonl", "sub"]
