@@ -206,9 +206,7 @@ async def test_a_name_that_is_not_utf8_is_rejected_with_an_escaped_name(
     intake: tuple[Spool, Store, Settings],
 ) -> None:
     spool, store, _ = intake
-    raw = os.fsencode(spool.paths.new) + b"/bad\xff.jsonl"
-    with open(raw, "wb") as handle:
-        handle.write(named_line("bad", 1))
+    Path(os.fsdecode(os.fsencode(spool.paths.new) + b"/bad\xff.jsonl")).write_bytes(named_line("bad", 1))
     (spool.paths.new / "good.jsonl").write_bytes(named_line("good", 1))
     assert await spool.rescan() == 2
     rejected = sorted(os.listdir(os.fsencode(spool.paths.rejected)))
