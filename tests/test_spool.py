@@ -6,8 +6,11 @@ import asyncio
 import os
 import signal
 import sqlite3
+import stat
+import subprocess
+import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import orjson
@@ -15,10 +18,10 @@ import pytest
 
 from batchd.emulator import RunningEmulator
 from batchd.settings import Settings
-from batchd.spool import Spool
+from batchd.spool import DIR_MODES, SUBDIRS, Spool, SpoolPaths, submit
 from batchd.store import Store
 
-from .conftest import make_settings, wait_until
+from .conftest import make_settings, require_root, wait_until
 from .harness import DaemonProcess, NotifySocket, open_position, write_config
 from .test_acceptance import chat_line
 
@@ -263,3 +266,157 @@ async def test_done_cleanup_removes_old_regular_files_only(intake: tuple[Spool, 
     os.utime(spool.paths.done / "sub", (1, 1))
     spool._clean_done()
     assert sorted(p.name for p in spool.paths.done.iterdir()) == ["fresh.jsonl", "sub"]
+
+
+MEMORY_SCRIPT = """
+import asyncio, sys
+from pathlib import Path
+import orjson
+from batchd.spool import Spool
+from batchd.store import Store
+from tests.conftest import make_settings
+
+def peak_kb():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+
+def wide(n):
+    line = {"custom_id": f"w-{n}", "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x" * 64_000}]}}
+    return orjson.dumps(line) + b"\\n"
+
+async def main(root):
+    settings = make_settings(root, None)
+    store = Store(settings.daemon.database_path)
+    await store.open()
+    spool = Spool(settings, store, on_ingest=lambda: None)
+    spool.paths.create()
+    peaks = {}
+    for name, count, blank in (("warm", 60, 2_000), ("wide", 1_500, 0), ("blank", 0, 200_000)):
+        with (spool.paths.new / f"{name}.jsonl").open("wb") as out:
+            for n in range(count):
+                out.write(wide(n))
+            out.write(b"\\n" * blank)
+        assert await spool.rescan() == 1
+        peaks[name] = peak_kb()
+    print(orjson.dumps(peaks).decode())
+    await store.close()
+
+asyncio.run(main(Path(sys.argv[1])))
+"""
+
+
+async def test_memory_stays_bounded_by_the_chunk_not_the_file(tmp_path: Path) -> None:
+    # A file of wide lines (96 MB) and a file of 200,000 blank lines: the intake's peak memory must
+    # not grow with either (the old chunk of 2,000 lines held 2,000 wide lines: +150 MB).
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-c", MEMORY_SCRIPT, str(tmp_path)],
+        capture_output=True,
+        check=True,
+        cwd=Path(__file__).parent.parent,
+        env={**os.environ, "BATCHD_LOG_LEVEL": "warning"},
+    )
+    peaks = orjson.loads(done.stdout.splitlines()[-1])
+    assert peaks["wide"] - peaks["warm"] < 48_000, peaks
+    assert peaks["blank"] - peaks["wide"] < 16_000, peaks
+
+
+async def test_the_same_inode_after_a_crash_before_the_move_is_not_ingested_twice(
+    intake: tuple[Spool, Store, Settings],
+) -> None:
+    spool, store, _ = intake
+    (spool.paths.new / "crash.jsonl").write_bytes(b"".join(named_line("c", n) for n in range(3)))
+    assert await spool.rescan() == 1
+    # The state a crash between the commit and the move leaves: the row, not moved, the inode in new/.
+    os.rename(spool.paths.done / "crash.jsonl", spool.paths.new / "crash.jsonl")
+    with sqlite3.connect(store.path) as db:
+        db.execute("UPDATE files SET moved_at = NULL")
+    assert await spool.rescan() == 1
+    assert db_rows(store, "SELECT COUNT(*) FROM items") == [(3,)]
+    assert db_rows(store, "SELECT out_name, moved_at IS NOT NULL FROM files") == [("crash.results.jsonl", 1)]
+    assert [p.name for p in spool.paths.done.iterdir()] == ["crash.jsonl"]
+
+
+async def test_a_finished_file_whose_results_were_consumed_gives_its_results_name_up(
+    intake: tuple[Spool, Store, Settings],
+) -> None:
+    spool, store, _ = intake
+    (spool.paths.new / "daily.jsonl").write_bytes(named_line("d", 1))
+    assert await spool.rescan() == 1
+    with sqlite3.connect(store.path) as db:  # delivered and completed; the producer took the results away
+        db.execute("UPDATE files SET state = 'complete'")
+    (spool.paths.new / "daily.jsonl").write_bytes(named_line("d", 2))
+    assert await spool.rescan() == 1
+    assert db_rows(store, "SELECT out_name FROM files ORDER BY id") == [
+        ("daily.results.jsonl~1",),
+        ("daily.results.jsonl",),
+    ]
+
+
+def test_submit_picks_a_name_free_in_new_done_and_out_and_says_where_results_go(tmp_path: Path) -> None:
+    paths = SpoolPaths(tmp_path / "spool")
+    paths.create()
+    first = submit([chat_line(1)], name="job", spool_dir=paths.root)
+    assert (first.path, first.results) == (paths.new / "job.jsonl", paths.out / "job.results.jsonl")
+    assert os.fspath(first) == str(paths.new / "job.jsonl")
+    (paths.done / "job-1.jsonl").write_bytes(b"")
+    (paths.out / "job-2.results.jsonl.part").write_bytes(b"")
+    second = submit([chat_line(2)], name="job", spool_dir=paths.root)
+    assert (second.path, second.results) == (paths.new / "job-3.jsonl", paths.out / "job-3.results.jsonl")
+    assert (paths.new / "job.jsonl").read_bytes() == orjson.dumps(chat_line(1)) + b"\n"
+    assert sorted(p.name for p in paths.tmp.iterdir()) == []
+
+
+def test_the_submit_command_prints_the_spool_path_and_the_results_path(tmp_path: Path) -> None:
+    source = tmp_path / "tickets.jsonl"
+    source.write_bytes(orjson.dumps(chat_line(1)) + b"\n")
+    spool = tmp_path / "spool"
+    SpoolPaths(spool).create()
+    (spool / "out" / "tickets.results.jsonl").write_bytes(b"an older run\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "batchd", "submit", "--spool-dir", str(spool), str(source)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert done.stdout.splitlines() == [
+        str(spool / "new" / "tickets-1.jsonl"),
+        f"results: {spool}/out/tickets-1.results.jsonl",
+    ]
+
+
+def test_create_makes_the_documented_modes_and_check_modes_accepts_them(tmp_path: Path) -> None:
+    paths = SpoolPaths(tmp_path / "spool")
+    paths.create()
+    modes = {sub: stat.S_IMODE(os.stat(paths.root / sub).st_mode) for sub in ("", *SUBDIRS)}
+    assert modes == {"": 0o2755, "tmp": 0o3770, "new": 0o3770, "done": 0o2750, "rejected": 0o2750, "out": 0o2750}
+    assert paths.check_modes() is None
+    tmpfiles = (Path(__file__).parent.parent / "systemd" / "batchd.tmpfiles").read_text().split()
+    for sub, mode in DIR_MODES:
+        path = "/var/spool/batchd" + (f"/{sub}" if sub else "")
+        assert tmpfiles[tmpfiles.index(path) + 1] == f"{mode:04o}", path
+
+
+@pytest.mark.parametrize(
+    ("sub", "change", "reason"),
+    [
+        ("", lambda p: p.chmod(0o2775), "producers could rename or replace it"),
+        ("rejected", lambda p: p.chmod(0o2770), "producers could rename or replace it"),
+        ("out", lambda p: p.chmod(0o2777), "producers could rename or replace it"),
+        ("new", lambda p: p.chmod(0o2770), "without the sticky bit"),
+        ("done", lambda p: (p.rmdir(), p.symlink_to(p.parent / "tmp")), "is a symlink"),
+        ("out", lambda p: os.chown(p, 4242, -1), "owned by uid 4242"),
+    ],
+)
+def test_check_modes_refuses_a_spool_producers_could_rearrange(
+    tmp_path: Path, sub: str, change: Callable[[Path], object], reason: str
+) -> None:
+    if sub == "out" and "uid" in reason:
+        require_root()
+    paths = SpoolPaths(tmp_path / "spool")
+    paths.create()
+    change(paths.root / sub if sub else paths.root)
+    found = paths.check_modes()
+    assert found is not None and reason in found and "\n" not in found
