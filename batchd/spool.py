@@ -76,6 +76,10 @@ class SpoolDirectoryError(OSError):
     """A directory of the spool is not a plain directory the daemon can use safely."""
 
 
+class _MissingDirectory(FileNotFoundError):
+    """A directory of the spool does not exist (yet): create() makes it."""
+
+
 class SpoolPaths:
     """The directories of one spool."""
 
@@ -167,7 +171,7 @@ class _Dirs:
                 self._root = safefs.open_dir(self._root_path)
             fd = safefs.open_dir(sub, self._root)
         except FileNotFoundError:
-            raise
+            raise _MissingDirectory(errno.ENOENT, f"spool/{sub} is missing") from None
         except OSError as exc:
             reason = "a symlink" if exc.errno in (errno.ELOOP, errno.ENOTDIR) else exc.strerror
             raise SpoolDirectoryError(exc.errno, f"spool/{sub} is not a usable directory ({reason})") from None
@@ -301,7 +305,7 @@ class Spool:
         with _Dirs(self.paths.root) as dirs:
             try:
                 names = sorted(os.listdir(dirs.fd("new")))
-            except FileNotFoundError:
+            except _MissingDirectory:
                 self.paths.create()
                 return 0
             except SpoolDirectoryError as exc:
@@ -313,10 +317,13 @@ class Spool:
                 try:
                     if await self._take(dirs, name):
                         taken += 1
-                except (SpoolDirectoryError, FileNotFoundError) as exc:
-                    # done/, rejected/ or out/ is missing or was swapped for something else: touch
-                    # nothing through it; start-up refuses such a spool (check_modes).
+                except SpoolDirectoryError as exc:
+                    # done/, rejected/ or out/ was swapped for something else: touch nothing through
+                    # it; start-up refuses such a spool (check_modes).
                     log.error("spool.unsafe_directory", file=safefs.display_name(name), error=exc.strerror)
+                    return taken
+                except _MissingDirectory:
+                    self.paths.create()
                     return taken
         return taken
 
@@ -454,7 +461,10 @@ class Spool:
             return False
         except safefs.UnsafeFileError as exc:
             # Swapped for a symlink, FIFO or directory after the lstat: refuse what is there now.
-            now = os.stat(name, dir_fd=new, follow_symlinks=False)
+            try:
+                now = os.stat(name, dir_fd=new, follow_symlinks=False)
+            except FileNotFoundError:
+                return False
             return self._reject(dirs, name, now, f"not a regular file: {exc.strerror}")
         except OSError as exc:
             return self._reject(dirs, name, info, f"cannot read file: {exc.strerror or exc}")

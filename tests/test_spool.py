@@ -420,3 +420,44 @@ def test_check_modes_refuses_a_spool_producers_could_rearrange(
     change(paths.root / sub if sub else paths.root)
     found = paths.check_modes()
     assert found is not None and reason in found and "\n" not in found
+
+
+async def test_migration_005_keeps_old_rows_and_references_and_splits_shared_results_names(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite3"
+    sql = Path(__file__).parent.parent / "batchd" / "sql"
+    with sqlite3.connect(path) as db:
+        for script in sorted(sql.glob("00[1-4]_*.sql")):
+            db.executescript(script.read_text())
+        db.execute("PRAGMA user_version = 4")
+        # The old fallback gave a second a.jsonl the name a.3.results.jsonl, which a.3.jsonl also had.
+        db.executemany(
+            "INSERT INTO files (id, name, sha256, size, out_name, ingested_at) VALUES (?, ?, ?, 1, ?, 0)",
+            [
+                (1, "a.jsonl", "h1", "a.results.jsonl"),
+                (2, "a.3.jsonl", "h2", "a.3.results.jsonl"),
+                (3, "a.jsonl", "h3", "a.3.results.jsonl"),
+            ],
+        )
+        db.execute(
+            "INSERT INTO items (file_id, line, custom_id, profile, endpoint, model, size, queued_at)"
+            " VALUES (3, 1, 'x', 'openai', '/v1/chat/completions', 'm', 1, 0)"
+        )
+        db.execute(
+            "INSERT INTO results (file_id, line, status, payload, created_at) VALUES (2, 1, 'invalid', x'00', 0)"
+        )
+    store = Store(path)
+    await store.open()
+    try:
+        assert db_rows(store, "SELECT id, out_name, moved_at IS NOT NULL, ino FROM files ORDER BY id") == [
+            (1, "a.results.jsonl", 1, None),
+            (2, "a.3.results.jsonl", 1, None),
+            (3, "a.3.migrated-3.results.jsonl", 1, None),
+        ]
+        assert db_rows(store, "PRAGMA foreign_key_check") == []
+        assert db_rows(store, "SELECT file_id FROM items") == [(3,)]
+        assert db_rows(store, "PRAGMA foreign_keys") == [(0,)]  # a new connection: the default
+        assert (await store._fetchone("PRAGMA foreign_keys"))[0] == 1  # the store's own: back on
+        # Old rows count as moved: the same name and content again is new work.
+        assert await store.file_known("a.jsonl", "h1", 0, 0) is None
+    finally:
+        await store.close()
