@@ -113,7 +113,9 @@ class SpoolPaths:
         for sub, mode in DIR_MODES:
             path = self.root / sub if sub else self.root
             try:
-                info = os.lstat(path)
+                # The root may be a symlink the operator made (only who controls its parent can change
+                # it); the directories below it may not.
+                info = os.stat(path) if not sub else os.lstat(path)
             except OSError as exc:
                 return f"spool directory {path}: {exc.strerror or exc}"
             if stat.S_ISLNK(info.st_mode):
@@ -168,7 +170,9 @@ class _Dirs:
             return self._fds[sub]
         try:
             if self._root is None:
-                self._root = safefs.open_dir(self._root_path)
+                # The root is the operator's configured path (it may be a symlink the operator made);
+                # below it, nothing is followed.
+                self._root = os.open(self._root_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             fd = safefs.open_dir(sub, self._root)
         except FileNotFoundError:
             raise _MissingDirectory(errno.ENOENT, f"spool/{sub} is missing") from None
