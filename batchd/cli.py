@@ -61,7 +61,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
             print(f"batchd submit: {name}: not a file", file=sys.stderr)
             return 1
         target = submit_file(source, spool_dir, name=args.name if len(args.files) == 1 else None)
-        print(target)
+        print(target.path)
+        print(f"results: {target.results}")
     return 0
 
 

@@ -1,19 +1,29 @@
 """The spool: a maildir-style directory that producers drop JSONL files into.
 
-    spool/tmp/       producers write here, fsync, then rename into new/
-    spool/new/       batchd ingests *.jsonl files found here
-    spool/done/      ingested files
-    spool/rejected/  files that could not be read at all, each with NAME.error.json
-    spool/out/       results (written by the outbox sink)
+    spool/           owned by the daemon, not writable by producers (2755)
+    spool/tmp/       producers write here, fsync, then rename into new/ (3770: sticky + setgid)
+    spool/new/       batchd ingests *.jsonl files found here (3770)
+    spool/done/      ingested files (2750)
+    spool/rejected/  files that could not be read at all, each with NAME.error.json (2750)
+    spool/out/       results (written by the outbox sink; 2750, readable by the group)
 
-A file is ingested in one SQLite transaction keyed by (name, content hash); it leaves new/ only
-after that commit is durable, so a crash at any point re-ingests it idempotently.
+The spool is a security boundary: producers share tmp/ and new/ with the daemon, so every name
+there may change between two system calls. Each file is opened once (`O_NOFOLLOW | O_NONBLOCK`,
+checked with `fstat`) and hashed, settle-checked, parsed and ingested from that one descriptor; it
+leaves new/ only while its name still refers to that inode. Everything written or removed in
+done/, rejected/ and out/ goes through directory descriptors opened with `O_NOFOLLOW`, with
+`O_EXCL` creates and renames that never replace.
+
+A file is ingested in one SQLite transaction and is known by (name, content hash, inode, moved
+out of new/): a crash before the move re-reads the same inode idempotently; the same name and
+content dropped again later is new work with its own results name.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import os
 import secrets
@@ -28,6 +38,7 @@ from typing import IO, Any
 import orjson
 import watchfiles
 
+from . import safefs
 from .aio import wait_any
 from .crashpoints import CrashPoints
 from .formats import LineError, invalid_result, parse_line
@@ -36,11 +47,37 @@ from .settings import Settings
 from .store import NewItem, NewResult, Store
 
 SUBDIRS = ("tmp", "new", "done", "rejected", "out")
+# A chunk of one file's lines, parsed then written to SQLite: bounded by lines and by bytes, so
+# memory stays bounded whatever the lines look like (at least one line per chunk, however big).
 CHUNK_LINES = 2000
+CHUNK_BYTES = 8 << 20
 # Bytes around each request in a provider batch (custom_id, method, url, separators).
 LINE_OVERHEAD = 96
+BOM = b"\xef\xbb\xbf"
+RESULTS_SUFFIX = ".results.jsonl"
+# (subdirectory, mode). tmp/ and new/ are shared with producers: sticky, so nobody renames or
+# removes another's file. The root and the daemon's own directories are not group-writable, so
+# nobody renames them away. Setgid keeps files in the producers' group.
+DIR_MODES: tuple[tuple[str, int], ...] = (
+    ("", 0o2755),
+    ("tmp", 0o3770),
+    ("new", 0o3770),
+    ("done", 0o2750),
+    ("rejected", 0o2750),
+    ("out", 0o2750),
+)
+SHARED = frozenset({"tmp", "new"})
+MAX_SUFFIX = 10_000
 
 log = get_logger("batchd.spool")
+
+
+class SpoolDirectoryError(OSError):
+    """A directory of the spool is not a plain directory the daemon can use safely."""
+
+
+class _MissingDirectory(FileNotFoundError):
+    """A directory of the spool does not exist (yet): create() makes it."""
 
 
 class SpoolPaths:
@@ -54,13 +91,110 @@ class SpoolPaths:
         self.rejected = root / "rejected"
         self.out = root / "out"
 
-    def create(self, mode: int = 0o2775) -> None:
-        for name in SUBDIRS:
-            path = self.root / name
+    def create(self) -> None:
+        """Make the spool with the modes of systemd/batchd.tmpfiles, as far as this process may.
+
+        Directories someone else owns are left alone; where the sandbox forbids setgid
+        (RestrictSUIDSGID) the mode is set without it.
+        """
+        for sub, mode in DIR_MODES:
+            path = self.root / sub if sub else self.root
             path.mkdir(parents=True, exist_ok=True)
-        # out/ holds results that may be sensitive: readable by the group, not by others.
-        with contextlib.suppress(PermissionError):
-            self.out.chmod(0o2750)
+            _set_mode(path, mode)
+
+    def check_modes(self, euid: int | None = None) -> str | None:
+        """None if producers cannot rename or write the daemon's directories; else a one-line reason.
+
+        The root, done/, rejected/ and out/ must be directories (not symlinks) owned by the daemon
+        (or root) without group or other write; tmp/ and new/ may be group-writable only with the
+        sticky bit.
+        """
+        uid = os.geteuid() if euid is None else euid
+        for sub, mode in DIR_MODES:
+            path = self.root / sub if sub else self.root
+            try:
+                # The root may be a symlink the operator made (only who controls its parent can change
+                # it); the directories below it may not.
+                info = os.stat(path) if not sub else os.lstat(path)
+            except OSError as exc:
+                return f"spool directory {path}: {exc.strerror or exc}"
+            if stat.S_ISLNK(info.st_mode):
+                return f"spool directory {path} is a symlink: whoever controls it can redirect the daemon's files"
+            if not stat.S_ISDIR(info.st_mode):
+                return f"spool directory {path} is not a directory"
+            if info.st_uid not in (uid, 0):
+                return f"spool directory {path} is owned by uid {info.st_uid}, not by the daemon (uid {uid}) or root"
+            current = stat.S_IMODE(info.st_mode)
+            if current & (stat.S_IWGRP | stat.S_IWOTH):
+                if sub not in SHARED:
+                    return (
+                        f"spool directory {path} has mode {current:04o}: producers could rename or replace it"
+                        f" (want {mode:04o}, see systemd/batchd.tmpfiles)"
+                    )
+                if not current & stat.S_ISVTX:
+                    return (
+                        f"spool directory {path} has mode {current:04o} without the sticky bit: producers could"
+                        f" rename or replace each other's files (want {mode:04o})"
+                    )
+        return None
+
+
+def _set_mode(path: Path, mode: int) -> None:
+    try:
+        fd = safefs.open_dir(path)
+    except OSError:
+        return  # a symlink or unreadable: check_modes says why
+    try:
+        info = os.fstat(fd)
+        if stat.S_IMODE(info.st_mode) == mode or (os.geteuid() != 0 and info.st_uid != os.geteuid()):
+            return
+        try:
+            os.fchmod(fd, mode)
+        except PermissionError:
+            with contextlib.suppress(PermissionError):
+                os.fchmod(fd, mode & ~stat.S_ISGID)
+    finally:
+        os.close(fd)
+
+
+class _Dirs:
+    """Descriptors of the spool's directories for one pass, each opened once without following symlinks."""
+
+    def __init__(self, root: Path) -> None:
+        self._root_path = root
+        self._root: int | None = None
+        self._fds: dict[str, int] = {}
+
+    def fd(self, sub: str) -> int:
+        if sub in self._fds:
+            return self._fds[sub]
+        try:
+            if self._root is None:
+                # The root is the operator's configured path (it may be a symlink the operator made);
+                # below it, nothing is followed.
+                self._root = os.open(self._root_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            fd = safefs.open_dir(sub, self._root)
+        except FileNotFoundError:
+            raise _MissingDirectory(errno.ENOENT, f"spool/{sub} is missing") from None
+        except OSError as exc:
+            reason = "a symlink" if exc.errno in (errno.ELOOP, errno.ENOTDIR) else exc.strerror
+            raise SpoolDirectoryError(exc.errno, f"spool/{sub} is not a usable directory ({reason})") from None
+        self._fds[sub] = fd
+        return fd
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        if self._root is not None:
+            os.close(self._root)
+            self._root = None
+
+    def __enter__(self) -> _Dirs:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
 
 
 @dataclass(slots=True)
@@ -70,40 +204,58 @@ class IngestReport:
     queued: int = 0
     invalid: int = 0
     seconds: float = 0.0
+    out_name: str = ""
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+class _FileChanged(Exception):
+    """The file's bytes changed between hashing and parsing (its writer is not done)."""
+
+
+def _valid_utf8(name: str) -> bool:
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
-def _unique_target(directory: Path, name: str) -> Path:
-    target = directory / name
-    if not target.exists() and not target.is_symlink():
-        return target
-    stem, dot, suffix = name.partition(".")
-    return directory / f"{stem}.{int(time.time())}.{secrets.token_hex(3)}{dot}{suffix}"
+def _variants(name: str) -> Iterator[str]:
+    """`name`, then NAME.1.jsonl, NAME.2.jsonl, … (or name.1, name.2 for other names)."""
+    yield name
+    stem, suffix = (name[: -len(".jsonl")], ".jsonl") if name.endswith(".jsonl") else (name, "")
+    for number in range(1, MAX_SUFFIX):
+        yield f"{stem}.{number}{suffix}"
+    yield f"{stem}.{secrets.token_hex(6)}{suffix}"
 
 
-def _read_lines(handle: IO[bytes], max_bytes: int) -> Iterator[tuple[int, bytes | None, int]]:
-    """(line number, content without newline or None when over max_bytes, length) for each line."""
+def _read_lines(handle: IO[bytes], max_bytes: int, digest: Any = None) -> Iterator[tuple[int, bytes | None, int]]:
+    """(line number, content without newline or None when over max_bytes, length) for each line.
+
+    Every byte read goes into `digest` (when given), so the caller can prove it parsed what it hashed.
+    """
     number = 0
     while True:
         raw = handle.readline(max_bytes + 2)
         if not raw:
             return
+        if digest is not None:
+            digest.update(raw)
         number += 1
+        if number == 1 and raw.startswith(BOM):  # files written on Windows often start with one
+            raw = raw[len(BOM) :]
         if len(raw) > max_bytes + 1:  # more than max_bytes before the newline
             # Too long: skip the rest of it without holding it in memory.
             length = len(raw)
-            while not raw.endswith(b"\n"):
-                raw = handle.readline(1 << 20)
-                if not raw:
+            raw = b""  # let the big buffer go before reading on
+            while True:
+                piece = handle.readline(1 << 20)
+                if not piece:
                     break
-                length += len(raw)
+                if digest is not None:
+                    digest.update(piece)
+                length += len(piece)
+                if piece.endswith(b"\n"):
+                    break
             yield number, None, length
             continue
         content = raw[:-1] if raw.endswith(b"\n") else raw
@@ -112,14 +264,24 @@ def _read_lines(handle: IO[bytes], max_bytes: int) -> Iterator[tuple[int, bytes 
         yield number, content, len(raw)
 
 
-def _sha256(path: Path) -> tuple[str, int]:
+def _sha256_fd(fd: int) -> tuple[str, int]:
+    """Hash the whole file behind `fd` with pread, leaving its offset alone."""
     digest = hashlib.sha256()
-    size = 0
-    with path.open("rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-            size += len(block)
-    return digest.hexdigest(), size
+    offset = 0
+    while block := os.pread(fd, 1 << 20, offset):
+        digest.update(block)
+        offset += len(block)
+    return digest.hexdigest(), offset
+
+
+def _reader(fd: int) -> IO[bytes]:
+    """A buffered reader from the start of `fd`, which it leaves open."""
+    os.lseek(fd, 0, os.SEEK_SET)
+    return open(fd, "rb", closefd=False)
+
+
+def _out_taken(out_fd: int, out_name: str) -> bool:
+    return safefs.exists(out_fd, out_name) or safefs.exists(out_fd, out_name + ".part")
 
 
 class Spool:
@@ -135,6 +297,7 @@ class Spool:
         self._on_ingest = on_ingest
         self._wake = asyncio.Event()
         self._waiting: dict[str, float] = {}
+        self._stuck: set[tuple[str, int]] = set()  # entries that could not be moved to rejected/
         self._routes: dict[tuple[str, str], str | None] = {}  # (kind, model) -> profile, per settings
 
     def wake(self) -> None:
@@ -143,16 +306,29 @@ class Spool:
     async def rescan(self) -> int:
         """Ingest everything in new/ now; returns how many files were taken."""
         taken = 0
-        try:
-            names = sorted(os.listdir(self.paths.new))
-        except FileNotFoundError:
-            self.paths.create()
-            return 0
-        for name in names:
-            if name.startswith("."):
-                continue
-            if await self._take(name):
-                taken += 1
+        with _Dirs(self.paths.root) as dirs:
+            try:
+                names = sorted(os.listdir(dirs.fd("new")))
+            except _MissingDirectory:
+                self.paths.create()
+                return 0
+            except SpoolDirectoryError as exc:
+                log.error("spool.unsafe_directory", error=exc.strerror)
+                return 0
+            for name in names:
+                if name.startswith("."):
+                    continue
+                try:
+                    if await self._take(dirs, name):
+                        taken += 1
+                except SpoolDirectoryError as exc:
+                    # done/, rejected/ or out/ was swapped for something else: touch nothing through
+                    # it; start-up refuses such a spool (check_modes).
+                    log.error("spool.unsafe_directory", file=safefs.display_name(name), error=exc.strerror)
+                    return taken
+                except _MissingDirectory:
+                    self.paths.create()
+                    return taken
         return taken
 
     async def run(self, stopping: asyncio.Event) -> None:
@@ -182,99 +358,199 @@ class Spool:
             log.warning("spool.watch_failed", error=str(exc))
 
     def _clean_done(self) -> None:
+        """Remove regular files older than done_retention from done/, through its descriptor only."""
         cutoff = time.time() - self.settings.daemon.done_retention
-        try:
-            entries = list(os.scandir(self.paths.done))
-        except FileNotFoundError:
-            return
-        for entry in entries:
-            with contextlib.suppress(OSError):
-                if entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_mtime < cutoff:
-                    os.unlink(entry.path)
+        with _Dirs(self.paths.root) as dirs:
+            try:
+                done = dirs.fd("done")
+                names = os.listdir(done)
+            except OSError as exc:
+                if not isinstance(exc, FileNotFoundError):
+                    log.error("spool.unsafe_directory", error=exc.strerror)
+                return
+            for name in names:
+                with contextlib.suppress(OSError):
+                    info = os.stat(name, dir_fd=done, follow_symlinks=False)
+                    if stat.S_ISREG(info.st_mode) and info.st_mtime < cutoff:
+                        os.unlink(name, dir_fd=done)
 
-    def _reject(self, name: str, reason: str) -> None:
-        source = self.paths.new / name
-        target = _unique_target(self.paths.rejected, name)
-        try:
-            os.rename(source, target)
-        except FileNotFoundError:
-            return
-        report = {"file": name, "error": reason, "at": datetime.now(UTC).isoformat()}
-        error_path = target.with_name(target.name + ".error.json")
-        error_path.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n")
-        _fsync_dir(self.paths.rejected)
-        log.warning("spool.rejected", file=name, reason=reason)
+    def _move_out(self, dirs: _Dirs, name: str, info: os.stat_result, sub: str, preferred: str) -> str | None:
+        """Move new/NAME to SUB/ under `preferred` (or a variant of it) if NAME is still the inode `info`.
 
-    async def _take(self, name: str) -> bool:
-        path = self.paths.new / name
+        Returns the name it got there, or None when NAME now refers to another file (or none):
+        that file was never read, so it stays in new/ for the next pass. Never replaces anything.
+        """
+        new, target_dir = dirs.fd("new"), dirs.fd(sub)
+        if not safefs.same_file(new, name, info):
+            return None
+        for candidate in _variants(preferred):
+            if sub == "rejected" and safefs.exists(target_dir, candidate + ".error.json"):
+                continue
+            try:
+                safefs.rename_noreplace(new, name, target_dir, candidate)
+            except FileExistsError:
+                continue
+            except FileNotFoundError:
+                return None
+            break
+        else:  # pragma: no cover - _variants ends with a random name
+            raise FileExistsError(errno.EEXIST, "no free name", preferred)
+        if not safefs.same_file(target_dir, candidate, info):
+            # Swapped between the check and the rename: what was moved was never read. Put it back.
+            self._give_back(dirs, sub, candidate, name)
+            return None
+        safefs.fsync_dir(target_dir)
+        safefs.fsync_dir(new)
+        return candidate
+
+    def _give_back(self, dirs: _Dirs, sub: str, moved: str, name: str) -> None:
+        new = dirs.fd("new")
+        for candidate in _variants(name):
+            try:
+                safefs.rename_noreplace(dirs.fd(sub), moved, new, candidate)
+            except FileExistsError:
+                continue
+            log.warning("spool.returned", file=safefs.display_name(name), returned_as=safefs.display_name(candidate))
+            self._wake.set()
+            return
+
+    def _reject(self, dirs: _Dirs, name: str, info: os.stat_result, reason: str) -> bool:
+        """Move new/NAME to rejected/ with NAME.error.json beside it; False if it could not be moved."""
+        shown = safefs.display_name(name)
         try:
-            info = os.lstat(path)
+            target = self._move_out(dirs, name, info, "rejected", shown)
+        except SpoolDirectoryError:
+            raise
+        except OSError as exc:
+            # e.g. a producer's directory that is not writable by the daemon cannot change parent.
+            self._stuck.add((name, info.st_ino))
+            log.error("spool.reject_failed", file=shown, reason=reason, error=exc.strerror or str(exc))
+            return False
+        if target is None:
+            self._wake.set()
+            return False
+        report = {"file": shown, "error": reason, "at": datetime.now(UTC).isoformat()}
+        if target != shown:
+            report["moved_to"] = target
+        rejected = dirs.fd("rejected")
+        try:
+            safefs.write_new(rejected, target + ".error.json", orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n")
+        except FileExistsError:
+            log.error("spool.report_exists", file=shown, report=target + ".error.json")
+        safefs.fsync_dir(rejected)
+        log.warning("spool.rejected", file=shown, reason=reason, moved_to=target)
+        return True
+
+    async def _take(self, dirs: _Dirs, name: str) -> bool:
+        new = dirs.fd("new")
+        try:
+            info = os.stat(name, dir_fd=new, follow_symlinks=False)
         except FileNotFoundError:
             return False
-        try:
-            name.encode("utf-8")
-        except UnicodeEncodeError:
-            self._reject(name, "file name is not valid UTF-8")
-            return True
+        if (name, info.st_ino) in self._stuck:
+            return False
+        if not _valid_utf8(name):
+            return self._reject(dirs, name, info, "file name is not valid UTF-8")
         if stat.S_ISLNK(info.st_mode):
-            self._reject(name, "symlinks are refused: write the file itself into the spool")
-            return True
+            return self._reject(dirs, name, info, "symlinks are refused: write the file itself into the spool")
         if stat.S_ISDIR(info.st_mode):
-            self._reject(name, "a directory is not a spool file")
-            return True
+            return self._reject(dirs, name, info, "a directory is not a spool file")
         if not stat.S_ISREG(info.st_mode):
-            self._reject(name, "not a regular file")
-            return True
+            return self._reject(dirs, name, info, "not a regular file (a FIFO, socket or device)")
         if not name.endswith(".jsonl"):
             return False
-        if info.st_size == 0:
-            self._reject(name, "empty file: no request lines")
-            return True
-        if not self._settled(path, info):
-            self._waiting[name] = info.st_mtime
-            return False
-        self._waiting.pop(name, None)
         try:
-            report = await self.ingest(name)
+            fd, info = safefs.open_regular(new, name)
+        except FileNotFoundError:
+            return False
+        except safefs.UnsafeFileError as exc:
+            # Swapped for a symlink, FIFO or directory after the lstat: refuse what is there now.
+            try:
+                now = os.stat(name, dir_fd=new, follow_symlinks=False)
+            except FileNotFoundError:
+                return False
+            return self._reject(dirs, name, now, f"not a regular file: {exc.strerror}")
         except OSError as exc:
-            self._reject(name, f"cannot read file: {exc.strerror or exc}")
-            return True
+            return self._reject(dirs, name, info, f"cannot read file: {exc.strerror or exc}")
+        try:
+            if info.st_size == 0:
+                return self._reject(dirs, name, info, "empty file: no request lines")
+            if not self._settled(fd, info):
+                self._waiting[name] = info.st_mtime
+                return False
+            self._waiting.pop(name, None)
+            try:
+                report = await self._ingest_fd(dirs, name, fd, info)
+            except SpoolDirectoryError:
+                raise
+            except _FileChanged:
+                log.warning("spool.changed_during_ingest", file=name)
+                self._waiting[name] = info.st_mtime
+                return False
+            except OSError as exc:
+                return self._reject(dirs, name, info, f"cannot read file: {exc.strerror or exc}")
+        finally:
+            os.close(fd)
         if report is None:
-            return True
+            return False
         self._on_ingest()
         return True
 
-    def _settled(self, path: Path, info: os.stat_result) -> bool:
+    def _settled(self, fd: int, info: os.stat_result) -> bool:
         """False while a file without a final newline may still be being written."""
-        with path.open("rb") as handle:
-            handle.seek(-1, os.SEEK_END)
-            if handle.read(1) == b"\n":
-                return True
+        if os.pread(fd, 1, info.st_size - 1) == b"\n":
+            return True
         return time.time() - info.st_mtime >= self.settings.daemon.settle_time
 
     async def ingest(self, name: str) -> IngestReport | None:
-        """Ingest new/NAME in one transaction and move it to done/."""
-        path = self.paths.new / name
+        """Ingest new/NAME in one transaction and move it to done/ (None if it was not taken)."""
+        with _Dirs(self.paths.root) as dirs:
+            fd, info = safefs.open_regular(dirs.fd("new"), name)
+            try:
+                return await self._ingest_fd(dirs, name, fd, info)
+            finally:
+                os.close(fd)
+
+    async def _ingest_fd(self, dirs: _Dirs, name: str, fd: int, info: os.stat_result) -> IngestReport | None:
+        """Ingest the file open on `fd` (new/NAME when opened) and move it to done/ if NAME is still it."""
         started = time.monotonic()
-        sha256, size = await asyncio.to_thread(_sha256, path)
+        sha256, size = await asyncio.to_thread(_sha256_fd, fd)
         report = IngestReport(name)
-        if await self.store.file_known(name, sha256):
-            log.info("spool.already_ingested", file=name)
+        known = await self.store.file_known(name, sha256, info.st_dev, info.st_ino)
+        if known is not None:
+            # This very file was ingested before a crash and never left new/.
+            file_id, report.out_name = known
+            log.info("spool.already_ingested", file=name, results=report.out_name)
         else:
             log.info("spool.ingesting", file=name, bytes=size)
-            async with self.store.ingest(name, sha256, size) as ingest:
-                with path.open("rb") as handle:
-                    lines = _read_lines(handle, self.settings.max_line_bytes)
+            out = dirs.fd("out")
+            async with self.store.ingest(
+                name, sha256, size, info.st_dev, info.st_ino, out_taken=lambda out_name: _out_taken(out, out_name)
+            ) as ingest:
+                digest = hashlib.sha256()
+                with _reader(fd) as handle:
+                    lines = _read_lines(handle, self.settings.max_line_bytes, digest)
                     while True:
                         items, invalid, count = self._parse_chunk(lines)
                         if not count:
                             break
                         await ingest.add(items, invalid, count)
                         self._crashpoints.reach("mid-ingest")
+                if digest.hexdigest() != sha256:
+                    raise _FileChanged(name)
+            file_id = ingest.file_id
             report.lines, report.queued, report.invalid = ingest.lines, ingest.queued, ingest.invalid
-        target = _unique_target(self.paths.done, name)
-        os.rename(path, target)
-        _fsync_dir(self.paths.new)
+            report.out_name = ingest.out_name
+            if report.out_name != name[: -len(".jsonl")] + RESULTS_SUFFIX:
+                log.info("spool.results_renamed", file=name, results=report.out_name)
+        preferred = report.out_name[: -len(RESULTS_SUFFIX)] + ".jsonl"
+        moved = self._move_out(dirs, name, info, "done", preferred)
+        if moved is None:
+            # Renamed over (or away) while it was read: what has the name now is new work.
+            log.warning("spool.replaced_during_ingest", file=name)
+            self._wake.set()
+        else:
+            await self.store.file_moved(file_id)
         report.seconds = round(time.monotonic() - started, 3)
         if report.lines:
             log.info(
@@ -284,6 +560,7 @@ class Spool:
                 queued=report.queued,
                 invalid=report.invalid,
                 bytes=size,
+                results=report.out_name,
                 seconds=report.seconds,
             )
         return report
@@ -294,14 +571,16 @@ class Spool:
         items: list[NewItem] = []
         invalid: list[NewResult] = []
         count = 0
+        size = 0
         for number, content, length in lines:
             count += 1
+            size += length
             try:
                 items.append(self._item(number, content, length))
             except LineError as exc:
                 custom_id = exc.custom_id or f"line-{number}"
                 invalid.append(NewResult(number, "invalid", invalid_result(custom_id, number, str(exc))))
-            if count >= CHUNK_LINES:
+            if count >= CHUNK_LINES or size >= CHUNK_BYTES:
                 break
         return items, invalid, count
 
@@ -342,36 +621,85 @@ def _encode(request: Any) -> bytes:
     return line + b"\n"
 
 
-def submit(requests: Iterable[Any], name: str | None = None, spool_dir: Path | str = "/var/spool/batchd") -> Path:
+@dataclass(frozen=True, slots=True)
+class Submission:
+    """Where a submitted file went and where its results will appear. Usable as its spool path."""
+
+    path: Path
+    results: Path
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+
+def _submit_names(base: str) -> Iterator[str]:
+    """BASE.jsonl, then BASE-1.jsonl, BASE-2.jsonl, … (a suffix the daemon's own fallback never uses)."""
+    stem = base[: -len(".jsonl")]
+    yield base
+    for number in range(1, MAX_SUFFIX):
+        yield f"{stem}-{number}.jsonl"
+    yield f"{stem}-{secrets.token_hex(6)}.jsonl"
+
+
+def _open_optional(path: Path) -> int | None:
+    try:
+        return safefs.open_dir(path)
+    except OSError:
+        return None
+
+
+def submit(requests: Iterable[Any], name: str | None = None, spool_dir: Path | str = "/var/spool/batchd") -> Submission:
     """Queue requests for batchd by writing them into the spool safely (tmp, fsync, rename).
 
     `requests` are dicts (OpenAI batch lines or Anthropic batch requests) or ready JSON lines.
-    Returns the path of the file in new/. Works from any process on the same host.
+    The file gets a name free in new/, done/ and out/ (NAME.jsonl, else NAME-1.jsonl, …), so its
+    results will be out/NAME.results.jsonl; returns both paths. Works from any process on the host.
     """
     paths = SpoolPaths(Path(spool_dir))
     base = name or f"submit-{datetime.now(UTC):%Y%m%dT%H%M%S}-{secrets.token_hex(3)}"
     base = base if base.endswith(".jsonl") else f"{base}.jsonl"
-    if "/" in base or base.startswith("."):
+    if "/" in base or base.startswith(".") or base == ".jsonl":
         raise ValueError(f"not a plain file name: {base!r}")
     for directory in (paths.tmp, paths.new):
         directory.mkdir(parents=True, exist_ok=True)
-    temporary = paths.tmp / f".{base}.{os.getpid()}.{secrets.token_hex(4)}"
-    try:
-        with temporary.open("wb") as handle:
-            for request in requests:
-                handle.write(_encode(request))
-            handle.flush()
-            os.fsync(handle.fileno())
-        target = _unique_target(paths.new, base)
-        os.rename(temporary, target)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    _fsync_dir(paths.new)
-    return target
+    temporary = f".{base}.{os.getpid()}.{secrets.token_hex(4)}"
+    with safefs.directory(paths.tmp) as tmp, safefs.directory(paths.new) as new:
+        fd = safefs.create_exclusive(tmp, temporary, 0o644)
+        try:
+            with open(fd, "wb") as handle:
+                for request in requests:
+                    handle.write(_encode(request))
+                handle.flush()
+                os.fsync(handle.fileno())
+            done, out = _open_optional(paths.done), _open_optional(paths.out)
+            try:
+                for candidate in _submit_names(base):
+                    results = candidate[: -len(".jsonl")] + RESULTS_SUFFIX
+                    if done is not None and safefs.exists(done, candidate):
+                        continue
+                    if out is not None and _out_taken(out, results):
+                        continue
+                    try:
+                        safefs.rename_noreplace(tmp, temporary, new, candidate)
+                    except FileExistsError:
+                        continue
+                    break
+            finally:
+                for fd_ in (done, out):
+                    if fd_ is not None:
+                        os.close(fd_)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary, dir_fd=tmp)
+            raise
+        safefs.fsync_dir(new)
+    return Submission(paths.new / candidate, paths.out / results)
 
 
-def submit_file(source: Path, spool_dir: Path | str, name: str | None = None) -> Path:
+def submit_file(source: Path, spool_dir: Path | str, name: str | None = None) -> Submission:
     """Copy an existing JSONL file into the spool safely; lines are passed through unchanged."""
 
     def lines() -> Iterator[bytes]:

@@ -229,21 +229,30 @@ class Store:
     async def _migrate(self) -> None:
         db = self._conn
         async with self._lock:
-            for number, script in _migrations():
-                # The version is read inside the write transaction, so two processes opening a new
-                # database at once (the daemon and `batchd status`) never run a migration twice.
-                await db.execute("BEGIN IMMEDIATE")
-                try:
-                    (version,) = await (await db.execute("PRAGMA user_version")).fetchone() or (0,)
-                    if number > version:
-                        for statement in script.split(";\n"):
-                            if statement.strip():
-                                await db.execute(statement)
-                        await db.execute(f"PRAGMA user_version={number}")
-                    await db.execute("COMMIT")
-                except BaseException:
-                    await db.execute("ROLLBACK")
-                    raise
+            # A migration that rebuilds a referenced table (DROP + RENAME) must run with foreign keys
+            # off (the pragma is a no-op inside a transaction); they are checked before each commit.
+            await db.execute("PRAGMA foreign_keys=OFF")
+            try:
+                for number, script in _migrations():
+                    # The version is read inside the write transaction, so two processes opening a new
+                    # database at once (the daemon and `batchd status`) never run a migration twice.
+                    await db.execute("BEGIN IMMEDIATE")
+                    try:
+                        (version,) = await (await db.execute("PRAGMA user_version")).fetchone() or (0,)
+                        if number > version:
+                            for statement in script.split(";\n"):
+                                if statement.strip():
+                                    await db.execute(statement)
+                            broken = await db.execute_fetchall("PRAGMA foreign_key_check")
+                            if list(broken):
+                                raise sqlite3.IntegrityError(f"migration {number:03d} broke a foreign key")
+                            await db.execute(f"PRAGMA user_version={number}")
+                        await db.execute("COMMIT")
+                    except BaseException:
+                        await db.execute("ROLLBACK")
+                        raise
+            finally:
+                await db.execute("PRAGMA foreign_keys=ON")
             await db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('instance', ?)", (uuid.uuid4().hex,))
             rows = list(await db.execute_fetchall("SELECT value FROM meta WHERE key = 'instance'"))
             self._instance = str(rows[0][0])
@@ -286,25 +295,68 @@ class Store:
 
     # -- intake ----------------------------------------------------------------------------
 
-    async def file_known(self, name: str, sha256: str) -> bool:
-        row = await self._fetchone("SELECT 1 FROM files WHERE name = ? AND sha256 = ?", (name, sha256))
-        return row is not None
+    async def file_known(self, name: str, sha256: str, dev: int, ino: int) -> tuple[int, str] | None:
+        """(id, results name) of this very file if it was ingested but never moved out of new/ (a crash between).
+
+        Identity is (name, content, inode, still in new/): the same name and content dropped again
+        after the first copy left new/ is another file. The device number is recorded but not
+        compared: it is not stable across reboots for every filesystem, and a crash is often one.
+        """
+        row = await self._fetchone(
+            "SELECT id, out_name FROM files WHERE name = ? AND sha256 = ? AND ino = ? AND moved_at IS NULL"
+            " ORDER BY id DESC LIMIT 1",
+            (name, sha256, ino),
+        )
+        return (int(row["id"]), str(row["out_name"])) if row else None
+
+    async def file_moved(self, file_id: int) -> None:
+        """Record that the file left new/ (after the rename is durable)."""
+        async with self._tx() as db:
+            await db.execute("UPDATE files SET moved_at = ? WHERE id = ?", (time.time(), file_id))
 
     @asynccontextmanager
-    async def ingest(self, name: str, sha256: str, size: int) -> AsyncIterator[Ingest]:
-        """One transaction for one spool file: all its items and invalid results, or nothing."""
+    async def ingest(
+        self,
+        name: str,
+        sha256: str,
+        size: int,
+        dev: int | None = None,
+        ino: int | None = None,
+        out_taken: Callable[[str], bool] | None = None,
+    ) -> AsyncIterator[Ingest]:
+        """One transaction for one spool file: all its items and invalid results, or nothing.
+
+        The results name is chosen here, once: NAME.results.jsonl unless `out_taken(name)` (something
+        is in out/ under that name or its .part) or an open file holds it, else NAME.N.results.jsonl
+        with the first free N. A finished file whose results are gone from out/ gives its name up
+        (its row keeps it as NAME.results.jsonl~ID), so a producer that consumed yesterday's results
+        finds today's under the same name.
+        """
         stem = name[: -len(".jsonl")] if name.endswith(".jsonl") else name
         async with self._tx() as db:
-            taken = await db.execute_fetchall("SELECT 1 FROM files WHERE out_name = ?", (f"{stem}.results.jsonl",))
+            number = 0
+            out_name = f"{stem}.results.jsonl"
+            while True:
+                if out_taken is None or not out_taken(out_name):
+                    rows = list(
+                        await db.execute_fetchall("SELECT id, state FROM files WHERE out_name = ?", (out_name,))
+                    )
+                    if not rows:
+                        break
+                    if rows[0]["state"] == "complete":
+                        await db.execute(
+                            "UPDATE files SET out_name = out_name || '~' || id WHERE id = ?", (rows[0]["id"],)
+                        )
+                        break
+                number += 1
+                out_name = f"{stem}.{number}.results.jsonl"
             cursor = await db.execute(
-                "INSERT INTO files (name, sha256, size, out_name, ingested_at) VALUES (?, ?, ?, '', ?)",
-                (name, sha256, size, time.time()),
+                "INSERT INTO files (name, sha256, size, out_name, ingested_at, dev, ino) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (name, sha256, size, out_name, time.time(), dev, ino),
             )
             file_id = cursor.lastrowid
             assert file_id is not None
-            out_name = f"{stem}.{file_id}.results.jsonl" if taken else f"{stem}.results.jsonl"
-            await db.execute("UPDATE files SET out_name = ? WHERE id = ?", (out_name, file_id))
-            ingest = Ingest(db, file_id)
+            ingest = Ingest(db, file_id, out_name)
             yield ingest
             await ingest.finish()
 
@@ -937,9 +989,10 @@ class Store:
 class Ingest:
     """Adds one file's rows inside the transaction opened by `Store.ingest`."""
 
-    def __init__(self, db: aiosqlite.Connection, file_id: int) -> None:
+    def __init__(self, db: aiosqlite.Connection, file_id: int, out_name: str = "") -> None:
         self._db = db
         self.file_id = file_id
+        self.out_name = out_name
         self.lines = 0
         self.queued = 0
         self.invalid = 0

@@ -80,7 +80,15 @@ class NotifySocket:
 class DaemonProcess:
     """`python -m batchd run --config PATH` in a subprocess, its log in a file."""
 
-    def __init__(self, config: Path, log_path: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        config: Path,
+        log_path: Path,
+        env: dict[str, str] | None = None,
+        user: int | None = None,
+        group: int | None = None,
+        extra_groups: list[int] | None = None,
+    ) -> None:
         self.config = config
         self.log_path = log_path
         self.env = {
@@ -91,15 +99,23 @@ class DaemonProcess:
             **(env or {}),
         }
         self.proc: subprocess.Popen[bytes] | None = None
+        # Run as another uid (root tier): with an interpreter that uid can execute.
+        self.credentials: dict[str, Any] = {}
+        self.python = sys.executable
+        if user is not None:
+            self.python, python_env = python_for(user, group if group is not None else user)
+            self.env.update(python_env)
+            self.credentials = {"user": user, "group": group, "extra_groups": extra_groups}
 
     def start(self, **extra_env: str) -> DaemonProcess:
         env = {**self.env, **extra_env}
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "batchd", "run", "--config", str(self.config)],
+            [self.python, "-m", "batchd", "run", "--config", str(self.config)],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
+            **self.credentials,
         )
         log.close()
         return self
@@ -161,3 +177,64 @@ async def wait_for_file(path: Path, timeout: float, daemon: DaemonProcess | None
         if time.monotonic() > deadline:
             raise AssertionError(f"{path} did not appear within {timeout} s")
         await asyncio.sleep(POLL_SECONDS)
+
+
+def open_position(pid: int, info: os.stat_result) -> int | None:
+    """Where process `pid` is reading the file `info` describes (its fd's offset), or None if not open.
+
+    Lets a test act while the daemon is mid-way through a file, without hooks in the daemon.
+    """
+    base = Path(f"/proc/{pid}")
+    try:
+        fds = os.listdir(base / "fd")
+    except OSError:
+        return None
+    for fd in fds:
+        try:
+            now = os.stat(base / "fd" / fd)
+            if (now.st_dev, now.st_ino) != (info.st_dev, info.st_ino):
+                continue
+            for line in (base / "fdinfo" / fd).read_text().splitlines():
+                if line.startswith("pos:"):
+                    return int(line.split()[1])
+        except OSError:
+            continue
+    return None
+
+
+_PYTHONS: dict[tuple[int, int], tuple[str, dict[str, str]]] = {}
+
+
+def python_for(user: int, group: int) -> tuple[str, dict[str, str]]:
+    """(interpreter, environment) with which uid `user` can run batchd from this checkout.
+
+    This interpreter may live where other uids cannot reach (a pyenv under /root); then a system
+    Python of the same version runs the same code and packages through PYTHONPATH.
+    """
+    if (user, group) in _PYTHONS:
+        return _PYTHONS[(user, group)]
+    import shutil
+    import site
+
+    import batchd
+
+    paths = [str(Path(batchd.__file__).resolve().parent.parent), *site.getsitepackages()]
+    env = {"PYTHONPATH": os.pathsep.join(paths), "PYTHONDONTWRITEBYTECODE": "1"}
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    candidates = [sys.executable, *(p for p in (shutil.which(version, path="/usr/local/bin:/usr/bin"),) if p)]
+    for candidate in candidates:
+        try:
+            probe = subprocess.run(
+                [candidate, "-c", "import batchd.daemon"],
+                env={**os.environ, **env},
+                user=user,
+                group=group,
+                capture_output=True,
+                cwd="/",
+            )
+        except PermissionError:
+            continue
+        if probe.returncode == 0:
+            _PYTHONS[(user, group)] = (candidate, env)
+            return candidate, env
+    raise RuntimeError(f"no Python interpreter that uid {user} can run batchd with (tried {candidates})")

@@ -85,7 +85,7 @@ async def batchd_cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 async def submit_cli(source: Path, config: Path) -> Path:
     done = await batchd_cli("submit", "--config", str(config), str(source))
-    return Path(done.stdout.strip())
+    return Path(done.stdout.splitlines()[0])
 
 
 @pytest.mark.slow
