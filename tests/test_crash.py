@@ -215,8 +215,8 @@ async def test_after_a_crash_anthropic_batches_of_one_flush_each_adopt_their_own
 
 FILES = 10
 KILLS = 20
-# ENOSPC on the outbox: spool/out is a small tmpfs, nearly filled by a filler file until this round.
-DISK_FREED_AT = 12
+# ENOSPC on the outbox: spool/out is a small tmpfs, nearly filled by a filler file until the
+# outbox has failed on it at least once.
 OTHER_FILES = 2
 
 
@@ -237,6 +237,13 @@ def full_disk(directory: Path, size: str = "48m", free_bytes: int = 64 * 1024) -
         yield filler
     finally:
         subprocess.run(["umount", "-l", str(directory)], check=False)
+
+
+def outbox_failed(daemon: DaemonProcess) -> bool:
+    return any(
+        event.get("event") == "sink.delivery_failed" and "No space left" in str(event.get("error"))
+        for event in daemon.log_events()
+    )
 
 
 def chaos_files(rng: random.Random, count: int, base: int) -> dict[str, list[dict[str, Any]]]:
@@ -294,7 +301,7 @@ async def test_sigkill_at_random_moments_under_http_errors_loses_and_duplicates_
                 for name, lines in other_files.items():
                     drop(other_root / "spool", f"{name}.jsonl", lines)
                 for round_number in range(KILLS):
-                    if round_number == DISK_FREED_AT:
+                    if filler.exists() and outbox_failed(daemon):
                         filler.unlink()
                     daemon.start()
                     await wait_until(lambda: notify.seen("READY=1"), timeout=30)
@@ -308,6 +315,9 @@ async def test_sigkill_at_random_moments_under_http_errors_loses_and_duplicates_
                     kills.append(daemon.proc.returncode if daemon.proc else None)
                 assert other.running(), "the second daemon died"
                 daemon.start()
+                if filler.exists():
+                    await wait_until(lambda: outbox_failed(daemon), timeout=120)
+                    filler.unlink()
                 for name in files:
                     await wait_for_file(out_path(spool, name), timeout=300, daemon=daemon)
                 for name in other_files:
@@ -334,8 +344,7 @@ async def test_sigkill_at_random_moments_under_http_errors_loses_and_duplicates_
     assert 0 < resent <= stats["faults_injected"]["request_errors"]
     assert stats["faults_injected"]["http_errors"] > 0
     # The full disk really was met by the outbox, and survived.
-    events = [event.get("event") for event in daemon.log_events()]
-    assert "sink.delivery_failed" in events
+    assert outbox_failed(daemon)
     assert not list((spool / "new").iterdir())
     connection = sqlite3.connect(database)
     try:
