@@ -80,7 +80,14 @@ class NotifySocket:
 class DaemonProcess:
     """`python -m batchd run --config PATH` in a subprocess, its log in a file."""
 
-    def __init__(self, config: Path, log_path: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        config: Path,
+        log_path: Path,
+        env: dict[str, str] | None = None,
+        user: int | None = None,
+        group: int | None = None,
+    ) -> None:
         self.config = config
         self.log_path = log_path
         self.env = {
@@ -90,16 +97,20 @@ class DaemonProcess:
             "PYTHONUNBUFFERED": "1",
             **(env or {}),
         }
+        self.user = user
+        self.group = group
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, **extra_env: str) -> DaemonProcess:
-        env = {**self.env, **extra_env}
+        python, python_env = python_for(self.user, self.group)
+        env = {**self.env, **python_env, **extra_env}
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "batchd", "run", "--config", str(self.config)],
+            [*python, "-m", "batchd", "run", "--config", str(self.config)],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
+            **as_user(self.user, self.group),
         )
         log.close()
         return self
@@ -161,3 +172,50 @@ async def wait_for_file(path: Path, timeout: float, daemon: DaemonProcess | None
         if time.monotonic() > deadline:
             raise AssertionError(f"{path} did not appear within {timeout} s")
         await asyncio.sleep(POLL_SECONDS)
+
+
+def as_user(user: int | None, group: int | None = None) -> dict[str, Any]:
+    """subprocess keyword arguments that run a child as `user` (and `group`, default the same id)."""
+    if user is None:
+        return {}
+    return {"user": user, "group": user if group is None else group, "extra_groups": []}
+
+
+_PYTHONS: dict[tuple[int | None, int | None], tuple[list[str], dict[str, str]]] = {}
+
+
+def python_for(user: int | None, group: int | None = None) -> tuple[list[str], dict[str, str]]:
+    """An interpreter command that `user` can execute, and the environment it needs to import batchd.
+
+    Where the test interpreter lives under a directory other users cannot enter (a pyenv under
+    /root), fall back to a system interpreter of the same minor version with this checkout and its
+    site-packages on PYTHONPATH.
+    """
+    key = (user, group)
+    if key in _PYTHONS:
+        return _PYTHONS[key]
+    choice: tuple[list[str], dict[str, str]] = ([sys.executable], {})
+    if user is not None:
+        repo = str(Path(__file__).resolve().parent.parent)
+        path = os.pathsep.join([repo, *(p for p in sys.path if p.endswith("site-packages"))])
+        minor = f"python{sys.version_info.major}.{sys.version_info.minor}"
+        candidates = [([sys.executable], {})]
+        candidates += [([f"{prefix}/{minor}"], {"PYTHONPATH": path}) for prefix in ("/usr/local/bin", "/usr/bin")]
+        for command, env in candidates:
+            try:
+                probe = subprocess.run(
+                    [*command, "-c", "import batchd.cli"],
+                    env={**os.environ, **env},
+                    capture_output=True,
+                    timeout=60,
+                    **as_user(user, group),
+                )
+            except OSError:
+                continue
+            if probe.returncode == 0:
+                choice = (command, env)
+                break
+        else:
+            raise AssertionError(f"no Python interpreter that uid {user} may run can import batchd")
+    _PYTHONS[key] = choice
+    return choice
