@@ -1,24 +1,43 @@
-"""The command line: `batchd run | submit | status | emulator | demo`."""
+"""The command line: `batchd run | submit | status | emulator | demo`.
+
+An operator's mistake never ends in a Python traceback: every command reports it in one line on
+stderr (`batchd COMMAND: what went wrong`) and exits with a sysexits status (see batchd/exits.py):
+64 usage, 65 a database of another schema, 66 missing input, 73 cannot create, 74 I/O error,
+75 another daemon holds the state directory, 77 permission, 78 configuration.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import sys
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import orjson
 
 from . import __version__
-from .settings import ConfigError, Settings, load_settings
+from .exits import (
+    EX_CONFIG,
+    EX_IOERR,
+    EX_NOINPUT,
+    EX_USAGE,
+    OperatorError,
+    creating_status,
+    reading_status,
+    reason,
+)
+from .settings import Settings, load_settings, parse_duration
 
 T = TypeVar("T")
 
-EX_CONFIG = 78  # sysexits.h: systemd shows it as a configuration error
+EX_SOFTWARE = 70  # an internal error: a bug, reported with its (redacted) traceback in the log
+
+__all__ = ["EX_CONFIG", "build_parser", "main", "run_loop"]
 
 
 def run_loop(coro: Coroutine[Any, Any, T]) -> T:
@@ -37,12 +56,20 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .daemon import Daemon
-    from .logs import configure_logging
+    from .logs import configure_logging, get_logger
+    from .settings import configured_secrets
 
     settings = _settings(args)
-    configure_logging(settings.daemon.log_format, settings.daemon.log_level)
+    configure_logging(settings.daemon.log_format, settings.daemon.log_level, secrets=configured_secrets(settings))
     daemon = Daemon(settings)
-    status = run_loop(daemon.run())
+    try:
+        status = run_loop(daemon.run())
+    except OperatorError:
+        raise
+    except Exception:
+        # A bug, not an operator's mistake: its traceback goes to the log, where secrets are redacted.
+        get_logger("batchd.daemon").critical("daemon.crashed", exc_info=True)
+        return EX_SOFTWARE
     if status == 0 and daemon.stop_signal is not None:
         # Die of the signal that stopped us, so the exit status tells systemd the truth.
         sys.stdout.flush()
@@ -51,16 +78,32 @@ def cmd_run(args: argparse.Namespace) -> int:
     return status
 
 
+def _input_file(name: str) -> Path:
+    """`name` as an input file that exists and can be read, or an OperatorError saying why not."""
+    path = Path(name)
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as exc:
+        raise OperatorError(f"{name}: {reason(exc)}", reading_status(exc)) from None
+    return path
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     from .spool import submit_file
 
     spool_dir = args.spool_dir or _settings(args).daemon.spool_dir
-    for name in args.files:
-        source = Path(name)
-        if not source.is_file():
-            print(f"batchd submit: {name}: not a file", file=sys.stderr)
-            return 1
-        target = submit_file(source, spool_dir, name=args.name if len(args.files) == 1 else None)
+    sources = [_input_file(name) for name in args.files]
+    for source in sources:
+        try:
+            target = submit_file(source, spool_dir, name=args.name if len(sources) == 1 else None)
+        except ValueError as exc:  # a --name that is not a plain file name
+            raise OperatorError(str(exc), EX_USAGE) from None
+        except OSError as exc:
+            where = exc.filename if exc.filename is not None else spool_dir
+            if exc.filename == str(source):
+                raise OperatorError(f"{source}: {reason(exc)}", reading_status(exc)) from None
+            raise OperatorError(f"cannot write into the spool ({where}): {reason(exc)}", creating_status(exc)) from None
         print(target.path)
         print(f"results: {target.results}")
     return 0
@@ -80,10 +123,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import run_report
-    from .settings import parse_duration
 
-    since = float(parse_duration(args.since))
-    return run_loop(run_report(_settings(args), since, args.by, args.json))
+    return run_loop(run_report(_settings(args), args.since, args.by, args.json))
 
 
 def cmd_estimate(args: argparse.Namespace) -> int:
@@ -92,7 +133,11 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     for name in args.files:
-        estimate = estimate_file(settings, Path(name))
+        path = _input_file(name)
+        try:
+            estimate = estimate_file(settings, path)
+        except OSError as exc:
+            raise OperatorError(f"{name}: {reason(exc)}", reading_status(exc)) from None
         if args.json:
             print(orjson.dumps(estimate, option=orjson.OPT_INDENT_2).decode())
         else:
@@ -112,13 +157,13 @@ def cmd_redeliver(args: argparse.Namespace) -> int:
     settings = _settings(args)
 
     async def flag() -> int | None:
-        async with Store.existing(settings.daemon.database_path) as store:
+        # It writes, so read-write; but it never creates or migrates a database.
+        async with Store.existing(settings.daemon.database_path, writable=True) as store:
             return None if store is None else await store.request_redelivery(args.sink)
 
     count = run_loop(flag())
     if count is None:
-        print(f"batchd redeliver: no database at {settings.daemon.database_path}", file=sys.stderr)
-        return 1
+        raise OperatorError(f"no database at {settings.daemon.database_path}", EX_NOINPUT)
     print(f"{count} parked results will be delivered again by the running daemon")
     return 0
 
@@ -135,10 +180,38 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_loop(run_demo(requests=args.requests, keep=args.keep))
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line and exit status 64 (EX_USAGE), as elsewhere."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EX_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _duration(text: str) -> float:
+    try:
+        return float(parse_duration(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive(kind: type[int] | type[float]) -> Any:
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be greater than 0: {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="batchd", description="Moves LLM calls that can wait onto batch APIs.")
+    parser = _Parser(prog="batchd", description="Moves LLM calls that can wait onto batch APIs.")
     parser.add_argument("--version", action="version", version=f"batchd {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
@@ -157,12 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
     status = command("status", "queue depth per route, live batches, recent errors")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.add_argument("--watch", action="store_true", help="a live view, until Ctrl-C")
-    status.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes with --watch")
-    status.add_argument("--count", type=int, help="stop after this many refreshes with --watch")
+    status.add_argument("--interval", type=_positive(float), default=1.0, help="seconds between refreshes with --watch")
+    status.add_argument("--count", type=_positive(int), help="stop after this many refreshes with --watch")
     status.set_defaults(handler=cmd_status)
 
     report = command("report", "what was paid, what real-time would have cost, and the saving")
-    report.add_argument("--since", default="30d", help="how far back (e.g. 7d, 12h; default 30d)")
+    report.add_argument("--since", type=_duration, default="30d", help="how far back (e.g. 7d, 12h; default 30d)")
     report.add_argument("--by", choices=["model", "day", "file", "provider"], default="model")
     report.add_argument("--json", action="store_true", help="machine-readable output")
     report.set_defaults(handler=cmd_report)
@@ -178,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     results.add_argument(
         "--status", choices=["succeeded", "errored", "expired", "canceled", "invalid"], help="only this outcome"
     )
-    results.add_argument("--limit", type=int, default=1000, help="at most this many (default 1000)")
+    results.add_argument("--limit", type=_positive(int), default=1000, help="at most this many (default 1000)")
     results.add_argument("--json", action="store_true", help="print the result lines themselves (JSONL)")
     results.set_defaults(handler=cmd_results)
 
@@ -201,13 +274,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    prefix = f"batchd {args.command}"
     try:
         status: int = args.handler(args)
-    except ConfigError as exc:
-        print(f"batchd: configuration error:\n{exc}", file=sys.stderr)
-        return EX_CONFIG
+        # Output still buffered must reach its target here, where a failure can be reported.
+        sys.stdout.flush()
+    except OperatorError as exc:
+        kind = "configuration error: " if exc.status == EX_CONFIG else ""
+        print(f"{prefix}: {kind}{exc.line}", file=sys.stderr)
+        return exc.status
     except KeyboardInterrupt:
         return 130
+    except OSError as exc:
+        if exc.filename is None:
+            # Most likely stdout itself (a full disk, a closed pipe): point it at /dev/null so the
+            # interpreter's own flush at exit does not add a second message.
+            with contextlib.suppress(OSError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        if isinstance(exc, BrokenPipeError):
+            return EX_IOERR  # the reader went away (`batchd results --json | head`): nothing to say
+        where = f" ({exc.filename})" if exc.filename is not None else ""
+        print(f"{prefix}: {reason(exc)}{where}", file=sys.stderr)
+        return EX_IOERR if exc.filename is None else reading_status(exc)
     return status
 
 

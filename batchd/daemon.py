@@ -5,21 +5,31 @@ them dies, the daemon stops (and systemd restarts it) instead of limping on. Sig
 set a flag; a second signal forces an immediate exit. systemd is told READY=1 once the database is
 open and the spool rescanned, WATCHDOG=1 from the event loop itself, and STOPPING=1 when a
 graceful stop begins.
+
+Before any of that, a preflight: the state directory is created and locked (one daemon per state
+directory; the lock file holds the owner's pid), and the spool directories are created and proven
+writable. A failure there is an `OperatorError` with a sysexits status, reported in one line by the
+command line, before READY and before anything in the spool or the database is touched.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import fcntl
 import os
+import secrets
 import shutil
 import signal
 import socket
 import time
+from pathlib import Path
 
 from .aio import wait_any
 from .batcher import Batcher
 from .crashpoints import CrashPoints
+from .exits import EX_NOPERM, EX_TEMPFAIL, OperatorError, creating_status, reason
 from .logs import get_logger
 from .poller import HOLD_BASE, Pollers
 from .providers import ProviderPool
@@ -32,6 +42,11 @@ from .spool import Spool
 from .store import Store
 
 log = get_logger("batchd.daemon")
+
+LOCK_NAME = "batchd.lock"
+# The spool directories the daemon itself writes in: it renames files out of new/ and creates
+# files in the others. tmp/ belongs to producers.
+DAEMON_WRITES = ("new", "done", "rejected", "out")
 
 
 def sd_notify(message: str) -> bool:
@@ -48,6 +63,78 @@ def sd_notify(message: str) -> bool:
         return True
     except OSError:
         return False
+
+
+class StateLock:
+    """An exclusive flock on STATE_DIR/batchd.lock for as long as the daemon runs; the file holds its pid.
+
+    The kernel drops the lock when the process dies, however it dies, so a stale file never blocks.
+    """
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / LOCK_NAME
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise OperatorError(f"cannot open the lock file {self.path}: {reason(exc)}", creating_status(exc)) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = self._holder(fd)
+            os.close(fd)
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise OperatorError(f"cannot lock {self.path}: {reason(exc)}", creating_status(exc)) from None
+            raise OperatorError(
+                f"another batchd (pid {holder}) is running on {self.path.parent} (it holds {self.path})",
+                EX_TEMPFAIL,
+            ) from None
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as exc:
+            os.close(fd)
+            raise OperatorError(
+                f"cannot write the lock file {self.path}: {reason(exc)}", creating_status(exc)
+            ) from None
+        self._fd = fd
+
+    @staticmethod
+    def _holder(fd: int) -> str:
+        try:
+            text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        except OSError:
+            text = ""
+        # The holder writes its pid just after it locks; an empty file means it has only just started.
+        return text if text.isdigit() else "unknown"
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def probe_writable(directory: Path, what: str) -> None:
+    """Prove that the daemon may create (and remove) a file in `directory`, or raise an OperatorError.
+
+    Trying is the only exact test: permission bits, ACLs, a read-only mount and a full disk all
+    answer here, before READY, instead of as a traceback in the middle of an ingest.
+    """
+    probe = f".batchd-probe-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise OperatorError(f"cannot open the {what} {directory}: {reason(exc)}", creating_status(exc)) from None
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+        os.close(fd)
+        os.unlink(probe, dir_fd=dir_fd)
+    except OSError as exc:
+        raise OperatorError(f"cannot write in the {what} {directory}: {reason(exc)}", creating_status(exc)) from None
+    finally:
+        os.close(dir_fd)
 
 
 class Daemon:
@@ -78,6 +165,7 @@ class Daemon:
             hold_base=hold_base,
         )
         self.spool = Spool(settings, self.store, on_ingest=self._on_ingest, crashpoints=self.crashpoints)
+        self.lock = StateLock(settings.daemon.state_dir)
 
     def _on_submitted(self, batch_id: int) -> None:
         self.pollers.start(batch_id)
@@ -101,7 +189,11 @@ class Daemon:
         self.request_stop(signal.Signals(signum).name)
 
     async def run(self) -> int:
-        """Run until stopped; returns the exit status (0 after a graceful stop)."""
+        """Run until stopped; returns the exit status (0 after a graceful stop).
+
+        Raises `OperatorError` when the preflight refuses to start (another daemon holds the state
+        directory, a directory that cannot be created or written), before READY.
+        """
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._on_signal, signum)
@@ -110,9 +202,37 @@ class Daemon:
         finally:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(signum)
+            self.lock.release()
+
+    def _preflight(self) -> None:
+        """Everything that must hold before the daemon touches the spool or the database."""
+        state_dir = self.settings.daemon.state_dir
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OperatorError(
+                f"cannot create the state directory {state_dir}: {reason(exc)}", creating_status(exc)
+            ) from None
+        # The lock comes first: a second daemon must not even clear the first one's work directory.
+        self.lock.acquire()
+        probe_writable(state_dir, "state directory")
+        paths = self.spool.paths
+        try:
+            paths.create()
+        except OSError as exc:
+            raise OperatorError(
+                f"cannot create the spool {paths.root}: {reason(exc)} ({exc.filename})", creating_status(exc)
+            ) from None
+        for name in DAEMON_WRITES:
+            probe_writable(paths.root / name, "spool directory")
+        # Producers share the spool: if they could rename or write the daemon's own directories,
+        # they could redirect its writes (reports over the database, cleanup in another directory).
+        unsafe = paths.check_modes()
+        if unsafe is not None:
+            raise OperatorError(f"refusing an unsafe spool {paths.root}: {unsafe}", EX_NOPERM)
 
     async def _start(self) -> None:
-        self.spool.paths.create()
+        self._preflight()
         if self.workdir.exists():
             shutil.rmtree(self.workdir, ignore_errors=True)
         self.workdir.mkdir(parents=True, mode=0o700, exist_ok=True)
@@ -134,7 +254,15 @@ class Daemon:
 
     async def _run(self) -> int:
         started = time.monotonic()
-        await self._start()
+        try:
+            await self._start()
+        except BaseException as exc:
+            if isinstance(exc, OperatorError):
+                log.error("daemon.start_refused", reason=exc.line, exit_status=exc.status)
+            # Nothing may keep the process alive after a failed start (the database thread would).
+            await self.providers.close()
+            await self.store.close()
+            raise
         tasks = {
             asyncio.create_task(self.spool.run(self.stopping), name="spool"),
             asyncio.create_task(self.batcher.run(self.stopping), name="batcher"),

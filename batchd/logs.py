@@ -1,7 +1,9 @@
 """Structured logging: JSON lines for journald, a readable console renderer on a TTY.
 
 Events have stable dotted names (`batch.submitted`, `spool.rejected`, …) and key=value context.
-A processor drops anything that looks like a secret before a line is rendered.
+Secrets are taken out twice: values under secret-looking keys before a line is rendered, and
+every configured secret (and anything shaped like an API key) from the final rendered text, so a
+key inside an exception's message or traceback never reaches the log either.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import logging
 import os
 import re
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Callable, Iterable, MutableMapping
 from typing import Any, TextIO
 
 import orjson
@@ -33,12 +35,55 @@ def _redact(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> Muta
     return event
 
 
+# Shorter secrets would blank out ordinary words; no real key or webhook secret is this short.
+MIN_SECRET_LENGTH = 6
+
+
+def redact_text(text: str, secrets: Iterable[str] = ()) -> str:
+    """`text` with every configured secret, in raw and JSON-escaped form, and every key-shaped word removed."""
+    for secret in sorted(secrets, key=len, reverse=True):
+        for form in {secret, orjson.dumps(secret).decode()[1:-1]}:
+            if len(form) >= MIN_SECRET_LENGTH and form in text:
+                text = text.replace(form, "[redacted]")
+    return _SECRET_VALUES.sub("[redacted]", text)
+
+
+class _RedactRendered:
+    """Wraps the final renderer: redaction runs on the text as written, tracebacks included."""
+
+    def __init__(self, renderer: Callable[..., Any], secrets: Iterable[str]) -> None:
+        self._renderer = renderer
+        self._secrets = tuple(secrets)
+
+    def __call__(self, logger: Any, method: str, event: MutableMapping[str, Any]) -> Any:
+        rendered = self._renderer(logger, method, event)
+        if isinstance(rendered, bytes):
+            return redact_text(rendered.decode("utf-8", "replace"), self._secrets).encode()
+        return redact_text(str(rendered), self._secrets)
+
+
+class _RedactingFormatter(logging.Formatter):
+    """For libraries that log through the standard library (their tracebacks too)."""
+
+    def __init__(self, secrets: Iterable[str]) -> None:
+        super().__init__("%(levelname)s %(name)s: %(message)s")
+        self._secrets = tuple(secrets)
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact_text(super().format(record), self._secrets)
+
+
 def _json_dumps(data: Any, default: Any = None) -> str:
     return orjson.dumps(data, default=default or str).decode()
 
 
-def configure_logging(log_format: str = "auto", level: str = "info", stream: TextIO | None = None) -> None:
-    """Set up structlog once per process. `auto` means JSON unless stdout is a terminal."""
+def configure_logging(
+    log_format: str = "auto", level: str = "info", stream: TextIO | None = None, secrets: Iterable[str] = ()
+) -> None:
+    """Set up structlog once per process. `auto` means JSON unless stdout is a terminal.
+
+    `secrets` (the resolved API keys and webhook secrets) are removed from every rendered line.
+    """
     out = stream or sys.stdout
     if log_format == "auto":
         under_journal = bool(os.environ.get("JOURNAL_STREAM") or os.environ.get("INVOCATION_ID"))
@@ -48,21 +93,25 @@ def configure_logging(log_format: str = "auto", level: str = "info", stream: Tex
         renderer = structlog.processors.JSONRenderer(serializer=_json_dumps)
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=out.isatty())
+    secrets = tuple(secrets)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             _redact,
+            # A plain traceback (no local variables) for both renderers; the wrapper below redacts it.
             structlog.processors.format_exc_info,
-            renderer,
+            _RedactRendered(renderer, secrets),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
         logger_factory=structlog.PrintLoggerFactory(file=out),
         cache_logger_on_first_use=False,
     )
     # Libraries (httpx2, aiohttp) log through the standard library; keep their chatter out.
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_RedactingFormatter(secrets))
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
 
 
 def get_logger(name: str) -> Any:

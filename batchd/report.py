@@ -19,6 +19,7 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
+from .exits import EX_NOINPUT, OperatorError
 from .formats import LineError, parse_line
 from .settings import Settings
 from .spool import LINE_OVERHEAD
@@ -74,8 +75,7 @@ def render_report(report: dict[str, Any], console: Console) -> None:
 async def run_report(settings: Settings, since_seconds: float, by: str, as_json: bool) -> int:
     report = await build_report(settings, since_seconds, by)
     if report is None:
-        print(f"batchd report: no database at {settings.daemon.database_path}", file=sys.stderr)
-        return 1
+        raise OperatorError(f"no database at {settings.daemon.database_path}", EX_NOINPUT)
     if as_json:
         sys.stdout.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n")
     else:

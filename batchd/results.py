@@ -7,6 +7,7 @@ import sys
 import orjson
 from rich.table import Table
 
+from .exits import EX_NOINPUT, OperatorError
 from .settings import Settings
 from .status import terminal
 from .store import Store
@@ -17,8 +18,7 @@ async def show_results(
 ) -> int:
     async with Store.existing(settings.daemon.database_path) as store:
         if store is None:
-            print(f"batchd results: no database at {settings.daemon.database_path}", file=sys.stderr)
-            return 1
+            raise OperatorError(f"no database at {settings.daemon.database_path}", EX_NOINPUT)
         rows = await store.query_results(file, custom_id, status, limit)
     if as_json:
         sys.stdout.buffer.write(b"".join(bytes(row["payload"]) + b"\n" for row in rows))

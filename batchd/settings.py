@@ -25,6 +25,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from .exits import EX_CONFIG, OperatorError
 from .pricing import ModelPrice, PriceTable
 
 ProviderKind = Literal["openai", "anthropic"]
@@ -33,8 +34,11 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
 
-class ConfigError(Exception):
+class ConfigError(OperatorError):
     """The configuration cannot be used; the message names the file and the key."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, EX_CONFIG)
 
 
 def parse_duration(value: Any) -> Any:
@@ -290,7 +294,11 @@ def load_settings(path: Path | str | None = None, overrides: dict[str, Any] | No
                 data = tomllib.load(handle)
         except FileNotFoundError:
             raise ConfigError(f"{source}: no such file") from None
-        except tomllib.TOMLDecodeError as exc:
+        except IsADirectoryError:
+            raise ConfigError(f"{source}: is a directory, not a config file") from None
+        except OSError as exc:
+            raise ConfigError(f"{source}: cannot read: {exc.strerror or exc}") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{source}: not valid TOML: {exc}") from None
     for section, values in (overrides or {}).items():
         if isinstance(values, dict):
@@ -308,3 +316,21 @@ def load_settings(path: Path | str | None = None, overrides: dict[str, Any] | No
             else:
                 problems.append(f"{source}: {key}: {error['msg']}")
         raise ConfigError("\n".join(problems)) from None
+
+
+def configured_secrets(settings: Settings, environ: Mapping[str, str] | None = None) -> list[str]:
+    """Every secret the configuration resolves to (API keys, webhook secrets), for log redaction."""
+    resolvers: list[Any] = [
+        lambda name=name, profile=profile: resolve_api_key(name, profile, environ)
+        for name, profile in settings.providers.items()
+    ]
+    resolvers += [lambda sink=sink: sink.resolve_secret(environ) for sink in settings.sinks]
+    found: set[str] = set()
+    for resolve in resolvers:
+        try:
+            secret = resolve()
+        except OSError:  # an unreadable credential: the adapter that needs it reports that itself
+            continue
+        if secret:
+            found.add(secret)
+    return sorted(found)

@@ -14,6 +14,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from .exits import EX_NOINPUT, OperatorError
 from .settings import Settings
 from .store import Store
 
@@ -24,7 +25,7 @@ def terminal() -> Console:
 
 
 async def snapshot(settings: Settings) -> dict[str, Any] | None:
-    """The store's status snapshot, or None when there is no database yet."""
+    """The store's status snapshot, or None when there is no database yet (read-only: never creates it)."""
     async with Store.existing(settings.daemon.database_path) as store:
         return None if store is None else await store.status()
 
@@ -112,8 +113,7 @@ async def watch_status(settings: Settings, interval: float, count: int | None) -
 async def render_status(settings: Settings, as_json: bool = False) -> int:
     data = await snapshot(settings)
     if data is None:
-        print(f"batchd status: no database at {settings.daemon.database_path}", file=sys.stderr)
-        return 1
+        raise OperatorError(f"no database at {settings.daemon.database_path}", EX_NOINPUT)
     if as_json:
         sys.stdout.write(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() + "\n")
     else:

@@ -10,9 +10,11 @@ coroutine's statements on the shared connection. Schema changes are numbered mig
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import sqlite3
 import time
+import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
@@ -24,6 +26,7 @@ from typing import Any, ClassVar
 import aiosqlite
 import orjson
 
+from .exits import EX_DATAERR, EX_IOERR, EX_NOPERM, OperatorError, creating_status
 from .formats import Outcome, Status, invalid_result, item_id_from_custom_id, provider_custom_id, result_line
 from .pricing import UNPRICED, Cost
 
@@ -180,6 +183,16 @@ def _migrations() -> list[tuple[int, str]]:
     return sorted(found)
 
 
+SCHEMA_VERSION = _migrations()[-1][0]
+
+
+def _newer_schema(path: Path, version: int) -> str:
+    return (
+        f"the database {path} has schema version {version}, newer than this batchd understands"
+        f" ({SCHEMA_VERSION}): run the batchd that migrated it"
+    )
+
+
 class Store:
     """The queue, batches, results and delivery state of one daemon."""
 
@@ -193,31 +206,110 @@ class Store:
 
     @classmethod
     @asynccontextmanager
-    async def existing(cls, path: Path) -> AsyncIterator[Store | None]:
-        """For commands beside the daemon: the open store if a daemon has created it, else None."""
-        if not path.exists():
+    async def existing(cls, path: Path, writable: bool = False) -> AsyncIterator[Store | None]:
+        """For commands beside the daemon: the store if a daemon has created it, else None.
+
+        Never creates, migrates or checkpoints the database: read-only unless `writable` (for
+        `batchd redeliver`). A schema other than this code's is an `OperatorError`, as is a
+        database the caller may not read.
+        """
+        try:
+            os.stat(path)
+        except (FileNotFoundError, NotADirectoryError):
             yield None
             return
+        except PermissionError:
+            raise OperatorError(f"cannot reach the database {path}: permission denied", EX_NOPERM) from None
         store = cls(path)
-        await store.open()
+        await store.open_existing(writable)
         try:
             yield store
         finally:
             await store.close()
 
+    async def open_existing(self, writable: bool = False) -> None:
+        """Open a database the daemon made, without creating or migrating it (see `existing`)."""
+        try:
+            os.close(os.open(self.path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC))
+        except OSError as exc:
+            status = EX_NOPERM if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else EX_IOERR
+            access = "write" if writable else "read"
+            raise OperatorError(f"cannot {access} the database {self.path}: {exc.strerror or exc}", status) from None
+        uri = f"file:{urllib.parse.quote(str(self.path.absolute()))}?mode={'rw' if writable else 'ro'}"
+        if not writable and not self.path.with_name(self.path.name + "-wal").exists():
+            # No -wal file: no connection has the database open and every committed page is in
+            # the main file. Reading it as immutable creates no -wal or -shm beside it (which a
+            # reader may not be allowed to do, and should not do to another user's database).
+            uri += "&immutable=1"
+        try:
+            db = await self._connect_existing(uri)
+        except sqlite3.Error as exc:
+            raise self._open_error(exc) from None
+        self._db = db
+        version = await self._schema_version()
+        latest = SCHEMA_VERSION
+        if version < latest:
+            await self.close()
+            raise OperatorError(
+                f"the database {self.path} has schema version {version}, this batchd uses {latest}:"
+                " start the daemon (batchd run) once to migrate it",
+                EX_DATAERR,
+            )
+        if version > latest:
+            await self.close()
+            raise OperatorError(_newer_schema(self.path, version), EX_DATAERR)
+
+    async def _connect_existing(self, uri: str) -> aiosqlite.Connection:
+        db = await aiosqlite.connect(uri, uri=True, isolation_level=None)
+        try:
+            db.row_factory = sqlite3.Row
+            await db.execute("PRAGMA busy_timeout=10000")
+            await db.execute("PRAGMA foreign_keys=ON")
+            # The first read of the schema is where SQLite finds a non-database or a missing -shm.
+            await (await db.execute("PRAGMA user_version")).fetchone()
+        except BaseException:
+            await db.close()
+            raise
+        return db
+
+    def _open_error(self, exc: sqlite3.Error) -> OperatorError:
+        name = getattr(exc, "sqlite_errorname", "")
+        if name == "SQLITE_NOTADB":
+            return OperatorError(f"{self.path} is not a batchd database: {exc}", EX_DATAERR)
+        if name.startswith(("SQLITE_READONLY", "SQLITE_PERM", "SQLITE_AUTH")) or name == "SQLITE_CANTOPEN":
+            return OperatorError(f"cannot open the database {self.path}: {exc}", EX_NOPERM)
+        return OperatorError(f"cannot read the database {self.path}: {exc}", EX_IOERR)
+
+    async def _schema_version(self) -> int:
+        row = await self._fetchone("PRAGMA user_version")
+        return int(row[0]) if row else 0
+
     async def open(self) -> None:
         """Open (creating with mode 0600) and migrate the database."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if not self.path.exists():
-            fd = os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600)
-            os.close(fd)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # O_RDWR also proves, before SQLite's vaguer "unable to open", that we may write it.
+            os.close(os.open(self.path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600))
+        except OSError as exc:
+            raise OperatorError(
+                f"cannot open the database {self.path}: {exc.strerror or exc}", creating_status(exc)
+            ) from None
         db = await aiosqlite.connect(self.path, isolation_level=None)
-        db.row_factory = sqlite3.Row
-        await db.execute("PRAGMA journal_mode=WAL")
-        await db.execute("PRAGMA synchronous=FULL")
-        await db.execute("PRAGMA foreign_keys=ON")
-        await db.execute("PRAGMA busy_timeout=10000")
+        try:
+            db.row_factory = sqlite3.Row
+            await db.execute("PRAGMA journal_mode=WAL")
+            await db.execute("PRAGMA synchronous=FULL")
+            await db.execute("PRAGMA foreign_keys=ON")
+            await db.execute("PRAGMA busy_timeout=10000")
+        except sqlite3.Error as exc:
+            await db.close()
+            raise self._open_error(exc) from None
         self._db = db
+        version = await self._schema_version()
+        if version > SCHEMA_VERSION:
+            # An older batchd must not run on a database a newer one has migrated.
+            await self.close()
+            raise OperatorError(_newer_schema(self.path, version), EX_DATAERR)
         await self._migrate()
 
     async def close(self) -> None:

@@ -98,24 +98,21 @@ class DaemonProcess:
             "PYTHONUNBUFFERED": "1",
             **(env or {}),
         }
+        self.user = user
+        self.group = group
+        self.extra_groups = extra_groups
         self.proc: subprocess.Popen[bytes] | None = None
-        # Run as another uid (root tier): with an interpreter that uid can execute.
-        self.credentials: dict[str, Any] = {}
-        self.python = sys.executable
-        if user is not None:
-            self.python, python_env = python_for(user, group if group is not None else user)
-            self.env.update(python_env)
-            self.credentials = {"user": user, "group": group, "extra_groups": extra_groups}
 
     def start(self, **extra_env: str) -> DaemonProcess:
-        env = {**self.env, **extra_env}
+        python, python_env = python_for(self.user, self.group)
+        env = {**self.env, **python_env, **extra_env}
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [self.python, "-m", "batchd", "run", "--config", str(self.config)],
+            [*python, "-m", "batchd", "run", "--config", str(self.config)],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
-            **self.credentials,
+            **as_user(self.user, self.group, self.extra_groups),
         )
         log.close()
         return self
@@ -202,39 +199,50 @@ def open_position(pid: int, info: os.stat_result) -> int | None:
     return None
 
 
-_PYTHONS: dict[tuple[int, int], tuple[str, dict[str, str]]] = {}
 
 
-def python_for(user: int, group: int) -> tuple[str, dict[str, str]]:
-    """(interpreter, environment) with which uid `user` can run batchd from this checkout.
+def as_user(user: int | None, group: int | None = None, extra_groups: list[int] | None = None) -> dict[str, Any]:
+    """subprocess keyword arguments that run a child as `user` (and `group`, default the same id)."""
+    if user is None:
+        return {}
+    return {"user": user, "group": user if group is None else group, "extra_groups": extra_groups or []}
 
-    This interpreter may live where other uids cannot reach (a pyenv under /root); then a system
-    Python of the same version runs the same code and packages through PYTHONPATH.
+
+_PYTHONS: dict[tuple[int | None, int | None], tuple[list[str], dict[str, str]]] = {}
+
+
+def python_for(user: int | None, group: int | None = None) -> tuple[list[str], dict[str, str]]:
+    """An interpreter command that `user` can execute, and the environment it needs to import batchd.
+
+    Where the test interpreter lives under a directory other users cannot enter (a pyenv under
+    /root), fall back to a system interpreter of the same minor version with this checkout and its
+    site-packages on PYTHONPATH.
     """
-    if (user, group) in _PYTHONS:
-        return _PYTHONS[(user, group)]
-    import shutil
-    import site
-
-    import batchd
-
-    paths = [str(Path(batchd.__file__).resolve().parent.parent), *site.getsitepackages()]
-    env = {"PYTHONPATH": os.pathsep.join(paths), "PYTHONDONTWRITEBYTECODE": "1"}
-    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
-    candidates = [sys.executable, *(p for p in (shutil.which(version, path="/usr/local/bin:/usr/bin"),) if p)]
-    for candidate in candidates:
-        try:
-            probe = subprocess.run(
-                [candidate, "-c", "import batchd.daemon"],
-                env={**os.environ, **env},
-                user=user,
-                group=group,
-                capture_output=True,
-                cwd="/",
-            )
-        except PermissionError:
-            continue
-        if probe.returncode == 0:
-            _PYTHONS[(user, group)] = (candidate, env)
-            return candidate, env
-    raise RuntimeError(f"no Python interpreter that uid {user} can run batchd with (tried {candidates})")
+    key = (user, group)
+    if key in _PYTHONS:
+        return _PYTHONS[key]
+    choice: tuple[list[str], dict[str, str]] = ([sys.executable], {})
+    if user is not None:
+        repo = str(Path(__file__).resolve().parent.parent)
+        path = os.pathsep.join([repo, *(p for p in sys.path if p.endswith("site-packages"))])
+        minor = f"python{sys.version_info.major}.{sys.version_info.minor}"
+        candidates = [([sys.executable], {})]
+        candidates += [([f"{prefix}/{minor}"], {"PYTHONPATH": path}) for prefix in ("/usr/local/bin", "/usr/bin")]
+        for command, env in candidates:
+            try:
+                probe = subprocess.run(
+                    [*command, "-c", "import batchd.cli"],
+                    env={**os.environ, **env},
+                    capture_output=True,
+                    timeout=60,
+                    **as_user(user, group),
+                )
+            except OSError:
+                continue
+            if probe.returncode == 0:
+                choice = (command, env)
+                break
+        else:
+            raise AssertionError(f"no Python interpreter that uid {user} may run can import batchd")
+    _PYTHONS[key] = choice
+    return choice

@@ -73,7 +73,7 @@ class Producer:
     def __init__(self, base: Path, uid: int) -> None:
         python, env = python_for(uid, uid)
         self.proc = subprocess.Popen(
-            [python, "-c", AGENT],
+            [*python, "-c", AGENT],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             cwd=base,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -11,10 +12,12 @@ from typing import Any
 
 import orjson
 import pytest
+import structlog
 from aiohttp import web
 
 from batchd.daemon import Daemon
 from batchd.emulator import RunningEmulator
+from batchd.logs import configure_logging, get_logger
 from batchd.pricing import ModelPrice
 from batchd.report import build_report, estimate_file
 from batchd.settings import Settings, WebhookSink
@@ -23,6 +26,7 @@ from batchd.spool import SpoolPaths, submit
 from batchd.store import Store
 
 from .conftest import make_settings, wait_until
+from .harness import DaemonProcess, write_config
 from .test_acceptance import chat_line, claude_line
 
 SECRET = "whsec-test-0123456789abcdef"
@@ -224,3 +228,56 @@ def test_signature_detects_tampering() -> None:
     assert not verify("another-secret", timestamp, body, signature)
     assert not verify(SECRET, str(int(time.time()) - 3600), body, sign(SECRET, str(int(time.time()) - 3600), body))
     assert not verify(SECRET, timestamp, body, "sha256=" + "0" * 64)
+
+
+# -- secrets in tracebacks ---------------------------------------------------------------------
+
+CONFIGURED = "plain-config-secret-0123456789"  # shaped like no known key: only configuration names it
+
+
+def _raise_with(message: str) -> BaseException:
+    try:
+        raise RuntimeError(message)
+    except RuntimeError as exc:
+        return exc
+
+
+@pytest.mark.parametrize("log_format", ["json", "console"])
+def test_a_secret_inside_a_traceback_is_redacted(log_format: str) -> None:
+    out = io.StringIO()
+    configure_logging(log_format, "info", stream=out, secrets=[CONFIGURED])
+    try:
+        error = _raise_with(f"GET http://127.0.0.1:{CONFIGURED}/v1 failed; key sk-live-abcdefghijklmnop")
+        get_logger("batchd.test").error("test.failed", error="see traceback", exc_info=error)
+        nested = _raise_with(f"outer, caused by {CONFIGURED}")
+        nested.__cause__ = _raise_with(f"inner {CONFIGURED}")
+        get_logger("batchd.test").error("test.nested", exc_info=nested)
+    finally:
+        structlog.reset_defaults()
+    text = out.getvalue()
+    assert "Traceback" in text and "RuntimeError" in text  # the traceback itself is kept
+    assert CONFIGURED not in text and "sk-live-abcdefghijklmnop" not in text
+    assert "[redacted]" in text
+
+
+async def test_a_key_inside_a_daemon_exception_never_reaches_the_log(tmp_path: Path, emulator: RunningEmulator) -> None:
+    """A key pasted into base_url's port: the SDK's URL error carries it into a logged traceback."""
+    key = "embedded-key-0123456789abcdef"
+    config = write_config(
+        tmp_path,
+        emulator,
+        providers__openai={"kind": "openai", "base_url": f"http://127.0.0.1:{key}/v1", "api_key_env": "LEAKY_KEY"},
+    )
+    (tmp_path / "spool" / "new").mkdir(parents=True)
+    (tmp_path / "spool" / "new" / "one.jsonl").write_bytes(orjson.dumps(chat_line(1)) + b"\n")
+    daemon = DaemonProcess(config, tmp_path / "daemon.log", env={"LEAKY_KEY": key})
+    daemon.start()
+    try:
+        assert await daemon.wait(60) != 0
+    finally:
+        await daemon.kill()
+    log = (tmp_path / "daemon.log").read_text()
+    died = [event for event in daemon.log_events() if event.get("event") == "daemon.task_died"]
+    assert died and "Traceback" in died[0]["exception"], log[-2000:]
+    assert key not in log
+    assert "[redacted]" in died[0]["exception"]
