@@ -341,3 +341,21 @@ def test_a_directory_under_a_file_is_73(tmp_path: Path, which: str) -> None:
     proc = _run_daemon(config)
     one_line_error(proc, EX_CANTCREAT, str(tmp_path / "a-file"))
     assert not _ready(proc)
+
+
+@pytest.mark.parametrize("directory", ["", "out", "done"])
+def test_a_spool_directory_others_could_rename_or_write_is_refused_with_77(tmp_path: Path, directory: str) -> None:
+    # A spool root writable by a producer lets it rename done/, out/ or rejected/ away and plant
+    # symlinks in their place; an out/ it can write lets it replace results. The daemon fixes the
+    # modes of directories it owns, and refuses, before READY, one that somebody else owns.
+    require_root()
+    config = plain_config(tmp_path)
+    spool = tmp_path / "spool"
+    for name in ("tmp", "new", "done", "rejected", "out"):
+        (spool / name).mkdir(parents=True, mode=0o755)
+    target = spool / directory
+    shutil.chown(target, OTHER_UID, OTHER_UID)
+    target.chmod(0o775)
+    proc = _run_daemon(config)
+    one_line_error(proc, EX_NOPERM, "unsafe spool", str(target))
+    assert not _ready(proc)
