@@ -81,6 +81,14 @@ def database_rows(database: Path, sql: str, params: tuple[Any, ...] = ()) -> lis
         connection.close()
 
 
+def out_names(database: Path) -> list[str]:
+    """The results names recorded so far; none while the database is still being created."""
+    try:
+        return [name for (name,) in database_rows(database, "SELECT out_name FROM files")]
+    except sqlite3.OperationalError:
+        return []
+
+
 def logged(events: list[dict[str, Any]], name: str, text: str = "") -> bool:
     return any(e.get("event") == name and text in str(e.get("error", "")) for e in events)
 
@@ -110,6 +118,9 @@ async def test_a_full_disk_midway_through_a_chunk_gives_each_line_exactly_once(
             await wait_for_file(out_path(spool, "full"), timeout=60, daemon=daemon)
             assert_whole_lines_once(out_path(spool, "full"), lines)
             assert not part.exists()
+            # The torn tail of the failed attempt was cut off before the retry, not at a restart.
+            assert any(e.get("event") == "outbox.truncated" for e in daemon.log_events())
+            assert sum(e.get("event") == "daemon.ready" for e in daemon.log_events()) == 1, "it restarted"
         finally:
             await daemon.stop()
     database = tmp_path / "state" / "batchd.sqlite3"
@@ -170,6 +181,7 @@ async def test_a_locked_database_after_the_write_gives_each_line_exactly_once(
             await wait_until(lambda: out_path(spool, "locked").exists() or task.done(), timeout=60)
             assert not task.done(), "the daemon stopped"
             assert_whole_lines_once(out_path(spool, "locked"), lines)
+            assert any(e.get("event") == "outbox.truncated" and e.get("cut") == expected for e in events)
         finally:
             daemon.request_stop("test over")
             assert await asyncio.wait_for(task, 30) == 0
@@ -229,7 +241,7 @@ async def test_the_final_rename_never_replaces_a_file_already_at_the_results_nam
         try:
             drop(spool, "taken", lines)
             (out_name,) = await wait_until(
-                lambda: database.exists() and [r[0] for r in database_rows(database, "SELECT out_name FROM files")],
+                lambda: database.exists() and out_names(database),
                 timeout=30,
             )
             final = spool / "out" / out_name

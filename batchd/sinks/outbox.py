@@ -48,7 +48,8 @@ class OutboxSink(Sink):
         self._crashpoints = crashpoints or CrashPoints("")
         # Files whose every line is committed but whose rename (or its record) has not happened yet.
         self._to_complete: set[int] = set()
-        self._reported_taken: set[int] = set()
+        # The last problem reported per file, so a file retried every round is logged once, not every second.
+        self._reported: dict[int, str] = {}
 
     @contextlib.contextmanager
     def _out(self) -> Iterator[int]:
@@ -66,12 +67,18 @@ class OutboxSink(Sink):
         rows = await self.store.open_files()
         with self._out() as out:
             for row in rows:
-                if safefs.exists(out, _part(row)):
+                if not safefs.exists(out, _part(row)):
+                    continue
+                try:
                     fd = safefs.open_append(out, _part(row), PART_MODE)
-                    try:
-                        await self._cut_back(fd, row)
-                    finally:
-                        os.close(fd)
+                except OSError as exc:
+                    # Not fatal at start: delivery to this file retries (and reports) with backoff.
+                    log.error("outbox.part_unusable", file=row.name, results=row.out_name, error=str(exc))
+                    continue
+                try:
+                    await self._cut_back(fd, row)
+                finally:
+                    os.close(fd)
         for row in rows:
             if _all_delivered(row):
                 self._to_complete.add(row.id)
@@ -144,16 +151,25 @@ class OutboxSink(Sink):
                 await self._complete(row)
             except NameTaken:
                 # The other file is never touched; this one waits (and is retried each round) until it is gone.
-                if file_id not in self._reported_taken:
-                    self._reported_taken.add(file_id)
-                    log.error("outbox.name_taken", file=row.name, results=row.out_name, kept=_part(row))
-                    await self.store.add_error(
-                        "outbox.name_taken",
-                        f"{row.out_name}: another file has this name; results kept in {_part(row)}",
-                    )
+                await self._report_once(
+                    row,
+                    "outbox.name_taken",
+                    f"{row.out_name}: another file has this name; results kept in {_part(row)}",
+                )
+                continue
+            except OSError as exc:
+                # One file that cannot be finished must not hold up the others; it is retried each round.
+                await self._report_once(row, "outbox.complete_failed", f"{row.out_name}: {exc}")
                 continue
             self._to_complete.discard(file_id)
-            self._reported_taken.discard(file_id)
+            self._reported.pop(file_id, None)
+
+    async def _report_once(self, row: FileRow, event: str, message: str) -> None:
+        if self._reported.get(row.id) == event:
+            return
+        self._reported[row.id] = event
+        log.error(event, file=row.name, results=row.out_name, error=message)
+        await self.store.add_error(event, message)
 
     async def _complete(self, row: FileRow) -> None:
         """Rename the finished .part to the results name, never over another file, and record it."""
