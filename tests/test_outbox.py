@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 import structlog
 
 from batchd.daemon import Daemon
@@ -264,3 +265,85 @@ async def test_the_final_rename_never_replaces_a_file_already_at_the_results_nam
             await emulator.close()
     assert database_rows(database, "SELECT state FROM files") == [("complete",)]
     assert sum(e.get("event") == "outbox.name_taken" for e in events) == 1
+
+
+# -- whatever state a crash or a failure after the commit left, completion happens exactly once ----------
+
+
+def _reopen(database: Path) -> None:
+    connection = sqlite3.connect(database, timeout=5)
+    try:
+        with connection:
+            connection.execute("UPDATE files SET state = 'open', completed_at = NULL")
+    finally:
+        connection.close()
+
+
+def _renamed_not_recorded(final: Path, part: Path) -> None:
+    """The rename happened; the process died (or the commit failed) before it was recorded."""
+
+
+def _link_then_unlink_interrupted(final: Path, part: Path) -> None:
+    """Where renameat2 is missing the rename is link then unlink; it died in between."""
+    os.link(final, part)
+
+
+def _part_lost(final: Path, part: Path) -> None:
+    """Every line committed, then the .part vanished before the rename."""
+    final.unlink()
+
+
+def _part_cut_short(final: Path, part: Path) -> None:
+    final.rename(part)
+    with part.open("r+b") as handle:
+        handle.truncate(part.stat().st_size // 2)
+
+
+def _uncommitted_torn_tail(final: Path, part: Path) -> None:
+    final.rename(part)
+    with part.open("ab") as handle:
+        handle.write(b'{"custom_id":"bad-0","sta')
+
+
+async def _run_until_complete(settings: Any, final: Path) -> None:
+    daemon = Daemon(settings)
+    task = asyncio.create_task(daemon.run())
+    try:
+        database = settings.daemon.database_path
+
+        def complete() -> bool:
+            if task.done():
+                raise AssertionError("the daemon stopped")
+            try:
+                return database_rows(database, "SELECT state FROM files") == [("complete",)] and final.exists()
+            except sqlite3.OperationalError:
+                return False  # not created yet
+
+        await wait_until(complete, timeout=30)
+    finally:
+        daemon.request_stop("test over")
+        assert await asyncio.wait_for(task, 30) == 0
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [_renamed_not_recorded, _link_then_unlink_interrupted, _part_lost, _part_cut_short, _uncommitted_torn_tail],
+    ids=lambda f: f.__name__.strip("_"),
+)
+async def test_completion_after_the_commit_happens_exactly_once(tmp_path: Path, damage: Any) -> None:
+    settings = make_settings(tmp_path, None)
+    spool = settings.daemon.spool_dir
+    SpoolPaths(spool).create()
+    lines = invalid_lines(7)
+    drop(spool, "done", lines)
+    final = out_path(spool, "done")
+    part = spool / "out" / "done.results.jsonl.part"
+    await _run_until_complete(settings, final)
+    expected = final.read_bytes()
+    _reopen(settings.daemon.database_path)
+    damage(final, part)
+    await _run_until_complete(settings, final)
+    assert final.read_bytes() == expected
+    assert len(expected.splitlines()) == len(lines)
+    assert not part.exists()
+    assert sorted(p.name for p in (spool / "out").iterdir()) == ["done.results.jsonl"]
