@@ -227,6 +227,35 @@ async def test_a_symlink_planted_as_the_part_file_is_refused_not_followed(tmp_pa
     assert victim.read_bytes() == b"the daemon must never write here\n"
 
 
+async def test_out_swapped_for_a_symlink_is_refused_and_nothing_lands_where_it_points(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, None)
+    spool = settings.daemon.spool_dir
+    SpoolPaths(spool).create()
+    elsewhere = tmp_path / "state-of-another-program"
+    elsewhere.mkdir()
+    lines = invalid_lines(4)
+    with structlog.testing.capture_logs() as events:
+        daemon = Daemon(settings)
+        task = asyncio.create_task(daemon.run())
+        try:
+            await wait_until(lambda: any(e.get("event") == "daemon.ready" for e in events) or task.done(), 30)
+            (spool / "out").rename(spool / "out.real")
+            (spool / "out").symlink_to(elsewhere)
+            drop(spool, "swapped", lines)
+            await wait_until(lambda: logged(events, "sink.delivery_failed") or task.done(), timeout=30)
+            assert not task.done()
+            assert list(elsewhere.iterdir()) == []
+            (spool / "out").unlink()
+            (spool / "out.real").rename(spool / "out")
+            await wait_until(lambda: out_path(spool, "swapped").exists() or task.done(), timeout=30)
+        finally:
+            daemon.request_stop("test over")
+            assert await asyncio.wait_for(task, 30) == 0
+    assert list(elsewhere.iterdir()) == []
+    results = [orjson.loads(raw) for raw in out_path(spool, "swapped").read_bytes().splitlines()]
+    assert sorted(r["custom_id"] for r in results) == sorted(line["custom_id"] for line in lines)
+
+
 async def test_the_final_rename_never_replaces_a_file_already_at_the_results_name(tmp_path: Path) -> None:
     # A slow emulator keeps the file open long enough to put something at its results name first.
     emulator = await start_emulator(EmulatorConfig(processing_seconds=3))
