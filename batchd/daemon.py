@@ -142,6 +142,8 @@ class Daemon:
 
     def __init__(self, settings: Settings, crashpoints: CrashPoints | None = None, hold_base: float = HOLD_BASE):
         self.settings = settings
+        for webhook in settings.sinks:
+            webhook.require_secret()  # a ConfigError (exit 78) before anything is opened, so nothing hangs
         self.crashpoints = crashpoints or CrashPoints()
         self.store = Store(settings.daemon.database_path)
         self.workdir = settings.daemon.state_dir / "work"

@@ -21,6 +21,8 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
+    field_validator,
     model_validator,
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -161,10 +163,35 @@ class WebhookSink(_Section):
     max_age: Duration = 86400.0
     headers: dict[str, str] = Field(default_factory=dict)
 
+    @field_validator("secret", "secret_env", "secret_credential")
+    @classmethod
+    def _not_empty(cls, value: Any, info: ValidationInfo) -> Any:
+        text = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if text is not None and not text.strip():
+            raise ValueError(f"{info.field_name} is empty; a webhook must be signed with a secret")
+        return value
+
     def resolve_secret(self, environ: Mapping[str, str] | None = None) -> str | None:
         return resolve_secret(
             self.secret, self.secret_env, (self.secret_credential, f"{self.name}_webhook_secret"), environ
         )
+
+    def require_secret(self, environ: Mapping[str, str] | None = None) -> str:
+        """The secret, or a ConfigError: an unsigned webhook would let anyone forge results to the receiver.
+
+        Checked when the daemon starts rather than when the file is read, because the secret may come
+        from a systemd credential or an environment variable that only the daemon's process has.
+        """
+        secret = self.resolve_secret(environ)
+        if not secret:
+            sources = [f"credential {self.secret_credential or self.name + '_webhook_secret'}"]
+            if self.secret_env:
+                sources.insert(0, f"${self.secret_env}")
+            raise ConfigError(
+                f"sinks: webhook {self.name!r} has no secret (set secret, secret_env or secret_credential;"
+                f" looked in {' and '.join(sources)})"
+            )
+        return secret
 
 
 class OutboxSettings(_Section):

@@ -196,8 +196,10 @@ def _newer_schema(path: Path, version: int) -> str:
 class Store:
     """The queue, batches, results and delivery state of one daemon."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, busy_timeout: float = 10.0) -> None:
         self.path = path
+        # How long a statement waits for another connection's write lock before "database is locked".
+        self.busy_timeout = busy_timeout
         self._db: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
         self._instance = ""
@@ -300,7 +302,7 @@ class Store:
             await db.execute("PRAGMA journal_mode=WAL")
             await db.execute("PRAGMA synchronous=FULL")
             await db.execute("PRAGMA foreign_keys=ON")
-            await db.execute("PRAGMA busy_timeout=10000")
+            await db.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
         except sqlite3.Error as exc:
             await db.close()
             raise self._open_error(exc) from None
@@ -958,6 +960,30 @@ class Store:
         return FileRow(
             row["id"], row["name"], row["out_name"], row["lines"], row["delivered"], row["out_bytes"], row["state"]
         )
+
+    async def files_by_id(self, file_ids: Iterable[int]) -> dict[int, FileRow]:
+        """The rows of these files, as committed now (the outbox's source of committed .part lengths)."""
+        ids = sorted(set(file_ids))
+        if not ids:
+            return {}
+        rows = await self._fetchall(f"SELECT * FROM files WHERE id IN ({','.join('?' * len(ids))})", ids)
+        return {
+            r["id"]: FileRow(r["id"], r["name"], r["out_name"], r["lines"], r["delivered"], r["out_bytes"], r["state"])
+            for r in rows
+        }
+
+    async def delivered_payloads(self, file_id: int, after_id: int, limit: int) -> list[tuple[int, bytes]]:
+        """(id, payload) of this file's results the outbox has delivered, after `after_id`, in order.
+
+        Used to rebuild a .part that is shorter than its committed length (lost or cut by someone).
+        """
+        rows = await self._fetchall(
+            "SELECT r.id, r.payload FROM results r WHERE r.file_id = ? AND r.id > ?"
+            " AND r.id <= COALESCE((SELECT last_result_id FROM sink_cursors WHERE sink = 'outbox'), 0)"
+            " ORDER BY r.id LIMIT ?",
+            (file_id, after_id, limit),
+        )
+        return [(int(r["id"]), bytes(r["payload"])) for r in rows]
 
     async def complete_file(self, file_id: int) -> None:
         async with self._tx() as db:

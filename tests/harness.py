@@ -199,8 +199,6 @@ def open_position(pid: int, info: os.stat_result) -> int | None:
     return None
 
 
-
-
 def as_user(user: int | None, group: int | None = None, extra_groups: list[int] | None = None) -> dict[str, Any]:
     """subprocess keyword arguments that run a child as `user` (and `group`, default the same id)."""
     if user is None:

@@ -77,6 +77,10 @@ class SinkRunner:
                 failures += 1
                 timeout = backoff(failures, base=1.0, ceiling=300.0)
                 log.warning("sink.delivery_failed", sink=sink.name, error=str(exc), retry_in=round(timeout, 1))
-                await self.store.add_error("sink.delivery_failed", f"{sink.name}: {exc}")
+                try:
+                    await self.store.add_error("sink.delivery_failed", f"{sink.name}: {exc}")
+                except Exception as record_exc:
+                    # The database may be what failed ("database is locked"); the sink must live on and retry.
+                    log.warning("sink.error_not_recorded", sink=sink.name, error=str(record_exc))
             # While a sink is failing only its backoff (or a stop) ends the wait, not new results.
             await wait_any(timeout, stopping) if failures else await wait_any(timeout, wake, stopping)

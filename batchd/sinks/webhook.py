@@ -1,6 +1,7 @@
 """The webhook sink: POSTs result lines in signed JSON chunks to a URL.
 
 Body: `{"sink": NAME, "results": [{"idempotency_key": KEY, "result": <result line>}, …]}`.
+Redirects are never followed: a 3xx is a failed delivery, retried like any other.
 Headers: `X-Batchd-Timestamp: <unix seconds>` and
 `X-Batchd-Signature: sha256=<hex HMAC-SHA256(secret, "<timestamp>." + body)>`, plus an
 `Idempotency-Key` for the chunk. Each result's key is stable across retries and restarts, so a
@@ -15,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import time
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -45,6 +47,15 @@ def verify(secret: str, timestamp: str, body: bytes, signature: str, tolerance: 
     return hmac.compare_digest(sign(secret, timestamp, body), signature)
 
 
+def _origin(url: str) -> str:
+    """scheme://host:port of a Location header, for the log; its path and query may carry secrets."""
+    try:
+        parts = urlsplit(url)
+        return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}" if parts.netloc else "(same origin)"
+    except ValueError:
+        return "(unparsable)"
+
+
 class DeliveryError(Exception):
     """The receiver did not accept a chunk."""
 
@@ -56,7 +67,7 @@ class WebhookSink(Sink):
         super().__init__(store)
         self.name = settings.name
         self.settings = settings
-        self._secret = settings.resolve_secret() or ""
+        self._secret = settings.require_secret()
         self._instance = instance
         self._session: aiohttp.ClientSession | None = None
 
@@ -85,7 +96,15 @@ class WebhookSink(Sink):
             "Idempotency-Key": f"{self._key(results[0].id)}..{results[-1].id}",
         }
         try:
-            async with self._session.post(self.settings.url, data=body, headers=headers) as response:
+            # Never follow a redirect: a 301/302 would turn the POST into an empty GET that "succeeds",
+            # and a 307/308 would send the results, the signature and our headers to another origin.
+            async with self._session.post(
+                self.settings.url, data=body, headers=headers, allow_redirects=False
+            ) as response:
+                if 300 <= response.status < 400:
+                    location = _origin(response.headers.get("Location", ""))
+                    log.warning("webhook.redirect_refused", sink=self.name, status=response.status, location=location)
+                    raise DeliveryError(f"receiver answered {response.status} (a redirect, not followed)")
                 if not 200 <= response.status < 300:
                     raise DeliveryError(f"receiver answered {response.status}")
         except (aiohttp.ClientError, TimeoutError) as exc:
