@@ -26,9 +26,9 @@ from typing import Any, ClassVar
 import aiosqlite
 import orjson
 
-from .exits import EX_DATAERR, EX_IOERR, EX_NOPERM, OperatorError, creating_status
-from .formats import Outcome, Status, invalid_result, item_id_from_custom_id, provider_custom_id, result_line
-from .pricing import UNPRICED, Cost
+from ..exits import EX_DATAERR, EX_IOERR, EX_NOPERM, OperatorError, creating_status
+from ..formats import Outcome, Status, invalid_result, item_id_from_custom_id, provider_custom_id, result_line
+from ..pricing import UNPRICED, Cost
 
 FINAL_ITEM_STATES = ("succeeded", "errored", "expired", "canceled")
 ERRORS_KEPT = 200
@@ -176,7 +176,7 @@ def _batch_from_row(row: sqlite3.Row) -> BatchRow:
 
 def _migrations() -> list[tuple[int, str]]:
     found = []
-    for entry in resources.files("batchd").joinpath("sql").iterdir():
+    for entry in resources.files("batchd.store").joinpath("sqlite_migrations").iterdir():
         name = entry.name
         if name.endswith(".sql") and name[:3].isdigit():
             found.append((int(name[:3]), entry.read_text()))

@@ -1,0 +1,484 @@
+"""The store contract: what every engine (SQLite, PostgreSQL) offers, split by consumer.
+
+Each consumer is typed against the narrowest facet it needs (the spool against `Intake`, the
+batcher against `Queue` + `Batches`, …), so mypy keeps the surface small. Engines implement
+`Store`, which is all facets plus the lifecycle.
+
+Rules every engine keeps (the contract suite in tests/store/ checks them on each engine):
+- Every write is one transaction, run whole: it happened entirely or not at all when the call
+  returns or raises, also when the calling task is cancelled meanwhile (the cancellation is
+  delivered after the transaction ends). A store stays usable after any cancellation.
+- Every write is idempotent or compare-and-set, so a caller that crashed or was cancelled may
+  repeat it (documented per method).
+- The store records; it decides nothing. Retry decisions, result lines, costs and backoffs are
+  computed by the caller (batchd/policy.py, batchd/formats.py) and passed in.
+- Several nodes may share one store (PostgreSQL). Each node owns the files it ingested (and so
+  their results and its outbox); each live batch is owned by one node at a time under a lease
+  that expires; an expired lease may be taken by any node.
+- Results become visible to `results_after` in id order with no gaps behind the highest visible
+  id (engines serialise result-inserting transactions if ids are not otherwise commit-ordered),
+  so a delivery cursor "last id delivered" never skips a row.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from ..formats import Status
+
+
+class ItemState(enum.StrEnum):
+    QUEUED = "queued"
+    BATCHED = "batched"
+    SUBMITTED = "submitted"
+    SUCCEEDED = "succeeded"
+    ERRORED = "errored"
+    EXPIRED = "expired"
+    CANCELED = "canceled"
+
+
+class BatchState(enum.StrEnum):
+    """Local batch states; the provider's own word is kept apart in `remote_status`."""
+
+    PENDING = "pending"  # an intent with no remote batch known (create or reconcile next)
+    UNVERIFIED = "unverified"  # adopted by reconciliation, not yet proven ours (Anthropic)
+    SUBMITTED = "submitted"  # a remote batch that is ours
+    DONE = "done"  # collected, or ended in a defined way (`fate`)
+
+
+LIVE_BATCH_STATES = (BatchState.PENDING, BatchState.UNVERIFIED, BatchState.SUBMITTED)
+POLLED_BATCH_STATES = (BatchState.UNVERIFIED, BatchState.SUBMITTED)
+
+
+class FileState(enum.StrEnum):
+    INGESTING = "ingesting"  # chunks are being committed; never completed by the outbox
+    OPEN = "open"  # every line is in the store; results pending
+    COMPLETE = "complete"  # every result delivered to out/ and the .part renamed
+
+
+class Fate(enum.StrEnum):
+    """How a batch ended when it did not end normally."""
+
+    VANISHED = "vanished"
+    OUTPUT_UNAVAILABLE = "output_unavailable"
+    OVERDUE_CANCELLED = "overdue_cancelled"
+
+
+# -- what crosses the contract ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class FileKey:
+    """A spool file's identity: re-reading the same inode (not yet moved out of new/) resumes it."""
+
+    name: str
+    sha256: str
+    size: int
+    dev: int
+    ino: int
+
+
+@dataclass(frozen=True, slots=True)
+class FileRow:
+    id: int
+    node: str
+    name: str
+    out_name: str
+    state: FileState
+    lines_committed: int  # lines 1..lines_committed are in the store (items or results)
+    offset_committed: int  # byte offset in the file just after line lines_committed
+    lines: int  # total lines once OPEN (0 while INGESTING)
+    delivered: int  # result lines durably in the outbox
+    out_bytes: int  # durable length of the outbox .part
+    moved: bool  # the file has left new/
+
+
+@dataclass(slots=True)
+class NewItem:
+    """A valid line about to be queued."""
+
+    line: int
+    custom_id: str
+    profile: str
+    endpoint: str
+    model: str
+    body: bytes
+    size: int
+    tokens: int = 0  # estimated enqueued tokens (capacity counters); 0 = unknown
+
+
+@dataclass(frozen=True, slots=True)
+class NewResult:
+    """A result decided without a provider (an invalid line, a duplicate custom_id)."""
+
+    line: int
+    status: Status
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """Lines first_line..last_line of a file, parsed; end_offset is the byte offset after last_line."""
+
+    first_line: int
+    last_line: int
+    end_offset: int
+    items: Sequence[NewItem]
+    invalid: Sequence[NewResult]
+
+
+@dataclass(frozen=True, slots=True)
+class Group:
+    """Queued items that may share a provider batch."""
+
+    profile: str
+    endpoint: str
+    model: str
+    count: int
+    bytes: int
+    oldest: float
+
+
+@dataclass(slots=True)
+class BatchRow:
+    """A provider batch as recorded here."""
+
+    id: int
+    profile: str
+    kind: str
+    endpoint: str
+    model: str
+    state: BatchState
+    remote_id: str | None
+    remote_status: str | None
+    input_file_id: str | None
+    output_file_id: str | None
+    error_file_id: str | None
+    requests: int
+    bytes: int
+    counts: dict[str, int] | None
+    created_at: float
+    submitted_at: float | None
+    submit_attempts: int
+    not_before: float
+    last_error: str | None
+    remote_created_at: float | None = None
+    cancel_requested_at: float | None = None
+    ended_at: float | None = None
+    fate: Fate | None = None
+    owner: str | None = None  # node holding the lease
+    lease_until: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class SubmittedItem:
+    """An item of a batch that is waiting for its provider outcome."""
+
+    id: int
+    file_id: int
+    line: int
+    custom_id: str
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class FinalResult:
+    """A decided final outcome of one item (composed by policy, recorded by the store)."""
+
+    item_id: int
+    file_id: int
+    line: int
+    status: Status
+    payload: bytes  # the result line, without newline
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    cached_input_tokens: int | None = None
+    cache_creation_input_tokens: int | None = None
+    cost_batch: float | None = None
+    cost_realtime: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """An item going back to the queue after a retryable outcome."""
+
+    item_id: int
+    not_before: float
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class ApplySummary:
+    """What one chunk of provider outcomes did to the queue."""
+
+    final: int = 0
+    requeued: int = 0
+    ignored: int = 0
+
+    def __add__(self, other: ApplySummary) -> ApplySummary:
+        return ApplySummary(self.final + other.final, self.requeued + other.requeued, self.ignored + other.ignored)
+
+
+@dataclass(frozen=True, slots=True)
+class PendingResult:
+    """A result line waiting for a sink."""
+
+    id: int
+    file_id: int
+    out_name: str
+    payload: bytes
+    created_at: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """What a profile has at the provider right now, counted over every node (org limits)."""
+
+    in_flight_batches: int
+    enqueued_tokens: int  # estimated tokens of requests in live batches
+    enqueued_requests: int
+    created_last_hour: int
+
+
+# -- the facets ------------------------------------------------------------------------------
+
+
+class Intake(Protocol):
+    """The spool's view: files and their lines, committed in short chunks."""
+
+    node: str
+
+    async def find_file(self, key: FileKey) -> FileRow | None:
+        """This node's row for exactly this file (name, sha256, ino) not yet moved out of new/, if any."""
+
+    async def begin_file(self, key: FileKey, out_taken: Callable[[str], bool]) -> FileRow:
+        """Create the file's row (INGESTING, nothing committed) with its results name chosen once.
+
+        NAME.results.jsonl unless `out_taken(name)` or an unfinished file of this node holds it,
+        else NAME.N.results.jsonl with the first free N; a COMPLETE holder whose results are gone
+        gives the name up (its row keeps it as NAME.results.jsonl~ID). Call only after find_file
+        said None.
+        """
+
+    async def seen_custom_ids(self, file_id: int, custom_ids: Collection[str]) -> set[str]:
+        """Which of these custom_ids committed chunks of this file already hold (first one wins)."""
+
+    async def add_chunk(self, file_id: int, chunk: Chunk) -> bool:
+        """Queue the chunk's items (bodies included), record its invalid results and advance
+        lines_committed/offset_committed, in one transaction.
+
+        Compare-and-set on lines_committed == first_line - 1: a chunk already committed returns
+        False and changes nothing (idempotent after a crash or a cancellation); True when applied.
+        """
+
+    async def finish_file(self, file_id: int, lines: int) -> None:
+        """INGESTING -> OPEN with its final line count (durable on return). Idempotent."""
+
+    async def file_moved(self, file_id: int) -> None:
+        """The file left new/ (after the rename is durable). Idempotent."""
+
+
+class Queue(Protocol):
+    """The batcher's view of queued work."""
+
+    node: str
+
+    async def queued_groups(self, now: float) -> list[Group]:
+        """Queued items with not_before <= now, grouped by (profile, endpoint, model)."""
+
+    async def next_not_before(self, now: float) -> float | None:
+        """When the next queued item held back by a backoff becomes due."""
+
+    async def claim_batch(
+        self,
+        group: Group,
+        kind: str,
+        max_requests: int,
+        max_bytes: int,
+        now: float,
+        avoid_counts: frozenset[int] = frozenset(),
+        lease_seconds: float = 60.0,
+    ) -> BatchRow | None:
+        """Record a PENDING batch intent owned (leased) by this node and move up to the limits of the
+        group's oldest due items into it, never exceeding either limit; None if nothing fits.
+
+        Concurrent claims (other nodes) never take the same item (FOR UPDATE SKIP LOCKED or the
+        engine's single writer). A batch never gets a request count in `avoid_counts`.
+        """
+
+    async def batch_bodies(self, batch_id: int, chunk: int = 2000) -> AsyncIterator[list[tuple[int, str, bytes]]]:
+        """The batch's requests as (item id, endpoint, body), in chunks, in id order."""
+
+    async def usage(self, profile: str, model: str | None = None, now: float | None = None) -> Usage:
+        """Live counts for organisation limits, over every node sharing the store."""
+
+    async def active_holds(self, now: float) -> dict[tuple[str, str], float]:
+        """(profile, model) -> until, for holds still in force."""
+
+    async def hold(self, profile: str, model: str, until: float, failures: int, reason: str) -> None:
+        """Hold back submissions for (profile, model) until `until` (policy computed the pause)."""
+
+    async def hold_failures(self, profile: str, model: str) -> int:
+        """How many consecutive failures the current hold counts (0 if none)."""
+
+    async def release_hold(self, profile: str, model: str) -> None: ...
+
+
+class Batches(Protocol):
+    """Batch records, their leases, and everything the batcher and pollers note about them."""
+
+    node: str
+
+    async def batch(self, batch_id: int) -> BatchRow | None: ...
+
+    async def batches_in_state(self, *states: BatchState) -> list[BatchRow]:
+        """Every batch in these states, whoever owns it, by id."""
+
+    async def owned_batches(self, *states: BatchState) -> list[BatchRow]:
+        """Batches in these states whose lease this node holds."""
+
+    async def take_over(self, lease_seconds: float, now: float) -> list[BatchRow]:
+        """Take the lease of every live batch whose lease has expired (its node died); returns them."""
+
+    async def renew_leases(self, lease_seconds: float, now: float) -> int:
+        """Extend this node's leases on its live batches (and its node heartbeat); returns how many."""
+
+    async def release_leases(self) -> None:
+        """Give up this node's leases at a graceful stop, so another node may take over at once."""
+
+    async def remote_ids(self, profile: str) -> set[str]: ...
+
+    async def remote_owner(self, remote_id: str) -> int | None: ...
+
+    async def set_input_file(self, batch_id: int, input_file_id: str | None) -> None: ...
+
+    async def note_submit_failure(self, batch_id: int, error: str, retry_at: float) -> None: ...
+
+    async def mark_submitted(
+        self, batch_id: int, remote_id: str, remote_status: str, now: float, remote_created_at: float | None = None
+    ) -> None:
+        """PENDING -> SUBMITTED with its remote id, and attempts + 1 for each of its BATCHED items."""
+
+    async def mark_unverified(
+        self, batch_id: int, remote_id: str, remote_status: str, now: float, remote_created_at: float | None
+    ) -> None: ...
+
+    async def confirm_ownership(self, batch_id: int) -> None: ...
+
+    async def unadopt(self, batch_id: int, remote_id: str, reason: str) -> None: ...
+
+    async def rejected_remotes(self, batch_id: int) -> set[str]: ...
+
+    async def note_cancel_requested(self, batch_id: int, error: str) -> None: ...
+
+    async def record_poll(
+        self,
+        batch_id: int,
+        remote_status: str,
+        counts: dict[str, int] | None,
+        output_file_id: str | None,
+        error_file_id: str | None,
+        ended: bool = False,
+    ) -> None: ...
+
+    async def note_batch_error(self, batch_id: int, event: str, error: str) -> None: ...
+
+    async def finish_batch(
+        self, batch_id: int, fate: Fate | None = None, error: str | None = None, record: bool = True
+    ) -> None: ...
+
+
+class Outcomes(Protocol):
+    """Recording what the provider answered, as decided by policy outside the store."""
+
+    async def submitted_items(self, batch_id: int, item_ids: Collection[int] | None = None) -> list[SubmittedItem]:
+        """The batch's items still waiting for an outcome (all of them, or those among `item_ids`), by id."""
+
+    async def record_outcomes(
+        self, batch_id: int, finals: Sequence[FinalResult], retries: Sequence[Retry]
+    ) -> ApplySummary:
+        """Finals become results (their bodies are dropped) and retries go back to the queue, in one
+        transaction. Idempotent: an item no longer SUBMITTED in this batch is skipped (counted ignored).
+        A retry's age counts from when it becomes due (queued_at = max(now, not_before))."""
+
+    async def refund_batch(self, batch_id: int, not_before: float, error: str) -> int:
+        """Every SUBMITTED item of the batch back to the queue with its attempt given back (the provider
+        never ran them), in one statement so that a repeat cannot refund twice. Returns how many."""
+
+    async def batch_item_ids(self, batch_id: int) -> list[int]:
+        """The batch's items in the order of its input file."""
+
+
+class Delivery(Protocol):
+    """Sinks: results after a cursor, cursors, parking, and the outbox's per-file progress."""
+
+    node: str
+
+    async def sink_cursor(self, sink: str) -> int: ...
+
+    async def results_after(self, last_id: int, limit: int, node: str | None = None) -> list[PendingResult]:
+        """Results with id > last_id in id order; with `node`, only those of files that node ingested."""
+
+    async def advance_cursor(self, sink: str, last_id: int) -> None: ...
+
+    async def park(self, sink: str, result_ids: Sequence[int], error: str, advance_to: int | None) -> None: ...
+
+    async def to_redeliver(self, sink: str, limit: int) -> list[PendingResult]: ...
+
+    async def unpark(self, sink: str, result_ids: Sequence[int]) -> None: ...
+
+    async def request_redelivery(self, sink: str | None) -> int: ...
+
+    async def take_sink_lease(self, sink: str, lease_seconds: float, now: float) -> bool:
+        """Whether this node holds (took or renewed) the lease to deliver `sink` (shared sinks)."""
+
+    async def outbox_delivered(self, sink: str, last_id: int, files: dict[int, tuple[int, int]]) -> None:
+        """Advance the outbox cursor `sink`; `files` maps file id to (lines added, new durable .part length)."""
+
+    async def open_files(self) -> list[FileRow]:
+        """This node's files whose results are not yet complete."""
+
+    async def file(self, file_id: int) -> FileRow | None: ...
+
+    async def files_by_id(self, file_ids: Iterable[int]) -> dict[int, FileRow]: ...
+
+    async def delivered_payloads(self, file_id: int, after_id: int, limit: int) -> list[tuple[int, bytes]]: ...
+
+    async def complete_file(self, file_id: int) -> None: ...
+
+
+class Reporting(Protocol):
+    """Read models for commands and the status view; recent errors."""
+
+    async def instance_id(self) -> str:
+        """The id of this store (shared by every node); provider custom_ids carry it."""
+
+    async def add_error(self, event: str, message: str) -> None: ...
+
+    async def report(self, since: float, by: str) -> list[dict[str, Any]]: ...
+
+    async def query_results(
+        self, file: str | None, custom_id: str | None, status: str | None, limit: int
+    ) -> list[dict[str, Any]]: ...
+
+    async def status(self, errors: int = 10) -> dict[str, Any]: ...
+
+
+class Store(Intake, Queue, Batches, Outcomes, Delivery, Reporting, Protocol):
+    """Everything, plus the lifecycle. Engines: SQLiteStore (store/sqlite.py), PostgresStore (store/postgres.py)."""
+
+    url: str
+
+    async def open(self) -> None:
+        """Connect, migrate to the latest schema under a lock (refusing a newer one), register the node."""
+
+    async def open_existing(self, writable: bool = False) -> None:
+        """Connect for a command: never create, never migrate; refuse an older or newer schema."""
+
+    async def close(self) -> None: ...
+
+    async def migrate(self) -> tuple[int, int]:
+        """Apply pending migrations under the engine's lock; (version before, version after)."""
