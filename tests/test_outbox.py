@@ -200,60 +200,69 @@ def invalid_lines(count: int) -> list[dict[str, Any]]:
 
 
 async def test_a_symlink_planted_as_the_part_file_is_refused_not_followed(tmp_path: Path) -> None:
-    settings = make_settings(tmp_path, None)
+    # The spool never picks a results name whose .part exists, so the symlink is planted after the
+    # name was chosen (the file is ingested) and before any result arrives (a slow emulator).
+    emulator = await start_emulator(EmulatorConfig(processing_seconds=3))
+    settings = make_settings(tmp_path, emulator)
     spool = settings.daemon.spool_dir
+    database = settings.daemon.database_path
     SpoolPaths(spool).create()
     victim = tmp_path / "victim.sqlite3"
     victim.write_bytes(b"the daemon must never write here\n")
-    part = spool / "out" / "planted.results.jsonl.part"
-    part.symlink_to(victim)
-    lines = invalid_lines(5)
+    lines = [chat_line(n) for n in range(5)]
     with structlog.testing.capture_logs() as events:
         daemon = Daemon(settings)
         task = asyncio.create_task(daemon.run())
         try:
             drop(spool, "planted", lines)
-            await wait_until(lambda: logged(events, "sink.delivery_failed") or task.done(), timeout=30)
+            (out_name,) = await wait_until(lambda: database.exists() and out_names(database), timeout=30)
+            part = spool / "out" / f"{out_name}.part"
+            part.symlink_to(victim)
+            await wait_until(lambda: logged(events, "sink.delivery_failed") or task.done(), timeout=60)
             assert not task.done()
             assert victim.read_bytes() == b"the daemon must never write here\n"
             assert part.is_symlink()
             part.unlink()
-            await wait_until(lambda: out_path(spool, "planted").exists() or task.done(), timeout=30)
-            results = [orjson.loads(raw) for raw in out_path(spool, "planted").read_bytes().splitlines()]
-            assert sorted(r["custom_id"] for r in results) == sorted(line["custom_id"] for line in lines)
+            await wait_until(lambda: (spool / "out" / out_name).exists() or task.done(), timeout=60)
+            assert_whole_lines_once(spool / "out" / out_name, lines)
         finally:
             daemon.request_stop("test over")
             assert await asyncio.wait_for(task, 30) == 0
+            await emulator.close()
     assert victim.read_bytes() == b"the daemon must never write here\n"
 
 
 async def test_out_swapped_for_a_symlink_is_refused_and_nothing_lands_where_it_points(tmp_path: Path) -> None:
-    settings = make_settings(tmp_path, None)
+    # Swapped after the file is ingested and before its results arrive: the outbox's own defence.
+    emulator = await start_emulator(EmulatorConfig(processing_seconds=3))
+    settings = make_settings(tmp_path, emulator)
     spool = settings.daemon.spool_dir
+    database = settings.daemon.database_path
     SpoolPaths(spool).create()
     elsewhere = tmp_path / "state-of-another-program"
     elsewhere.mkdir()
-    lines = invalid_lines(4)
+    lines = [chat_line(n) for n in range(4)]
     with structlog.testing.capture_logs() as events:
         daemon = Daemon(settings)
         task = asyncio.create_task(daemon.run())
         try:
-            await wait_until(lambda: any(e.get("event") == "daemon.ready" for e in events) or task.done(), 30)
+            drop(spool, "swapped", lines)
+            (out_name,) = await wait_until(lambda: database.exists() and out_names(database), timeout=30)
+            await wait_until(lambda: not list((spool / "new").iterdir()), timeout=30)
             (spool / "out").rename(spool / "out.real")
             (spool / "out").symlink_to(elsewhere)
-            drop(spool, "swapped", lines)
-            await wait_until(lambda: logged(events, "sink.delivery_failed") or task.done(), timeout=30)
+            await wait_until(lambda: logged(events, "sink.delivery_failed") or task.done(), timeout=60)
             assert not task.done()
             assert list(elsewhere.iterdir()) == []
             (spool / "out").unlink()
             (spool / "out.real").rename(spool / "out")
-            await wait_until(lambda: out_path(spool, "swapped").exists() or task.done(), timeout=30)
+            await wait_until(lambda: (spool / "out" / out_name).exists() or task.done(), timeout=60)
         finally:
             daemon.request_stop("test over")
             assert await asyncio.wait_for(task, 30) == 0
+            await emulator.close()
     assert list(elsewhere.iterdir()) == []
-    results = [orjson.loads(raw) for raw in out_path(spool, "swapped").read_bytes().splitlines()]
-    assert sorted(r["custom_id"] for r in results) == sorted(line["custom_id"] for line in lines)
+    assert_whole_lines_once(spool / "out" / out_name, lines)
 
 
 async def test_the_final_rename_never_replaces_a_file_already_at_the_results_name(tmp_path: Path) -> None:

@@ -139,3 +139,54 @@ async def test_claim_avoids_request_counts_of_pending_batches(store: Store) -> N
     [group] = await store.queued_groups(now)
     assert group.count == 17
     assert await store.claim_batch(group, "anthropic", 1, 10**9, now, avoid_counts=frozenset({1})) is None
+
+
+async def test_a_reader_beside_a_migrating_daemon_sees_the_old_schema_or_the_new_never_one_between(
+    tmp_path: Path,
+) -> None:
+    # Found by the suite: `batchd status` read a database the starting daemon had migrated half way
+    # (version 3 of 6) and told the operator to start the daemon. Migrations now commit as one.
+    import sqlite3
+    import threading
+    from importlib import resources
+
+    from batchd.store import SCHEMA_VERSION
+
+    path = tmp_path / "old.sqlite3"
+    old = sqlite3.connect(path, isolation_level=None)
+    old.execute("PRAGMA journal_mode=WAL")
+    for entry in sorted(resources.files("batchd").joinpath("sql").iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".sql") and int(entry.name[:3]) <= 3:
+            old.executescript(entry.read_text())
+    old.execute("PRAGMA user_version=3")
+    old.executemany(
+        "INSERT INTO files (name, sha256, size, out_name, ingested_at, state) VALUES (?, ?, 1, ?, 0, 'complete')",
+        [(f"f{n}.jsonl", f"{n:064x}", f"f{n}.results.jsonl") for n in range(20_000)],
+    )
+    old.close()
+    seen: set[int] = set()
+    done = threading.Event()
+
+    def watch() -> None:
+        reader = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        while not done.is_set():
+            seen.add(reader.execute("PRAGMA user_version").fetchone()[0])
+        reader.close()
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    store = Store(path)
+    try:
+        await store.open()
+    finally:
+        done.set()
+        watcher.join()
+        await store.close()
+    assert seen <= {3, SCHEMA_VERSION}, seen
+
+
+async def test_a_database_file_without_a_schema_yet_reads_as_no_database(tmp_path: Path) -> None:
+    path = tmp_path / "new.sqlite3"
+    path.touch()
+    async with Store.existing(path) as store:
+        assert store is None

@@ -193,6 +193,10 @@ def _newer_schema(path: Path, version: int) -> str:
     )
 
 
+class _NotCreatedYet(Exception):
+    """The database file exists but holds no schema yet."""
+
+
 class Store:
     """The queue, batches, results and delivery state of one daemon."""
 
@@ -223,7 +227,11 @@ class Store:
         except PermissionError:
             raise OperatorError(f"cannot reach the database {path}: permission denied", EX_NOPERM) from None
         store = cls(path)
-        await store.open_existing(writable)
+        try:
+            await store.open_existing(writable)
+        except _NotCreatedYet:
+            yield None
+            return
         try:
             yield store
         finally:
@@ -250,6 +258,11 @@ class Store:
         self._db = db
         version = await self._schema_version()
         latest = SCHEMA_VERSION
+        if version == 0:
+            # An empty file: a daemon is creating the database right now (its first migration is
+            # one transaction), so there is nothing to show yet, as when there is no file at all.
+            await self.close()
+            raise _NotCreatedYet
         if version < latest:
             await self.close()
             raise OperatorError(
@@ -327,24 +340,26 @@ class Store:
             # off (the pragma is a no-op inside a transaction); they are checked before each commit.
             await db.execute("PRAGMA foreign_keys=OFF")
             try:
-                for number, script in _migrations():
-                    # The version is read inside the write transaction, so two processes opening a new
-                    # database at once (the daemon and `batchd status`) never run a migration twice.
-                    await db.execute("BEGIN IMMEDIATE")
-                    try:
-                        (version,) = await (await db.execute("PRAGMA user_version")).fetchone() or (0,)
-                        if number > version:
-                            for statement in script.split(";\n"):
-                                if statement.strip():
-                                    await db.execute(statement)
-                            broken = await db.execute_fetchall("PRAGMA foreign_key_check")
-                            if list(broken):
-                                raise sqlite3.IntegrityError(f"migration {number:03d} broke a foreign key")
-                            await db.execute(f"PRAGMA user_version={number}")
-                        await db.execute("COMMIT")
-                    except BaseException:
-                        await db.execute("ROLLBACK")
-                        raise
+                # Every pending migration in one write transaction: a reader (`batchd status` beside a
+                # starting daemon) sees the old schema or the new one, never a version in between. The
+                # version is read inside it, so two processes opening a new database never migrate twice.
+                await db.execute("BEGIN IMMEDIATE")
+                try:
+                    (version,) = await (await db.execute("PRAGMA user_version")).fetchone() or (0,)
+                    for number, script in _migrations():
+                        if number <= version:
+                            continue
+                        for statement in script.split(";\n"):
+                            if statement.strip():
+                                await db.execute(statement)
+                        broken = await db.execute_fetchall("PRAGMA foreign_key_check")
+                        if list(broken):
+                            raise sqlite3.IntegrityError(f"migration {number:03d} broke a foreign key")
+                        await db.execute(f"PRAGMA user_version={number}")
+                    await db.execute("COMMIT")
+                except BaseException:
+                    await db.execute("ROLLBACK")
+                    raise
             finally:
                 await db.execute("PRAGMA foreign_keys=ON")
             await db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('instance', ?)", (uuid.uuid4().hex,))
