@@ -155,7 +155,7 @@ async def test_a_reader_beside_a_migrating_daemon_sees_the_old_schema_or_the_new
     path = tmp_path / "old.sqlite3"
     old = sqlite3.connect(path, isolation_level=None)
     old.execute("PRAGMA journal_mode=WAL")
-    for entry in sorted(resources.files("batchd").joinpath("sql").iterdir(), key=lambda e: e.name):
+    for entry in sorted(resources.files("batchd.store").joinpath("sqlite_migrations").iterdir(), key=lambda e: e.name):
         if entry.name.endswith(".sql") and int(entry.name[:3]) <= 3:
             old.executescript(entry.read_text())
     old.execute("PRAGMA user_version=3")
