@@ -478,3 +478,18 @@ async def test_record_outcomes_records_only_and_is_idempotent(node_a: SQLiteStor
     assert result.file_id == row.id
     assert await node_a.report(0, "model") and (await node_a.report(0, "model"))[-1]["cost_batch"] == 0.5
     assert [r["line"] for r in await node_a.query_results("f.jsonl", None, "succeeded", 10)] == [1]
+
+
+async def test_a_reader_during_creation_sees_no_database_not_an_old_schema(tmp_path: Path) -> None:
+    """`batchd status` racing the daemon's first start: the file exists, no migration has committed."""
+    path = tmp_path / "batchd.sqlite3"
+    path.touch(mode=0o600)
+    async with SQLiteStore.existing(path) as store:
+        assert store is None
+    # Migrations commit as one transaction, so a reader never sees a half-migrated version either.
+    writer = SQLiteStore(path)
+    await writer.open()
+    await writer.close()
+    assert rows(path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
+    async with SQLiteStore.existing(path) as store:
+        assert store is not None and store.node  # the database keeps its node (meta "node")

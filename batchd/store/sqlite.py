@@ -155,6 +155,10 @@ def _newer_schema(path: Path, version: int) -> str:
     )
 
 
+class _NotCreated(OperatorError):
+    """The database file exists but no migration has committed yet (a daemon is creating it)."""
+
+
 class SQLiteStore:
     """The queue, batches, results and delivery state in one SQLite file (contract: store.contract.Store)."""
 
@@ -199,7 +203,11 @@ class SQLiteStore:
         except PermissionError:
             raise OperatorError(f"cannot reach the database {path}: permission denied", EX_NOPERM) from None
         store = cls(path)
-        await store.open_existing(writable)
+        try:
+            await store.open_existing(writable)
+        except _NotCreated:
+            yield None  # a daemon is creating it right now: nothing to show yet
+            return
         try:
             yield store
         finally:
@@ -263,6 +271,9 @@ class SQLiteStore:
         self._reader = db
         version = await self._schema_version()
         latest = SCHEMA_VERSION
+        if version == 0:
+            await self.close()
+            raise _NotCreated(f"the database {self.path} is not created yet: start the daemon (batchd run)", EX_DATAERR)
         if version < latest:
             await self.close()
             raise OperatorError(
@@ -316,7 +327,7 @@ class SQLiteStore:
 
     @shielded
     async def migrate(self) -> tuple[int, int]:
-        """Apply pending migrations, each in its own BEGIN IMMEDIATE; (version before, version after).
+        """Apply pending migrations in one BEGIN IMMEDIATE transaction; (version before, version after).
 
         Refuses (OperatorError, EX_DATAERR) a database newer than this code.
         """
@@ -330,31 +341,34 @@ class SQLiteStore:
             # off (the pragma is a no-op inside a transaction); they are checked before each commit.
             await db.execute(Q.pragma_foreign_keys_off)
             try:
-                for number, script in _migrations():
-                    # The version is read inside the write transaction, so two processes opening a new
-                    # database at once (the daemon and `batchd status`) never run a migration twice.
-                    await db.execute(Q.begin_immediate)
-                    try:
-                        (version,) = await (await db.execute(Q.pragma_user_version)).fetchone() or (0,)
-                        if version > SCHEMA_VERSION:
-                            raise OperatorError(_newer_schema(self.path, version), EX_DATAERR)
-                        if number > version:
-                            for statement in script.split(";\n"):
-                                if statement.strip():
-                                    await db.execute(statement)
-                            broken = await db.execute_fetchall(Q.pragma_foreign_key_check)
-                            if list(broken):
-                                raise sqlite3.IntegrityError(f"migration {number:03d} broke a foreign key")
-                            # PRAGMA takes no parameters; number is an int from a file name.
-                            await db.execute(f"PRAGMA user_version={number}")
-                        await db.execute(Q.commit)
-                    except BaseException:
-                        if db.in_transaction:
-                            await db.execute(Q.rollback)
-                        raise
+                # All pending migrations in one write transaction: a reader (`batchd status`) sees the
+                # database as before (version 0: not created yet) or as after, never half-migrated. The
+                # version is read inside it, so two processes opening a new database at once never run
+                # a migration twice.
+                await db.execute(Q.begin_immediate)
+                try:
+                    (version,) = await (await db.execute(Q.pragma_user_version)).fetchone() or (0,)
+                    if version > SCHEMA_VERSION:
+                        raise OperatorError(_newer_schema(self.path, version), EX_DATAERR)
+                    for number, script in _migrations():
+                        if number <= version:
+                            continue
+                        for statement in script.split(";\n"):
+                            if statement.strip():
+                                await db.execute(statement)
+                        broken = await db.execute_fetchall(Q.pragma_foreign_key_check)
+                        if list(broken):
+                            raise sqlite3.IntegrityError(f"migration {number:03d} broke a foreign key")
+                        # PRAGMA takes no parameters; number is an int from a file name.
+                        await db.execute(f"PRAGMA user_version={number}")
+                    await db.execute(Q.meta_set_once, ("instance", uuid.uuid4().hex))
+                    await db.execute(Q.commit)
+                except BaseException:
+                    if db.in_transaction:
+                        await db.execute(Q.rollback)
+                    raise
             finally:
                 await db.execute(Q.pragma_foreign_keys_on)
-            await db.execute(Q.meta_set_once, ("instance", uuid.uuid4().hex))
             self._instance = await self._meta("instance", db) or ""
             return before, await self._schema_version()
 
