@@ -189,7 +189,11 @@ class PostgresStore:
     # -- lifecycle -------------------------------------------------------------------------
 
     def _server_settings(self, readonly: bool) -> dict[str, str]:
-        settings = {"application_name": f"batchd:{self.node}"[:63]}
+        settings = {
+            "application_name": f"batchd:{self.node}"[:63],
+            # A process that hangs inside a transaction must not hold row locks (claims, leases) forever.
+            "idle_in_transaction_session_timeout": "120s",
+        }
         if self.schema is not None:
             # Quoted: the name keeps its case and nothing else can follow it into the path.
             settings["search_path"] = f'"{self.schema}"'
