@@ -876,7 +876,7 @@ class PostgresStore:
                     "provider": b.profile,
                     "endpoint": b.endpoint,
                     "model": b.model,
-                    "state": b.state,
+                    "state": b.state.value,
                     "remote_id": b.remote_id,
                     "remote_status": b.remote_status,
                     "requests": b.requests,
