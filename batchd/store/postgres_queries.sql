@@ -255,6 +255,10 @@ SELECT id, file_id, line, custom_id, attempts FROM items
 WHERE batch_id = $1 AND state = 'submitted' AND ($2::bigint[] IS NULL OR id = ANY($2::bigint[]))
 ORDER BY id
 
+-- name: custom_plans
+-- For the rest of this transaction: plan each statement for its actual arrays.
+SET LOCAL plan_cache_mode = force_custom_plan
+
 -- name: record_finals
 -- Items still SUBMITTED in this batch take their final state and result; their bodies go. The
 -- caller holds results_lock.
