@@ -172,7 +172,7 @@ def _pending(row: asyncpg.Record) -> PendingResult:
 class PostgresStore:
     """The contract (store/contract.py) on PostgreSQL, for one node of possibly several."""
 
-    def __init__(self, url: str, node: str, *, pool_size: int = POOL_MAX) -> None:
+    def __init__(self, url: str, node: str, *, readonly: bool = False, pool_size: int = POOL_MAX) -> None:
         parsed = parse_store_url(url)
         if parsed.engine != "postgresql":
             raise ValueError(f"not a PostgreSQL URL: {parsed.redacted()}")
@@ -182,6 +182,8 @@ class PostgresStore:
         self._pool_size = max(1, pool_size)
         self._pool: asyncpg.Pool[asyncpg.Record] | None = None
         self._instance = ""
+        # A command's store (status, results, report): open() never creates or migrates anything.
+        self.readonly = readonly
 
     def __repr__(self) -> str:
         return f"PostgresStore({self.url!r}, node={self.node!r})"
@@ -244,6 +246,9 @@ class PostgresStore:
     async def open(self) -> None:
         """Connect, create the schema if named and missing, migrate under the advisory lock
         (refusing a newer schema), create the instance id once and register this node."""
+        if self.readonly:
+            await self.open_existing()
+            return
         await self.migrate()
         pool = await self._create_pool(readonly=False)
         try:
