@@ -104,10 +104,12 @@ async def ingest(
     return opened
 
 
-async def claim(store: Store, kind: str = "openai", max_requests: int = 10_000, now: float | None = None) -> BatchRow:
-    """A PENDING batch of the first due group's items (there must be one)."""
+async def claim(
+    store: Store, kind: str = "openai", max_requests: int = 10_000, now: float | None = None, model: str | None = None
+) -> BatchRow:
+    """A PENDING batch of the first due group's items (of `model`, if given; there must be one)."""
     now = time.time() if now is None else now
-    groups = await store.queued_groups(now)
+    groups = [g for g in await store.queued_groups(now) if model is None or g.model == model]
     assert groups, "nothing queued"
     batch = await store.claim_batch(groups[0], kind, max_requests, 10**12, now)
     assert batch is not None
@@ -115,11 +117,15 @@ async def claim(store: Store, kind: str = "openai", max_requests: int = 10_000, 
 
 
 async def submitted_batch(
-    store: Store, remote_id: str | None = None, max_requests: int = 10_000, now: float | None = None
+    store: Store,
+    remote_id: str | None = None,
+    max_requests: int = 10_000,
+    now: float | None = None,
+    model: str | None = None,
 ) -> BatchRow:
-    """Claim the first due group and mark it submitted."""
+    """Claim the first due group (of `model`, if given) and mark it submitted."""
     now = time.time() if now is None else now
-    batch = await claim(store, max_requests=max_requests, now=now)
+    batch = await claim(store, max_requests=max_requests, now=now, model=model)
     await store.mark_submitted(batch.id, remote_id or f"batch_{batch.id}", "validating", now)
     row = await store.batch(batch.id)
     assert row is not None
