@@ -33,7 +33,9 @@ _inodes = itertools.count(1000)
 
 def file_key(name: str = "f.jsonl", sha256: str | None = None, size: int = 1000, ino: int | None = None) -> FileKey:
     """A spool file's identity; a fresh inode unless given (two drops of one name are two files)."""
-    return FileKey(name=name, sha256=sha256 or f"sha-{name}", size=size, dev=1, ino=next(_inodes) if ino is None else ino)
+    return FileKey(
+        name=name, sha256=sha256 or f"sha-{name}", size=size, dev=1, ino=next(_inodes) if ino is None else ino
+    )
 
 
 def new_item(
@@ -71,9 +73,7 @@ def chunk(
     first: int, last: int, *, invalid_lines: Sequence[int] = (), custom_ids: dict[int, str] | None = None, **item: Any
 ) -> Chunk:
     """Lines first..last: an item each, except `invalid_lines` (invalid results)."""
-    items = [
-        new_item(n, (custom_ids or {}).get(n), **item) for n in range(first, last + 1) if n not in invalid_lines
-    ]
+    items = [new_item(n, (custom_ids or {}).get(n), **item) for n in range(first, last + 1) if n not in invalid_lines]
     bad = [invalid(n) for n in invalid_lines]
     return Chunk(first_line=first, last_line=last, end_offset=last * LINE_BYTES, items=items, invalid=bad)
 

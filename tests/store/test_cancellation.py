@@ -17,6 +17,7 @@ and sockets answer on their own time, not in loop ticks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import random
 import time
@@ -471,10 +472,8 @@ async def attempt(env: Env, case: Case, wait: Callable[[], Awaitable[None]], aft
         assert await case.probe(env, target) == after, label
         return True
     task.cancel()
-    try:
+    with contextlib.suppress(asyncio.CancelledError):
         await asyncio.wait_for(asyncio.shield(task), WRITE_TIMEOUT)
-    except asyncio.CancelledError:
-        pass
     # The cancellation is delivered (after the transaction), never swallowed: a stop must stop.
     assert task.cancelled(), f"{label}: the call swallowed its cancellation"
     state = await case.probe(env, target)
@@ -517,7 +516,7 @@ async def test_a_cancelled_write_is_all_or_nothing_and_the_store_stays_usable(
     else:
         pytest.fail(f"{case.name} did not finish within {MAX_TICKS} loop ticks")
     rng = random.Random(f"{case.name}")
-    for n in range(RANDOM_TRIES):
+    for _n in range(RANDOM_TRIES):
         seconds = rng.uniform(0, 0.002)
         await attempt(env, case, delay(seconds), after, f"{case.name} cancelled after {seconds * 1000:.2f} ms")
     await drain(env)

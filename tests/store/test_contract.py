@@ -20,19 +20,18 @@ from batchd.store.contract import (
     Store,
 )
 
+from .factories import chunk as make_chunk
 from .factories import (
     claim,
     file_key,
     final,
     ingest,
-    invalid,
     never_taken,
     new_item,
     retry,
     submitted_batch,
     succeed_all,
 )
-from .factories import chunk as make_chunk
 
 # -- intake ---------------------------------------------------------------------------------------
 
