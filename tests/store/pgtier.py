@@ -83,7 +83,7 @@ async def fresh_schema(prefix: str = "bt") -> AsyncIterator[tuple[str, str]]:
         await connection.close()
 
 
-async def pg_fetch(schema: str, sql: str, *args: object) -> list[dict[str, object]]:
+async def pg_fetch(schema: str, sql: str, *args: object) -> list[dict[str, Any]]:
     """Rows of a query run inside `schema`, for tests that look behind the contract."""
     connection = await admin_connection()
     try:
