@@ -1,0 +1,425 @@
+-- Named queries of the PostgreSQL engine (store/postgres.py), asyncpg placeholders ($1, $2, ...).
+-- Live batch states are spelled out as ('pending', 'unverified', 'submitted') = contract.LIVE_BATCH_STATES.
+
+-- == lifecycle ==================================================================================
+
+-- name: create_schema_statement
+-- The CREATE SCHEMA statement for a name, quoted by the server (identifiers cannot be parameters).
+SELECT format('CREATE SCHEMA IF NOT EXISTS %I', $1::text)
+
+-- name: migrate_lock
+-- Session lock per schema: two daemons (or a daemon and `batchd migrate`) never migrate at once.
+SELECT pg_advisory_lock(hashtext('batchd.migrate:' || COALESCE($1::text, current_schema(), '')))
+
+-- name: migrate_unlock
+SELECT pg_advisory_unlock(hashtext('batchd.migrate:' || COALESCE($1::text, current_schema(), '')))
+
+-- name: has_schema_version
+-- False when the schema has no batchd tables at all (version 0).
+SELECT to_regclass('schema_version') IS NOT NULL
+
+-- name: schema_version_max
+SELECT COALESCE(MAX(version), 0) FROM schema_version
+
+-- name: schema_version_insert
+INSERT INTO schema_version (version, applied_at, node) VALUES ($1, $2, $3)
+
+-- name: instance_init
+INSERT INTO meta (key, value) VALUES ('instance', $1) ON CONFLICT (key) DO NOTHING
+
+-- name: instance
+SELECT value FROM meta WHERE key = 'instance'
+
+-- name: node_register
+INSERT INTO nodes (id, host, pid, started_at, lease_until) VALUES ($1, $2, $3, $4, 0)
+ON CONFLICT (id) DO UPDATE SET host = excluded.host, pid = excluded.pid, started_at = excluded.started_at,
+    stopped_at = NULL
+
+-- name: node_heartbeat
+UPDATE nodes SET lease_until = $2 WHERE id = $1
+
+-- name: node_stopped
+UPDATE nodes SET lease_until = 0, stopped_at = $2 WHERE id = $1
+
+-- == intake =====================================================================================
+
+-- name: find_file
+SELECT * FROM files WHERE node = $1 AND name = $2 AND sha256 = $3 AND ino = $4 AND moved_at IS NULL
+ORDER BY id DESC LIMIT 1
+
+-- name: out_name_holder
+SELECT id, state FROM files WHERE node = $1 AND out_name = $2
+
+-- name: out_name_give_up
+UPDATE files SET out_name = out_name || '~' || id WHERE id = $1
+
+-- name: file_insert
+INSERT INTO files (node, name, sha256, size, dev, ino, out_name, ingested_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING *
+
+-- name: seen_custom_ids
+SELECT custom_id FROM items WHERE file_id = $1 AND custom_id = ANY($2::text[])
+
+-- name: chunk_advance
+-- The compare-and-set that makes add_chunk idempotent: only the chunk right after the committed lines.
+UPDATE files SET lines_committed = $3, offset_committed = $4
+WHERE id = $1 AND lines_committed = $2 AND state = 'ingesting'
+RETURNING id
+
+-- name: items_insert
+-- Items and their bodies in one statement; ids follow line order.
+WITH new AS (
+    SELECT * FROM unnest($2::integer[], $3::text[], $4::text[], $5::text[], $6::text[], $7::integer[],
+                         $8::bigint[], $9::bytea[])
+        AS n (line, custom_id, profile, endpoint, model, size, tokens, body)
+), inserted AS (
+    INSERT INTO items (file_id, line, custom_id, profile, endpoint, model, size, tokens, queued_at)
+    SELECT $1, line, custom_id, profile, endpoint, model, size, tokens, $10 FROM new ORDER BY line
+    RETURNING id, line
+)
+INSERT INTO item_bodies (item_id, body) SELECT inserted.id, new.body FROM inserted JOIN new USING (line)
+
+-- name: results_lock
+-- Taken by every transaction that inserts results, just before the insert, and held to its end: no
+-- result id can commit after a higher one, so a cursor "id > last" never skips a row.
+SELECT pg_advisory_xact_lock(hashtext('batchd.results:' || COALESCE(current_schema(), '')))
+
+-- name: results_insert_new
+INSERT INTO results (file_id, line, status, payload, created_at)
+SELECT $1, line, status, payload, $5
+FROM unnest($2::integer[], $3::text[], $4::bytea[]) AS r (line, status, payload)
+ORDER BY line
+
+-- name: finish_file
+UPDATE files SET state = 'open', lines = $2, finished_at = $3 WHERE id = $1 AND state = 'ingesting'
+
+-- name: file_moved
+UPDATE files SET moved_at = COALESCE(moved_at, $2) WHERE id = $1
+
+-- == queue ======================================================================================
+
+-- name: queued_groups
+SELECT profile, endpoint, model, COUNT(*) AS n, SUM(size)::bigint AS bytes, MIN(queued_at) AS oldest
+FROM items WHERE state = 'queued' AND not_before <= $1
+GROUP BY profile, endpoint, model ORDER BY profile, endpoint, model
+
+-- name: next_not_before
+SELECT MIN(not_before) FROM items WHERE state = 'queued' AND not_before > $1
+
+-- name: claim_candidates
+-- The group's oldest due items within both limits, locked; rows another claim holds are skipped, so
+-- two concurrent claims never share an item. FOR UPDATE cannot sit beside a window function, hence
+-- the CTE.
+WITH candidates AS (
+    SELECT id, size, tokens FROM items
+    WHERE state = 'queued' AND profile = $1 AND endpoint = $2 AND model = $3 AND not_before <= $4
+    ORDER BY id LIMIT $5
+    FOR UPDATE SKIP LOCKED
+), running AS (
+    SELECT id, size, tokens, SUM(size) OVER (ORDER BY id) AS running FROM candidates
+)
+SELECT id, size, tokens FROM running WHERE running <= $6 ORDER BY id
+
+-- name: batch_insert
+INSERT INTO batches (profile, kind, endpoint, model, created_at, owner, lease_until, requests, bytes, tokens)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING *
+
+-- name: claim_items
+UPDATE items SET state = 'batched', batch_id = $1 WHERE id = ANY($2::bigint[]) AND state = 'queued'
+
+-- name: batch_bodies
+SELECT i.id, i.endpoint, b.body FROM items i JOIN item_bodies b ON b.item_id = i.id
+WHERE i.batch_id = $1 AND i.id > $2 ORDER BY i.id LIMIT $3
+
+-- name: usage
+SELECT COUNT(*) FILTER (WHERE state IN ('pending', 'unverified', 'submitted')) AS in_flight,
+       COALESCE(SUM(tokens) FILTER (WHERE state IN ('pending', 'unverified', 'submitted')), 0)::bigint AS tokens,
+       COALESCE(SUM(requests) FILTER (WHERE state IN ('pending', 'unverified', 'submitted')), 0)::bigint AS requests,
+       COUNT(*) FILTER (WHERE created_at > $3::double precision - 3600) AS created
+FROM batches
+WHERE profile = $1 AND ($2::text IS NULL OR model = $2)
+  AND (state IN ('pending', 'unverified', 'submitted') OR created_at > $3::double precision - 3600)
+
+-- name: active_holds
+SELECT profile, model, until FROM holds WHERE until > $1
+
+-- name: hold
+INSERT INTO holds (profile, model, until, failures, reason) VALUES ($1, $2, $3, $4, $5)
+ON CONFLICT (profile, model) DO UPDATE SET until = excluded.until, failures = excluded.failures,
+    reason = excluded.reason
+
+-- name: hold_failures
+SELECT failures FROM holds WHERE profile = $1 AND model = $2
+
+-- name: release_hold
+DELETE FROM holds WHERE profile = $1 AND model = $2
+
+-- == batches ====================================================================================
+
+-- name: batch
+SELECT * FROM batches WHERE id = $1
+
+-- name: batches_in_state
+SELECT * FROM batches WHERE state = ANY($1::text[]) ORDER BY id
+
+-- name: owned_batches
+SELECT * FROM batches WHERE owner = $1 AND state = ANY($2::text[]) ORDER BY id
+
+-- name: take_over
+-- Live batches whose lease ran out (their node died or let go) become this node's. Rows another
+-- node is taking over right now are skipped, not waited for.
+WITH expired AS (
+    SELECT id FROM batches
+    WHERE state IN ('pending', 'unverified', 'submitted') AND lease_until < $2
+    ORDER BY id
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE batches b SET owner = $1, lease_until = $3 FROM expired WHERE b.id = expired.id
+RETURNING b.*
+
+-- name: renew_leases
+UPDATE batches SET lease_until = $2 WHERE owner = $1 AND state IN ('pending', 'unverified', 'submitted')
+
+-- name: release_leases
+UPDATE batches SET owner = NULL, lease_until = 0 WHERE owner = $1 AND state IN ('pending', 'unverified', 'submitted')
+
+-- name: release_sink_leases
+DELETE FROM sink_leases WHERE owner = $1
+
+-- name: remote_ids
+SELECT remote_id FROM batches WHERE profile = $1 AND remote_id IS NOT NULL
+
+-- name: remote_owner
+SELECT id FROM batches WHERE remote_id = $1
+
+-- name: set_input_file
+UPDATE batches SET input_file_id = $2 WHERE id = $1
+
+-- name: note_submit_failure
+UPDATE batches SET submit_attempts = submit_attempts + 1, last_error = $2, not_before = $3 WHERE id = $1
+
+-- name: mark_submitted
+UPDATE batches SET state = 'submitted', remote_id = $2, remote_status = $3, submitted_at = $4,
+    remote_created_at = $5, last_error = NULL
+WHERE id = $1
+
+-- name: items_submitted
+-- The batch's items are at the provider now: one attempt each.
+UPDATE items SET state = 'submitted', attempts = attempts + 1 WHERE batch_id = $1 AND state = 'batched'
+
+-- name: mark_unverified
+UPDATE batches SET state = 'unverified', remote_id = $2, remote_status = $3, submitted_at = $4,
+    remote_created_at = $5, last_error = $6
+WHERE id = $1 AND state = 'pending'
+
+-- name: confirm_ownership
+UPDATE batches SET state = 'submitted', last_error = NULL WHERE id = $1 AND state = 'unverified'
+
+-- name: reject_remote
+INSERT INTO batch_rejects (batch_id, remote_id, rejected_at, reason) VALUES ($1, $2, $3, $4)
+ON CONFLICT (batch_id, remote_id) DO NOTHING
+
+-- name: unadopt
+-- submit_attempts > 0 makes the batcher reconcile again before it ever creates.
+UPDATE batches SET state = 'pending', remote_id = NULL, remote_status = NULL, counts = NULL,
+    submitted_at = NULL, remote_created_at = NULL, ended_at = NULL, output_file_id = NULL,
+    error_file_id = NULL, submit_attempts = submit_attempts + 1, not_before = 0, last_error = $3
+WHERE id = $1 AND state = 'unverified' AND remote_id = $2
+
+-- name: rejected_remotes
+SELECT remote_id FROM batch_rejects WHERE batch_id = $1
+
+-- name: note_cancel_requested
+UPDATE batches SET cancel_requested_at = COALESCE(cancel_requested_at, $2), last_error = $3 WHERE id = $1
+
+-- name: record_poll
+UPDATE batches SET remote_status = $2, counts = $3, output_file_id = $4, error_file_id = $5,
+    last_polled_at = $6, ended_at = CASE WHEN $7::boolean THEN COALESCE(ended_at, $6) ELSE ended_at END
+WHERE id = $1
+
+-- name: note_batch_error
+UPDATE batches SET last_error = $2 WHERE id = $1
+
+-- name: finish_batch
+UPDATE batches SET state = 'done', collected_at = $2, ended_at = COALESCE(ended_at, $2),
+    fate = COALESCE($3, fate), last_error = COALESCE($4, last_error)
+WHERE id = $1
+
+-- == outcomes ===================================================================================
+
+-- name: submitted_items
+SELECT id, file_id, line, custom_id, attempts FROM items
+WHERE batch_id = $1 AND state = 'submitted' AND ($2::bigint[] IS NULL OR id = ANY($2::bigint[]))
+ORDER BY id
+
+-- name: record_finals
+-- Items still SUBMITTED in this batch take their final state and result; their bodies go. The
+-- caller holds results_lock.
+WITH f AS (
+    SELECT * FROM unnest($2::bigint[], $3::text[], $4::bytea[], $5::bigint[], $6::bigint[], $7::bigint[],
+                         $8::bigint[], $9::double precision[], $10::double precision[])
+        AS f (item_id, status, payload, input_tokens, output_tokens, cached_input_tokens,
+              cache_creation_input_tokens, cost_batch, cost_realtime)
+), done AS (
+    UPDATE items i SET state = f.status FROM f
+    WHERE i.id = f.item_id AND i.batch_id = $1 AND i.state = 'submitted'
+    RETURNING i.id, i.file_id, i.line
+), bodies AS (
+    DELETE FROM item_bodies WHERE item_id IN (SELECT id FROM done)
+), inserted AS (
+    INSERT INTO results (file_id, line, item_id, status, profile, model, batch_id, input_tokens, output_tokens,
+                         cached_input_tokens, cache_creation_input_tokens, cost_batch, cost_realtime, payload,
+                         created_at)
+    SELECT done.file_id, done.line, done.id, f.status, b.profile, b.model, b.id, f.input_tokens, f.output_tokens,
+           f.cached_input_tokens, f.cache_creation_input_tokens, f.cost_batch, f.cost_realtime, f.payload, $11
+    FROM done JOIN f ON f.item_id = done.id JOIN batches b ON b.id = $1
+    ORDER BY done.id
+    ON CONFLICT (file_id, line) DO NOTHING
+)
+SELECT COUNT(*) FROM done
+
+-- name: record_retries
+-- A retry's age counts from when it becomes due.
+UPDATE items i SET state = 'queued', batch_id = NULL, not_before = r.not_before,
+    queued_at = GREATEST($2::double precision, r.not_before), last_error = r.error
+FROM unnest($3::bigint[], $4::double precision[], $5::text[]) AS r (item_id, not_before, error)
+WHERE i.id = r.item_id AND i.batch_id = $1 AND i.state = 'submitted'
+
+-- name: refund_batch
+-- One statement, so that a repeat cannot give an attempt back twice.
+UPDATE items SET state = 'queued', batch_id = NULL, attempts = GREATEST(attempts - 1, 0), not_before = $2,
+    queued_at = $3, last_error = $4
+WHERE batch_id = $1 AND state = 'submitted'
+
+-- name: batch_item_ids
+SELECT id FROM items WHERE batch_id = $1 ORDER BY id
+
+-- == delivery ===================================================================================
+
+-- name: sink_cursor
+SELECT last_result_id FROM sink_cursors WHERE sink = $1
+
+-- name: results_after
+SELECT r.id, r.file_id, f.out_name, r.payload, r.created_at FROM results r JOIN files f ON f.id = r.file_id
+WHERE r.id > $1 AND ($3::text IS NULL OR f.node = $3) ORDER BY r.id LIMIT $2
+
+-- name: advance_cursor
+INSERT INTO sink_cursors (sink, last_result_id) VALUES ($1, $2)
+ON CONFLICT (sink) DO UPDATE SET last_result_id = GREATEST(sink_cursors.last_result_id, excluded.last_result_id)
+
+-- name: set_cursor
+INSERT INTO sink_cursors (sink, last_result_id) VALUES ($1, $2)
+ON CONFLICT (sink) DO UPDATE SET last_result_id = excluded.last_result_id
+
+-- name: park
+INSERT INTO parked (sink, result_id, parked_at, error)
+SELECT $1, result_id, $3, $4 FROM unnest($2::bigint[]) AS p (result_id)
+ON CONFLICT (sink, result_id) DO UPDATE SET redeliver = false, error = excluded.error
+
+-- name: to_redeliver
+SELECT r.id, r.file_id, f.out_name, r.payload, r.created_at FROM results r JOIN files f ON f.id = r.file_id
+WHERE r.id IN (SELECT result_id FROM parked WHERE sink = $1 AND redeliver) ORDER BY r.id LIMIT $2
+
+-- name: unpark
+DELETE FROM parked WHERE sink = $1 AND result_id = ANY($2::bigint[])
+
+-- name: request_redelivery
+UPDATE parked SET redeliver = true WHERE NOT redeliver AND ($1::text IS NULL OR sink = $1)
+
+-- name: take_sink_lease
+-- Taken when free or expired, renewed when ours; a live lease of another node is left alone.
+INSERT INTO sink_leases (sink, owner, lease_until) VALUES ($1, $2, $4)
+ON CONFLICT (sink) DO UPDATE SET owner = excluded.owner, lease_until = excluded.lease_until
+WHERE sink_leases.owner = excluded.owner OR sink_leases.lease_until < $3
+RETURNING owner
+
+-- name: files_delivered
+UPDATE files f SET delivered = f.delivered + d.added, out_bytes = d.out_bytes
+FROM unnest($1::bigint[], $2::integer[], $3::bigint[]) AS d (id, added, out_bytes)
+WHERE f.id = d.id
+
+-- name: open_files
+SELECT * FROM files WHERE node = $1 AND state <> 'complete' ORDER BY id
+
+-- name: file
+SELECT * FROM files WHERE id = $1
+
+-- name: files_by_id
+SELECT * FROM files WHERE id = ANY($1::bigint[])
+
+-- name: delivered_payloads
+-- Results of the file its node's outbox has delivered (ids up to that outbox's cursor).
+SELECT r.id, r.payload FROM results r
+WHERE r.file_id = $1 AND r.id > $2
+  AND r.id <= COALESCE((SELECT c.last_result_id FROM sink_cursors c JOIN files f ON c.sink = 'outbox:' || f.node
+                        WHERE f.id = $1), 0)
+ORDER BY r.id LIMIT $3
+
+-- name: complete_file
+-- Never a file whose ingest is unfinished.
+UPDATE files SET state = 'complete', completed_at = $2 WHERE id = $1 AND state <> 'ingesting'
+
+-- == reporting ==================================================================================
+
+-- name: add_error
+INSERT INTO errors (at, node, event, message) VALUES ($1, $2, $3, $4)
+
+-- name: trim_errors
+DELETE FROM errors WHERE id <= (SELECT MAX(id) FROM errors) - $1
+
+-- name: report
+SELECT CASE $2::text
+           WHEN 'model' THEN COALESCE(r.model, '(invalid)')
+           WHEN 'provider' THEN COALESCE(r.profile, '(invalid)')
+           WHEN 'day' THEN to_char(to_timestamp(r.created_at) AT TIME ZONE 'UTC', 'YYYY-MM-DD')
+           ELSE f.name
+       END AS key,
+       COUNT(*) AS requests,
+       COUNT(*) FILTER (WHERE r.status = 'succeeded') AS succeeded,
+       COALESCE(SUM(r.input_tokens), 0)::bigint AS input_tokens,
+       COALESCE(SUM(r.cached_input_tokens), 0)::bigint AS cached_input_tokens,
+       COALESCE(SUM(r.output_tokens), 0)::bigint AS output_tokens,
+       SUM(r.cost_batch) AS cost_batch,
+       SUM(r.cost_realtime) AS cost_realtime,
+       COUNT(*) FILTER (WHERE r.cost_batch IS NULL AND r.input_tokens IS NOT NULL) AS unpriced
+FROM results r JOIN files f ON f.id = r.file_id
+WHERE r.created_at >= $1
+GROUP BY 1 ORDER BY 1
+
+-- name: query_results
+SELECT f.name AS file, r.line, r.status, r.payload FROM results r JOIN files f ON f.id = r.file_id
+WHERE ($1::text IS NULL OR f.name = $1)
+  AND ($2::text IS NULL OR convert_from(r.payload, 'UTF8')::json ->> 'custom_id' = $2)
+  AND ($3::text IS NULL OR r.status = $3)
+ORDER BY r.id LIMIT $4
+
+-- name: status_queue
+SELECT profile, endpoint, model, state, COUNT(*) AS n FROM items
+WHERE state IN ('queued', 'batched', 'submitted') GROUP BY profile, endpoint, model, state
+
+-- name: status_ended_batches
+SELECT id, profile, model, remote_id, remote_status, fate, last_error, collected_at FROM batches
+WHERE state = 'done' AND fate IS NOT NULL ORDER BY id DESC LIMIT 10
+
+-- name: status_results
+SELECT status, COUNT(*) AS n FROM results GROUP BY status
+
+-- name: status_files
+SELECT name, out_name, lines, delivered, state, node FROM files ORDER BY id DESC LIMIT 20
+
+-- name: status_errors
+SELECT at, event, message FROM errors ORDER BY id DESC LIMIT $1
+
+-- name: status_holds
+SELECT profile, model, until, reason FROM holds WHERE until > $1
+
+-- name: status_sinks
+-- An outbox cursor ('outbox:NODE') counts only its node's results.
+SELECT c.sink,
+       (SELECT COUNT(*) FROM results r JOIN files f ON f.id = r.file_id
+        WHERE r.id > c.last_result_id AND (c.sink NOT LIKE 'outbox:%' OR f.node = substr(c.sink, 8))) AS pending,
+       (SELECT COUNT(*) FROM parked p WHERE p.sink = c.sink) AS parked
+FROM sink_cursors c ORDER BY c.sink
+
+-- name: status_nodes
+SELECT id, host, pid, started_at, lease_until, stopped_at FROM nodes ORDER BY id
