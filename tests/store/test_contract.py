@@ -382,7 +382,7 @@ async def test_a_live_batch_is_leased_to_one_node_and_taken_over_only_after_expi
 async def test_released_leases_may_be_taken_at_once(store: Store, second_node: Store) -> None:
     await ingest(store, count=2)
     now = time.time()
-    batch = await submitted_batch(store, now=now)
+    batch = await submitted_batch(store, max_requests=1, now=now)
     other = await claim(store, now=now)  # a PENDING intent is leased too
     await store.release_leases()
     taken = await second_node.take_over(30, now)
