@@ -18,7 +18,7 @@ import pytest
 from batchd.exits import EX_DATAERR, OperatorError
 from batchd.store.contract import Store
 
-from .conftest import StoreFactory
+from .conftest import StoreFactory, open_any
 from .factories import file_key, never_taken
 from .pgtier import admin_connection
 
@@ -112,9 +112,7 @@ async def test_a_newer_schema_is_refused_with_65(store_factory: StoreFactory, st
     store = await store_factory("n1")
     await store.close()
     newer = await make_newer(store_url)
-    from batchd.store import open_store
-
-    again = open_store(store_url, node="n1")
+    again = open_any(store_url, "n1")
     with pytest.raises(OperatorError) as raised:
         await again.open()
     assert raised.value.status == EX_DATAERR
