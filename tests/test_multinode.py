@@ -151,6 +151,7 @@ async def stay_down_until_taken_over(schema: str, down: Node, survivor: Node, ki
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 async def test_two_daemons_share_one_postgresql_queue_through_kills_and_takeovers(tmp_path: Path) -> None:
     seed = int(os.environ.get("CHAOS_SEED", "4321"))
     rng = random.Random(seed)

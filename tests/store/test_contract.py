@@ -579,3 +579,41 @@ async def test_recent_errors_are_bounded(store: Store) -> None:
 async def test_the_instance_id_is_one_per_database(store: Store, second_node: Store) -> None:
     instance = await store.instance_id()
     assert instance and instance == await second_node.instance_id()
+
+
+async def test_a_cursor_following_results_after_never_skips_a_row(store: Store, second_node: Store) -> None:
+    """Results committed concurrently by two nodes reach a reader that only keeps "last id seen"."""
+    files = 8
+    for n in range(files):
+        await ingest(store if n % 2 else second_node, f"w{n}.jsonl", 20, model=f"w{n}")
+    batches = [
+        (node, await submitted_batch(node, model=f"w{n}")) for n, node in enumerate([second_node, store] * (files // 2))
+    ]
+    writers_done = asyncio.Event()
+    seen: list[int] = []
+
+    async def reader() -> None:
+        last = 0
+        while True:
+            finished = writers_done.is_set()  # read once more after the last commit
+            rows = await store.results_after(last, 7)
+            seen.extend(r.id for r in rows)
+            if rows:
+                last = rows[-1].id
+            elif finished:
+                return
+            else:
+                await asyncio.sleep(0)
+
+    async def writer(node: Store, batch_id: int) -> None:
+        items = await node.submitted_items(batch_id)
+        for start in range(0, len(items), 3):  # several small transactions per batch, interleaved
+            await node.record_outcomes(batch_id, [final(i) for i in items[start : start + 3]], [])
+
+    reading = asyncio.create_task(reader())
+    await asyncio.gather(*(writer(node, batch.id) for node, batch in batches))
+    writers_done.set()
+    await reading
+    everything = [r.id for r in await store.results_after(0, 10_000)]
+    assert len(everything) == files * 20
+    assert seen == everything, "the cursor skipped or repeated a row"
