@@ -23,7 +23,7 @@ from .logs import get_logger
 from .providers import ProviderError, ProviderPool
 from .providers.base import backoff
 from .settings import Settings
-from .store import BatchRow, BatchState, Group, Store
+from .store import LIVE_BATCH_STATES, BatchRow, BatchState, Group, Store
 
 log = get_logger("batchd.batcher")
 
@@ -79,7 +79,7 @@ class Batcher:
         batching = self.settings.batching
         next_due = float("inf")  # nothing queued: sleep until woken (or the loop's longest nap)
         holds = await self.store.active_holds(now)
-        live = await self.store.batches_in_state(*BatchState.LIVE)
+        live = await self.store.batches_in_state(*LIVE_BATCH_STATES)
         in_flight = self._in_flight(live)
         # Anthropic batches carry no metadata, so after a crash a pending batch is matched to the
         # provider's batches by request count: no two pending batches of a profile share one (an

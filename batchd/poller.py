@@ -25,7 +25,7 @@ from .policy import overdue, retry_delay
 from .providers import ProviderError, ProviderPool
 from .providers.base import RemoteBatch, ResultsReport, backoff
 from .settings import Settings
-from .store import ApplySummary, BatchRow, BatchState, Store
+from .store import POLLED_BATCH_STATES, ApplySummary, BatchRow, BatchState, Store
 
 log = get_logger("batchd.poller")
 
@@ -96,7 +96,7 @@ class Pollers:
     async def run(self, stopping: asyncio.Event) -> None:
         self._stopping = stopping
         self._instance = await self.store.instance_id()
-        for batch in await self.store.batches_in_state(*BatchState.POLLED):
+        for batch in await self.store.batches_in_state(*POLLED_BATCH_STATES):
             self.start(batch.id)
         await wait_any(float("inf"), stopping, self._failed)
         tasks = list(self._tasks.values())
@@ -120,7 +120,7 @@ class Pollers:
         missing = 0
         # Read once: only this poller changes the batch until it is collected.
         batch = await self.store.batch(batch_id)
-        if batch is None or batch.state not in BatchState.POLLED or batch.remote_id is None:
+        if batch is None or batch.state not in POLLED_BATCH_STATES or batch.remote_id is None:
             return
         # What the database already holds is not news: no write until the provider's answer changes.
         seen: tuple[str, dict[str, int]] | None = (
@@ -368,7 +368,7 @@ class Pollers:
         codes = {str(error.get("code")) for error in remote.errors}
         log.warning("batch.failed", batch=batch.id, remote_id=remote.id, codes=sorted(codes), errors=remote.errors[:5])
         if TOKEN_LIMIT in codes:
-            pause = await self.store.hold(
+            pause = await self.store.hold_backoff(
                 batch.profile, batch.model, self._hold_base, batching.retry_backoff_max, TOKEN_LIMIT
             )
             log.warning("batch.held", provider=batch.profile, model=batch.model, seconds=round(pause, 1))

@@ -109,7 +109,7 @@ def old_database(path: Path, version: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     db = sqlite3.connect(path, isolation_level=None)
     db.execute("PRAGMA journal_mode=WAL")
-    for entry in sorted(resources.files("batchd").joinpath("sql").iterdir(), key=lambda e: e.name):
+    for entry in sorted(resources.files("batchd.store").joinpath("sqlite_migrations").iterdir(), key=lambda e: e.name):
         if entry.name.endswith(".sql") and int(entry.name[:3]) <= version:
             db.executescript(entry.read_text())
     db.execute(f"PRAGMA user_version={version}")

@@ -424,7 +424,7 @@ def test_check_modes_refuses_a_spool_producers_could_rearrange(
 
 async def test_migration_005_keeps_old_rows_and_references_and_splits_shared_results_names(tmp_path: Path) -> None:
     path = tmp_path / "old.sqlite3"
-    sql = Path(__file__).parent.parent / "batchd" / "sql"
+    sql = Path(__file__).parent.parent / "batchd" / "store" / "sqlite_migrations"
     with sqlite3.connect(path) as db:
         for script in sorted(sql.glob("00[1-4]_*.sql")):
             db.executescript(script.read_text())

@@ -109,8 +109,8 @@ async def test_refunded_requeue_does_not_burn_attempts(store: Store) -> None:
 
 
 async def test_hold_doubles_and_releases(store: Store) -> None:
-    first = await store.hold("openai", "gpt-4o-mini", base=10, ceiling=1000, reason="token_limit_exceeded")
-    second = await store.hold("openai", "gpt-4o-mini", base=10, ceiling=1000, reason="token_limit_exceeded")
+    first = await store.hold_backoff("openai", "gpt-4o-mini", base=10, ceiling=1000, reason="token_limit_exceeded")
+    second = await store.hold_backoff("openai", "gpt-4o-mini", base=10, ceiling=1000, reason="token_limit_exceeded")
     assert (first, second) == (10, 20)
     assert ("openai", "gpt-4o-mini") in await store.active_holds(time.time())
     await store.release_hold("openai", "gpt-4o-mini")

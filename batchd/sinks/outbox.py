@@ -108,7 +108,7 @@ class OutboxSink(Sink):
                 finally:
                     os.close(fd)
         self._crashpoints.reach("after-outbox-write")
-        await self.store.outbox_delivered(results[-1].id, progress)
+        await self.store.outbox_delivered(self.name, results[-1].id, progress)
         for row in (await self.store.files_by_id(progress)).values():
             if _all_delivered(row):
                 self._to_complete.add(row.id)
