@@ -37,17 +37,10 @@ def engine(store_url: str) -> str:
 
 
 def open_any(url: str, node: str) -> Store:
-    """`open_store`, imported when used (the engines land in parallel)."""
-    try:
-        from batchd.store import open_store  # type: ignore[attr-defined,unused-ignore]
-    except ImportError:  # TEMPORARY until the SQLite helper's open_store is merged
-        if not url.startswith("postgresql"):
-            raise
-        from batchd.store.postgres import PostgresStore
+    """`open_store`, imported when used so that collecting the suite needs no engine."""
+    from batchd.store import open_store
 
-        return PostgresStore(url, node)  # type: ignore[return-value,unused-ignore]
-    store: Store = open_store(url, node=node)
-    return store
+    return open_store(url, node=node)
 
 
 @pytest.fixture
