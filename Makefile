@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck pytest emulator bench bench-quick clean
+.PHONY: demo test lint typecheck pytest test-postgres emulator bench bench-quick clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +23,14 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy batchd
 
+# -rs prints why each skipped test was skipped: a PostgreSQL tier with no server says so loudly.
 pytest: $(STAMP)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -rs
+
+# The PostgreSQL tier alone, against BATCHD_TEST_POSTGRES_URL (default postgresql://postgres@127.0.0.1:5432/test);
+# here a missing server fails instead of skipping.
+test-postgres: $(STAMP)
+	BATCHD_REQUIRE_POSTGRES_TIER=1 $(BIN)/pytest -q -rs tests/test_postgres_engine.py $(wildcard tests/store)
 
 emulator: $(STAMP)
 	$(BIN)/batchd emulator --host 127.0.0.1 --port 8089

@@ -32,7 +32,7 @@ from batchd.store.contract import (
     NewResult,
     Retry,
 )
-from batchd.store.postgres import SCHEMA_VERSION, PostgresStore
+from batchd.store.postgres import SCHEMA_VERSION, PostgresStore, redact
 
 PG_URL = os.environ.get("BATCHD_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 REQUIRED = os.environ.get("BATCHD_REQUIRE_POSTGRES_TIER") == "1"
@@ -58,7 +58,7 @@ async def _unavailable() -> str | None:
 async def schema() -> AsyncIterator[str]:
     reason = await _unavailable()
     if reason is not None:
-        message = f"PostgreSQL tier NOT RUN: no server at {PG_URL} ({reason}); set BATCHD_TEST_POSTGRES_URL"
+        message = f"PostgreSQL tier NOT RUN: no server at {redact(PG_URL)} ({reason}); set BATCHD_TEST_POSTGRES_URL"
         if REQUIRED:
             pytest.fail(message + " (BATCHD_REQUIRE_POSTGRES_TIER=1 forbids skipping it)")
         pytest.skip(message)

@@ -312,10 +312,9 @@ class Queue(Protocol):
     def batch_bodies(self, batch_id: int, chunk: int = 2000) -> AsyncIterator[list[tuple[int, str, bytes]]]:
         """The batch's requests as (item id, endpoint, body), in chunks, in id order.
 
-        An async generator in the engines (`async def` + `yield`), hence a plain `def` here: a
-        bodiless `async def` in a Protocol would mean a coroutine returning an iterator.
+        Engines implement it as an async generator (`async def` with `yield`); declared without
+        `async` here because a Protocol body has no `yield`, which would type it as a coroutine.
         """
-        ...
 
     async def usage(self, profile: str, model: str | None = None, now: float | None = None) -> Usage:
         """Live counts for organisation limits, over every node sharing the store."""

@@ -91,7 +91,8 @@ FROM unnest($2::integer[], $3::text[], $4::bytea[]) AS r (line, status, payload)
 ORDER BY line
 
 -- name: finish_file
-UPDATE files SET state = 'open', lines = $2, finished_at = $3 WHERE id = $1 AND state = 'ingesting'
+UPDATE files SET state = 'open', lines = $2, lines_committed = GREATEST(lines_committed, $2), finished_at = $3
+WHERE id = $1 AND state = 'ingesting'
 
 -- name: file_moved
 UPDATE files SET moved_at = COALESCE(moved_at, $2) WHERE id = $1
@@ -132,13 +133,15 @@ SELECT i.id, i.endpoint, b.body FROM items i JOIN item_bodies b ON b.item_id = i
 WHERE i.batch_id = $1 AND i.id > $2 ORDER BY i.id LIMIT $3
 
 -- name: usage
+-- Live batches (intents included: they are about to be created) of a profile, and optionally a model;
+-- created = batches created at the provider in the last hour.
 SELECT COUNT(*) FILTER (WHERE state IN ('pending', 'unverified', 'submitted')) AS in_flight,
        COALESCE(SUM(tokens) FILTER (WHERE state IN ('pending', 'unverified', 'submitted')), 0)::bigint AS tokens,
        COALESCE(SUM(requests) FILTER (WHERE state IN ('pending', 'unverified', 'submitted')), 0)::bigint AS requests,
-       COUNT(*) FILTER (WHERE created_at > $3::double precision - 3600) AS created
+       COUNT(*) FILTER (WHERE submitted_at >= $3::double precision - 3600) AS created
 FROM batches
 WHERE profile = $1 AND ($2::text IS NULL OR model = $2)
-  AND (state IN ('pending', 'unverified', 'submitted') OR created_at > $3::double precision - 3600)
+  AND (state IN ('pending', 'unverified', 'submitted') OR submitted_at >= $3::double precision - 3600)
 
 -- name: active_holds
 SELECT profile, model, until FROM holds WHERE until > $1
@@ -170,7 +173,7 @@ SELECT * FROM batches WHERE owner = $1 AND state = ANY($2::text[]) ORDER BY id
 -- node is taking over right now are skipped, not waited for.
 WITH expired AS (
     SELECT id FROM batches
-    WHERE state IN ('pending', 'unverified', 'submitted') AND lease_until < $2
+    WHERE state IN ('pending', 'unverified', 'submitted') AND (owner IS NULL OR lease_until < $2)
     ORDER BY id
     FOR UPDATE SKIP LOCKED
 )
@@ -252,6 +255,10 @@ SELECT id, file_id, line, custom_id, attempts FROM items
 WHERE batch_id = $1 AND state = 'submitted' AND ($2::bigint[] IS NULL OR id = ANY($2::bigint[]))
 ORDER BY id
 
+-- name: custom_plans
+-- For the rest of this transaction: plan each statement for its actual arrays.
+SET LOCAL plan_cache_mode = force_custom_plan
+
 -- name: record_finals
 -- Items still SUBMITTED in this batch take their final state and result; their bodies go. The
 -- caller holds results_lock.
@@ -261,7 +268,10 @@ WITH f AS (
         AS f (item_id, status, payload, input_tokens, output_tokens, cached_input_tokens,
               cache_creation_input_tokens, cost_batch, cost_realtime)
 ), done AS (
-    UPDATE items i SET state = f.status FROM f
+    -- An item's own result can only be a provider outcome; anything else leaves it errored.
+    UPDATE items i SET state = CASE WHEN f.status IN ('succeeded', 'errored', 'expired', 'canceled')
+                                    THEN f.status ELSE 'errored' END
+    FROM f
     WHERE i.id = f.item_id AND i.batch_id = $1 AND i.state = 'submitted'
     RETURNING i.id, i.file_id, i.line
 ), bodies AS (
@@ -288,7 +298,7 @@ WHERE i.id = r.item_id AND i.batch_id = $1 AND i.state = 'submitted'
 -- name: refund_batch
 -- One statement, so that a repeat cannot give an attempt back twice.
 UPDATE items SET state = 'queued', batch_id = NULL, attempts = GREATEST(attempts - 1, 0), not_before = $2,
-    queued_at = $3, last_error = $4
+    queued_at = GREATEST($3::double precision, $2::double precision), last_error = $4
 WHERE batch_id = $1 AND state = 'submitted'
 
 -- name: batch_item_ids
@@ -356,8 +366,8 @@ WHERE r.file_id = $1 AND r.id > $2
 ORDER BY r.id LIMIT $3
 
 -- name: complete_file
--- Never a file whose ingest is unfinished.
-UPDATE files SET state = 'complete', completed_at = $2 WHERE id = $1 AND state <> 'ingesting'
+-- Only an OPEN file: one whose ingest is unfinished is never completed.
+UPDATE files SET state = 'complete', completed_at = $2 WHERE id = $1 AND state = 'open'
 
 -- == reporting ==================================================================================
 
