@@ -96,6 +96,21 @@ async def make_newer(url: str) -> int:
     return newer
 
 
+async def test_migrate_on_a_store_never_opened_applies_everything_and_reports_both_versions(store_url: str) -> None:
+    """What `batchd migrate` does: migrate() without open() first (open() would migrate itself)."""
+    store = open_any(store_url, "n1")
+    try:
+        before, after = await store.migrate()
+    finally:
+        await store.close()
+    assert (before, after) == (0, await schema_version(store_url)) and after > 0
+    again = open_any(store_url, "n1")
+    try:
+        assert await again.migrate() == (after, after)
+    finally:
+        await again.close()
+
+
 async def test_migrate_applies_every_migration_once(store_factory: StoreFactory, store_url: str) -> None:
     store: Store = await store_factory("n1")  # open() migrates to the newest
     newest = await schema_version(store_url)
