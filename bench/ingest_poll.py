@@ -77,13 +77,16 @@ async def _live_batch(root: Path, store: Any) -> int:
     return int(batch.id)
 
 
-async def _poll_once(store: Any, batch_id: int, number: int) -> float:
+async def _poll_once(store: Any, batch_id: int, number: int, split: list[tuple[float, float]]) -> float:
+    """One poll: the write, then the read; their latencies apart go to `split` (where the time goes)."""
     started = time.perf_counter()
     await store.record_poll(
         batch_id, "in_progress", {"total": SETUP_VALID, "completed": number % SETUP_VALID, "failed": 0}, None, None
     )
+    written = time.perf_counter()
     results = await store.results_after(0, 100)
     elapsed = time.perf_counter() - started
+    split.append((written - started, elapsed - (written - started)))
     assert len(results) == SETUP_INVALID
     return elapsed
 
@@ -97,21 +100,32 @@ async def measure(source: str, root: str) -> dict[str, Any]:
     store = await _open(base)
     try:
         batch_id = await _live_batch(base, store)
-        idle = [await _poll_once(store, batch_id, n) for n in range(IDLE_SAMPLES)]
+        idle_split: list[tuple[float, float]] = []
+        idle = [await _poll_once(store, batch_id, n, idle_split) for n in range(IDLE_SAMPLES)]
         loaded: list[float] = []
+        loaded_split: list[tuple[float, float]] = []
         started = time.perf_counter()
         ingest = asyncio.create_task(ingest_file(make_settings(base), store, Path(source)))
         await asyncio.sleep(0)  # the ingest starts before the first loaded sample
         number = 0
         while not ingest.done():
-            loaded.append(await _poll_once(store, batch_id, number))
+            loaded.append(await _poll_once(store, batch_id, number, loaded_split))
             number += 1
             await asyncio.sleep(POLL_GAP)
         lines = await ingest
         ingest_seconds = time.perf_counter() - started
     finally:
         await store.close()
-    return {"idle": idle, "loaded": loaded, "lines": lines, "ingest_seconds": ingest_seconds}
+    return {
+        "idle": idle,
+        "loaded": loaded,
+        "loaded_write_p50": percentile([w for w, _ in loaded_split], 0.5),
+        "loaded_read_p50": percentile([r for _, r in loaded_split], 0.5),
+        "idle_write_p50": percentile([w for w, _ in idle_split], 0.5),
+        "idle_read_p50": percentile([r for _, r in idle_split], 0.5),
+        "lines": lines,
+        "ingest_seconds": ingest_seconds,
+    }
 
 
 def _ms(seconds: float) -> str:
@@ -139,7 +153,8 @@ def run(ctx: Context) -> list[Row]:
         log(
             f"  round {number + 1}: ingest {result['ingest_seconds']:.1f} s, {len(result['loaded'])} polls meanwhile;"
             f" p50 {_ms(percentile(result['loaded'], 0.5))} / idle {_ms(percentile(result['idle'], 0.5))},"
-            f" p99 {_ms(percentile(result['loaded'], 0.99))} / idle {_ms(percentile(result['idle'], 0.99))}"
+            f" p99 {_ms(percentile(result['loaded'], 0.99))} / idle {_ms(percentile(result['idle'], 0.99))};"
+            f" p50 write {_ms(result['loaded_write_p50'])}, read {_ms(result['loaded_read_p50'])}"
         )
     shutil.rmtree(data, ignore_errors=True)
     loaded_p50 = median([percentile(r["loaded"], 0.5) for r in rounds])
@@ -168,6 +183,10 @@ def run(ctx: Context) -> list[Row]:
                 "loaded_max": [max(r["loaded"], default=float("nan")) for r in rounds],
                 "idle_p50": [percentile(r["idle"], 0.5) for r in rounds],
                 "idle_p99": [percentile(r["idle"], 0.99) for r in rounds],
+                "loaded_write_p50": [r["loaded_write_p50"] for r in rounds],
+                "loaded_read_p50": [r["loaded_read_p50"] for r in rounds],
+                "idle_write_p50": [r["idle_write_p50"] for r in rounds],
+                "idle_read_p50": [r["idle_read_p50"] for r in rounds],
             },
         )
     ]
