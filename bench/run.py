@@ -25,7 +25,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from . import collect, e2e, idle, ingest, submit
+from . import collect, e2e, idle, ingest, ingest_poll, submit
 from .common import Context, Row, Scale, Zygotes, log
 
 BENCHMARKS: dict[str, Callable[[Context], list[Row]]] = {
@@ -34,6 +34,7 @@ BENCHMARKS: dict[str, Callable[[Context], list[Row]]] = {
     "collect": collect.run,
     "e2e": e2e.run,
     "idle": idle.run,
+    "ingest_poll": ingest_poll.run,
 }
 
 FULL = Scale(
@@ -83,6 +84,7 @@ ZYGOTES: dict[str, tuple[str, ...]] = {
     "collect": ("batchd-openai", "openai"),
     "e2e": ("openai",),
     "idle": ("openai",),
+    "ingest_poll": ("batchd-core",),
 }
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results.json"
