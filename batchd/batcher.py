@@ -23,7 +23,7 @@ from .logs import get_logger
 from .providers import ProviderError, ProviderPool
 from .providers.base import backoff
 from .settings import Settings
-from .store import BatchRow, BatchState, Group, Store
+from .store.contract import LIVE_BATCH_STATES, BatchRow, BatchState, Group, Store
 
 log = get_logger("batchd.batcher")
 
@@ -59,7 +59,20 @@ class Batcher:
 
     async def recover(self) -> None:
         self._instance = await self.store.instance_id()
-        self._unsure = {batch.id for batch in await self.store.batches_in_state("pending")}
+        self._unsure = {batch.id for batch in await self.store.owned_batches(BatchState.PENDING)}
+
+    def taken_over(self, batch: BatchRow) -> None:
+        """A pending batch whose lease this node took from a dead one: its create may have happened there."""
+        if batch.state == BatchState.PENDING:
+            self._unsure.add(batch.id)
+            self._wake.set()
+
+    def keep_only(self, owned: set[int]) -> None:
+        """Stop submitting batches whose lease this node no longer holds (another node took them)."""
+        for batch_id, task in list(self._submitting.items()):
+            if batch_id not in owned:
+                log.warning("batch.lease_lost", batch=batch_id)
+                task.cancel()
 
     async def run(self, stopping: asyncio.Event) -> None:
         try:
@@ -79,7 +92,8 @@ class Batcher:
         batching = self.settings.batching
         next_due = float("inf")  # nothing queued: sleep until woken (or the loop's longest nap)
         holds = await self.store.active_holds(now)
-        live = await self.store.batches_in_state(*BatchState.LIVE)
+        # Every node's live batches: in-flight limits are the organisation's, not this daemon's.
+        live = await self.store.batches_in_state(*LIVE_BATCH_STATES)
         in_flight = self._in_flight(live)
         # Anthropic batches carry no metadata, so after a crash a pending batch is matched to the
         # provider's batches by request count: no two pending batches of a profile share one (an
@@ -103,7 +117,13 @@ class Batcher:
                     break
                 avoid = frozenset(pending_counts.get(group.profile, ())) if profile.kind == "anthropic" else frozenset()
                 batch = await self.store.claim_batch(
-                    group, profile.kind, profile.request_limit, profile.byte_limit, now, avoid
+                    group,
+                    profile.kind,
+                    profile.request_limit,
+                    profile.byte_limit,
+                    now,
+                    avoid,
+                    lease_seconds=self.settings.store.lease,
                 )
                 if batch is None:
                     break
@@ -141,7 +161,8 @@ class Batcher:
 
     async def _start_pending(self) -> None:
         now = time.time()
-        for batch in await self.store.batches_in_state("pending"):
+        # Only the intents whose lease this node holds; another daemon submits its own.
+        for batch in await self.store.owned_batches(BatchState.PENDING):
             if batch.not_before <= now:
                 self._spawn(batch)
 
@@ -180,7 +201,12 @@ class Batcher:
         started = time.monotonic()
         # The row as it is now: the caller's copy may predate a failure that just rescheduled it.
         batch = await self.store.batch(listed.id)
-        if batch is None or batch.state != "pending" or batch.not_before > time.time():
+        if (
+            batch is None
+            or batch.state != BatchState.PENDING
+            or batch.owner != self.store.node
+            or batch.not_before > time.time()
+        ):
             return
         metadata = {"batchd_batch": str(batch.id), "batchd_instance": self._instance}
         path = self.workdir / f"batch-{batch.id}.jsonl"

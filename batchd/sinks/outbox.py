@@ -24,7 +24,7 @@ from pathlib import Path
 from .. import safefs
 from ..crashpoints import CrashPoints
 from ..logs import get_logger
-from ..store import FileRow, PendingResult, Store
+from ..store.contract import FileRow, FileState, PendingResult, Store
 from .base import Sink
 
 log = get_logger("batchd.outbox")
@@ -39,8 +39,6 @@ class NameTaken(Exception):
 
 class OutboxSink(Sink):
     """Writes results files beside the spool."""
-
-    name = "outbox"
 
     def __init__(self, store: Store, out_dir: Path, crashpoints: CrashPoints | None = None) -> None:
         super().__init__(store)
@@ -59,6 +57,15 @@ class OutboxSink(Sink):
                 os.mkdir(self.out_dir.name, 0o750, dir_fd=root)
             with safefs.directory(self.out_dir.name, dir_fd=root) as out:
                 yield out
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        # Per node: each daemon writes the results of the files it ingested to its own out/.
+        return "outbox:" + self.store.node
+
+    @property
+    def node(self) -> str | None:
+        return self.store.node
 
     async def cursor(self) -> int:
         return await self.store.sink_cursor(self.name)
@@ -108,7 +115,7 @@ class OutboxSink(Sink):
                 finally:
                     os.close(fd)
         self._crashpoints.reach("after-outbox-write")
-        await self.store.outbox_delivered(results[-1].id, progress)
+        await self.store.outbox_delivered(self.name, results[-1].id, progress)
         for row in (await self.store.files_by_id(progress)).values():
             if _all_delivered(row):
                 self._to_complete.add(row.id)
@@ -144,7 +151,7 @@ class OutboxSink(Sink):
         rows = await self.store.files_by_id(self._to_complete)
         for file_id in sorted(self._to_complete):
             row = rows.get(file_id)
-            if row is None or row.state != "open":
+            if row is None or row.state != FileState.OPEN:
                 self._to_complete.discard(file_id)
                 continue
             try:
@@ -218,7 +225,8 @@ def _part(row: FileRow) -> str:
 
 
 def _all_delivered(row: FileRow) -> bool:
-    return row.state == "open" and row.delivered >= row.lines
+    # A file still being ingested has no final line count yet: it is never complete.
+    return row.state == FileState.OPEN and row.delivered >= row.lines
 
 
 def _lstat(dir_fd: int, name: str) -> os.stat_result | None:
