@@ -209,20 +209,26 @@ class Daemon:
                 self.batcher.keep_only(owned)
             if time.monotonic() >= next_take:
                 next_take = time.monotonic() + take_every
-                self._adopt(await self.store.take_over(lease, time.time()))
+                self._adopt(*await self._take_over(lease))
 
-    def _adopt(self, taken: list[BatchRow]) -> None:
+    async def _take_over(self, lease: float) -> tuple[list[BatchRow], dict[int, str | None]]:
+        """Take every expired lease; also who held each before (take_over's rows name the new owner)."""
+        now = time.time()
+        before = {b.id: b.owner for b in await self.store.batches_in_state(*LIVE_BATCH_STATES) if b.lease_until < now}
+        if not before:
+            return [], {}
+        return await self.store.take_over(lease, now), before
+
+    def _adopt(self, taken: list[BatchRow], previous: dict[int, str | None]) -> None:
         """Start the work of batches this node took over from a node whose lease expired."""
         for batch in taken:
-            self._log_taken(batch)
+            self._log_taken(batch, previous.get(batch.id))
             if batch.state == BatchState.PENDING:
                 self.batcher.taken_over(batch)
             elif batch.state in POLLED_BATCH_STATES:
                 self.pollers.start(batch.id)
 
-    def _log_taken(self, batch: BatchRow) -> None:
-        # take_over's rows may already name this node as owner; the previous one is then unknown here.
-        previous = batch.owner if batch.owner != self.store.node else None
+    def _log_taken(self, batch: BatchRow, previous: str | None) -> None:
         log.warning("batch.taken_over", batch=batch.id, previous_owner=previous, state=str(batch.state))
 
     def _on_submitted(self, batch_id: int) -> None:
@@ -300,14 +306,14 @@ class Daemon:
         lease = self.settings.store.lease
         # This node's own leases (a quick restart) first, then anything a dead node left behind.
         await self.store.renew_leases(lease, time.time())
-        taken = await self.store.take_over(lease, time.time())
+        taken, previous = await self._take_over(lease)
         instance = await self.store.instance_id()
         for webhook in self.settings.sinks:
             self.sinks.add(WebhookSink(self.store, webhook, instance, lease=self.settings.store.lease))
         await self.sinks.recover()
         await self.batcher.recover()
         for batch in taken:  # the batcher's recover and the pollers' start pick them up as this node's own
-            self._log_taken(batch)
+            self._log_taken(batch, previous.get(batch.id))
         files = await self.spool.rescan()
         log.info(
             "daemon.ready",

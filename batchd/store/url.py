@@ -1,8 +1,8 @@
 """`[store] url`, in the SQLAlchemy convention.
 
-    sqlite:////var/lib/batchd/batchd.sqlite3     (four slashes: an absolute path)
-    sqlite:///relative/path.sqlite3               (three: relative to the working directory)
-    postgresql://user@host:5432/db               (also postgres://, postgresql+asyncpg://)
+sqlite:////var/lib/batchd/batchd.sqlite3     (four slashes: an absolute path)
+sqlite:///relative/path.sqlite3               (three: relative to the working directory)
+postgresql://user@host:5432/db               (also postgres://, postgresql+asyncpg://)
 """
 
 from __future__ import annotations
