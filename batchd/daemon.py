@@ -236,7 +236,7 @@ class Daemon:
 
     def _on_ingest(self) -> None:
         self.batcher.wake()
-        self.sinks.wake()
+        self.sinks.ingested()
 
     def request_stop(self, reason: str) -> None:
         if not self.stopping.is_set():

@@ -560,10 +560,9 @@ class Spool:
             else:
                 # Chunks of this very file were committed before a crash: go on after the last one.
                 log.info("spool.resuming", file=name, line=row.lines_committed + 1, offset=row.offset_committed)
-            finished = await self._ingest_chunks(fd, info, row, sha256, report)
-            if finished is None:
+            finished, report.lines = await self._ingest_chunks(fd, info, row, sha256, report)
+            if not finished:
                 return await self._changed_mid_ingest(dirs, name, info, row, report)
-            report.lines = finished
         report.out_name = row.out_name
         preferred = report.out_name[: -len(RESULTS_SUFFIX)] + ".jsonl"
         moved = self._move_out(dirs, name, info, "done", preferred)
@@ -589,11 +588,11 @@ class Spool:
 
     async def _ingest_chunks(
         self, fd: int, info: os.stat_result, row: FileRow, sha256: str, report: IngestReport
-    ) -> int | None:
+    ) -> tuple[bool, int]:
         """Commit the file's lines after row.lines_committed chunk by chunk, then finish it.
 
-        Returns the file's line count, or None when the file changed while it was read (nothing
-        more is committed then).
+        Returns (finished, lines committed): not finished when the file changed while it was read
+        (nothing more is committed then).
         """
         digest = hashlib.sha256()
         # What was committed before is hashed too, so the digest still proves the whole file was what we hashed.
@@ -606,16 +605,16 @@ class Spool:
             while (chunk := self._parse_chunk(lines)) is not None:
                 chunk = await self._dedupe(row.id, chunk)
                 if not _unchanged(fd, info):
-                    return None
+                    return False, last_line
                 if await self.store.add_chunk(row.id, chunk):
                     report.queued += len(chunk.items)
                     report.invalid += len(chunk.invalid)
                 last_line = chunk.last_line
                 self._crashpoints.reach("mid-ingest")
         if digest.hexdigest() != sha256:
-            return None
+            return False, last_line
         await self.store.finish_file(row.id, last_line)
-        return last_line
+        return True, last_line
 
     async def _dedupe(self, file_id: int, chunk: Chunk) -> Chunk:
         """Later lines with a custom_id already seen in this file (this chunk or a committed one) become invalid."""
@@ -645,8 +644,7 @@ class Spool:
         finished with the lines committed and moved to rejected/ with a report naming the first line
         not taken, so nothing is lost silently and nothing is queued twice.
         """
-        current = await self.store.file(row.id)
-        committed = current.lines_committed if current is not None else row.lines_committed
+        committed = report.lines
         await self.store.finish_file(row.id, committed)
         log.error("spool.changed_during_ingest", file=name, lines_committed=committed, results=row.out_name)
         reason = (
@@ -655,7 +653,7 @@ class Spool:
         )
         if self._reject(dirs, name, info, reason):
             await self.store.file_moved(row.id)
-        report.lines, report.out_name = committed, row.out_name
+        report.out_name = row.out_name
         return report
 
     def _parse_chunk(self, lines: Iterator[tuple[int, bytes | None, int, int]]) -> Chunk | None:

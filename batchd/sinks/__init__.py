@@ -34,6 +34,12 @@ class SinkRunner:
         for event in self._wakes.values():
             event.set()
 
+    def ingested(self) -> None:
+        """A file was wholly ingested: sinks that track files look at them again, then deliver."""
+        for sink in self.sinks:
+            sink.ingested()
+        self.wake()
+
     async def recover(self) -> None:
         for sink in self.sinks:
             await sink.recover()

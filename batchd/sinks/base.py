@@ -24,6 +24,9 @@ class Sink(abc.ABC):
         """Deliver only the results of files this node ingested (the outbox), or everyone's (None)."""
         return None
 
+    def ingested(self) -> None:  # noqa: B027 - only the outbox tracks files
+        """A spool file has just been wholly ingested (its line count is final now)."""
+
     async def may_deliver(self) -> bool:
         """Whether this node delivers this sink now (a shared sink needs its lease); checked per chunk."""
         return True

@@ -48,6 +48,9 @@ class OutboxSink(Sink):
         self._to_complete: set[int] = set()
         # The last problem reported per file, so a file retried every round is logged once, not every second.
         self._reported: dict[int, str] = {}
+        # A file finished ingesting: its results may all be delivered already (e.g. every line invalid,
+        # delivered chunk by chunk while it was still being ingested), so no delivery would complete it.
+        self._look_at_files = False
 
     @contextlib.contextmanager
     def _out(self) -> Iterator[int]:
@@ -91,7 +94,13 @@ class OutboxSink(Sink):
                 self._to_complete.add(row.id)
         await self._complete_pending()
 
+    def ingested(self) -> None:
+        self._look_at_files = True
+
     async def before_delivery(self) -> None:
+        if self._look_at_files:
+            self._look_at_files = False
+            self._to_complete.update(row.id for row in await self.store.open_files() if _all_delivered(row))
         # A failure after the commit (the rename, or recording it) is retried here, exactly once.
         await self._complete_pending()
 
