@@ -20,7 +20,7 @@ from rich.text import Text
 from .exits import EX_CONFIG, EX_NOINPUT, EX_NOPERM, OperatorError
 from .settings import Settings
 from .store import open_store
-from .store.contract import Store
+from .store.contract import LIVE_BATCH_STATES, Store
 from .store.url import StoreURL, parse_store_url
 
 
@@ -71,15 +71,22 @@ async def snapshot(settings: Settings) -> dict[str, Any] | None:
         if store is None:
             return None
         data = await store.status()
+        live = await store.batches_in_state(*LIVE_BATCH_STATES)
     url = store_url(settings)
-    data["store"] = {"engine": url.engine, "url": url.redacted(), "node": settings.node_id(create=False)}
+    this_node = settings.node_id(create=False)
+    data["store"] = {"engine": url.engine, "url": url.redacted(), "node": this_node}
     owners: dict[str, list[int]] = {}
-    for batch in data.get("batches", []):
-        if batch.get("owner"):
-            owners.setdefault(str(batch["owner"]), []).append(int(batch["id"]))
+    leases = {batch.id: (batch.owner, batch.lease_until) for batch in live}
+    for batch in live:
+        if batch.owner:
+            owners.setdefault(batch.owner, []).append(batch.id)
+    for row in data.get("batches", []):
+        row["owner"], row["lease_until"] = leases.get(row["id"], (None, 0.0))
+    # The engine may list every node with its heartbeat; else the nodes that own something (and this one).
     nodes = data.get("nodes")
     if not isinstance(nodes, list):
-        nodes = [{"node": node} for node in sorted(owners)]
+        names = sorted({*owners, *([this_node] if this_node else [])})
+        nodes = [{"node": name} for name in names]
     for node in nodes:
         node["batches"] = owners.get(str(node.get("node")), [])
     data["nodes"] = nodes

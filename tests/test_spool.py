@@ -20,11 +20,12 @@ from batchd import spool as spool_module
 from batchd.crashpoints import CrashPoints
 from batchd.emulator import RunningEmulator
 from batchd.formats import invalid_result
+from batchd.settings import Settings
 from batchd.sinks import SinkRunner
 from batchd.sinks.outbox import OutboxSink
-from batchd.settings import Settings
 from batchd.spool import DIR_MODES, SUBDIRS, Spool, SpoolPaths, submit
 from batchd.store import Store
+from batchd.store.contract import Chunk, FileKey, NewResult
 
 from .conftest import make_settings, require_root, wait_until
 from .harness import DaemonProcess, NotifySocket, open_position, write_config
