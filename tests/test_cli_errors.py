@@ -30,7 +30,7 @@ from batchd.exits import (
     EX_NOPERM,
     EX_USAGE,
 )
-from batchd.store import SCHEMA_VERSION, Store
+from batchd.store import SCHEMA_VERSION, open_store
 
 from .conftest import require_root
 from .harness import DaemonProcess, as_user, python_for, read_results, wait_for_file, write_config
@@ -99,7 +99,7 @@ def user_version(path: Path) -> int:
 
 
 async def make_database(path: Path) -> None:
-    store = Store(path)
+    store = open_store(f"sqlite:///{path}", "test-node")
     await store.open()
     await store.close()
 

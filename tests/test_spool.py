@@ -24,7 +24,7 @@ from batchd.settings import Settings
 from batchd.sinks import SinkRunner
 from batchd.sinks.outbox import OutboxSink
 from batchd.spool import DIR_MODES, SUBDIRS, Spool, SpoolPaths, submit
-from batchd.store import Store
+from batchd.store import Store, open_store
 from batchd.store.contract import Chunk, FileKey, NewResult
 
 from .conftest import make_settings, require_root, wait_until
@@ -36,7 +36,7 @@ from .test_acceptance import chat_line
 async def intake(tmp_path: Path) -> AsyncIterator[tuple[Spool, Store, Settings]]:
     settings = make_settings(tmp_path, None)
     settings.daemon.settle_time = 30
-    store = Store(settings.daemon.database_path)
+    store = open_store(settings.store_url, "test-node")
     await store.open()
     spool = Spool(settings, store, on_ingest=lambda: None)
     spool.paths.create()
@@ -279,7 +279,7 @@ import asyncio, sys
 from pathlib import Path
 import orjson
 from batchd.spool import Spool
-from batchd.store import Store
+from batchd.store import Store, open_store
 from tests.conftest import make_settings
 
 def peak_kb():
@@ -294,7 +294,7 @@ def wide(n):
 
 async def main(root):
     settings = make_settings(root, None)
-    store = Store(settings.daemon.database_path)
+    store = open_store(settings.store_url, "test-node")
     await store.open()
     spool = Spool(settings, store, on_ingest=lambda: None)
     spool.paths.create()
@@ -430,7 +430,7 @@ def test_check_modes_refuses_a_spool_producers_could_rearrange(
 
 async def test_migration_005_keeps_old_rows_and_references_and_splits_shared_results_names(tmp_path: Path) -> None:
     path = tmp_path / "old.sqlite3"
-    sql = Path(__file__).parent.parent / "batchd" / "sql"
+    sql = Path(__file__).parent.parent / "batchd" / "store" / "sqlite_migrations"
     with sqlite3.connect(path) as db:
         for script in sorted(sql.glob("00[1-4]_*.sql")):
             db.executescript(script.read_text())
@@ -451,7 +451,7 @@ async def test_migration_005_keeps_old_rows_and_references_and_splits_shared_res
         db.execute(
             "INSERT INTO results (file_id, line, status, payload, created_at) VALUES (2, 1, 'invalid', x'00', 0)"
         )
-    store = Store(path)
+    store = open_store(f"sqlite:///{path}", "test-node")
     await store.open()
     try:
         assert db_rows(store, "SELECT id, out_name, moved_at IS NOT NULL, ino FROM files ORDER BY id") == [
@@ -464,7 +464,7 @@ async def test_migration_005_keeps_old_rows_and_references_and_splits_shared_res
         assert db_rows(store, "PRAGMA foreign_keys") == [(0,)]  # a new connection: the default
         assert (await store._fetchone("PRAGMA foreign_keys"))[0] == 1  # the store's own: back on
         # Old rows count as moved: the same name and content again is new work.
-        assert await store.file_known("a.jsonl", "h1", 0, 0) is None
+        assert await store.find_file(FileKey("a.jsonl", "h1", 1, 0, 0)) is None
     finally:
         await store.close()
 
