@@ -307,6 +307,10 @@ class Settings(BaseSettings):
             text = path.read_text().strip()
         except FileNotFoundError:
             text = ""
+        except OSError:
+            if create:
+                raise
+            return None  # a reader that may not read the daemon's state directory: only "this node" is unknown
         if text:
             return text
         if not create:
