@@ -12,10 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import cast
 
 from .aio import wait_any
 from .crashpoints import CrashPoints
@@ -192,9 +191,7 @@ class Batcher:
         # Every custom_id carries this database's instance: the proof that a batch is ours.
         instance = self._instance
         with path.open("wb") as out:
-            # contract.py declares batch_bodies `async def` without a yield: mypy takes it for a coroutine.
-            bodies = cast(AsyncIterator[list[tuple[int, str, bytes]]], self.store.batch_bodies(batch.id))
-            async for chunk in bodies:
+            async for chunk in self.store.batch_bodies(batch.id):
                 if batch.kind == "openai":
                     out.write(b"".join(openai_request_line(i, endpoint, body, instance) for i, endpoint, body in chunk))
                 else:
