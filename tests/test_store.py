@@ -2,16 +2,36 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
+import sqlite3
 import stat
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from batchd.exits import OperatorError
 from batchd.formats import Outcome, provider_custom_id
-from batchd.store import Group, NewItem, Store
+from batchd.store import (
+    LIVE_BATCH_STATES,
+    SCHEMA_VERSION,
+    BatchState,
+    Chunk,
+    FileKey,
+    FileState,
+    FinalResult,
+    Group,
+    NewItem,
+    NewResult,
+    Retry,
+    SQLiteStore,
+    Store,
+    open_store,
+)
 
 
 @pytest.fixture
@@ -109,8 +129,8 @@ async def test_refunded_requeue_does_not_burn_attempts(store: Store) -> None:
 
 
 async def test_hold_doubles_and_releases(store: Store) -> None:
-    first = await store.hold("openai", "gpt-4o-mini", base=10, ceiling=1000, reason="token_limit_exceeded")
-    second = await store.hold("openai", "gpt-4o-mini", base=10, ceiling=1000, reason="token_limit_exceeded")
+    first = await store.hold_backoff("openai", "gpt-4o-mini", base=10, ceiling=1000, reason="token_limit_exceeded")
+    second = await store.hold_backoff("openai", "gpt-4o-mini", base=10, ceiling=1000, reason="token_limit_exceeded")
     assert (first, second) == (10, 20)
     assert ("openai", "gpt-4o-mini") in await store.active_holds(time.time())
     await store.release_hold("openai", "gpt-4o-mini")
@@ -139,3 +159,322 @@ async def test_claim_avoids_request_counts_of_pending_batches(store: Store) -> N
     [group] = await store.queued_groups(now)
     assert group.count == 17
     assert await store.claim_batch(group, "anthropic", 1, 10**9, now, avoid_counts=frozenset({1})) is None
+
+
+# -- the SQLite engine of the contract (issue 10) ---------------------------------------------------
+
+
+def key(name: str = "f.jsonl", ino: int = 7) -> FileKey:
+    return FileKey(name=name, sha256=f"sha-{name}", size=1000, dev=1, ino=ino)
+
+
+def chunk(first: int, last: int, prefix: str = "c") -> Chunk:
+    """Lines first..last, every third one invalid."""
+    items = [
+        NewItem(n, f"{prefix}{n}", "openai", "/v1/chat/completions", "gpt-4o-mini", b'{"n":%d}' % n, 10, tokens=5)
+        for n in range(first, last + 1)
+        if n % 3
+    ]
+    invalid = [NewResult(n, "invalid", b'{"line":%d}' % n) for n in range(first, last + 1) if not n % 3]
+    return Chunk(first, last, last * 10, items, invalid)
+
+
+def rows(path: Path, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    with contextlib.closing(sqlite3.connect(path, timeout=10)) as db:
+        return db.execute(sql, params).fetchall()
+
+
+@pytest.fixture
+async def node_a(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
+    opened = open_store(f"sqlite:///{tmp_path / 'shared.sqlite3'}", "node-a")
+    assert isinstance(opened, SQLiteStore)
+    await opened.open()
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+async def test_open_store_picks_the_sqlite_engine_and_a_reader_never_creates(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "batchd.sqlite3"
+    reader = open_store(f"sqlite:///{path}", "n1", readonly=True)
+    with pytest.raises(OperatorError):
+        await reader.open()  # readonly: open_existing, which never creates
+    assert not path.exists()
+    writer = open_store(f"sqlite:///{path}", "n1")
+    await writer.open()
+    try:
+        assert writer.node == "n1" and isinstance(writer, SQLiteStore)
+        reader = open_store(f"sqlite:///{path}", "n1", readonly=True)
+        await reader.open()
+        try:
+            assert await reader.instance_id() == await writer.instance_id()
+        finally:
+            await reader.close()
+        assert await writer.migrate() == (SCHEMA_VERSION, SCHEMA_VERSION)
+    finally:
+        await writer.close()
+
+
+async def test_chunked_ingest_resumes_after_a_crash_and_never_commits_a_chunk_twice(tmp_path: Path) -> None:
+    path = tmp_path / "shared.sqlite3"
+    first = SQLiteStore(path, "node-a")
+    await first.open()
+    row = await first.begin_file(key(), lambda name: False)
+    assert (row.state, row.lines_committed, row.out_name) == (FileState.INGESTING, 0, "f.results.jsonl")
+    assert await first.add_chunk(row.id, chunk(1, 10))
+    assert await first.seen_custom_ids(row.id, ["c1", "c2", "c3", "zzz"]) == {"c1", "c2"}  # c3 was invalid
+    # "Crash": the process is gone without closing; a new store object opens the same file.
+    again = SQLiteStore(path, "node-a")
+    await again.open()
+    try:
+        found = await again.find_file(key())
+        assert found is not None and found.id == row.id
+        assert (found.state, found.lines_committed, found.offset_committed) == (FileState.INGESTING, 10, 100)
+        assert not await again.add_chunk(row.id, chunk(1, 10))  # already committed: nothing changes
+        assert not await again.add_chunk(row.id, chunk(12, 20))  # a gap is refused too
+        assert await again.add_chunk(row.id, chunk(11, 20))
+        assert not await again.add_chunk(row.id, chunk(11, 20))
+        # The outbox never completes a file whose ingest is unfinished.
+        await again.complete_file(row.id)
+        assert (await again.file(row.id)).state == FileState.INGESTING  # type: ignore[union-attr]
+        await again.finish_file(row.id, 20)
+        await again.finish_file(row.id, 20)  # idempotent
+        done = await again.file(row.id)
+        assert done is not None and (done.state, done.lines, done.lines_committed) == (FileState.OPEN, 20, 20)
+        assert not await again.add_chunk(row.id, chunk(21, 22))  # an OPEN file takes no more chunks
+        lines = rows(path, "SELECT line FROM items WHERE file_id = ? UNION ALL SELECT line FROM results", (row.id,))
+        assert sorted(line for (line,) in lines) == list(range(1, 21))  # no line lost or duplicated
+        assert rows(path, "SELECT COUNT(*) FROM item_bodies")[0][0] == 14
+        # UNIQUE(file_id, custom_id) is the backstop behind seen_custom_ids.
+        other = await again.begin_file(key("g.jsonl", 8), lambda name: False)
+        assert await again.add_chunk(other.id, chunk(1, 2))
+        duplicate = NewItem(3, "c1", "openai", "/v1/chat/completions", "gpt-4o-mini", b"{}", 2)
+        with pytest.raises(sqlite3.IntegrityError):
+            await again.add_chunk(other.id, Chunk(3, 3, 30, [duplicate], []))
+        assert (await again.file(other.id)).lines_committed == 2  # type: ignore[union-attr]
+    finally:
+        await again.close()
+        await first.close()
+
+
+async def test_a_read_does_not_wait_for_a_held_write_transaction(node_a: SQLiteStore) -> None:
+    row = await node_a.begin_file(key(), lambda name: False)
+    assert await node_a.add_chunk(row.id, chunk(1, 6))
+    holding, release = asyncio.Event(), asyncio.Event()
+
+    async def long_write() -> None:
+        async with node_a._tx() as db:  # what a long ingest chunk or claim looks like to others
+            await db.execute("UPDATE files SET delivered = delivered WHERE id = ?", (row.id,))
+            holding.set()
+            await release.wait()
+
+    writer = asyncio.create_task(long_write())
+    try:
+        await asyncio.wait_for(holding.wait(), 10)
+        # Every read a poller, a sink or `status` makes answers while the writer is held.
+        reads = asyncio.gather(
+            node_a.queued_groups(time.time()),
+            node_a.results_after(0, 100, node="node-a"),
+            node_a.open_files(),
+            node_a.batches_in_state(*LIVE_BATCH_STATES),
+            node_a.status(),
+            node_a.usage("openai"),
+        )
+        groups, results, files, _, status, usage = await asyncio.wait_for(reads, 5)
+        assert groups[0].count == 4 and len(results) == 2 and files[0].id == row.id
+        assert status["results"] == {"invalid": 2} and usage.in_flight_batches == 0
+        assert not writer.done()
+    finally:
+        release.set()
+        await writer
+
+
+async def _cancelled_after(work: Any, ticks: int) -> bool:
+    """Run `work`, cancel it after `ticks` loop iterations; whether it had already finished."""
+    task = asyncio.ensure_future(work)
+    for _ in range(ticks):
+        await asyncio.sleep(0)
+    finished = task.done()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return finished
+
+
+async def test_cancellation_at_every_await_of_a_write_leaves_it_whole_and_the_store_usable(
+    node_a: SQLiteStore, tmp_path: Path
+) -> None:
+    path = tmp_path / "shared.sqlite3"
+    seen_applied = seen_not_applied = False
+    for ticks in range(400):
+        row = await node_a.begin_file(key(f"f{ticks}.jsonl", ticks), lambda name: False)
+        finished = await _cancelled_after(node_a.add_chunk(row.id, chunk(1, 30)), ticks)
+        assert node_a._conn.in_transaction is False
+        (committed,) = rows(path, "SELECT lines_committed FROM files WHERE id = ?", (row.id,))[0]
+        (items,) = rows(path, "SELECT COUNT(*) FROM items WHERE file_id = ?", (row.id,))[0]
+        (results,) = rows(path, "SELECT COUNT(*) FROM results WHERE file_id = ?", (row.id,))[0]
+        assert (committed, items, results) in ((0, 0, 0), (30, 20, 10)), ticks
+        seen_applied |= committed == 30
+        seen_not_applied |= committed == 0
+        # The store is usable at once: the next write goes through, and the chunk can be repeated.
+        assert await node_a.add_chunk(row.id, chunk(1, 30)) == (committed == 0)
+        await node_a.add_error("test.after_cancel", str(ticks))
+        if finished:
+            break
+    else:
+        raise AssertionError("the write never finished within 400 loop ticks")
+    # A cancellation is delivered only after the transaction ends, so a cancelled call still applied.
+    assert seen_applied and seen_not_applied
+
+
+async def test_cancelled_claims_and_outcomes_are_whole(node_a: SQLiteStore, tmp_path: Path) -> None:
+    path = tmp_path / "shared.sqlite3"
+    row = await node_a.begin_file(key(), lambda name: False)
+    assert await node_a.add_chunk(row.id, chunk(1, 30))
+    for ticks in range(400):
+        now = time.time()
+        groups = await node_a.queued_groups(now)
+        if not groups:
+            break
+        await _cancelled_after(node_a.claim_batch(groups[0], "openai", 3, 10**9, now), ticks)
+        # A claim is whole: its batch row and its items agree (or neither exists).
+        for batch_id, requests in rows(path, "SELECT id, requests FROM batches"):
+            (claimed,) = rows(path, "SELECT COUNT(*) FROM items WHERE batch_id = ?", (batch_id,))[0]
+            assert claimed == requests and requests in (2, 3)
+    assert rows(path, "SELECT COUNT(*) FROM items WHERE batch_id IS NULL") == [(0,)]
+    assert node_a._conn.in_transaction is False
+    await node_a.add_error("test.after_cancel", "ok")
+
+
+async def test_migration_005_to_007_keeps_old_rows_and_the_first_node_takes_them(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite3"
+    migrations = Path(__file__).parent.parent / "batchd" / "store" / "sqlite_migrations"
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        for script in sorted(migrations.glob("00[1-5]_*.sql")):
+            db.executescript(script.read_text())
+        db.execute("PRAGMA user_version = 5")
+        db.executescript(
+            """
+            INSERT INTO meta (key, value) VALUES ('instance', 'abc');
+            INSERT INTO files (id, name, sha256, size, out_name, lines, delivered, out_bytes, state, ingested_at,
+                dev, ino) VALUES (1, 'a.jsonl', 'h1', 300, 'a.results.jsonl', 3, 1, 40, 'open', 1, 5, 6),
+                (2, 'b.jsonl', 'h2', 100, 'b.results.jsonl', 1, 1, 20, 'complete', 1, 5, 7);
+            INSERT INTO batches (id, profile, kind, endpoint, model, state, remote_id, requests, created_at)
+                VALUES (1, 'openai', 'openai', '/v1/chat/completions', 'm', 'submitted', 'batch_1', 2, 1);
+            INSERT INTO items (id, file_id, line, custom_id, profile, endpoint, model, size, state, batch_id,
+                queued_at, attempts) VALUES (1, 1, 2, 'x2', 'openai', '/v1/chat/completions', 'm', 10, 'submitted', 1,
+                1, 1), (2, 1, 3, 'x3', 'openai', '/v1/chat/completions', 'm', 10, 'submitted', 1, 1, 1);
+            INSERT INTO item_bodies (item_id, body) VALUES (1, CAST('b1' AS BLOB)), (2, CAST('b2' AS BLOB));
+            INSERT INTO results (id, file_id, line, status, payload, created_at) VALUES
+                (1, 1, 1, 'invalid', CAST('r1' AS BLOB), 1), (2, 2, 1, 'invalid', CAST('r2' AS BLOB), 1);
+            INSERT INTO sink_cursors (sink, last_result_id) VALUES ('outbox', 2), ('crm', 1);
+            """
+        )
+        db.commit()
+    store = SQLiteStore(path, "node-a")
+    await store.open()
+    other = SQLiteStore(path, "node-b")
+    await other.open()
+    try:
+        assert rows(path, "PRAGMA user_version")[0][0] == SCHEMA_VERSION
+        assert await store.instance_id() == "abc"
+        [open_file] = await store.open_files()
+        assert (open_file.id, open_file.node, open_file.state, open_file.lines, open_file.lines_committed) == (
+            1,
+            "node-a",
+            FileState.OPEN,
+            3,
+            3,
+        )
+        assert (open_file.offset_committed, open_file.delivered, open_file.out_bytes, open_file.moved) == (
+            300,
+            1,
+            40,
+            False,
+        )
+        assert await other.open_files() == []  # the second node takes nothing
+        assert await store.sink_cursor("outbox:node-a") == 2 and await store.sink_cursor("outbox") == 0
+        assert await store.sink_cursor("crm") == 1
+        assert [p for p, _ in await store.delivered_payloads(1, 0, 10)] == [1]
+        assert [r.id for r in await store.results_after(0, 10, node="node-a")] == [1, 2]
+        assert await store.results_after(0, 10, node="node-b") == []
+        found = await store.find_file(FileKey("a.jsonl", "h1", 300, 5, 6))
+        assert found is not None and found.id == 1
+        # The live batch had no owner: the first node to look takes it over, and then owns it.
+        [batch] = await store.batches_in_state(BatchState.SUBMITTED)
+        assert batch.owner is None
+        assert [b.id for b in await store.take_over(30, time.time())] == [1]
+        assert [b.id for b in await store.owned_batches(*LIVE_BATCH_STATES)] == [1]
+        assert await other.take_over(30, time.time()) == []
+        items = await store.submitted_items(1)
+        assert [(i.id, i.custom_id, i.attempts) for i in items] == [(1, "x2", 1), (2, "x3", 1)]
+        assert [b for chunk_ in [c async for c in store.batch_bodies(1)] for _, _, b in chunk_] == [b"b1", b"b2"]
+    finally:
+        await other.close()
+        await store.close()
+
+
+async def test_nodes_own_their_files_names_batches_and_sink_leases(node_a: SQLiteStore, tmp_path: Path) -> None:
+    node_b = SQLiteStore(tmp_path / "shared.sqlite3", "node-b")
+    await node_b.open()
+    try:
+        mine = await node_a.begin_file(key("nightly.jsonl"), lambda name: False)
+        theirs = await node_b.begin_file(key("nightly.jsonl"), lambda name: False)
+        assert mine.out_name == theirs.out_name == "nightly.results.jsonl"  # names are per node
+        assert (await node_a.find_file(key("nightly.jsonl"))).id == mine.id  # type: ignore[union-attr]
+        assert (await node_b.find_file(key("nightly.jsonl"))).id == theirs.id  # type: ignore[union-attr]
+        assert await node_a.add_chunk(mine.id, chunk(1, 3))
+        assert await node_b.add_chunk(theirs.id, chunk(1, 3, prefix="d"))
+        assert [r.file_id for r in await node_a.results_after(0, 10, node="node-a")] == [mine.id]
+        assert [f.id for f in await node_b.open_files()] == [theirs.id]
+
+        now = time.time()
+        [group] = await node_a.queued_groups(now)
+        batch = await node_a.claim_batch(group, "openai", 2, 10**9, now, lease_seconds=30)
+        assert batch is not None and (batch.owner, batch.lease_until) == ("node-a", now + 30)
+        assert (await node_a.usage("openai", "gpt-4o-mini", now)).enqueued_tokens == 10
+        assert await node_b.take_over(30, now + 10) == []  # the lease holds
+        assert await node_a.renew_leases(30, now + 20) == 1
+        assert await node_b.take_over(30, now + 40) == []
+        [taken] = await node_b.take_over(30, now + 51)  # node-a stopped renewing: node-b takes over
+        assert taken.id == batch.id and taken.owner == "node-b"
+        assert await node_a.owned_batches(*LIVE_BATCH_STATES) == []
+        await node_b.release_leases()
+        assert [b.id for b in await node_a.take_over(30, now + 52)] == [batch.id]  # released: at once
+
+        assert await node_a.take_sink_lease("crm", 30, now)
+        assert not await node_b.take_sink_lease("crm", 30, now + 10)
+        assert await node_a.take_sink_lease("crm", 30, now + 20)  # renewed
+        assert await node_b.take_sink_lease("crm", 30, now + 51)
+        assert not await node_a.take_sink_lease("crm", 30, now + 52)
+    finally:
+        await node_b.close()
+
+
+async def test_record_outcomes_records_only_and_is_idempotent(node_a: SQLiteStore) -> None:
+    row = await node_a.begin_file(key(), lambda name: False)
+    assert await node_a.add_chunk(row.id, chunk(1, 5))
+    now = time.time()
+    [group] = await node_a.queued_groups(now)
+    batch = await node_a.claim_batch(group, "openai", 10, 10**9, now)
+    assert batch is not None
+    await node_a.mark_submitted(batch.id, "batch_x", "in_progress", now)
+    waiting = await node_a.submitted_items(batch.id)
+    assert [(i.line, i.attempts) for i in waiting] == [(1, 1), (2, 1), (4, 1), (5, 1)]
+    first, second, third, _ = waiting
+    later = now + 3600
+    finals = [FinalResult(first.id, row.id, first.line, "succeeded", b'{"ok":1}', 3, 4, cost_batch=0.5)]
+    retries = [Retry(second.id, later, "overloaded"), Retry(999_999, later, "not in this batch")]
+    summary = await node_a.record_outcomes(batch.id, finals, retries)
+    assert (summary.final, summary.requeued, summary.ignored) == (1, 1, 1)
+    again = await node_a.record_outcomes(batch.id, finals, retries)
+    assert (again.final, again.requeued, again.ignored) == (0, 0, 3)
+    assert [i.id for i in await node_a.submitted_items(batch.id, [first.id, third.id])] == [third.id]
+    assert await node_a.next_not_before(now) == later
+    assert await node_a.refund_batch(batch.id, now, "never ran") == 2
+    assert await node_a.refund_batch(batch.id, now, "never ran") == 0
+    [result] = [r for r in await node_a.results_after(0, 10) if r.payload == b'{"ok":1}']
+    assert result.file_id == row.id
+    assert await node_a.report(0, "model") and (await node_a.report(0, "model"))[-1]["cost_batch"] == 0.5
+    assert [r["line"] for r in await node_a.query_results("f.jsonl", None, "succeeded", 10)] == [1]

@@ -1,34 +1,94 @@
 """The durable queue: one contract (store/contract.py), two engines (SQLite, PostgreSQL).
 
 SQL lives only in the engines' named-query files and migrations under this package.
+`open_store(url, node)` picks the engine from `[store] url`; asyncpg is imported only for a
+PostgreSQL URL.
 """
 
 from __future__ import annotations
 
-from .sqlite import (
-    SCHEMA_VERSION,
+import importlib
+from typing import cast
+
+from . import contract
+from .contract import (
+    LIVE_BATCH_STATES,
+    POLLED_BATCH_STATES,
     ApplySummary,
     BatchRow,
     BatchState,
+    Chunk,
+    Fate,
+    FileKey,
     FileRow,
+    FileState,
+    FinalResult,
     Group,
+    ItemState,
     NewItem,
     NewResult,
     PendingResult,
-    RetryAt,
-    Store,
+    Retry,
+    SubmittedItem,
+    Usage,
 )
+from .sqlite import SCHEMA_VERSION, RetryAt, SQLiteStore
+from .url import StoreURL, parse_store_url
+
+# TRANSITION: `Store` is still the SQLite class, because consumers construct `Store(path)` and call
+# methods outside the contract (ingest, apply_outcomes, ...). Once they use open_store() and the
+# contract only, the lead makes this `Store = contract.Store` (the Protocol).
+Store = SQLiteStore
+StoreContract = contract.Store
+
+
+def open_store(url: str, node: str, *, readonly: bool = False) -> contract.Store:
+    """The engine for `url`, not yet opened: `await store.open()` connects (and migrates).
+
+    `readonly` is for commands beside the daemon: `open()` then never creates or migrates and
+    refuses a schema other than this code's (SQLite: `open_existing`). ValueError for a URL that is
+    not a store URL.
+    """
+    parsed = parse_store_url(url)
+    if parsed.engine == "sqlite":
+        assert parsed.path is not None
+        return SQLiteStore(parsed.path, node, url=parsed.url, readonly=readonly)
+    # Imported lazily, by name: asyncpg is needed only for PostgreSQL URLs.
+    postgres = importlib.import_module(".postgres", __package__)
+    return cast(contract.Store, postgres.PostgresStore(parsed.url, node, readonly=readonly))
+
+
+def _check(store: SQLiteStore) -> contract.Store:
+    """mypy proves here that SQLiteStore satisfies the contract."""
+    return store
+
 
 __all__ = [
+    "LIVE_BATCH_STATES",
+    "POLLED_BATCH_STATES",
     "SCHEMA_VERSION",
     "ApplySummary",
     "BatchRow",
     "BatchState",
+    "Chunk",
+    "Fate",
+    "FileKey",
     "FileRow",
+    "FileState",
+    "FinalResult",
     "Group",
+    "ItemState",
     "NewItem",
     "NewResult",
     "PendingResult",
+    "Retry",
     "RetryAt",
+    "SQLiteStore",
     "Store",
+    "StoreContract",
+    "StoreURL",
+    "SubmittedItem",
+    "Usage",
+    "open_store",
+    "parse_store_url",
 ]

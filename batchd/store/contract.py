@@ -309,8 +309,12 @@ class Queue(Protocol):
         engine's single writer). A batch never gets a request count in `avoid_counts`.
         """
 
-    async def batch_bodies(self, batch_id: int, chunk: int = 2000) -> AsyncIterator[list[tuple[int, str, bytes]]]:
-        """The batch's requests as (item id, endpoint, body), in chunks, in id order."""
+    def batch_bodies(self, batch_id: int, chunk: int = 2000) -> AsyncIterator[list[tuple[int, str, bytes]]]:
+        """The batch's requests as (item id, endpoint, body), in chunks, in id order.
+
+        Engines implement it as an async generator (`async def` with `yield`); declared without
+        `async` here because a Protocol body has no `yield`, which would type it as a coroutine.
+        """
 
     async def usage(self, profile: str, model: str | None = None, now: float | None = None) -> Usage:
         """Live counts for organisation limits, over every node sharing the store."""

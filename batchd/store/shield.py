@@ -9,10 +9,12 @@ open transaction and the caller never runs ahead of an unfinished commit.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+import functools
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, ParamSpec, TypeVar
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 
 async def settle(work: Awaitable[T]) -> T:
@@ -36,13 +38,11 @@ async def settle(work: Awaitable[T]) -> T:
     return result
 
 
-def shielded(function: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
-    """Decorator: the store method runs whole, as in `settle`."""
+def shielded(function: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
+    """Decorator: the store method runs whole, as in `settle` (its signature is kept for mypy)."""
 
-    async def wrapper(*args: object, **kwargs: object) -> T:
+    @functools.wraps(function)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
         return await settle(function(*args, **kwargs))
 
-    wrapper.__name__ = function.__name__
-    wrapper.__qualname__ = function.__qualname__
-    wrapper.__doc__ = function.__doc__
     return wrapper

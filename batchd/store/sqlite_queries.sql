@@ -1,0 +1,446 @@
+-- The SQLite engine's statements (batchd/store/sqlite.py reads them as Q.name).
+-- Lists are passed as one JSON array parameter and read with json_each, so no statement is built
+-- at run time. Parameters are named (:name) where a statement uses one twice.
+
+-- == connection =================================================================================
+
+-- name: pragma_wal
+PRAGMA journal_mode=WAL;
+
+-- name: pragma_synchronous_full
+PRAGMA synchronous=FULL;
+
+-- name: pragma_foreign_keys_on
+PRAGMA foreign_keys=ON;
+
+-- name: pragma_foreign_keys_off
+PRAGMA foreign_keys=OFF;
+
+-- name: pragma_foreign_key_check
+PRAGMA foreign_key_check;
+
+-- name: pragma_user_version
+PRAGMA user_version;
+
+-- name: pragma_integrity_check
+PRAGMA integrity_check;
+
+-- name: begin_immediate
+BEGIN IMMEDIATE;
+
+-- name: commit
+COMMIT;
+
+-- name: rollback
+ROLLBACK;
+
+-- == meta and nodes =============================================================================
+
+-- name: meta_get
+SELECT value FROM meta WHERE key = ?;
+
+-- name: meta_set_once
+INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING;
+
+-- name: node_register
+INSERT INTO nodes (node, heartbeat_at, started_at, pid, host) VALUES (:node, :now, :now, :pid, :host)
+ON CONFLICT (node) DO UPDATE SET heartbeat_at = excluded.heartbeat_at, started_at = excluded.started_at,
+    pid = excluded.pid, host = excluded.host;
+
+-- name: node_heartbeat
+UPDATE nodes SET heartbeat_at = :now WHERE node = :node;
+
+-- name: adopt_files
+-- Rows from before nodes existed (migration 007) belong to the first node that opens the database.
+UPDATE files SET node = ? WHERE node = '';
+
+-- name: adopt_outbox_cursor
+-- The outbox cursor of a database from before nodes ("outbox") becomes that node's ("outbox:NODE").
+UPDATE sink_cursors SET sink = 'outbox:' || :node
+WHERE sink = 'outbox' AND NOT EXISTS (SELECT 1 FROM sink_cursors WHERE sink = 'outbox:' || :node);
+
+-- == intake =====================================================================================
+
+-- name: find_file
+SELECT * FROM files
+WHERE node = :node AND name = :name AND sha256 = :sha256 AND ino = :ino AND moved_at IS NULL
+ORDER BY id DESC LIMIT 1;
+
+-- name: file_known
+SELECT id, out_name FROM files
+WHERE node = :node AND name = :name AND sha256 = :sha256 AND ino = :ino AND moved_at IS NULL
+ORDER BY id DESC LIMIT 1;
+
+-- name: out_name_holder
+SELECT id, state FROM files WHERE node = ? AND out_name = ?;
+
+-- name: out_name_give_up
+UPDATE files SET out_name = out_name || '~' || id WHERE id = ?;
+
+-- name: insert_file
+INSERT INTO files (node, name, sha256, size, out_name, ingested_at, dev, ino, state, lines, lines_committed,
+    offset_committed)
+VALUES (:node, :name, :sha256, :size, :out_name, :now, :dev, :ino, :state, 0, 0, 0)
+RETURNING *;
+
+-- name: seen_custom_ids
+SELECT custom_id FROM items WHERE file_id = ? AND custom_id IN (SELECT value FROM json_each(?));
+
+-- name: file_progress
+SELECT lines_committed, state FROM files WHERE id = ?;
+
+-- name: insert_item
+INSERT INTO items (file_id, line, custom_id, profile, endpoint, model, size, tokens, queued_at)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?);
+
+-- name: insert_item_body
+-- The item's id is found by its (file, custom_id), unique per file: ids are the table's own.
+INSERT INTO item_bodies (item_id, body) VALUES ((SELECT id FROM items WHERE file_id = ? AND custom_id = ?), ?);
+
+-- name: insert_line_result
+INSERT INTO results (file_id, line, status, payload, created_at) VALUES (?, ?, ?, ?, ?);
+
+-- name: advance_file
+UPDATE files SET lines_committed = :last_line, offset_committed = :end_offset
+WHERE id = :id AND lines_committed = :expected;
+
+-- name: finish_file
+UPDATE files SET state = 'open', lines = ?, lines_committed = MAX(lines_committed, ?)
+WHERE id = ? AND state = 'ingesting';
+
+-- name: file_moved
+UPDATE files SET moved_at = COALESCE(moved_at, ?) WHERE id = ?;
+
+-- name: legacy_file_lines
+UPDATE files SET state = 'open', lines = ?, lines_committed = ? WHERE id = ?;
+
+-- == queue ======================================================================================
+
+-- name: queued_groups
+SELECT profile, endpoint, model, COUNT(*) AS n, SUM(size) AS bytes, MIN(queued_at) AS oldest
+FROM items WHERE state = 'queued' AND not_before <= ?
+GROUP BY profile, endpoint, model;
+
+-- name: next_not_before
+SELECT MIN(not_before) AS t FROM items WHERE state = 'queued' AND not_before > ?;
+
+-- name: insert_batch
+INSERT INTO batches (profile, kind, endpoint, model, created_at, owner, lease_until)
+VALUES (?, ?, ?, ?, ?, ?, ?);
+
+-- name: claim_items
+-- A group's oldest due items, up to the request limit and while the running size fits.
+UPDATE items SET state = 'batched', batch_id = :batch WHERE id IN (
+    SELECT id FROM (
+        SELECT id, SUM(size) OVER (ORDER BY id) AS running FROM items
+        WHERE state = 'queued' AND profile = :profile AND endpoint = :endpoint AND model = :model
+            AND not_before <= :now
+        ORDER BY id LIMIT :max_requests
+    ) WHERE running <= :max_bytes
+);
+
+-- name: batch_totals
+SELECT COUNT(*) AS n, COALESCE(SUM(size), 0) AS bytes, COALESCE(SUM(tokens), 0) AS tokens
+FROM items WHERE batch_id = ?;
+
+-- name: unclaim_last_item
+UPDATE items SET state = 'queued', batch_id = NULL WHERE id = (SELECT MAX(id) FROM items WHERE batch_id = ?);
+
+-- name: delete_batch
+DELETE FROM batches WHERE id = ?;
+
+-- name: set_batch_totals
+UPDATE batches SET requests = ?, bytes = ?, tokens = ? WHERE id = ?;
+
+-- name: batch_bodies
+SELECT i.id, i.endpoint, b.body FROM items i JOIN item_bodies b ON b.item_id = i.id
+WHERE i.batch_id = ? AND i.id > ? ORDER BY i.id LIMIT ?;
+
+-- name: batch_item_ids
+SELECT id FROM items WHERE batch_id = ? ORDER BY id;
+
+-- name: usage
+-- Live batches (intents included: they are about to be created) of a profile, and optionally a model.
+SELECT COUNT(*) AS batches, COALESCE(SUM(tokens), 0) AS tokens, COALESCE(SUM(requests), 0) AS requests
+FROM batches
+WHERE profile = :profile AND (:model IS NULL OR model = :model) AND state IN ('pending', 'unverified', 'submitted');
+
+-- name: created_since
+SELECT COUNT(*) AS n FROM batches
+WHERE profile = :profile AND (:model IS NULL OR model = :model) AND submitted_at >= :since;
+
+-- name: active_holds
+SELECT profile, model, until FROM holds WHERE until > ?;
+
+-- name: hold
+INSERT INTO holds (profile, model, until, failures, reason) VALUES (?, ?, ?, ?, ?)
+ON CONFLICT (profile, model) DO UPDATE SET until = excluded.until, failures = excluded.failures,
+    reason = excluded.reason;
+
+-- name: hold_failures
+SELECT failures FROM holds WHERE profile = ? AND model = ?;
+
+-- name: release_hold
+DELETE FROM holds WHERE profile = ? AND model = ?;
+
+-- == batches ====================================================================================
+
+-- name: batch
+SELECT * FROM batches WHERE id = ?;
+
+-- name: batches_in_state
+SELECT * FROM batches WHERE state IN (SELECT value FROM json_each(?)) ORDER BY id;
+
+-- name: owned_batches
+SELECT * FROM batches WHERE owner = ? AND state IN (SELECT value FROM json_each(?)) ORDER BY id;
+
+-- name: take_over
+-- Every live batch whose lease expired (its node died or let it go) becomes this node's.
+UPDATE batches SET owner = :node, lease_until = :until
+WHERE state IN ('pending', 'unverified', 'submitted') AND (owner IS NULL OR lease_until < :now)
+RETURNING *;
+
+-- name: renew_leases
+UPDATE batches SET lease_until = :until
+WHERE owner = :node AND state IN ('pending', 'unverified', 'submitted');
+
+-- name: release_leases
+UPDATE batches SET owner = NULL, lease_until = 0
+WHERE owner = ? AND state IN ('pending', 'unverified', 'submitted');
+
+-- name: release_sink_leases
+DELETE FROM sink_leases WHERE node = ?;
+
+-- name: remote_ids
+SELECT remote_id FROM batches WHERE profile = ? AND remote_id IS NOT NULL;
+
+-- name: remote_owner
+SELECT id FROM batches WHERE remote_id = ?;
+
+-- name: set_input_file
+UPDATE batches SET input_file_id = ? WHERE id = ?;
+
+-- name: note_submit_failure
+UPDATE batches SET submit_attempts = submit_attempts + 1, last_error = ?, not_before = ? WHERE id = ?;
+
+-- name: mark_submitted
+UPDATE batches SET state = 'submitted', remote_id = ?, remote_status = ?, submitted_at = ?,
+    remote_created_at = ?, last_error = NULL
+WHERE id = ?;
+
+-- name: items_submitted
+UPDATE items SET state = 'submitted', attempts = attempts + 1 WHERE batch_id = ? AND state = 'batched';
+
+-- name: mark_unverified
+UPDATE batches SET state = 'unverified', remote_id = ?, remote_status = ?, submitted_at = ?,
+    remote_created_at = ?, last_error = ?
+WHERE id = ? AND state = 'pending';
+
+-- name: confirm_ownership
+UPDATE batches SET state = 'submitted', last_error = NULL WHERE id = ? AND state = 'unverified';
+
+-- name: reject_remote
+INSERT INTO batch_rejects (batch_id, remote_id, rejected_at, reason) VALUES (?, ?, ?, ?)
+ON CONFLICT (batch_id, remote_id) DO NOTHING;
+
+-- name: unadopt
+-- submit_attempts > 0 makes the batcher reconcile again before it ever creates.
+UPDATE batches SET state = 'pending', remote_id = NULL, remote_status = NULL, counts = NULL,
+    submitted_at = NULL, remote_created_at = NULL, ended_at = NULL, output_file_id = NULL,
+    error_file_id = NULL, submit_attempts = submit_attempts + 1, not_before = 0, last_error = ?
+WHERE id = ? AND state = 'unverified' AND remote_id = ?;
+
+-- name: rejected_remotes
+SELECT remote_id FROM batch_rejects WHERE batch_id = ?;
+
+-- name: note_cancel_requested
+UPDATE batches SET cancel_requested_at = COALESCE(cancel_requested_at, ?), last_error = ? WHERE id = ?;
+
+-- name: record_poll
+UPDATE batches SET remote_status = :remote_status, counts = :counts, output_file_id = :output_file_id,
+    error_file_id = :error_file_id, last_polled_at = :now,
+    ended_at = CASE WHEN :ended THEN COALESCE(ended_at, :now) ELSE ended_at END
+WHERE id = :id;
+
+-- name: note_batch_error
+UPDATE batches SET last_error = ? WHERE id = ?;
+
+-- name: finish_batch
+UPDATE batches SET state = 'done', collected_at = :now, ended_at = COALESCE(ended_at, :now),
+    fate = COALESCE(:fate, fate), last_error = COALESCE(:error, last_error)
+WHERE id = :id;
+
+-- == outcomes ===================================================================================
+
+-- name: submitted_items
+SELECT id, file_id, line, custom_id, attempts FROM items
+WHERE batch_id = ? AND state = 'submitted' ORDER BY id;
+
+-- name: submitted_items_among
+SELECT id, file_id, line, custom_id, attempts FROM items
+WHERE batch_id = ? AND state = 'submitted' AND id IN (SELECT value FROM json_each(?)) ORDER BY id;
+
+-- name: batch_route
+SELECT profile, model FROM batches WHERE id = ?;
+
+-- name: insert_final_result
+INSERT INTO results (file_id, line, item_id, status, profile, model, batch_id, input_tokens, output_tokens,
+    cached_input_tokens, cache_creation_input_tokens, cost_batch, cost_realtime, payload, created_at)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (file_id, line) DO NOTHING;
+
+-- name: item_final
+UPDATE items SET state = ? WHERE id = ?;
+
+-- name: delete_item_body
+DELETE FROM item_bodies WHERE item_id = ?;
+
+-- name: item_retry
+-- Its age for max_wait starts when it may go again, not at its first ingest: retries becoming due
+-- within one max_wait leave together, not one by one.
+UPDATE items SET state = 'queued', batch_id = NULL, not_before = ?, queued_at = ?, last_error = ? WHERE id = ?;
+
+-- name: refund_batch
+-- One statement, so that a repeat cannot give an attempt back twice.
+UPDATE items SET state = 'queued', batch_id = NULL, attempts = MAX(attempts - 1, 0), not_before = ?,
+    queued_at = ?, last_error = ?
+WHERE batch_id = ? AND state = 'submitted';
+
+-- == delivery ===================================================================================
+
+-- name: sink_cursor
+SELECT last_result_id FROM sink_cursors WHERE sink = ?;
+
+-- name: results_after
+SELECT r.id, r.file_id, f.out_name, r.payload, r.created_at FROM results r JOIN files f ON f.id = r.file_id
+WHERE r.id > :last AND (:node IS NULL OR f.node = :node) ORDER BY r.id LIMIT :limit;
+
+-- name: to_redeliver
+SELECT r.id, r.file_id, f.out_name, r.payload, r.created_at FROM results r JOIN files f ON f.id = r.file_id
+WHERE r.id IN (SELECT result_id FROM parked WHERE sink = ? AND redeliver = 1) ORDER BY r.id LIMIT ?;
+
+-- name: advance_cursor
+INSERT INTO sink_cursors (sink, last_result_id) VALUES (?, ?)
+ON CONFLICT (sink) DO UPDATE SET last_result_id = MAX(last_result_id, excluded.last_result_id);
+
+-- name: set_cursor
+INSERT INTO sink_cursors (sink, last_result_id) VALUES (?, ?)
+ON CONFLICT (sink) DO UPDATE SET last_result_id = excluded.last_result_id;
+
+-- name: park
+INSERT INTO parked (sink, result_id, parked_at, error) VALUES (?, ?, ?, ?)
+ON CONFLICT (sink, result_id) DO UPDATE SET redeliver = 0, error = excluded.error;
+
+-- name: unpark
+DELETE FROM parked WHERE sink = ? AND result_id = ?;
+
+-- name: request_redelivery
+UPDATE parked SET redeliver = 1 WHERE redeliver = 0 AND (:sink IS NULL OR sink = :sink);
+
+-- name: take_sink_lease
+INSERT INTO sink_leases (sink, node, until) VALUES (:sink, :node, :until)
+ON CONFLICT (sink) DO UPDATE SET node = excluded.node, until = excluded.until
+WHERE sink_leases.node = excluded.node OR sink_leases.until < :now;
+
+-- name: sink_lease_holder
+SELECT node FROM sink_leases WHERE sink = ?;
+
+-- name: file_delivered
+UPDATE files SET delivered = delivered + ?, out_bytes = ? WHERE id = ?;
+
+-- name: open_files
+-- Ingesting files too: their invalid lines have results to deliver before the ingest ends.
+SELECT * FROM files WHERE node = ? AND state IN ('ingesting', 'open') ORDER BY id;
+
+-- name: file
+SELECT * FROM files WHERE id = ?;
+
+-- name: files_by_id
+SELECT * FROM files WHERE id IN (SELECT value FROM json_each(?));
+
+-- name: delivered_payloads
+-- What the file's node's outbox has delivered ("outbox" is the cursor's name from before nodes).
+SELECT r.id, r.payload FROM results r JOIN files f ON f.id = r.file_id
+WHERE r.file_id = :file AND r.id > :after AND r.id <= COALESCE(
+    (SELECT last_result_id FROM sink_cursors WHERE sink = 'outbox:' || f.node),
+    (SELECT last_result_id FROM sink_cursors WHERE sink = 'outbox'), 0)
+ORDER BY r.id LIMIT :limit;
+
+-- name: complete_file
+-- Only an OPEN file: one whose ingest is unfinished is never completed.
+UPDATE files SET state = 'complete', completed_at = ? WHERE id = ? AND state = 'open';
+
+-- == reporting ==================================================================================
+
+-- name: add_error
+INSERT INTO errors (at, event, message) VALUES (?, ?, ?);
+
+-- name: trim_errors
+DELETE FROM errors WHERE id <= (SELECT MAX(id) FROM errors) - ?;
+
+-- name: report_by_model
+SELECT COALESCE(r.model, '(invalid)') AS key, COUNT(*) AS requests, SUM(r.status = 'succeeded') AS succeeded,
+    COALESCE(SUM(r.input_tokens), 0) AS input_tokens, COALESCE(SUM(r.cached_input_tokens), 0) AS cached_input_tokens,
+    COALESCE(SUM(r.output_tokens), 0) AS output_tokens, SUM(r.cost_batch) AS cost_batch,
+    SUM(r.cost_realtime) AS cost_realtime, SUM(r.cost_batch IS NULL AND r.input_tokens IS NOT NULL) AS unpriced
+FROM results r JOIN files f ON f.id = r.file_id WHERE r.created_at >= ?
+GROUP BY key ORDER BY key;
+
+-- name: report_by_provider
+SELECT COALESCE(r.profile, '(invalid)') AS key, COUNT(*) AS requests, SUM(r.status = 'succeeded') AS succeeded,
+    COALESCE(SUM(r.input_tokens), 0) AS input_tokens, COALESCE(SUM(r.cached_input_tokens), 0) AS cached_input_tokens,
+    COALESCE(SUM(r.output_tokens), 0) AS output_tokens, SUM(r.cost_batch) AS cost_batch,
+    SUM(r.cost_realtime) AS cost_realtime, SUM(r.cost_batch IS NULL AND r.input_tokens IS NOT NULL) AS unpriced
+FROM results r JOIN files f ON f.id = r.file_id WHERE r.created_at >= ?
+GROUP BY key ORDER BY key;
+
+-- name: report_by_day
+SELECT date(r.created_at, 'unixepoch') AS key, COUNT(*) AS requests, SUM(r.status = 'succeeded') AS succeeded,
+    COALESCE(SUM(r.input_tokens), 0) AS input_tokens, COALESCE(SUM(r.cached_input_tokens), 0) AS cached_input_tokens,
+    COALESCE(SUM(r.output_tokens), 0) AS output_tokens, SUM(r.cost_batch) AS cost_batch,
+    SUM(r.cost_realtime) AS cost_realtime, SUM(r.cost_batch IS NULL AND r.input_tokens IS NOT NULL) AS unpriced
+FROM results r JOIN files f ON f.id = r.file_id WHERE r.created_at >= ?
+GROUP BY key ORDER BY key;
+
+-- name: report_by_file
+SELECT f.name AS key, COUNT(*) AS requests, SUM(r.status = 'succeeded') AS succeeded,
+    COALESCE(SUM(r.input_tokens), 0) AS input_tokens, COALESCE(SUM(r.cached_input_tokens), 0) AS cached_input_tokens,
+    COALESCE(SUM(r.output_tokens), 0) AS output_tokens, SUM(r.cost_batch) AS cost_batch,
+    SUM(r.cost_realtime) AS cost_realtime, SUM(r.cost_batch IS NULL AND r.input_tokens IS NOT NULL) AS unpriced
+FROM results r JOIN files f ON f.id = r.file_id WHERE r.created_at >= ?
+GROUP BY key ORDER BY key;
+
+-- name: query_results
+SELECT f.name AS file, r.line, r.status, r.payload FROM results r JOIN files f ON f.id = r.file_id
+WHERE (:file IS NULL OR f.name = :file)
+    AND (:custom_id IS NULL OR json_extract(CAST(r.payload AS TEXT), '$.custom_id') = :custom_id)
+    AND (:status IS NULL OR r.status = :status)
+ORDER BY r.id LIMIT :limit;
+
+-- name: status_queue
+SELECT profile, endpoint, model, state, COUNT(*) AS n FROM items
+WHERE state IN ('queued', 'batched', 'submitted') GROUP BY profile, endpoint, model, state;
+
+-- name: status_ended_batches
+SELECT id, profile, model, remote_id, remote_status, fate, last_error, collected_at FROM batches
+WHERE state = 'done' AND fate IS NOT NULL ORDER BY id DESC LIMIT 10;
+
+-- name: status_results
+SELECT status, COUNT(*) AS n FROM results GROUP BY status;
+
+-- name: status_files
+SELECT name, out_name, lines, delivered, state FROM files ORDER BY id DESC LIMIT 20;
+
+-- name: status_errors
+SELECT at, event, message FROM errors ORDER BY id DESC LIMIT ?;
+
+-- name: status_holds
+SELECT profile, model, until, reason FROM holds WHERE until > ?;
+
+-- name: status_sinks
+SELECT c.sink, (SELECT COUNT(*) FROM results WHERE id > c.last_result_id) AS pending,
+    (SELECT COUNT(*) FROM parked p WHERE p.sink = c.sink) AS parked
+FROM sink_cursors c ORDER BY c.sink;
+
+-- name: status_nodes
+SELECT node, heartbeat_at, started_at, pid, host FROM nodes ORDER BY node;
