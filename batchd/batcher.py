@@ -39,6 +39,7 @@ class Batcher:
         workdir: Path,
         on_submitted: Callable[[int], None],
         crashpoints: CrashPoints,
+        intake_busy: Callable[[], bool] = lambda: False,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -46,6 +47,8 @@ class Batcher:
         self.workdir = workdir
         self._on_submitted = on_submitted
         self._crashpoints = crashpoints
+        # True while the spool is committing a file chunk by chunk: its later chunks may join a group.
+        self._intake_busy = intake_busy
         self._wake = asyncio.Event()
         self._submitting: dict[int, asyncio.Task[None]] = {}
         # Pending batches found at start-up may have been created before the crash.
@@ -102,6 +105,9 @@ class Batcher:
         for row in live:
             if row.state in (BatchState.PENDING, BatchState.UNVERIFIED) and row.kind == "anthropic":
                 pending_counts.setdefault(row.profile, set()).add(row.requests)
+        # A file is committed in chunks: while one is being ingested, a group that is due but not full
+        # waits for the rest of it (one file, as few batches as its size allows); full groups still go.
+        holding = self._intake_busy()
         for group in await self.store.queued_groups(now):
             if (group.profile, group.model) in holds:
                 next_due = min(next_due, holds[(group.profile, group.model)])
@@ -110,6 +116,9 @@ class Batcher:
             while group.count > 0:
                 full = group.count >= profile.request_limit or group.bytes >= profile.byte_limit
                 due = now - group.oldest >= batching.max_wait
+                if not full and due and holding:
+                    next_due = min(next_due, now + batching.tick)  # look again soon; the end of the ingest wakes us
+                    break
                 if not (full or due):
                     next_due = min(next_due, group.oldest + batching.max_wait)
                     break

@@ -165,7 +165,15 @@ class Daemon:
         if settings.outbox.enabled:
             sinks.append(OutboxSink(self.store, settings.daemon.spool_dir / "out", self.crashpoints))
         self.sinks = SinkRunner(self.store, sinks)
-        self.batcher = Batcher(settings, self.store, self.providers, self.workdir, self._on_submitted, self.crashpoints)
+        self.batcher = Batcher(
+            settings,
+            self.store,
+            self.providers,
+            self.workdir,
+            self._on_submitted,
+            self.crashpoints,
+            intake_busy=lambda: self.spool.busy,
+        )
         self.pollers = Pollers(
             settings,
             self.store,

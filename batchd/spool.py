@@ -326,6 +326,8 @@ class Spool:
         self._waiting: dict[str, float] = {}
         self._stuck: set[tuple[str, int]] = set()  # entries that could not be moved to rejected/
         self._routes: dict[tuple[str, str], str | None] = {}  # (kind, model) -> profile, per settings
+        # True while a file is being committed chunk by chunk (the batcher holds back partial groups).
+        self.busy = False
 
     def wake(self) -> None:
         self._wake.set()
@@ -560,7 +562,11 @@ class Spool:
             else:
                 # Chunks of this very file were committed before a crash: go on after the last one.
                 log.info("spool.resuming", file=name, line=row.lines_committed + 1, offset=row.offset_committed)
-            finished, report.lines = await self._ingest_chunks(fd, info, row, sha256, report)
+            self.busy = True
+            try:
+                finished, report.lines = await self._ingest_chunks(fd, info, row, sha256, report)
+            finally:
+                self.busy = False
             if not finished:
                 return await self._changed_mid_ingest(dirs, name, info, row, report)
         report.out_name = row.out_name
