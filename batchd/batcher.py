@@ -23,7 +23,7 @@ from .logs import get_logger
 from .providers import ProviderError, ProviderPool
 from .providers.base import backoff
 from .settings import Settings
-from .store import LIVE_BATCH_STATES, BatchRow, BatchState, Group, Store
+from .store.contract import LIVE_BATCH_STATES, BatchRow, BatchState, Group, Store
 
 log = get_logger("batchd.batcher")
 
@@ -39,6 +39,7 @@ class Batcher:
         workdir: Path,
         on_submitted: Callable[[int], None],
         crashpoints: CrashPoints,
+        intake_busy: Callable[[], bool] = lambda: False,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -46,6 +47,8 @@ class Batcher:
         self.workdir = workdir
         self._on_submitted = on_submitted
         self._crashpoints = crashpoints
+        # True while the spool is committing a file chunk by chunk: its later chunks may join a group.
+        self._intake_busy = intake_busy
         self._wake = asyncio.Event()
         self._submitting: dict[int, asyncio.Task[None]] = {}
         # Pending batches found at start-up may have been created before the crash.
@@ -59,7 +62,20 @@ class Batcher:
 
     async def recover(self) -> None:
         self._instance = await self.store.instance_id()
-        self._unsure = {batch.id for batch in await self.store.batches_in_state("pending")}
+        self._unsure = {batch.id for batch in await self.store.owned_batches(BatchState.PENDING)}
+
+    def taken_over(self, batch: BatchRow) -> None:
+        """A pending batch whose lease this node took from a dead one: its create may have happened there."""
+        if batch.state == BatchState.PENDING:
+            self._unsure.add(batch.id)
+            self._wake.set()
+
+    def keep_only(self, owned: set[int]) -> None:
+        """Stop submitting batches whose lease this node no longer holds (another node took them)."""
+        for batch_id, task in list(self._submitting.items()):
+            if batch_id not in owned:
+                log.warning("batch.lease_lost", batch=batch_id)
+                task.cancel()
 
     async def run(self, stopping: asyncio.Event) -> None:
         try:
@@ -79,6 +95,7 @@ class Batcher:
         batching = self.settings.batching
         next_due = float("inf")  # nothing queued: sleep until woken (or the loop's longest nap)
         holds = await self.store.active_holds(now)
+        # Every node's live batches: in-flight limits are the organisation's, not this daemon's.
         live = await self.store.batches_in_state(*LIVE_BATCH_STATES)
         in_flight = self._in_flight(live)
         # Anthropic batches carry no metadata, so after a crash a pending batch is matched to the
@@ -88,6 +105,9 @@ class Batcher:
         for row in live:
             if row.state in (BatchState.PENDING, BatchState.UNVERIFIED) and row.kind == "anthropic":
                 pending_counts.setdefault(row.profile, set()).add(row.requests)
+        # A file is committed in chunks: while one is being ingested, a group that is due but not full
+        # waits for the rest of it (one file, as few batches as its size allows); full groups still go.
+        holding = self._intake_busy()
         for group in await self.store.queued_groups(now):
             if (group.profile, group.model) in holds:
                 next_due = min(next_due, holds[(group.profile, group.model)])
@@ -96,6 +116,9 @@ class Batcher:
             while group.count > 0:
                 full = group.count >= profile.request_limit or group.bytes >= profile.byte_limit
                 due = now - group.oldest >= batching.max_wait
+                if not full and due and holding:
+                    next_due = min(next_due, now + batching.tick)  # look again soon; the end of the ingest wakes us
+                    break
                 if not (full or due):
                     next_due = min(next_due, group.oldest + batching.max_wait)
                     break
@@ -103,7 +126,13 @@ class Batcher:
                     break
                 avoid = frozenset(pending_counts.get(group.profile, ())) if profile.kind == "anthropic" else frozenset()
                 batch = await self.store.claim_batch(
-                    group, profile.kind, profile.request_limit, profile.byte_limit, now, avoid
+                    group,
+                    profile.kind,
+                    profile.request_limit,
+                    profile.byte_limit,
+                    now,
+                    avoid,
+                    lease_seconds=self.settings.store.lease,
                 )
                 if batch is None:
                     break
@@ -141,7 +170,8 @@ class Batcher:
 
     async def _start_pending(self) -> None:
         now = time.time()
-        for batch in await self.store.batches_in_state("pending"):
+        # Only the intents whose lease this node holds; another daemon submits its own.
+        for batch in await self.store.owned_batches(BatchState.PENDING):
             if batch.not_before <= now:
                 self._spawn(batch)
 
@@ -180,7 +210,12 @@ class Batcher:
         started = time.monotonic()
         # The row as it is now: the caller's copy may predate a failure that just rescheduled it.
         batch = await self.store.batch(listed.id)
-        if batch is None or batch.state != "pending" or batch.not_before > time.time():
+        if (
+            batch is None
+            or batch.state != BatchState.PENDING
+            or batch.owner != self.store.node
+            or batch.not_before > time.time()
+        ):
             return
         metadata = {"batchd_batch": str(batch.id), "batchd_instance": self._instance}
         path = self.workdir / f"batch-{batch.id}.jsonl"

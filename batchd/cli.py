@@ -1,4 +1,4 @@
-"""The command line: `batchd run | submit | status | emulator | demo`.
+"""The command line: `batchd run | submit | status | report | results | redeliver | migrate | …`.
 
 An operator's mistake never ends in a Python traceback: every command reports it in one line on
 stderr (`batchd COMMAND: what went wrong`) and exits with a sysexits status (see batchd/exits.py):
@@ -24,7 +24,6 @@ from . import __version__
 from .exits import (
     EX_CONFIG,
     EX_IOERR,
-    EX_NOINPUT,
     EX_USAGE,
     OperatorError,
     creating_status,
@@ -152,19 +151,49 @@ def cmd_results(args: argparse.Namespace) -> int:
 
 
 def cmd_redeliver(args: argparse.Namespace) -> int:
-    from .store import Store
+    from .status import existing_store, no_store
 
     settings = _settings(args)
 
     async def flag() -> int | None:
         # It writes, so read-write; but it never creates or migrates a database.
-        async with Store.existing(settings.daemon.database_path, writable=True) as store:
+        async with existing_store(settings, writable=True) as store:
             return None if store is None else await store.request_redelivery(args.sink)
 
     count = run_loop(flag())
     if count is None:
-        raise OperatorError(f"no database at {settings.daemon.database_path}", EX_NOINPUT)
+        raise no_store(settings)
     print(f"{count} parked results will be delivered again by the running daemon")
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from .status import store_url
+    from .store import open_store
+
+    settings = _settings(args)
+    url = store_url(settings)
+    if url.path is not None:
+        try:
+            url.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OperatorError(
+                f"cannot create the directory of {url.path}: {reason(exc)}", creating_status(exc)
+            ) from None
+
+    async def migrate() -> tuple[int, int]:
+        store = open_store(settings.store_url, settings.node_id(create=False) or "")
+        try:
+            return await store.migrate()
+        finally:
+            await store.close()
+
+    before, after = run_loop(migrate())
+    where = url.redacted()
+    if before == after:
+        print(f"{where}: schema version {after}, nothing to migrate")
+    else:
+        print(f"{where}: schema version {before} -> {after}")
     return 0
 
 
@@ -258,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     redeliver = command("redeliver", "send parked results to their sink again")
     redeliver.add_argument("--sink", help="only this sink (default: all)")
     redeliver.set_defaults(handler=cmd_redeliver)
+
+    migrate = command("migrate", "apply the store's schema migrations (the daemon also does at start)")
+    migrate.set_defaults(handler=cmd_migrate)
 
     emulator = commands.add_parser("emulator", help="serve a local emulator of both batch APIs")
     from .emulator.cli import add_arguments

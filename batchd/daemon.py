@@ -1,7 +1,13 @@
 """The daemon: opens the store, recovers, runs the side tasks, and stops gracefully.
 
-Side tasks: the spool watcher, the batcher, the pollers, the sinks and the watchdog. If any of
-them dies, the daemon stops (and systemd restarts it) instead of limping on. Signal handlers only
+Side tasks: the spool watcher, the batcher, the pollers, the sinks, the leases and the watchdog. If
+any of them dies, the daemon stops (and systemd restarts it) instead of limping on.
+
+Leases (several daemons on one PostgreSQL store): each live batch is submitted, polled and
+collected only by the node holding its lease. The lease task renews this node's leases every
+lease/3 seconds and takes over expired ones (a dead node's batches) every lease/2 seconds. A node
+that cannot renew for most of its lease stops (the lease task raises) before another node may
+take its batches, so two nodes never work one batch: that is the fencing. Signal handlers only
 set a flag; a second signal forces an immediate exit. systemd is told READY=1 once the database is
 open and the spool rescanned, WATCHDOG=1 from the event loop itself, and STOPPING=1 when a
 graceful stop begins.
@@ -39,7 +45,9 @@ from .sinks.base import Sink
 from .sinks.outbox import OutboxSink
 from .sinks.webhook import WebhookSink
 from .spool import Spool
-from .store import Store
+from .store import open_store
+from .store.contract import LIVE_BATCH_STATES, POLLED_BATCH_STATES, BatchRow, BatchState, Store
+from .store.url import parse_store_url
 
 log = get_logger("batchd.daemon")
 
@@ -145,7 +153,9 @@ class Daemon:
         for webhook in settings.sinks:
             webhook.require_secret()  # a ConfigError (exit 78) before anything is opened, so nothing hangs
         self.crashpoints = crashpoints or CrashPoints()
-        self.store = Store(settings.daemon.database_path)
+        self.store_url = parse_store_url(settings.store_url)
+        # The node id lives in the state directory, which the preflight creates; until then a placeholder.
+        self.store: Store = open_store(settings.store_url, settings.store.node or "")
         self.workdir = settings.daemon.state_dir / "work"
         self.providers = ProviderPool(settings.providers)
         self.stopping = asyncio.Event()
@@ -155,7 +165,15 @@ class Daemon:
         if settings.outbox.enabled:
             sinks.append(OutboxSink(self.store, settings.daemon.spool_dir / "out", self.crashpoints))
         self.sinks = SinkRunner(self.store, sinks)
-        self.batcher = Batcher(settings, self.store, self.providers, self.workdir, self._on_submitted, self.crashpoints)
+        self.batcher = Batcher(
+            settings,
+            self.store,
+            self.providers,
+            self.workdir,
+            self._on_submitted,
+            self.crashpoints,
+            intake_busy=lambda: self.spool.busy,
+        )
         self.pollers = Pollers(
             settings,
             self.store,
@@ -169,12 +187,64 @@ class Daemon:
         self.spool = Spool(settings, self.store, on_ingest=self._on_ingest, crashpoints=self.crashpoints)
         self.lock = StateLock(settings.daemon.state_dir)
 
+    async def _leases(self) -> None:
+        """Renew this node's leases every lease/3 s; take over expired ones every lease/2 s.
+
+        Fencing: a renewal that keeps failing raises before the last renewed lease runs out, which
+        stops the daemon (supervised task), so no other node ever takes a batch this one still works.
+        """
+        lease = self.settings.store.lease
+        renew_every, take_every = lease / 3, lease / 2
+        renewed_at = time.monotonic()
+        next_take = time.monotonic() + take_every
+        while not self.stopping.is_set():
+            await wait_any(min(renew_every, max(next_take - time.monotonic(), 0.0)), self.stopping)
+            if self.stopping.is_set():
+                return
+            now = time.monotonic()
+            if now - renewed_at >= renew_every * 0.99:
+                try:
+                    await self.store.renew_leases(lease, time.time())
+                    renewed_at = time.monotonic()
+                    owned = {b.id for b in await self.store.owned_batches(*LIVE_BATCH_STATES)}
+                except Exception as exc:
+                    log.error("lease.renew_failed", error=str(exc), since=round(now - renewed_at, 1))
+                    if time.monotonic() + renew_every >= renewed_at + lease:
+                        raise RuntimeError(f"leases not renewed for {now - renewed_at:.0f} s: {exc}") from exc
+                    continue
+                # A lease taken away meanwhile (this node was too slow): stop working those batches.
+                self.pollers.keep_only(owned)
+                self.batcher.keep_only(owned)
+            if time.monotonic() >= next_take:
+                next_take = time.monotonic() + take_every
+                self._adopt(*await self._take_over(lease))
+
+    async def _take_over(self, lease: float) -> tuple[list[BatchRow], dict[int, str | None]]:
+        """Take every expired lease; also who held each before (take_over's rows name the new owner)."""
+        now = time.time()
+        before = {b.id: b.owner for b in await self.store.batches_in_state(*LIVE_BATCH_STATES) if b.lease_until < now}
+        if not before:
+            return [], {}
+        return await self.store.take_over(lease, now), before
+
+    def _adopt(self, taken: list[BatchRow], previous: dict[int, str | None]) -> None:
+        """Start the work of batches this node took over from a node whose lease expired."""
+        for batch in taken:
+            self._log_taken(batch, previous.get(batch.id))
+            if batch.state == BatchState.PENDING:
+                self.batcher.taken_over(batch)
+            elif batch.state in POLLED_BATCH_STATES:
+                self.pollers.start(batch.id)
+
+    def _log_taken(self, batch: BatchRow, previous: str | None) -> None:
+        log.warning("batch.taken_over", batch=batch.id, previous_owner=previous, state=str(batch.state))
+
     def _on_submitted(self, batch_id: int) -> None:
         self.pollers.start(batch_id)
 
     def _on_ingest(self) -> None:
         self.batcher.wake()
-        self.sinks.wake()
+        self.sinks.ingested()
 
     def request_stop(self, reason: str) -> None:
         if not self.stopping.is_set():
@@ -238,21 +308,40 @@ class Daemon:
         if self.workdir.exists():
             shutil.rmtree(self.workdir, ignore_errors=True)
         self.workdir.mkdir(parents=True, mode=0o700, exist_ok=True)
+        node = self._node()
+        self.store.node = node
         await self.store.open()
+        lease = self.settings.store.lease
+        # This node's own leases (a quick restart) first, then anything a dead node left behind.
+        await self.store.renew_leases(lease, time.time())
+        taken, previous = await self._take_over(lease)
         instance = await self.store.instance_id()
         for webhook in self.settings.sinks:
-            self.sinks.add(WebhookSink(self.store, webhook, instance))
+            self.sinks.add(WebhookSink(self.store, webhook, instance, lease=self.settings.store.lease))
         await self.sinks.recover()
         await self.batcher.recover()
-        taken = await self.spool.rescan()
+        for batch in taken:  # the batcher's recover and the pollers' start pick them up as this node's own
+            self._log_taken(batch, previous.get(batch.id))
+        files = await self.spool.rescan()
         log.info(
             "daemon.ready",
             spool=str(self.spool.paths.root),
-            database=str(self.store.path),
-            files_taken=taken,
+            store=self.store_url.redacted(),
+            engine=self.store_url.engine,
+            node=node,
+            files_taken=files,
             providers=sorted(self.settings.providers),
         )
         sd_notify("READY=1\nSTATUS=running")
+
+    def _node(self) -> str:
+        try:
+            node = self.settings.node_id(create=True)
+        except OSError as exc:
+            path = self.settings.daemon.state_dir / "node-id"
+            raise OperatorError(f"cannot keep the node id in {path}: {reason(exc)}", creating_status(exc)) from None
+        assert node is not None
+        return node
 
     async def _run(self) -> int:
         started = time.monotonic()
@@ -270,6 +359,7 @@ class Daemon:
             asyncio.create_task(self.batcher.run(self.stopping), name="batcher"),
             asyncio.create_task(self.pollers.run(self.stopping), name="pollers"),
             asyncio.create_task(self.sinks.run(self.stopping), name="sinks"),
+            asyncio.create_task(self._leases(), name="leases"),
             asyncio.create_task(self._watchdog(), name="watchdog"),
         }
         stop_waiter = asyncio.create_task(self.stopping.wait(), name="stop-waiter")
@@ -291,6 +381,9 @@ class Daemon:
         if not pending:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.sinks.drain(), timeout=max(self.settings.daemon.graceful_timeout / 2, 1))
+        # Nothing of this node works a batch any more: another node may take them at once, not after the lease.
+        with contextlib.suppress(Exception):
+            await self.store.release_leases()
         await self.providers.close()
         await self.store.close()
         stop_waiter.cancel()

@@ -1,4 +1,5 @@
-"""Pure policy functions of the batch life cycle: retry backoff, deadlines, where a key may go.
+"""Pure policy functions of the batch life cycle: retry backoff, deadlines, where a key may go,
+what each provider outcome becomes (a result line with its cost, or a retry), and token-limit holds.
 
 Nothing here does I/O or reads a clock, so every rule is unit-tested on its own; the store only
 records what these decide.
@@ -7,7 +8,15 @@ records what these decide.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 from urllib.parse import urlsplit
+
+import orjson
+
+from .formats import Outcome, Status, item_id_from_custom_id, result_line
+from .pricing import UNPRICED, Cost
+from .store.contract import BatchRow, FinalResult, Retry, SubmittedItem
 
 
 def retry_delay(attempt: int, base: float, ceiling: float, rng: random.Random | None = None) -> float:
@@ -35,3 +44,116 @@ def same_host(base_url: str | None, url: str, default_base: str) -> bool:
     trusted = urlsplit(base_url or default_base).hostname
     target = urlsplit(url).hostname
     return bool(trusted) and bool(target) and (trusted or "").lower() == (target or "").lower()
+
+
+# -- outcomes: what the store records for each answered (or unanswered) request ---------------
+
+RetryAt = float | Callable[[int], float]
+CostOf = Callable[[dict[str, int] | None], Cost | None]
+
+
+def index_outcomes(outcomes: Iterable[Outcome], instance: str) -> tuple[dict[int, Outcome], int]:
+    """Provider outcomes by local item id, and how many name an id another database sent (ignored).
+
+    The last outcome of an item wins, as the old Store.apply_outcomes did.
+    """
+    by_item: dict[int, Outcome] = {}
+    foreign = 0
+    for outcome in outcomes:
+        item_id = item_id_from_custom_id(outcome.provider_custom_id, instance)
+        if item_id is None:
+            foreign += 1
+        else:
+            by_item[item_id] = outcome
+    return by_item, foreign
+
+
+def decide(
+    batch: BatchRow,
+    items: Sequence[SubmittedItem],
+    outcomes_by_item: Mapping[int, Outcome],
+    *,
+    max_attempts: int,
+    retry_at: RetryAt,
+    cost_of: CostOf | None = None,
+    instance: str = "",
+) -> tuple[list[FinalResult], list[Retry], int]:
+    """(finals, retries, ignored) for the outcomes of `items`, the batch's items still waiting.
+
+    A retryable outcome of an item with attempts left goes back to the queue at `retry_at` (a time,
+    or a function of the attempts made: its own backoff); anything else is final, with its result
+    line composed here (formats.result_line) and its cost priced by `cost_of` (usage without a
+    price is marked unpriced). Outcomes of items not among `items` (already decided, or no longer
+    in this batch) are counted as ignored. `instance` is accepted for symmetry with
+    index_outcomes; the items are already this database's.
+    """
+    del instance  # the ids were resolved by index_outcomes
+    finals: list[FinalResult] = []
+    retries: list[Retry] = []
+    waiting = {item.id for item in items}
+    ignored = sum(1 for item_id in outcomes_by_item if item_id not in waiting)
+    for item in items:
+        outcome = outcomes_by_item.get(item.id)
+        if outcome is None:
+            continue
+        if outcome.retryable and item.attempts < max_attempts:
+            error = orjson.dumps(outcome.error).decode() if outcome.error else outcome.status
+            not_before = retry_at(item.attempts) if callable(retry_at) else retry_at
+            retries.append(Retry(item.id, not_before, error))
+            continue
+        usage = outcome.usage or {}
+        cost = cost_of(outcome.usage) if cost_of is not None and outcome.usage else None
+        cost_json = cost.as_json() if cost else (UNPRICED if outcome.usage else None)
+        payload = result_line(
+            custom_id=item.custom_id,
+            status=outcome.status,
+            line=item.line,
+            response=outcome.response,
+            error=outcome.error,
+            provider=batch.profile,
+            model=batch.model,
+            batch_id=batch.remote_id,
+            usage=outcome.usage,
+            cost=cost_json,
+        )
+        finals.append(
+            FinalResult(
+                item_id=item.id,
+                file_id=item.file_id,
+                line=item.line,
+                status=outcome.status,
+                payload=payload,
+                input_tokens=usage.get("input_tokens"),
+                output_tokens=usage.get("output_tokens"),
+                cached_input_tokens=usage.get("cached_input_tokens"),
+                cache_creation_input_tokens=usage.get("cache_creation_input_tokens"),
+                cost_batch=cost.batch if cost else None,
+                cost_realtime=cost.realtime if cost else None,
+            )
+        )
+    return finals, retries, ignored
+
+
+def unanswered(
+    items: Iterable[SubmittedItem], status: Status, error: Any, retryable: bool = True
+) -> dict[int, Outcome]:
+    """The outcome each item of an ended batch gets when no result line mentioned it.
+
+    Retryable by default (decide() requeues it while attempts remain); not retryable when the
+    provider has lost output it had finished (it ends as `status` at once).
+    """
+    return {item.id: Outcome(item.custom_id, status, None, error, None, retryable=retryable) for item in items}
+
+
+def refund_error(status: Status, error: Any) -> str:
+    """The last_error recorded on items given back to the queue with their attempt refunded."""
+    return orjson.dumps(error).decode() if error else status
+
+
+def hold_pause(failures: int, base: float, ceiling: float) -> float:
+    """Seconds to hold back a (profile, model) after its `failures`-th consecutive token-limit failure.
+
+    Doubles per consecutive failure (base, 2·base, 4·base, …) up to `ceiling`.
+    """
+    exponent = min(max(failures - 1, 0), 62)
+    return float(min(base * float(2**exponent), ceiling))

@@ -19,13 +19,13 @@ from pathlib import Path
 
 from .aio import wait_any
 from .crashpoints import CrashPoints
-from .formats import Outcome, owned_by, provider_custom_id
+from .formats import Outcome, Status, owned_by
 from .logs import get_logger
-from .policy import overdue, retry_delay
+from .policy import CostOf, RetryAt, decide, hold_pause, index_outcomes, overdue, refund_error, retry_delay, unanswered
 from .providers import ProviderError, ProviderPool
 from .providers.base import RemoteBatch, ResultsReport, backoff
 from .settings import Settings
-from .store import POLLED_BATCH_STATES, ApplySummary, BatchRow, BatchState, Store
+from .store.contract import POLLED_BATCH_STATES, ApplySummary, BatchRow, BatchState, Fate, Store
 
 log = get_logger("batchd.poller")
 
@@ -33,6 +33,8 @@ TOKEN_LIMIT = "token_limit_exceeded"
 HOLD_BASE = 60.0
 # Consecutive 404s on retrieve before a batch counts as gone.
 VANISHED_AFTER = 2
+# Items decided per store transaction when a whole batch is requeued or ended (short transactions).
+DECIDE_CHUNK = 2000
 
 
 def output_lost(kind: str, remote: RemoteBatch, unavailable: set[str]) -> bool:
@@ -89,6 +91,13 @@ class Pollers:
             self.failure = task.exception()
             self._failed.set()
 
+    def keep_only(self, owned: set[int]) -> None:
+        """Stop polling batches whose lease this node no longer holds (another node took them over)."""
+        for batch_id, task in list(self._tasks.items()):
+            if batch_id not in owned:
+                log.warning("batch.lease_lost", batch=batch_id)
+                task.cancel()
+
     @property
     def live(self) -> int:
         return len(self._tasks)
@@ -96,7 +105,8 @@ class Pollers:
     async def run(self, stopping: asyncio.Event) -> None:
         self._stopping = stopping
         self._instance = await self.store.instance_id()
-        for batch in await self.store.batches_in_state(*POLLED_BATCH_STATES):
+        # Only the batches whose lease this node holds; others are another daemon's (or taken over later).
+        for batch in await self.store.owned_batches(*POLLED_BATCH_STATES):
             self.start(batch.id)
         await wait_any(float("inf"), stopping, self._failed)
         tasks = list(self._tasks.values())
@@ -229,14 +239,8 @@ class Pollers:
         if batch.state == BatchState.UNVERIFIED:
             await self._not_ours(batch, "vanished before its ownership could be proven")
             return
-        batching = self.settings.batching
-        summary = await self.store.requeue_unanswered(
-            batch,
-            "errored",
-            {"code": "batch_vanished", "message": f"batch {batch.remote_id} is gone at the provider"},
-            batching.max_attempts,
-            self._retry_at,
-            refund=False,
+        summary = await self._end_unanswered(
+            batch, "errored", {"code": "batch_vanished", "message": f"batch {batch.remote_id} is gone at the provider"}
         )
         message = f"{batch.remote_id} is gone at the provider ({error}); {summary.requeued} requests requeued"
         log.warning(
@@ -246,7 +250,7 @@ class Pollers:
             requeued=summary.requeued,
             final=summary.final,
         )
-        await self.store.finish_batch(batch.id, "vanished", message)
+        await self.store.finish_batch(batch.id, Fate.VANISHED, message)
         self._on_results()
         if summary.requeued:
             self._on_requeued()
@@ -273,10 +277,9 @@ class Pollers:
 
     async def _collect(self, batch: BatchRow, remote: RemoteBatch, unavailable: set[str]) -> None:
         started = time.monotonic()
-        batching = self.settings.batching
         provider = self.providers.get(batch.profile)
         total = ApplySummary()
-        fate: str | None = None
+        fate: Fate | None = None
         fate_error: str | None = None
         if batch.state == BatchState.UNVERIFIED:
             if not self._instance:
@@ -299,25 +302,16 @@ class Pollers:
             report = ResultsReport(unavailable=set(unavailable))
             if not unavailable:
                 async for chunk in provider.results(remote, self.workdir, report):
-                    summary = await self.store.apply_outcomes(
-                        batch, chunk, batching.max_attempts, self._retry_at, cost_of
-                    )
-                    total += summary
+                    total += await self._apply(batch, chunk, self._retry_at, cost_of)
                     self._crashpoints.reach("after-results-commit")
                     self._on_results()
             if report.unavailable and output_lost(batch.kind, remote, report.unavailable):
                 # What the provider finished is paid for: not sent again automatically (an operator may).
-                fate = "output_unavailable"
+                fate = Fate.OUTPUT_UNAVAILABLE
                 what = "refused (results_url on another host)" if report.refused else "gone at the provider"
                 fate_error = f"output of {remote.id} ({', '.join(sorted(report.unavailable))}) {what}"
-                leftover = await self.store.requeue_unanswered(
-                    batch,
-                    "errored",
-                    {"code": "output_unavailable", "message": fate_error},
-                    batching.max_attempts,
-                    self._retry_at,
-                    refund=False,
-                    retryable=False,
+                leftover = await self._end_unanswered(
+                    batch, "errored", {"code": "output_unavailable", "message": fate_error}, retryable=False
                 )
                 log.warning(
                     "batch.output_unavailable",
@@ -328,19 +322,16 @@ class Pollers:
                     errored=leftover.final,
                 )
             else:
-                leftover = await self.store.requeue_unanswered(
+                leftover = await self._end_unanswered(
                     batch,
                     remote.unanswered_status,
                     {"message": f"no result for this request in batch {remote.id} ({remote.status})"},
-                    batching.max_attempts,
-                    self._retry_at,
-                    refund=False,
                 )
             total += leftover
             await self.store.release_hold(batch.profile, batch.model)
         recorded = fate is None and batch.cancel_requested_at is not None  # logged when the cancel went out
         if recorded:
-            fate, fate_error = "overdue_cancelled", f"cancelled past its window; {total.requeued} requests requeued"
+            fate, fate_error = Fate.OVERDUE_CANCELLED, f"cancelled past its window; {total.requeued} requests requeued"
         await self.store.finish_batch(batch.id, fate, fate_error, record=not recorded)
         if batch.kind == "openai" and batch.input_file_id:
             with contextlib.suppress(ProviderError):
@@ -368,32 +359,63 @@ class Pollers:
         codes = {str(error.get("code")) for error in remote.errors}
         log.warning("batch.failed", batch=batch.id, remote_id=remote.id, codes=sorted(codes), errors=remote.errors[:5])
         if TOKEN_LIMIT in codes:
-            pause = await self.store.hold_backoff(
-                batch.profile, batch.model, self._hold_base, batching.retry_backoff_max, TOKEN_LIMIT
-            )
+            # Policy decides the pause (doubling per consecutive failure); the store only records the hold.
+            failures = await self.store.hold_failures(batch.profile, batch.model) + 1
+            pause = hold_pause(failures, self._hold_base, batching.retry_backoff_max)
+            await self.store.hold(batch.profile, batch.model, time.time() + pause, failures, TOKEN_LIMIT)
             log.warning("batch.held", provider=batch.profile, model=batch.model, seconds=round(pause, 1))
-            return await self.store.requeue_unanswered(
-                batch, "errored", remote.errors[0], batching.max_attempts, now, refund=True
-            )
+            # The provider never ran them: every one goes back with its attempt given back.
+            requeued = await self.store.refund_batch(batch.id, now, refund_error("errored", remote.errors[0]))
+            return ApplySummary(requeued=requeued)
         # Errors that name a line are about that request itself; the rest of the batch goes back.
         by_line = {int(e["line"]): e for e in remote.errors if isinstance(e.get("line"), int)}
         summary = ApplySummary()
         if by_line:
             ids = await self.store.batch_item_ids(batch.id)
-            bad = [
-                Outcome(
-                    provider_custom_id(ids[line - 1], self._instance), "invalid", None, error, None, retryable=False
-                )
+            bad = {
+                ids[line - 1]: Outcome("", "invalid", None, error, None, retryable=False)
                 for line, error in by_line.items()
                 if 0 < line <= len(ids)
-            ]
-            summary = await self.store.apply_outcomes(batch, bad, batching.max_attempts, now)
-        rest = await self.store.requeue_unanswered(
-            batch,
-            "errored",
-            {"message": f"batch {remote.id} failed", "errors": remote.errors[:5]},
-            batching.max_attempts,
-            self._retry_at,
-            refund=False,
+            }
+            summary = await self._record(batch, bad, now, None)
+        rest = await self._end_unanswered(
+            batch, "errored", {"message": f"batch {remote.id} failed", "errors": remote.errors[:5]}
         )
         return summary + rest
+
+    async def _apply(
+        self, batch: BatchRow, outcomes: list[Outcome], retry_at: RetryAt, cost_of: CostOf | None
+    ) -> ApplySummary:
+        """Record one chunk of provider outcomes: policy decides, the store records in one transaction."""
+        by_item, foreign = index_outcomes(outcomes, self._instance)
+        if not by_item:
+            return ApplySummary(ignored=foreign)
+        return await self._record(batch, by_item, retry_at, cost_of) + ApplySummary(ignored=foreign)
+
+    async def _record(
+        self, batch: BatchRow, by_item: dict[int, Outcome], retry_at: RetryAt, cost_of: CostOf | None
+    ) -> ApplySummary:
+        items = await self.store.submitted_items(batch.id, list(by_item))
+        finals, retries, ignored = decide(
+            batch,
+            items,
+            by_item,
+            max_attempts=self.settings.batching.max_attempts,
+            retry_at=retry_at,
+            cost_of=cost_of,
+            instance=self._instance,
+        )
+        summary = await self.store.record_outcomes(batch.id, finals, retries)
+        return summary + ApplySummary(ignored=ignored)
+
+    async def _end_unanswered(
+        self, batch: BatchRow, status: Status, error: object, retryable: bool = True
+    ) -> ApplySummary:
+        """Items of an ended batch that no result line mentioned: retried (with their own backoff) or
+        finished as `status`, in short transactions (each chunk idempotent)."""
+        total = ApplySummary()
+        waiting = await self.store.submitted_items(batch.id)
+        for start in range(0, len(waiting), DECIDE_CHUNK):
+            chunk = waiting[start : start + DECIDE_CHUNK]
+            total += await self._record(batch, unanswered(chunk, status, error, retryable), self._retry_at, None)
+        return total

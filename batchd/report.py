@@ -19,12 +19,10 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
-from .exits import EX_NOINPUT, OperatorError
 from .formats import LineError, parse_line
 from .settings import Settings
 from .spool import LINE_OVERHEAD
-from .status import terminal
-from .store import Store
+from .status import existing_store, no_store, terminal
 
 DEFAULT_OUTPUT_TOKENS = 256
 NO_OUTPUT_ENDPOINTS = ("/v1/embeddings", "/v1/moderations")
@@ -35,7 +33,7 @@ def _money(value: float | None) -> str:
 
 
 async def build_report(settings: Settings, since_seconds: float, by: str) -> dict[str, Any] | None:
-    async with Store.existing(settings.daemon.database_path) as store:
+    async with existing_store(settings) as store:
         if store is None:
             return None
         rows = await store.report(time.time() - since_seconds, by)
@@ -75,7 +73,7 @@ def render_report(report: dict[str, Any], console: Console) -> None:
 async def run_report(settings: Settings, since_seconds: float, by: str, as_json: bool) -> int:
     report = await build_report(settings, since_seconds, by)
     if report is None:
-        raise OperatorError(f"no database at {settings.daemon.database_path}", EX_NOINPUT)
+        raise no_store(settings)
     if as_json:
         sys.stdout.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n")
     else:

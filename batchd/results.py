@@ -7,18 +7,16 @@ import sys
 import orjson
 from rich.table import Table
 
-from .exits import EX_NOINPUT, OperatorError
 from .settings import Settings
-from .status import terminal
-from .store import Store
+from .status import existing_store, no_store, terminal
 
 
 async def show_results(
     settings: Settings, file: str | None, custom_id: str | None, status: str | None, limit: int, as_json: bool
 ) -> int:
-    async with Store.existing(settings.daemon.database_path) as store:
+    async with existing_store(settings) as store:
         if store is None:
-            raise OperatorError(f"no database at {settings.daemon.database_path}", EX_NOINPUT)
+            raise no_store(settings)
         rows = await store.query_results(file, custom_id, status, limit)
     if as_json:
         sys.stdout.buffer.write(b"".join(bytes(row["payload"]) + b"\n" for row in rows))

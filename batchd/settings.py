@@ -9,6 +9,7 @@ from __future__ import annotations
 import fnmatch
 import os
 import re
+import secrets
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -77,6 +78,30 @@ class DaemonSettings(_Section):
     @property
     def database_path(self) -> Path:
         return self.state_dir / "batchd.sqlite3"
+
+
+NODE_ID_FILE = "node-id"
+
+
+class StoreSettings(_Section):
+    """`[store]`: which database holds the queue, who this daemon is in it, and how long its leases last.
+
+    `url` follows the SQLAlchemy convention: sqlite:////ABSOLUTE/PATH.sqlite3 (the default, beside
+    the state directory) or postgresql://user@host:port/db (several daemons sharing one queue).
+    """
+
+    url: str | None = None  # None: "sqlite:///" + daemon.state_dir/batchd.sqlite3
+    node: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")  # None: state_dir/node-id
+    lease: Duration = Field(default=30.0, gt=0, le=60.0)
+
+    @field_validator("url")
+    @classmethod
+    def _parsable(cls, value: str | None) -> str | None:
+        if value is not None:
+            from .store.url import parse_store_url
+
+            parse_store_url(value)  # a ValueError names what is wrong
+        return value
 
 
 class BatchingSettings(_Section):
@@ -218,6 +243,7 @@ class Settings(BaseSettings):
     batching: BatchingSettings = Field(default_factory=BatchingSettings)
     providers: dict[str, ProviderProfile] = Field(default_factory=_default_providers)
     routes: list[Route] = Field(default_factory=list)
+    store: StoreSettings = Field(default_factory=StoreSettings)
     outbox: OutboxSettings = Field(default_factory=OutboxSettings)
     sinks: list[WebhookSink] = Field(default_factory=list)
     prices: dict[str, ModelPrice] = Field(default_factory=dict)
@@ -263,6 +289,42 @@ class Settings(BaseSettings):
             if profile.kind == kind:
                 return name
         return None
+
+    @property
+    def store_url(self) -> str:
+        """`[store] url`, or the SQLite database in the state directory (daemon.database_path)."""
+        return self.store.url or "sqlite:///" + str(self.daemon.database_path.absolute())
+
+    def node_id(self, create: bool = False) -> str | None:
+        """`[store] node`, else the id kept in STATE_DIR/node-id (made once, 0600, when `create`).
+
+        None when there is none yet and `create` is false (a read-only command before the first start).
+        """
+        if self.store.node:
+            return self.store.node
+        path = self.daemon.state_dir / NODE_ID_FILE
+        try:
+            text = path.read_text().strip()
+        except FileNotFoundError:
+            text = ""
+        except OSError:
+            if create:
+                raise
+            return None  # a reader that may not read the daemon's state directory: only "this node" is unknown
+        if text:
+            return text
+        if not create:
+            return None
+        node = secrets.token_hex(6)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            return path.read_text().strip() or node  # made concurrently: theirs wins
+        with os.fdopen(fd, "w") as handle:
+            handle.write(node + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        return node
 
     def price_table(self) -> PriceTable:
         return PriceTable(self.prices)

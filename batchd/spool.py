@@ -14,9 +14,12 @@ leaves new/ only while its name still refers to that inode. Everything written o
 done/, rejected/ and out/ goes through directory descriptors opened with `O_NOFOLLOW`, with
 `O_EXCL` creates and renames that never replace.
 
-A file is ingested in one SQLite transaction and is known by (name, content hash, inode, moved
-out of new/): a crash before the move re-reads the same inode idempotently; the same name and
-content dropped again later is new work with its own results name.
+A file is ingested in chunks of a bounded number of lines and bytes, each one store transaction
+(so no other task waits behind a whole file), and is known by (name, content hash, inode, moved
+out of new/): a restart resumes the same inode after its last committed line, and a crash before
+the move re-reads nothing; the same name and content dropped again later is new work with its own
+results name. A custom_id seen earlier in the file (in this chunk or a committed one) makes the
+later line an invalid result: the first one wins.
 """
 
 from __future__ import annotations
@@ -44,11 +47,12 @@ from .crashpoints import CrashPoints
 from .formats import LineError, invalid_result, parse_line
 from .logs import get_logger
 from .settings import Settings
-from .store import NewItem, NewResult, Store
+from .store.contract import Chunk, FileKey, FileRow, FileState, Intake, NewItem, NewResult
 
 SUBDIRS = ("tmp", "new", "done", "rejected", "out")
-# A chunk of one file's lines, parsed then written to SQLite: bounded by lines and by bytes, so
-# memory stays bounded whatever the lines look like (at least one line per chunk, however big).
+# A chunk of one file's lines, parsed then committed in one store transaction: bounded by lines and
+# by bytes, so memory and transactions stay short whatever the lines look like (at least one line
+# per chunk, however big).
 CHUNK_LINES = 2000
 CHUNK_BYTES = 8 << 20
 # Bytes around each request in a provider batch (custom_id, method, url, separators).
@@ -228,12 +232,16 @@ def _variants(name: str) -> Iterator[str]:
     yield f"{stem}.{secrets.token_hex(6)}{suffix}"
 
 
-def _read_lines(handle: IO[bytes], max_bytes: int, digest: Any = None) -> Iterator[tuple[int, bytes | None, int]]:
-    """(line number, content without newline or None when over max_bytes, length) for each line.
+def _read_lines(
+    handle: IO[bytes], max_bytes: int, digest: Any = None, first: int = 1, offset: int = 0
+) -> Iterator[tuple[int, bytes | None, int, int]]:
+    """(line number, content without newline or None when over max_bytes, length, end offset) per line.
 
-    Every byte read goes into `digest` (when given), so the caller can prove it parsed what it hashed.
+    Reading starts at line `first`, at byte `offset` (where the handle is); the end offset is the
+    byte offset just after the line. Every byte read goes into `digest` (when given), so the caller
+    can prove it parsed what it hashed.
     """
-    number = 0
+    number = first - 1
     while True:
         raw = handle.readline(max_bytes + 2)
         if not raw:
@@ -241,6 +249,7 @@ def _read_lines(handle: IO[bytes], max_bytes: int, digest: Any = None) -> Iterat
         if digest is not None:
             digest.update(raw)
         number += 1
+        offset += len(raw)
         if number == 1 and raw.startswith(BOM):  # files written on Windows often start with one
             raw = raw[len(BOM) :]
         if len(raw) > max_bytes + 1:  # more than max_bytes before the newline
@@ -254,14 +263,15 @@ def _read_lines(handle: IO[bytes], max_bytes: int, digest: Any = None) -> Iterat
                 if digest is not None:
                     digest.update(piece)
                 length += len(piece)
+                offset += len(piece)
                 if piece.endswith(b"\n"):
                     break
-            yield number, None, length
+            yield number, None, length, offset
             continue
         content = raw[:-1] if raw.endswith(b"\n") else raw
         if content.endswith(b"\r"):
             content = content[:-1]
-        yield number, content, len(raw)
+        yield number, content, len(raw), offset
 
 
 def _sha256_fd(fd: int) -> tuple[str, int]:
@@ -274,10 +284,27 @@ def _sha256_fd(fd: int) -> tuple[str, int]:
     return digest.hexdigest(), offset
 
 
-def _reader(fd: int) -> IO[bytes]:
-    """A buffered reader from the start of `fd`, which it leaves open."""
-    os.lseek(fd, 0, os.SEEK_SET)
+def _reader(fd: int, offset: int = 0) -> IO[bytes]:
+    """A buffered reader of `fd` from `offset`, which it leaves open."""
+    os.lseek(fd, offset, os.SEEK_SET)
     return open(fd, "rb", closefd=False)
+
+
+def _hash_prefix(fd: int, length: int, digest: Any) -> None:
+    """Feed the first `length` bytes of `fd` (already committed lines) into `digest`, with pread."""
+    offset = 0
+    while offset < length:
+        block = os.pread(fd, min(1 << 20, length - offset), offset)
+        if not block:
+            raise _FileChanged("shorter than its committed lines")
+        digest.update(block)
+        offset += len(block)
+
+
+def _unchanged(fd: int, info: os.stat_result) -> bool:
+    """Whether the open file still has the size and modification time it had when it was taken."""
+    now = os.fstat(fd)
+    return (now.st_size, now.st_mtime_ns) == (info.st_size, info.st_mtime_ns)
 
 
 def _out_taken(out_fd: int, out_name: str) -> bool:
@@ -288,7 +315,7 @@ class Spool:
     """Watches new/ and ingests each file into the store."""
 
     def __init__(
-        self, settings: Settings, store: Store, on_ingest: Callable[[], None], crashpoints: CrashPoints | None = None
+        self, settings: Settings, store: Intake, on_ingest: Callable[[], None], crashpoints: CrashPoints | None = None
     ) -> None:
         self.settings = settings
         self._crashpoints = crashpoints or CrashPoints("")
@@ -299,6 +326,8 @@ class Spool:
         self._waiting: dict[str, float] = {}
         self._stuck: set[tuple[str, int]] = set()  # entries that could not be moved to rejected/
         self._routes: dict[tuple[str, str], str | None] = {}  # (kind, model) -> profile, per settings
+        # True while a file is being committed chunk by chunk (the batcher holds back partial groups).
+        self.busy = False
 
     def wake(self) -> None:
         self._wake.set()
@@ -503,7 +532,7 @@ class Spool:
         return time.time() - info.st_mtime >= self.settings.daemon.settle_time
 
     async def ingest(self, name: str) -> IngestReport | None:
-        """Ingest new/NAME in one transaction and move it to done/ (None if it was not taken)."""
+        """Ingest new/NAME (chunk by chunk) and move it to done/ (None if it was not taken)."""
         with _Dirs(self.paths.root) as dirs:
             fd, info = safefs.open_regular(dirs.fd("new"), name)
             try:
@@ -516,33 +545,31 @@ class Spool:
         started = time.monotonic()
         sha256, size = await asyncio.to_thread(_sha256_fd, fd)
         report = IngestReport(name)
-        known = await self.store.file_known(name, sha256, info.st_dev, info.st_ino)
-        if known is not None:
+        key = FileKey(name, sha256, size, info.st_dev, info.st_ino)
+        row = await self.store.find_file(key)
+        if row is not None and row.state != FileState.INGESTING:
             # This very file was ingested before a crash and never left new/.
-            file_id, report.out_name = known
-            log.info("spool.already_ingested", file=name, results=report.out_name)
+            log.info("spool.already_ingested", file=name, results=row.out_name)
         else:
-            log.info("spool.ingesting", file=name, bytes=size)
-            out = dirs.fd("out")
-            async with self.store.ingest(
-                name, sha256, size, info.st_dev, info.st_ino, out_taken=lambda out_name: _out_taken(out, out_name)
-            ) as ingest:
-                digest = hashlib.sha256()
-                with _reader(fd) as handle:
-                    lines = _read_lines(handle, self.settings.max_line_bytes, digest)
-                    while True:
-                        items, invalid, count = self._parse_chunk(lines)
-                        if not count:
-                            break
-                        await ingest.add(items, invalid, count)
-                        self._crashpoints.reach("mid-ingest")
-                if digest.hexdigest() != sha256:
+            if row is None:
+                if size != info.st_size or not _unchanged(fd, info):
                     raise _FileChanged(name)
-            file_id = ingest.file_id
-            report.lines, report.queued, report.invalid = ingest.lines, ingest.queued, ingest.invalid
-            report.out_name = ingest.out_name
-            if report.out_name != name[: -len(".jsonl")] + RESULTS_SUFFIX:
-                log.info("spool.results_renamed", file=name, results=report.out_name)
+                out = dirs.fd("out")
+                row = await self.store.begin_file(key, out_taken=lambda out_name: _out_taken(out, out_name))
+                log.info("spool.ingesting", file=name, bytes=size)
+                if row.out_name != name[: -len(".jsonl")] + RESULTS_SUFFIX:
+                    log.info("spool.results_renamed", file=name, results=row.out_name)
+            else:
+                # Chunks of this very file were committed before a crash: go on after the last one.
+                log.info("spool.resuming", file=name, line=row.lines_committed + 1, offset=row.offset_committed)
+            self.busy = True
+            try:
+                finished, report.lines = await self._ingest_chunks(fd, info, row, sha256, report)
+            finally:
+                self.busy = False
+            if not finished:
+                return await self._changed_mid_ingest(dirs, name, info, row, report)
+        report.out_name = row.out_name
         preferred = report.out_name[: -len(RESULTS_SUFFIX)] + ".jsonl"
         moved = self._move_out(dirs, name, info, "done", preferred)
         if moved is None:
@@ -550,7 +577,7 @@ class Spool:
             log.warning("spool.replaced_during_ingest", file=name)
             self._wake.set()
         else:
-            await self.store.file_moved(file_id)
+            await self.store.file_moved(row.id)
         report.seconds = round(time.monotonic() - started, 3)
         if report.lines:
             log.info(
@@ -565,16 +592,89 @@ class Spool:
             )
         return report
 
-    def _parse_chunk(
-        self, lines: Iterator[tuple[int, bytes | None, int]]
-    ) -> tuple[list[NewItem], list[NewResult], int]:
+    async def _ingest_chunks(
+        self, fd: int, info: os.stat_result, row: FileRow, sha256: str, report: IngestReport
+    ) -> tuple[bool, int]:
+        """Commit the file's lines after row.lines_committed chunk by chunk, then finish it.
+
+        Returns (finished, lines committed): not finished when the file changed while it was read
+        (nothing more is committed then).
+        """
+        digest = hashlib.sha256()
+        # What was committed before is hashed too, so the digest still proves the whole file was what we hashed.
+        await asyncio.to_thread(_hash_prefix, fd, row.offset_committed, digest)
+        last_line = row.lines_committed
+        with _reader(fd, row.offset_committed) as handle:
+            lines = _read_lines(
+                handle, self.settings.max_line_bytes, digest, row.lines_committed + 1, row.offset_committed
+            )
+            while (chunk := self._parse_chunk(lines)) is not None:
+                chunk = await self._dedupe(row.id, chunk)
+                if not _unchanged(fd, info):
+                    return False, last_line
+                if await self.store.add_chunk(row.id, chunk):
+                    report.queued += len(chunk.items)
+                    report.invalid += len(chunk.invalid)
+                last_line = chunk.last_line
+                self._crashpoints.reach("mid-ingest")
+        if digest.hexdigest() != sha256:
+            return False, last_line
+        await self.store.finish_file(row.id, last_line)
+        return True, last_line
+
+    async def _dedupe(self, file_id: int, chunk: Chunk) -> Chunk:
+        """Later lines with a custom_id already seen in this file (this chunk or a committed one) become invalid."""
+        if not chunk.items:
+            return chunk
+        seen = await self.store.seen_custom_ids(file_id, {item.custom_id for item in chunk.items})
+        items: list[NewItem] = []
+        duplicates: list[NewResult] = []
+        for item in chunk.items:
+            if item.custom_id in seen:
+                message = f"duplicate custom_id {item.custom_id!r} in this file"
+                duplicates.append(NewResult(item.line, "invalid", invalid_result(item.custom_id, item.line, message)))
+            else:
+                seen.add(item.custom_id)
+                items.append(item)
+        if not duplicates:
+            return chunk
+        invalid = sorted([*chunk.invalid, *duplicates], key=lambda result: result.line)
+        return Chunk(chunk.first_line, chunk.last_line, chunk.end_offset, items, invalid)
+
+    async def _changed_mid_ingest(
+        self, dirs: _Dirs, name: str, info: os.stat_result, row: FileRow, report: IngestReport
+    ) -> IngestReport:
+        """The file changed after some of its lines were committed: a writer still at work in new/.
+
+        What is committed stays (its results go to out/ as usual) and the file ends there: it is
+        finished with the lines committed and moved to rejected/ with a report naming the first line
+        not taken, so nothing is lost silently and nothing is queued twice.
+        """
+        committed = report.lines
+        await self.store.finish_file(row.id, committed)
+        log.error("spool.changed_during_ingest", file=name, lines_committed=committed, results=row.out_name)
+        reason = (
+            f"the file changed while it was being ingested (write files in tmp/ and rename them into new/):"
+            f" lines 1-{committed} were taken (results in out/{row.out_name}), line {committed + 1} and after were not"
+        )
+        if self._reject(dirs, name, info, reason):
+            await self.store.file_moved(row.id)
+        report.out_name = row.out_name
+        return report
+
+    def _parse_chunk(self, lines: Iterator[tuple[int, bytes | None, int, int]]) -> Chunk | None:
+        """The next chunk of lines, bounded by CHUNK_LINES and CHUNK_BYTES (at least one line); None at the end."""
         items: list[NewItem] = []
         invalid: list[NewResult] = []
         count = 0
         size = 0
-        for number, content, length in lines:
+        first = last = end = 0
+        for number, content, length, offset in lines:
+            if not count:
+                first = number
             count += 1
             size += length
+            last, end = number, offset
             try:
                 items.append(self._item(number, content, length))
             except LineError as exc:
@@ -582,7 +682,9 @@ class Spool:
                 invalid.append(NewResult(number, "invalid", invalid_result(custom_id, number, str(exc))))
             if count >= CHUNK_LINES or size >= CHUNK_BYTES:
                 break
-        return items, invalid, count
+        if not count:
+            return None
+        return Chunk(first, last, end, items, invalid)
 
     def _item(self, number: int, content: bytes | None, length: int) -> NewItem:
         if content is None:

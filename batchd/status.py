@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -14,9 +17,11 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from .exits import EX_NOINPUT, OperatorError
+from .exits import EX_CONFIG, EX_NOINPUT, EX_NOPERM, OperatorError
 from .settings import Settings
-from .store import Store
+from .store import open_store
+from .store.contract import LIVE_BATCH_STATES, Store
+from .store.url import StoreURL, parse_store_url
 
 
 def terminal() -> Console:
@@ -24,10 +29,68 @@ def terminal() -> Console:
     return Console(width=None if sys.stdout.isatty() else 160)
 
 
+def store_url(settings: Settings) -> StoreURL:
+    try:
+        return parse_store_url(settings.store_url)
+    except ValueError as exc:
+        raise OperatorError(f"[store] url: {exc}", EX_CONFIG) from None
+
+
+def no_store(settings: Settings) -> OperatorError:
+    """What a command says when the daemon has not created its database yet."""
+    return OperatorError(f"no database at {store_url(settings).redacted()}", EX_NOINPUT)
+
+
+@asynccontextmanager
+async def existing_store(settings: Settings, writable: bool = False) -> AsyncIterator[Store | None]:
+    """For commands beside the daemon: the store if a daemon has created it, else None.
+
+    Never creates or migrates it: read-only unless `writable` (for `batchd redeliver`). A schema
+    other than this code's, or a database the caller may not read, is an `OperatorError`.
+    """
+    url = store_url(settings)
+    if url.path is not None:
+        try:
+            os.stat(url.path)
+        except (FileNotFoundError, NotADirectoryError):
+            yield None
+            return
+        except PermissionError:
+            raise OperatorError(f"cannot reach the database {url.path}: permission denied", EX_NOPERM) from None
+    store = open_store(settings.store_url, settings.node_id(create=False) or "", readonly=not writable)
+    await store.open_existing(writable)
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
 async def snapshot(settings: Settings) -> dict[str, Any] | None:
     """The store's status snapshot, or None when there is no database yet (read-only: never creates it)."""
-    async with Store.existing(settings.daemon.database_path) as store:
-        return None if store is None else await store.status()
+    async with existing_store(settings) as store:
+        if store is None:
+            return None
+        data = await store.status()
+        live = await store.batches_in_state(*LIVE_BATCH_STATES)
+    url = store_url(settings)
+    this_node = settings.node_id(create=False)
+    data["store"] = {"engine": url.engine, "url": url.redacted(), "node": this_node}
+    owners: dict[str, list[int]] = {}
+    leases = {batch.id: (batch.owner, batch.lease_until) for batch in live}
+    for batch in live:
+        if batch.owner:
+            owners.setdefault(batch.owner, []).append(batch.id)
+    for row in data.get("batches", []):
+        row["owner"], row["lease_until"] = leases.get(row["id"], (None, 0.0))
+    # The engine may list every node with its heartbeat; else the nodes that own something (and this one).
+    nodes = data.get("nodes")
+    if not isinstance(nodes, list):
+        names = sorted({*owners, *([this_node] if this_node else [])})
+        nodes = [{"node": name} for name in names]
+    for node in nodes:
+        node["batches"] = owners.get(str(node.get("node")), [])
+    data["nodes"] = nodes
+    return data
 
 
 def _when(timestamp: float | None) -> str:
@@ -78,7 +141,15 @@ def view(data: dict[str, Any]) -> Group:
             _when(batch["created_at"]),
             (batch["last_error"] or "")[:60],
         )
-    lines: list[Any] = [queue, batches]
+    lines: list[Any] = []
+    store = data.get("store")
+    if store:
+        lines.append(Text(f"Store: {store['engine']} {store['url']} (this node: {store.get('node') or 'none yet'})"))
+    for node in data.get("nodes", []):
+        owned = ", ".join(str(b) for b in node.get("batches", [])) or "no live batches"
+        seen = f", last seen {_when(node['heartbeat_at'])}" if node.get("heartbeat_at") else ""
+        lines.append(Text(f"Node {node.get('node')}: {owned}{seen}"))
+    lines += [queue, batches]
     results = ", ".join(f"{k}={v}" for k, v in sorted(data["results"].items())) or "none yet"
     lines.append(Text(f"Results: {results}"))
     for sink in data.get("sinks", []):
@@ -113,7 +184,7 @@ async def watch_status(settings: Settings, interval: float, count: int | None) -
 async def render_status(settings: Settings, as_json: bool = False) -> int:
     data = await snapshot(settings)
     if data is None:
-        raise OperatorError(f"no database at {settings.daemon.database_path}", EX_NOINPUT)
+        raise no_store(settings)
     if as_json:
         sys.stdout.write(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() + "\n")
     else:

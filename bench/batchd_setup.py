@@ -16,7 +16,8 @@ from pydantic import SecretStr
 from batchd.logs import configure_logging
 from batchd.settings import BatchingSettings, DaemonSettings, ProviderProfile, Settings
 from batchd.spool import Spool, SpoolPaths
-from batchd.store import Store
+from batchd.store import open_store
+from batchd.store.contract import Store
 
 from .common import API_KEY_ANTHROPIC, API_KEY_OPENAI
 
@@ -63,7 +64,7 @@ async def ingest_file(settings: Settings, store: Store, source: Path, name: str 
 async def build_queued_store(root: Path, source: Path) -> Path:
     """A database with every line of `source` queued; returns its path (closed, WAL checkpointed)."""
     settings = make_settings(root)
-    store = Store(settings.daemon.database_path)
+    store = open_store("sqlite:///" + str(settings.daemon.database_path), "bench")
     await store.open()
     try:
         await ingest_file(settings, store, source)

@@ -40,14 +40,14 @@ async def batchd_side(template: str, root: str, openai_url: str) -> dict[str, An
     from batchd.providers import ProviderPool
     from batchd.sinks import SinkRunner
     from batchd.sinks.outbox import OutboxSink
-    from batchd.store import Store
+    from batchd.store import open_store
 
     from .batchd_setup import install_database, make_settings, quiet_logs
 
     quiet_logs()
     base = Path(root)
     settings = make_settings(base, openai_url)
-    store = Store(install_database(Path(template), base))
+    store = open_store("sqlite:///" + str(install_database(Path(template), base)), "bench")
     await store.open()
     workdir = base / "work"
     workdir.mkdir()
@@ -102,12 +102,12 @@ async def _completed_store(root: Path, source: Path, openai_url: str, timeout: f
     from batchd.batcher import Batcher
     from batchd.crashpoints import CrashPoints
     from batchd.providers import ProviderPool
-    from batchd.store import Store
+    from batchd.store import open_store
 
     from .batchd_setup import ingest_file, make_settings
 
     settings = make_settings(root, openai_url)
-    store = Store(settings.daemon.database_path)
+    store = open_store("sqlite:///" + str(settings.daemon.database_path), "bench")
     await store.open()
     providers = ProviderPool(settings.providers)
     try:

@@ -32,13 +32,13 @@ LINE_OVERHEAD = 96  # as batchd.spool.LINE_OVERHEAD
 
 
 async def batchd_side(source: str, root: str) -> dict[str, Any]:
-    from batchd.store import Store
+    from batchd.store import open_store
 
     from .batchd_setup import ingest_file, make_settings, quiet_logs
 
     quiet_logs()
     settings = make_settings(Path(root))
-    store = Store(settings.daemon.database_path)
+    store = open_store("sqlite:///" + str(settings.daemon.database_path), "bench")
     await store.open()
     started = time.perf_counter()
     lines = await ingest_file(settings, store, Path(source))

@@ -41,14 +41,14 @@ async def batchd_side(template: str, root: str, openai_url: str, anthropic_url: 
     from batchd.batcher import Batcher
     from batchd.crashpoints import CrashPoints
     from batchd.providers import ProviderPool
-    from batchd.store import Store
+    from batchd.store import open_store
 
     from .batchd_setup import install_database, make_settings, quiet_logs
 
     quiet_logs()
     base = Path(root)
     settings = make_settings(base, openai_url, anthropic_url)
-    store = Store(install_database(Path(template), base))
+    store = open_store("sqlite:///" + str(install_database(Path(template), base)), "bench")
     await store.open()
     workdir = base / "work"
     workdir.mkdir()

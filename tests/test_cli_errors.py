@@ -30,7 +30,7 @@ from batchd.exits import (
     EX_NOPERM,
     EX_USAGE,
 )
-from batchd.store import SCHEMA_VERSION, Store
+from batchd.store import SCHEMA_VERSION, open_store
 
 from .conftest import require_root
 from .harness import DaemonProcess, as_user, python_for, read_results, wait_for_file, write_config
@@ -99,7 +99,7 @@ def user_version(path: Path) -> int:
 
 
 async def make_database(path: Path) -> None:
-    store = Store(path)
+    store = open_store(f"sqlite:///{path}", "test-node")
     await store.open()
     await store.close()
 
@@ -214,6 +214,22 @@ async def test_a_newer_schema_is_refused_by_readers_and_by_the_daemon(tmp_path: 
     one_line_error(await asyncio.to_thread(batchd, "run", "--config", config, timeout=30), EX_DATAERR, "newer")
     assert user_version(database) == SCHEMA_VERSION + 1
     assert digest(database) == before
+
+
+def test_migrate_applies_pending_migrations_says_so_and_refuses_a_newer_schema(tmp_path: Path) -> None:
+    database = tmp_path / "state" / "batchd.sqlite3"
+    old_database(database, SCHEMA_VERSION - 1)
+    config = str(plain_config(tmp_path))
+    proc = batchd("migrate", "--config", config)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert f"schema version {SCHEMA_VERSION - 1} -> {SCHEMA_VERSION}" in proc.stdout
+    assert user_version(database) == SCHEMA_VERSION
+    again = batchd("migrate", "--config", config)
+    assert again.returncode == 0 and f"schema version {SCHEMA_VERSION}, nothing to migrate" in again.stdout
+    db = sqlite3.connect(database, isolation_level=None)
+    db.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    db.close()
+    one_line_error(batchd("migrate", "--config", config), EX_DATAERR, "newer")
 
 
 # -- 77 permission, and read-only commands on a read-only database -----------------------------------

@@ -25,10 +25,11 @@ from batchd.formats import (
     parse_custom_id,
     provider_custom_id,
 )
-from batchd.policy import overdue, retry_delay, same_host
+from batchd.policy import decide, index_outcomes, overdue, retry_delay, same_host
 from batchd.providers.base import WindowScan
 from batchd.status import snapshot
-from batchd.store import NewItem, Store
+from batchd.store import open_store
+from batchd.store.contract import Chunk, FileKey, NewItem
 
 from .conftest import make_settings, wait_until
 from .test_faults import (
@@ -119,13 +120,14 @@ def test_window_scan_stops_early_only_on_a_newest_first_list() -> None:
 async def test_retryable_failures_get_their_own_backoff_and_their_age_restarts_at_the_requeue(
     tmp_path: Path,
 ) -> None:
-    store = Store(tmp_path / "db.sqlite3")
+    store = open_store(f"sqlite:///{tmp_path / 'db.sqlite3'}", "test-node")
     await store.open()
     try:
         instance = await store.instance_id()
-        async with store.ingest("f.jsonl", "sha", 10) as ingest:
-            items = [NewItem(n, f"c{n}", "anthropic", "/v1/messages", "m", b"{}", 10) for n in range(1, 21)]
-            await ingest.add(items, [], 20)
+        row = await store.begin_file(FileKey("f.jsonl", "sha", 10, 0, 1), out_taken=lambda name: False)
+        items = [NewItem(n, f"c{n}", "anthropic", "/v1/messages", "m", b"{}", 10) for n in range(1, 21)]
+        assert await store.add_chunk(row.id, Chunk(1, 20, 200, items, []))
+        await store.finish_file(row.id, 20)
         long_ago = time.time() - 3600
         [group] = await store.queued_groups(time.time())
         batch = await store.claim_batch(group, "anthropic", 100, 10**9, long_ago)
@@ -144,8 +146,12 @@ async def test_retryable_failures_get_their_own_backoff_and_their_age_restarts_a
             attempts_seen.append(attempts)
             return requeued_at + retry_delay(attempts, 10.0, 1000.0)
 
-        summary = await store.apply_outcomes(batch, outcomes, 3, retry_at)
-        assert (summary.requeued, summary.final, summary.ignored) == (20, 0, 20)
+        # Policy decides (batchd/policy.py), the store records: as the poller does.
+        by_item, foreign = index_outcomes(outcomes, instance)
+        waiting = await store.submitted_items(batch.id, list(by_item))
+        finals, retries, ignored = decide(batch, waiting, by_item, max_attempts=3, retry_at=retry_at)
+        summary = await store.record_outcomes(batch.id, finals, retries)
+        assert (summary.requeued, summary.final, foreign + ignored + summary.ignored) == (20, 0, 20)
         assert attempts_seen == [1] * 20
         # Nothing is due at once: each request waits its own jittered backoff.
         assert await store.queued_groups(time.time()) == []

@@ -23,7 +23,7 @@ from batchd.report import build_report, estimate_file
 from batchd.settings import Settings, WebhookSink
 from batchd.sinks.webhook import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign, verify
 from batchd.spool import SpoolPaths, submit
-from batchd.store import Store
+from batchd.status import existing_store
 
 from .conftest import make_settings, wait_until
 from .harness import DaemonProcess, write_config
@@ -203,10 +203,9 @@ async def test_results_failing_past_max_age_are_parked_then_redelivered(
         await wait_until(parked, timeout=30)
         assert state.keys == []
         state.up = True
-        other = Store(settings.daemon.database_path)  # as `batchd redeliver` does, from another connection
-        await other.open()
-        assert await other.request_redelivery("crm") == 10
-        await other.close()
+        async with existing_store(settings, writable=True) as other:  # as `batchd redeliver` does
+            assert other is not None
+            assert await other.request_redelivery("crm") == 10
         await wait_until(lambda: len(state.keys) == 10, timeout=30)
 
         async def unparked() -> bool:

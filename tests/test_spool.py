@@ -16,10 +16,16 @@ from pathlib import Path
 import orjson
 import pytest
 
+from batchd import spool as spool_module
+from batchd.crashpoints import CrashPoints
 from batchd.emulator import RunningEmulator
+from batchd.formats import invalid_result
 from batchd.settings import Settings
+from batchd.sinks import SinkRunner
+from batchd.sinks.outbox import OutboxSink
 from batchd.spool import DIR_MODES, SUBDIRS, Spool, SpoolPaths, submit
-from batchd.store import Store
+from batchd.store import Store, open_store
+from batchd.store.contract import Chunk, FileKey, NewResult
 
 from .conftest import make_settings, require_root, wait_until
 from .harness import DaemonProcess, NotifySocket, open_position, write_config
@@ -30,7 +36,7 @@ from .test_acceptance import chat_line
 async def intake(tmp_path: Path) -> AsyncIterator[tuple[Spool, Store, Settings]]:
     settings = make_settings(tmp_path, None)
     settings.daemon.settle_time = 30
-    store = Store(settings.daemon.database_path)
+    store = open_store(settings.store_url, "test-node")
     await store.open()
     spool = Spool(settings, store, on_ingest=lambda: None)
     spool.paths.create()
@@ -273,7 +279,7 @@ import asyncio, sys
 from pathlib import Path
 import orjson
 from batchd.spool import Spool
-from batchd.store import Store
+from batchd.store import Store, open_store
 from tests.conftest import make_settings
 
 def peak_kb():
@@ -288,7 +294,7 @@ def wide(n):
 
 async def main(root):
     settings = make_settings(root, None)
-    store = Store(settings.daemon.database_path)
+    store = open_store(settings.store_url, "test-node")
     await store.open()
     spool = Spool(settings, store, on_ingest=lambda: None)
     spool.paths.create()
@@ -445,7 +451,7 @@ async def test_migration_005_keeps_old_rows_and_references_and_splits_shared_res
         db.execute(
             "INSERT INTO results (file_id, line, status, payload, created_at) VALUES (2, 1, 'invalid', x'00', 0)"
         )
-    store = Store(path)
+    store = open_store(f"sqlite:///{path}", "test-node")
     await store.open()
     try:
         assert db_rows(store, "SELECT id, out_name, moved_at IS NOT NULL, ino FROM files ORDER BY id") == [
@@ -458,6 +464,81 @@ async def test_migration_005_keeps_old_rows_and_references_and_splits_shared_res
         assert db_rows(store, "PRAGMA foreign_keys") == [(0,)]  # a new connection: the default
         assert (await store._fetchone("PRAGMA foreign_keys"))[0] == 1  # the store's own: back on
         # Old rows count as moved: the same name and content again is new work.
-        assert await store.file_known("a.jsonl", "h1", 0, 0) is None
+        assert await store.find_file(FileKey("a.jsonl", "h1", 1, 0, 0)) is None
     finally:
         await store.close()
+
+
+# -- chunked ingest (issue 10) ---------------------------------------------------------------------
+
+
+class _Interrupted(Exception):
+    """Stands for a crash in the middle of an ingest."""
+
+
+class _CrashAfter(CrashPoints):
+    def __init__(self, chunks: int) -> None:
+        super().__init__("")
+        self._left = chunks
+
+    def reach(self, name: str) -> None:
+        if name == "mid-ingest":
+            self._left -= 1
+            if self._left == 0:
+                raise _Interrupted
+
+
+def lines_of_file(store_path: Path) -> list[int]:
+    """Every line number the store holds for its files, as queued items or as results (never both)."""
+    with sqlite3.connect(store_path) as db:
+        items = [row[0] for row in db.execute("SELECT line FROM items")]
+        results = [row[0] for row in db.execute("SELECT line FROM results")]
+    return sorted(items + results)
+
+
+async def test_an_ingest_cut_short_resumes_after_its_last_chunk_and_catches_duplicates_across_chunks(
+    intake: tuple[Spool, Store, Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool, store, settings = intake
+    monkeypatch.setattr(spool_module, "CHUNK_LINES", 5)
+    lines = [named_line("c", n) for n in range(1, 24)]
+    lines[3] = named_line("c", 2)  # line 4 repeats line 2 (same chunk)
+    lines[11] = named_line("c", 3)  # line 12 repeats line 3 (a committed chunk)
+    lines[6] = b"{not json\n"  # line 7
+    (spool.paths.new / "resume.jsonl").write_bytes(b"".join(lines))
+    cut = Spool(settings, store, on_ingest=lambda: None, crashpoints=_CrashAfter(chunks=2))
+    with pytest.raises(_Interrupted):
+        await cut.rescan()
+    database = settings.daemon.database_path
+    assert db_rows(store, "SELECT state, lines_committed FROM files") == [("ingesting", 10)]
+    assert (spool.paths.new / "resume.jsonl").exists()
+    assert await spool.rescan() == 1
+    assert db_rows(store, "SELECT state, lines, lines_committed FROM files") == [("open", 23, 23)]
+    assert lines_of_file(database) == list(range(1, 24))  # every line once: none lost, none twice
+    invalid = {row[0]: orjson.loads(row[1]) for row in db_rows(store, "SELECT line, payload FROM results")}
+    assert sorted(invalid) == [4, 7, 12]
+    assert invalid[4]["error"]["message"] == "duplicate custom_id 'c-2' in this file"
+    assert invalid[12]["error"]["message"] == "duplicate custom_id 'c-3' in this file"
+    assert [p.name for p in spool.paths.done.iterdir()] == ["resume.jsonl"]
+
+
+async def test_a_file_whose_results_were_all_delivered_while_it_was_ingested_is_completed_once_finished(
+    intake: tuple[Spool, Store, Settings],
+) -> None:
+    # Every line invalid: its results reach the outbox chunk by chunk while the file is still being
+    # ingested. The delivery that brings the last one sees an unfinished file and must not complete
+    # it; once the ingest has finished, the outbox completes it without any further result.
+    spool, store, _ = intake
+    outbox = OutboxSink(store, spool.paths.out)
+    runner = SinkRunner(store, [outbox])
+    row = await store.begin_file(FileKey("bad.jsonl", "sha", 30, 0, 1), out_taken=lambda name: False)
+    for first in (1, 4):
+        invalid = [NewResult(n, "invalid", invalid_result(f"line-{n}", n, "broken")) for n in range(first, first + 3)]
+        assert await store.add_chunk(row.id, Chunk(first, first + 2, first * 5, [], invalid))
+        await runner._deliver_pending(outbox)
+    part, final = spool.paths.out / "bad.results.jsonl.part", spool.paths.out / "bad.results.jsonl"
+    assert part.read_bytes().count(b"\n") == 6 and not final.exists()
+    await store.finish_file(row.id, 6)
+    runner.ingested()  # what the spool's on_ingest does once the file is wholly in the store
+    await runner._deliver_pending(outbox)
+    assert final.read_bytes().count(b"\n") == 6 and not part.exists()

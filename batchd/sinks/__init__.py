@@ -1,4 +1,4 @@
-"""Sinks: where results go once they are durable in SQLite. Each runs as its own task."""
+"""Sinks: where results go once they are durable in the store. Each runs as its own task."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import contextlib
 from ..aio import wait_any
 from ..logs import get_logger
 from ..providers.base import backoff
-from ..store import Store
+from ..store.contract import Store
 from .base import Sink
 
 log = get_logger("batchd.sinks")
@@ -22,17 +22,23 @@ class SinkRunner:
     def __init__(self, store: Store, sinks: list[Sink]) -> None:
         self.store = store
         self.sinks: list[Sink] = []
-        self._wakes: dict[str, asyncio.Event] = {}
+        self._wakes: dict[Sink, asyncio.Event] = {}  # by sink: a name may depend on the node id
         for sink in sinks:
             self.add(sink)
 
     def add(self, sink: Sink) -> None:
         self.sinks.append(sink)
-        self._wakes[sink.name] = asyncio.Event()
+        self._wakes[sink] = asyncio.Event()
 
     def wake(self) -> None:
         for event in self._wakes.values():
             event.set()
+
+    def ingested(self) -> None:
+        """A file was wholly ingested: sinks that track files look at them again, then deliver."""
+        for sink in self.sinks:
+            sink.ingested()
+        self.wake()
 
     async def recover(self) -> None:
         for sink in self.sinks:
@@ -55,17 +61,22 @@ class SinkRunner:
             await sink.close()
 
     async def _deliver_pending(self, sink: Sink) -> int:
+        if not await sink.may_deliver():
+            return 0  # another node delivers this sink now
         await sink.before_delivery()
         cursor = await sink.cursor()
         delivered = 0
-        while results := await self.store.results_after(cursor, DELIVERY_CHUNK):
+        while await sink.may_deliver():
+            results = await self.store.results_after(cursor, DELIVERY_CHUNK, node=sink.node)
+            if not results:
+                break
             await sink.deliver(results)
             cursor = results[-1].id
             delivered += len(results)
         return delivered
 
     async def _feed(self, sink: Sink, stopping: asyncio.Event) -> None:
-        wake = self._wakes[sink.name]
+        wake = self._wakes[sink]
         failures = 0
         while not stopping.is_set():
             wake.clear()

@@ -1,10 +1,10 @@
-"""The sink interface: where result lines go once they are in SQLite."""
+"""The sink interface: where result lines go once they are in the store."""
 
 from __future__ import annotations
 
 import abc
 
-from ..store import PendingResult, Store
+from ..store.contract import PendingResult, Store
 
 
 class Sink(abc.ABC):
@@ -18,6 +18,18 @@ class Sink(abc.ABC):
 
     def __init__(self, store: Store) -> None:
         self.store = store
+
+    @property
+    def node(self) -> str | None:
+        """Deliver only the results of files this node ingested (the outbox), or everyone's (None)."""
+        return None
+
+    def ingested(self) -> None:  # noqa: B027 - only the outbox tracks files
+        """A spool file has just been wholly ingested (its line count is final now)."""
+
+    async def may_deliver(self) -> bool:
+        """Whether this node delivers this sink now (a shared sink needs its lease); checked per chunk."""
+        return True
 
     async def recover(self) -> None:  # noqa: B027 - most sinks need nothing at start-up
         """Repair anything a crash left half-done; called once before the first delivery."""

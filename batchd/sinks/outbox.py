@@ -24,7 +24,7 @@ from pathlib import Path
 from .. import safefs
 from ..crashpoints import CrashPoints
 from ..logs import get_logger
-from ..store import FileRow, PendingResult, Store
+from ..store.contract import FileRow, FileState, PendingResult, Store
 from .base import Sink
 
 log = get_logger("batchd.outbox")
@@ -40,8 +40,6 @@ class NameTaken(Exception):
 class OutboxSink(Sink):
     """Writes results files beside the spool."""
 
-    name = "outbox"
-
     def __init__(self, store: Store, out_dir: Path, crashpoints: CrashPoints | None = None) -> None:
         super().__init__(store)
         self.out_dir = out_dir
@@ -50,6 +48,9 @@ class OutboxSink(Sink):
         self._to_complete: set[int] = set()
         # The last problem reported per file, so a file retried every round is logged once, not every second.
         self._reported: dict[int, str] = {}
+        # A file finished ingesting: its results may all be delivered already (e.g. every line invalid,
+        # delivered chunk by chunk while it was still being ingested), so no delivery would complete it.
+        self._look_at_files = False
 
     @contextlib.contextmanager
     def _out(self) -> Iterator[int]:
@@ -59,6 +60,15 @@ class OutboxSink(Sink):
                 os.mkdir(self.out_dir.name, 0o750, dir_fd=root)
             with safefs.directory(self.out_dir.name, dir_fd=root) as out:
                 yield out
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        # Per node: each daemon writes the results of the files it ingested to its own out/.
+        return "outbox:" + self.store.node
+
+    @property
+    def node(self) -> str | None:
+        return self.store.node
 
     async def cursor(self) -> int:
         return await self.store.sink_cursor(self.name)
@@ -84,7 +94,13 @@ class OutboxSink(Sink):
                 self._to_complete.add(row.id)
         await self._complete_pending()
 
+    def ingested(self) -> None:
+        self._look_at_files = True
+
     async def before_delivery(self) -> None:
+        if self._look_at_files:
+            self._look_at_files = False
+            self._to_complete.update(row.id for row in await self.store.open_files() if _all_delivered(row))
         # A failure after the commit (the rename, or recording it) is retried here, exactly once.
         await self._complete_pending()
 
@@ -144,7 +160,7 @@ class OutboxSink(Sink):
         rows = await self.store.files_by_id(self._to_complete)
         for file_id in sorted(self._to_complete):
             row = rows.get(file_id)
-            if row is None or row.state != "open":
+            if row is None or row.state != FileState.OPEN:
                 self._to_complete.discard(file_id)
                 continue
             try:
@@ -218,7 +234,8 @@ def _part(row: FileRow) -> str:
 
 
 def _all_delivered(row: FileRow) -> bool:
-    return row.state == "open" and row.delivered >= row.lines
+    # A file still being ingested has no final line count yet: it is never complete.
+    return row.state == FileState.OPEN and row.delivered >= row.lines
 
 
 def _lstat(dir_fd: int, name: str) -> os.stat_result | None:

@@ -8,7 +8,7 @@ Headers: `X-Batchd-Timestamp: <unix seconds>` and
 receiver that drops keys it has seen gets every result exactly once. Any 2xx is a delivery;
 anything else is retried with backoff (by the sink runner) until the oldest result of the chunk
 is older than `max_age`, when the chunk is parked (`batchd status` shows it, `batchd redeliver`
-sends it again).
+sends it again). With several daemons on one store, whichever holds the sink's lease delivers it.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import aiohttp
 
 from ..logs import get_logger
 from ..settings import WebhookSink as WebhookSettings
-from ..store import PendingResult, Store
+from ..store.contract import PendingResult, Store
 from .base import Sink
 
 log = get_logger("batchd.webhook")
@@ -63,9 +63,10 @@ class DeliveryError(Exception):
 class WebhookSink(Sink):
     """One `[[sinks]]` entry of kind webhook."""
 
-    def __init__(self, store: Store, settings: WebhookSettings, instance: str) -> None:
+    def __init__(self, store: Store, settings: WebhookSettings, instance: str, lease: float = 30.0) -> None:
         super().__init__(store)
         self.name = settings.name
+        self._lease = lease
         self.settings = settings
         self._secret = settings.require_secret()
         self._instance = instance
@@ -73,6 +74,10 @@ class WebhookSink(Sink):
 
     async def cursor(self) -> int:
         return await self.store.sink_cursor(self.name)
+
+    async def may_deliver(self) -> bool:
+        # Several daemons may share the store: one at a time delivers this sink, under its lease.
+        return await self.store.take_sink_lease(self.name, self._lease, time.time())
 
     def _key(self, result_id: int) -> str:
         return f"{self._instance}-{result_id}"

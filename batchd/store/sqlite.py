@@ -221,6 +221,17 @@ class SQLiteStore:
         if self.readonly:
             await self.open_existing()
             return
+        await self._connect_writer()
+        try:
+            await self.migrate()
+            await self._register_node()
+            self._reader = await self._connect_reader(self._uri("ro"))
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _connect_writer(self) -> None:
+        """The writing connection (creating the file with mode 0600), WAL and FULL sync."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # O_RDWR also proves, before SQLite's vaguer "unable to open", that we may write it.
@@ -240,13 +251,6 @@ class SQLiteStore:
             await db.close()
             raise self._open_error(exc) from None
         self._db = db
-        try:
-            await self.migrate()
-            await self._register_node()
-            self._reader = await self._connect_reader(self._uri("ro"))
-        except BaseException:
-            await self.close()
-            raise
 
     async def open_existing(self, writable: bool = False) -> None:
         """Open a database the daemon made, without creating or migrating it (see `existing`)."""
@@ -329,8 +333,11 @@ class SQLiteStore:
     async def migrate(self) -> tuple[int, int]:
         """Apply pending migrations in one BEGIN IMMEDIATE transaction; (version before, version after).
 
-        Refuses (OperatorError, EX_DATAERR) a database newer than this code.
+        Refuses (OperatorError, EX_DATAERR) a database newer than this code. On a store not
+        opened (`batchd migrate`) it connects first, as PostgresStore does; close() afterwards.
         """
+        if self._db is None:
+            await self._connect_writer()
         db = self._conn
         async with self._lock:
             before = await self._schema_version()
