@@ -20,7 +20,7 @@ from rich.text import Text
 from .exits import EX_CONFIG, EX_NOINPUT, EX_NOPERM, OperatorError
 from .settings import Settings
 from .store import open_store
-from .store.contract import LIVE_BATCH_STATES, Store
+from .store.contract import LIVE_BATCH_STATES, NotCreated, Store
 from .store.url import StoreURL, parse_store_url
 
 
@@ -58,7 +58,11 @@ async def existing_store(settings: Settings, writable: bool = False) -> AsyncIte
         except PermissionError:
             raise OperatorError(f"cannot reach the database {url.path}: permission denied", EX_NOPERM) from None
     store = open_store(settings.store_url, settings.node_id(create=False) or "", readonly=not writable)
-    await store.open_existing(writable)
+    try:
+        await store.open_existing(writable)
+    except NotCreated:  # a daemon is creating it right now: nothing to show yet
+        yield None
+        return
     try:
         yield store
     finally:

@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator, Callable, Collection, Iterable, Seque
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from ..exits import EX_DATAERR, OperatorError
 from ..formats import Status
 
 
@@ -65,6 +66,13 @@ class Fate(enum.StrEnum):
     VANISHED = "vanished"
     OUTPUT_UNAVAILABLE = "output_unavailable"
     OVERDUE_CANCELLED = "overdue_cancelled"
+
+
+class NotCreated(OperatorError):
+    """The store is there but holds no schema yet (a daemon is creating it): a command has nothing to show."""
+
+    def __init__(self, where: str) -> None:
+        super().__init__(f"the store {where} is not created yet: start the daemon (batchd run)", EX_DATAERR)
 
 
 # -- what crosses the contract ---------------------------------------------------------------

@@ -46,6 +46,7 @@ from .contract import (
     FileState,
     FinalResult,
     Group,
+    NotCreated,
     PendingResult,
     Retry,
     SubmittedItem,
@@ -304,6 +305,8 @@ class PostgresStore:
         try:
             async with pool.acquire() as conn:
                 version = await self._schema_version(conn)
+            if version == 0:
+                raise NotCreated(self.url)
             if version > SCHEMA_VERSION:
                 raise self._newer(version)
             if version < SCHEMA_VERSION:

@@ -57,6 +57,7 @@ from .contract import (
     ItemState,
     NewItem,
     NewResult,
+    NotCreated,
     PendingResult,
     Retry,
     SubmittedItem,
@@ -155,10 +156,6 @@ def _newer_schema(path: Path, version: int) -> str:
     )
 
 
-class _NotCreated(OperatorError):
-    """The database file exists but no migration has committed yet (a daemon is creating it)."""
-
-
 class SQLiteStore:
     """The queue, batches, results and delivery state in one SQLite file (contract: store.contract.Store)."""
 
@@ -205,7 +202,7 @@ class SQLiteStore:
         store = cls(path)
         try:
             await store.open_existing(writable)
-        except _NotCreated:
+        except NotCreated:
             yield None  # a daemon is creating it right now: nothing to show yet
             return
         try:
@@ -277,7 +274,7 @@ class SQLiteStore:
         latest = SCHEMA_VERSION
         if version == 0:
             await self.close()
-            raise _NotCreated(f"the database {self.path} is not created yet: start the daemon (batchd run)", EX_DATAERR)
+            raise NotCreated(str(self.path))
         if version < latest:
             await self.close()
             raise OperatorError(

@@ -155,3 +155,15 @@ async def test_batchd_migrate_is_idempotent_and_prints_the_versions(tmp_path: Pa
     status, refused = await run_cli("migrate", "--config", str(config))
     assert status == EX_DATAERR, refused
     assert "newer" in refused.lower(), refused
+
+
+async def test_a_store_without_a_schema_yet_is_not_created_for_a_command(store_url: str, tmp_path: Path) -> None:
+    # Found by the suite: `batchd status` beside a daemon creating its database was refused with an
+    # error instead of showing nothing yet. Both engines say NotCreated; status turns it into None.
+    from batchd.store.contract import NotCreated
+
+    if store_url.startswith("sqlite:"):
+        (Path(store_url[len("sqlite:///") :])).touch()
+    store = open_any(store_url, "n1")
+    with pytest.raises(NotCreated):
+        await store.open_existing()
