@@ -312,7 +312,7 @@ async def test_a_newer_schema_is_refused(make_store: MakeStore, schema: str) -> 
 async def test_open_existing_never_creates_and_reads_only(make_store: MakeStore, schema: str) -> None:
     empty = PostgresStore(schema_url(schema), "a")
     with pytest.raises(OperatorError, match="batchd migrate") as raised:
-        await empty.open_existing()  # nothing there: an older (empty) schema, not created
+        await empty.open_existing()  # nothing there: not created (commands show nothing yet)
     assert raised.value.status == EX_DATAERR
     store = await make_store("a")
     await store.add_error("test.event", "hello")

@@ -72,7 +72,7 @@ class NotCreated(OperatorError):
     """The store is there but holds no schema yet (a daemon is creating it): a command has nothing to show."""
 
     def __init__(self, where: str) -> None:
-        super().__init__(f"the store {where} is not created yet: start the daemon (batchd run)", EX_DATAERR)
+        super().__init__(f"the store {where} is not created yet: start the daemon or run `batchd migrate`", EX_DATAERR)
 
 
 # -- what crosses the contract ---------------------------------------------------------------
