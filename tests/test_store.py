@@ -12,13 +12,18 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from batchd.exits import OperatorError
-from batchd.formats import Outcome, provider_custom_id
+from batchd.formats import Outcome, Status, provider_custom_id
+from batchd.policy import RetryAt, decide, hold_pause, index_outcomes, refund_error, unanswered
+from batchd.spool import Spool
 from batchd.store import (
     LIVE_BATCH_STATES,
     SCHEMA_VERSION,
+    ApplySummary,
+    BatchRow,
     BatchState,
     Chunk,
     FileKey,
@@ -33,10 +38,15 @@ from batchd.store import (
     open_store,
 )
 
+from .conftest import make_settings
+from .test_acceptance import chat_line
+
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    opened = Store(tmp_path / "state" / "batchd.sqlite3")
+async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
+    # The path make_settings(tmp_path) derives `[store] url` from, so a Spool on tmp_path shares it.
+    opened = open_store(f"sqlite:///{tmp_path / 'state' / 'batchd.sqlite3'}", "test-node")
+    assert isinstance(opened, SQLiteStore)
     await opened.open()
     try:
         yield opened
@@ -45,16 +55,41 @@ async def store(tmp_path: Path) -> AsyncIterator[Store]:
 
 
 async def queue(store: Store, count: int, size: int = 100, name: str = "f.jsonl") -> int:
-    async with store.ingest(name, f"sha-{name}", count * size) as ingest:
-        items = [
-            NewItem(n, f"c{n}", "openai", "/v1/chat/completions", "gpt-4o-mini", b'{"model":"gpt-4o-mini"}', size)
-            for n in range(1, count + 1)
-        ]
-        await ingest.add(items, [], count)
-    return ingest.file_id
+    """A whole file of `count` queued lines through the intake (one chunk); returns its file id."""
+    row = await store.begin_file(FileKey(name, f"sha-{name}", count * size, 1, 1), lambda out_name: False)
+    items = [
+        NewItem(n, f"c{n}", "openai", "/v1/chat/completions", "gpt-4o-mini", b'{"model":"gpt-4o-mini"}', size)
+        for n in range(1, count + 1)
+    ]
+    assert await store.add_chunk(row.id, Chunk(1, count, count * size, items, []))
+    await store.finish_file(row.id, count)
+    return row.id
 
 
-async def test_database_is_private_and_migrated(store: Store) -> None:
+# What the poller does with outcomes (batchd/poller.py _apply, _record, _end_unanswered): policy
+# decides (batchd/policy.py), the store only records.
+
+
+async def apply_outcomes(
+    store: Store, batch: BatchRow, outcomes: list[Outcome], max_attempts: int, retry_at: RetryAt
+) -> ApplySummary:
+    by_item, foreign = index_outcomes(outcomes, await store.instance_id())
+    waiting = await store.submitted_items(batch.id, list(by_item))
+    finals, retries, ignored = decide(batch, waiting, by_item, max_attempts=max_attempts, retry_at=retry_at)
+    summary = await store.record_outcomes(batch.id, finals, retries)
+    return summary + ApplySummary(ignored=foreign + ignored)
+
+
+async def end_unanswered(
+    store: Store, batch: BatchRow, status: Status, error: Any, max_attempts: int, retry_at: RetryAt
+) -> ApplySummary:
+    waiting = await store.submitted_items(batch.id)
+    by_item = unanswered(waiting, status, error)
+    finals, retries, ignored = decide(batch, waiting, by_item, max_attempts=max_attempts, retry_at=retry_at)
+    return await store.record_outcomes(batch.id, finals, retries) + ApplySummary(ignored=ignored)
+
+
+async def test_database_is_private_and_migrated(store: SQLiteStore) -> None:
     mode = stat.S_IMODE(os.stat(store.path).st_mode)
     assert mode == 0o600
     assert await store.integrity_check() == "ok"
@@ -87,17 +122,18 @@ async def test_outcomes_are_idempotent_and_retries_stop_at_max_attempts(store: S
     batch = await store.batch(batch.id)
     assert batch is not None
     item_ids = await store.batch_item_ids(batch.id)
+    instance = await store.instance_id()
     outcomes = [
-        Outcome(provider_custom_id(item_ids[0]), "succeeded", {"ok": 1}, None, {"input_tokens": 3}, False),
-        Outcome(provider_custom_id(item_ids[1]), "errored", None, {"message": "overloaded"}, None, True),
+        Outcome(provider_custom_id(item_ids[0], instance), "succeeded", {"ok": 1}, None, {"input_tokens": 3}, False),
+        Outcome(provider_custom_id(item_ids[1], instance), "errored", None, {"message": "overloaded"}, None, True),
         Outcome("someone-elses-id", "succeeded", None, None, None, False),
     ]
-    summary = await store.apply_outcomes(batch, outcomes, max_attempts=2, retry_at=now)
+    summary = await apply_outcomes(store, batch, outcomes, max_attempts=2, retry_at=now)
     assert (summary.final, summary.requeued, summary.ignored) == (1, 1, 1)
-    again = await store.apply_outcomes(batch, outcomes, max_attempts=2, retry_at=now)
-    assert (again.final, again.requeued) == (0, 0)
-    leftover = await store.requeue_unanswered(batch, "errored", {"message": "no line"}, 2, now, refund=False)
-    assert leftover.requeued == 1
+    again = await apply_outcomes(store, batch, outcomes, max_attempts=2, retry_at=now)
+    assert (again.final, again.requeued, again.ignored) == (0, 0, 3)
+    leftover = await end_unanswered(store, batch, "errored", {"message": "no line"}, 2, now)
+    assert (leftover.final, leftover.requeued) == (0, 1)
     results = await store.results_after(0, 10)
     assert [r.file_id for r in results] == [file_id]
 
@@ -108,7 +144,7 @@ async def test_outcomes_are_idempotent_and_retries_stop_at_max_attempts(store: S
     await store.mark_submitted(retry.id, "batch_retry", "validating", now)
     retry = await store.batch(retry.id)
     assert retry is not None
-    final = await store.requeue_unanswered(retry, "expired", None, 2, now, refund=False)
+    final = await end_unanswered(store, retry, "expired", None, 2, now)
     assert (final.final, final.requeued) == (2, 0)
     assert len(await store.results_after(0, 10)) == 3
     assert await store.queued_groups(now) == []
@@ -124,28 +160,57 @@ async def test_refunded_requeue_does_not_burn_attempts(store: Store) -> None:
         await store.mark_submitted(batch.id, f"batch_{batch.id}", "validating", now)
         batch = await store.batch(batch.id)
         assert batch is not None
-        summary = await store.requeue_unanswered(batch, "errored", None, max_attempts=1, retry_at=now, refund=True)
-        assert summary.requeued == 2
+        # What the poller does for a batch the provider never ran (refund_error + refund_batch).
+        assert await store.refund_batch(batch.id, now, refund_error("errored", None)) == 2
+    # Three submissions refunded: the fourth is still each item's first attempt, so with
+    # max_attempts=2 a retryable failure goes back to the queue instead of ending the item.
+    [group] = await store.queued_groups(now)
+    batch = await store.claim_batch(group, "openai", 100, 10**9, now)
+    assert batch is not None
+    await store.mark_submitted(batch.id, f"batch_{batch.id}", "validating", now)
+    batch = await store.batch(batch.id)
+    assert batch is not None
+    assert [i.attempts for i in await store.submitted_items(batch.id)] == [1, 1]
+    summary = await end_unanswered(store, batch, "errored", None, max_attempts=2, retry_at=now)
+    assert (summary.final, summary.requeued) == (0, 2)
 
 
 async def test_hold_doubles_and_releases(store: Store) -> None:
-    first = await store.hold_backoff("openai", "gpt-4o-mini", base=10, ceiling=1000, reason="token_limit_exceeded")
-    second = await store.hold_backoff("openai", "gpt-4o-mini", base=10, ceiling=1000, reason="token_limit_exceeded")
+    async def hold_backoff() -> float:
+        # What the poller does on a token-limit failure: policy picks the pause, the store records the hold.
+        failures = await store.hold_failures("openai", "gpt-4o-mini") + 1
+        pause = hold_pause(failures, base=10, ceiling=1000)
+        await store.hold("openai", "gpt-4o-mini", time.time() + pause, failures, "token_limit_exceeded")
+        return pause
+
+    first = await hold_backoff()
+    second = await hold_backoff()
     assert (first, second) == (10, 20)
+    assert await store.hold_failures("openai", "gpt-4o-mini") == 2
     assert ("openai", "gpt-4o-mini") in await store.active_holds(time.time())
     await store.release_hold("openai", "gpt-4o-mini")
     assert await store.active_holds(time.time()) == {}
+    assert await hold_backoff() == 10  # a release ends the run of consecutive failures
 
 
-async def test_duplicate_custom_ids_become_invalid_at_ingest(store: Store) -> None:
-    async with store.ingest("dup.jsonl", "sha", 10) as ingest:
-        items = [
-            NewItem(n, "same" if n != 2 else "other", "openai", "/v1/embeddings", "m", b"{}", 10) for n in (1, 2, 3, 4)
-        ]
-        await ingest.add(items, [], 4)
-    assert (ingest.queued, ingest.invalid) == (2, 2)
+async def test_duplicate_custom_ids_become_invalid_at_ingest(store: Store, tmp_path: Path) -> None:
+    # Duplicates are caught by the spool's chunk path (Spool._dedupe over store.seen_custom_ids), the
+    # first line winning. Across chunks (and after a resumed ingest): tests/test_spool.py
+    # test_an_ingest_cut_short_resumes_after_its_last_chunk_and_catches_duplicates_across_chunks.
+    spool = Spool(make_settings(tmp_path, None), store, on_ingest=lambda: None)
+    spool.paths.create()
+    lines = []
+    for n in (1, 2, 3, 4):
+        line = chat_line(n)
+        line["custom_id"] = "same" if n != 2 else "other"
+        lines.append(orjson.dumps(line) + b"\n")
+    (spool.paths.new / "dup.jsonl").write_bytes(b"".join(lines))
+    ingest = await spool.ingest("dup.jsonl")
+    assert ingest is not None
+    assert (ingest.lines, ingest.queued, ingest.invalid) == (4, 2, 2)
     results = await store.results_after(0, 10)
     assert sorted(r.payload.count(b"duplicate custom_id") for r in results) == [1, 1]
+    assert sorted(orjson.loads(r.payload)["line"] for r in results) == [3, 4]  # the first "same" (line 1) won
     assert sum(g.count for g in await store.queued_groups(time.time())) == 2
     assert isinstance((await store.queued_groups(time.time()))[0], Group)
 
@@ -195,7 +260,7 @@ async def test_a_reader_beside_a_migrating_daemon_sees_the_old_schema_or_the_new
 
     watcher = threading.Thread(target=watch)
     watcher.start()
-    store = Store(path)
+    store = SQLiteStore(path, "test-node")
     try:
         await store.open()
     finally:
@@ -208,7 +273,7 @@ async def test_a_reader_beside_a_migrating_daemon_sees_the_old_schema_or_the_new
 async def test_a_database_file_without_a_schema_yet_reads_as_no_database(tmp_path: Path) -> None:
     path = tmp_path / "new.sqlite3"
     path.touch()
-    async with Store.existing(path) as store:
+    async with SQLiteStore.existing(path) as store:
         assert store is None
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib
 from typing import cast
 
-from . import contract
 from .contract import (
     LIVE_BATCH_STATES,
     POLLED_BATCH_STATES,
@@ -29,20 +28,15 @@ from .contract import (
     NewResult,
     PendingResult,
     Retry,
+    Store,
     SubmittedItem,
     Usage,
 )
-from .sqlite import SCHEMA_VERSION, RetryAt, SQLiteStore
+from .sqlite import SCHEMA_VERSION, SQLiteStore
 from .url import StoreURL, parse_store_url
 
-# TRANSITION: `Store` is still the SQLite class, because consumers construct `Store(path)` and call
-# methods outside the contract (ingest, apply_outcomes, ...). Once they use open_store() and the
-# contract only, the lead makes this `Store = contract.Store` (the Protocol).
-Store = SQLiteStore
-StoreContract = contract.Store
 
-
-def open_store(url: str, node: str, *, readonly: bool = False) -> contract.Store:
+def open_store(url: str, node: str, *, readonly: bool = False) -> Store:
     """The engine for `url`, not yet opened: `await store.open()` connects (and migrates).
 
     `readonly` is for commands beside the daemon: `open()` then never creates or migrates and
@@ -55,10 +49,10 @@ def open_store(url: str, node: str, *, readonly: bool = False) -> contract.Store
         return SQLiteStore(parsed.path, node, url=parsed.url, readonly=readonly)
     # Imported lazily, by name: asyncpg is needed only for PostgreSQL URLs.
     postgres = importlib.import_module(".postgres", __package__)
-    return cast(contract.Store, postgres.PostgresStore(parsed.url, node, readonly=readonly))
+    return cast(Store, postgres.PostgresStore(parsed.url, node, readonly=readonly))
 
 
-def _check(store: SQLiteStore) -> contract.Store:
+def _check(store: SQLiteStore) -> Store:
     """mypy proves here that SQLiteStore satisfies the contract."""
     return store
 
@@ -82,10 +76,8 @@ __all__ = [
     "NewResult",
     "PendingResult",
     "Retry",
-    "RetryAt",
     "SQLiteStore",
     "Store",
-    "StoreContract",
     "StoreURL",
     "SubmittedItem",
     "Usage",

@@ -39,8 +39,7 @@ import aiosqlite
 import orjson
 
 from ..exits import EX_DATAERR, EX_IOERR, EX_NOPERM, OperatorError, creating_status
-from ..formats import Outcome, Status, invalid_result, item_id_from_custom_id, provider_custom_id, result_line
-from ..pricing import UNPRICED, Cost
+from ..formats import Status
 from . import queries
 from .contract import (
     LIVE_BATCH_STATES,
@@ -75,9 +74,6 @@ REPORT_QUERIES = {
     "day": "report_by_day",
     "file": "report_by_file",
 }
-
-# TRANSITION (the lead deletes with the legacy methods): the old policy-in-the-store signatures.
-RetryAt = float | Callable[[int], float]
 
 
 def _json(values: Iterable[Any]) -> str:
@@ -562,46 +558,6 @@ class SQLiteStore:
         async with self._tx() as db:
             await db.execute(Q.file_moved, (time.time(), file_id))
 
-    # -- intake, TRANSITION (the lead deletes once the spool uses begin_file/add_chunk) ---------
-
-    async def file_known(self, name: str, sha256: str, dev: int, ino: int) -> tuple[int, str] | None:
-        """(id, results name) of this very file if it was ingested but never moved out of new/."""
-        row = await self._row(Q.file_known, {"node": self.node, "name": name, "sha256": sha256, "ino": ino})
-        return (int(row["id"]), str(row["out_name"])) if row else None
-
-    @asynccontextmanager
-    async def ingest(
-        self,
-        name: str,
-        sha256: str,
-        size: int,
-        dev: int | None = None,
-        ino: int | None = None,
-        out_taken: Callable[[str], bool] | None = None,
-    ) -> AsyncIterator[Ingest]:
-        """One transaction for one spool file: all its items and invalid results, or nothing (old API)."""
-        async with self._tx() as db:
-            out_name = await self._choose_out_name(db, name, out_taken)
-            rows = list(
-                await db.execute_fetchall(
-                    Q.insert_file,
-                    {
-                        "node": self.node,
-                        "name": name,
-                        "sha256": sha256,
-                        "size": size,
-                        "out_name": out_name,
-                        "now": time.time(),
-                        "dev": dev,
-                        "ino": ino,
-                        "state": FileState.INGESTING.value,
-                    },
-                )
-            )
-            ingest = Ingest(db, int(rows[0]["id"]), out_name)
-            yield ingest
-            await db.execute(Q.legacy_file_lines, (ingest.lines, ingest.lines, ingest.file_id))
-
     # -- queue -----------------------------------------------------------------------------
 
     async def queued_groups(self, now: float) -> list[Group]:
@@ -698,13 +654,6 @@ class SQLiteStore:
     async def release_hold(self, profile: str, model: str) -> None:
         async with self._tx() as db:
             await db.execute(Q.release_hold, (profile, model))
-
-    async def hold_backoff(self, profile: str, model: str, base: float, ceiling: float, reason: str) -> float:
-        """TRANSITION (old `hold`): doubles the pause on each consecutive failure; returns the pause."""
-        failures = await self.hold_failures(profile, model) + 1
-        pause = min(base * 2 ** (failures - 1), ceiling)
-        await self.hold(profile, model, time.time() + pause, failures, reason)
-        return float(pause)
 
     # -- batches ---------------------------------------------------------------------------
 
@@ -936,93 +885,6 @@ class SQLiteStore:
         rows = await self._rows(Q.batch_item_ids, (batch_id,))
         return [row["id"] for row in rows]
 
-    # -- outcomes, TRANSITION (policy in the store; the lead deletes once the poller decides) ----
-
-    async def apply_outcomes(
-        self,
-        batch: BatchRow,
-        outcomes: Iterable[Outcome],
-        max_attempts: int,
-        retry_at: RetryAt,
-        cost_of: Callable[[dict[str, int] | None], Cost | None] | None = None,
-    ) -> ApplySummary:
-        """Old API: decide (retry or final, result line, cost) and record through record_outcomes."""
-        instance = await self.instance_id()
-        by_item: dict[int, Outcome] = {}
-        ignored = 0
-        for outcome in outcomes:
-            item_id = item_id_from_custom_id(outcome.provider_custom_id, instance)
-            if item_id is None:
-                ignored += 1
-            else:
-                by_item[item_id] = outcome
-        if not by_item:
-            return ApplySummary(ignored=ignored)
-        finals: list[FinalResult] = []
-        retries: list[Retry] = []
-        items = await self.submitted_items(batch.id, list(by_item))
-        for item in items:
-            outcome = by_item[item.id]
-            if outcome.retryable and item.attempts < max_attempts:
-                error = orjson.dumps(outcome.error).decode() if outcome.error else outcome.status
-                not_before = retry_at(item.attempts) if callable(retry_at) else retry_at
-                retries.append(Retry(item.id, not_before, error))
-                continue
-            usage = outcome.usage or {}
-            cost = cost_of(outcome.usage) if cost_of is not None and outcome.usage else None
-            cost_json = cost.as_json() if cost else (UNPRICED if outcome.usage else None)
-            payload = result_line(
-                custom_id=item.custom_id,
-                status=outcome.status,
-                line=item.line,
-                response=outcome.response,
-                error=outcome.error,
-                provider=batch.profile,
-                model=batch.model,
-                batch_id=batch.remote_id,
-                usage=outcome.usage,
-                cost=cost_json,
-            )
-            finals.append(
-                FinalResult(
-                    item.id,
-                    item.file_id,
-                    item.line,
-                    outcome.status,
-                    payload,
-                    usage.get("input_tokens"),
-                    usage.get("output_tokens"),
-                    usage.get("cached_input_tokens"),
-                    usage.get("cache_creation_input_tokens"),
-                    cost.batch if cost else None,
-                    cost.realtime if cost else None,
-                )
-            )
-        summary = await self.record_outcomes(batch.id, finals, retries)
-        return summary + ApplySummary(ignored=ignored + len(by_item) - len(items))
-
-    async def requeue_unanswered(
-        self,
-        batch: BatchRow,
-        status: Status,
-        error: Any,
-        max_attempts: int,
-        retry_at: RetryAt,
-        refund: bool,
-        retryable: bool = True,
-    ) -> ApplySummary:
-        """Old API: items of an ended batch no result line mentioned: refund, retry or finish them."""
-        if refund:
-            not_before = retry_at(0) if callable(retry_at) else retry_at
-            message = orjson.dumps(error).decode() if error else status
-            return ApplySummary(requeued=await self.refund_batch(batch.id, not_before, message))
-        instance = await self.instance_id()
-        outcomes = [
-            Outcome(provider_custom_id(item.id, instance), status, None, error, None, retryable=retryable)
-            for item in await self.submitted_items(batch.id)
-        ]
-        return await self.apply_outcomes(batch, outcomes, max_attempts, retry_at)
-
     # -- delivery --------------------------------------------------------------------------
 
     async def sink_cursor(self, sink: str) -> int:
@@ -1190,43 +1052,3 @@ class SQLiteStore:
 def _final_state(status: Status) -> str:
     """The item state a final result leaves (an item's own invalid line ends it as errored)."""
     return status if status in FINAL_ITEM_STATES else ItemState.ERRORED.value
-
-
-class Ingest:
-    """TRANSITION: adds one file's rows inside the transaction opened by `SQLiteStore.ingest` (old API).
-
-    Duplicates of a custom_id (against earlier parts of this file) become invalid results as they
-    come, the first one winning, as add_chunk's callers do with seen_custom_ids.
-    """
-
-    def __init__(self, db: aiosqlite.Connection, file_id: int, out_name: str = "") -> None:
-        self._db = db
-        self.file_id = file_id
-        self.out_name = out_name
-        self.lines = 0
-        self.queued = 0
-        self.invalid = 0
-        self._now = time.time()
-
-    async def add(self, items: Sequence[NewItem], invalid: Sequence[NewResult], lines: int) -> None:
-        self.lines += lines
-        invalid = list(invalid)
-        if items:
-            rows = await self._db.execute_fetchall(Q.seen_custom_ids, (self.file_id, _json(i.custom_id for i in items)))
-            seen = {str(r["custom_id"]) for r in rows}
-            fresh: list[NewItem] = []
-            for item in items:
-                if item.custom_id in seen:
-                    message = f"duplicate custom_id {item.custom_id!r} in this file"
-                    invalid.append(NewResult(item.line, "invalid", invalid_result(item.custom_id, item.line, message)))
-                else:
-                    seen.add(item.custom_id)
-                    fresh.append(item)
-            items = fresh
-            self.queued += len(items)
-        self.invalid += len(invalid)
-        await SQLiteStore._insert_lines(self._db, self.file_id, items, invalid, self._now)
-
-
-# TRANSITION: the old name of the engine class (callers that construct `Store(path)`).
-Store = SQLiteStore

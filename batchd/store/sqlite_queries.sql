@@ -66,11 +66,6 @@ SELECT * FROM files
 WHERE node = :node AND name = :name AND sha256 = :sha256 AND ino = :ino AND moved_at IS NULL
 ORDER BY id DESC LIMIT 1;
 
--- name: file_known
-SELECT id, out_name FROM files
-WHERE node = :node AND name = :name AND sha256 = :sha256 AND ino = :ino AND moved_at IS NULL
-ORDER BY id DESC LIMIT 1;
-
 -- name: out_name_holder
 SELECT id, state FROM files WHERE node = ? AND out_name = ?;
 
@@ -110,9 +105,6 @@ WHERE id = ? AND state = 'ingesting';
 
 -- name: file_moved
 UPDATE files SET moved_at = COALESCE(moved_at, ?) WHERE id = ?;
-
--- name: legacy_file_lines
-UPDATE files SET state = 'open', lines = ?, lines_committed = ? WHERE id = ?;
 
 -- == queue ======================================================================================
 
