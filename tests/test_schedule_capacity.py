@@ -131,3 +131,73 @@ def test_batches_per_hour_slot() -> None:
     assert capacity.batches_this_hour(created, now) == 2
     assert capacity.next_creation_slot(created, 3, now) == now
     assert capacity.next_creation_slot(created, 2, now) == now - 3000 + 3600
+
+
+# Deadlines and the flush plan.
+
+from batchd.deadlines import (  # noqa: E402
+    DeadlineError,
+    FlushReason,
+    FlushRules,
+    QueueView,
+    cancel_wait,
+    fallback_due,
+    parse_deadline,
+    plan_flush,
+)
+
+RULES = FlushRules(request_limit=100, byte_limit=10_000, max_wait=60.0, deadline_lead=600.0, turnaround=1800.0)
+
+
+def test_deadlines_parse_absolute_with_offset_or_relative() -> None:
+    assert parse_deadline("2026-12-01T07:00+01:00", 0) == utc(2026, 12, 1, 6, 0).timestamp()
+    assert parse_deadline("2026-12-01T06:00Z", 0) == utc(2026, 12, 1, 6, 0).timestamp()
+    assert parse_deadline("8h", 1000.0) == 1000.0 + 8 * 3600
+    assert parse_deadline("90m", 0.0) == 5400.0
+    with pytest.raises(DeadlineError, match="no UTC offset"):
+        parse_deadline("2026-12-01T07:00", 0)
+    with pytest.raises(DeadlineError, match="ISO 8601"):
+        parse_deadline("tomorrow", 0)
+
+
+def test_fallback_is_due_at_deadline_minus_lead() -> None:
+    assert not fallback_due(None, 600, 10**10)
+    assert not fallback_due(10_000, 600, 9_399)
+    assert fallback_due(10_000, 600, 9_400)
+    assert cancel_wait(600) == 150
+
+
+def test_plan_full_age_and_empty() -> None:
+    assert plan_flush(QueueView(0, 0, 0.0), RULES, 100.0) is None
+    full = plan_flush(QueueView(100, 10, 90.0), RULES, 100.0)
+    assert full is not None and (full.at, full.reason) == (100.0, FlushReason.FULL)
+    aging = plan_flush(QueueView(5, 10, 90.0), RULES, 100.0)
+    assert aging is not None and (aging.at, aging.reason) == (150.0, FlushReason.AGE)
+
+
+def test_an_early_deadline_does_not_wait_for_a_full_batch_or_max_age() -> None:
+    rules = FlushRules(request_limit=100, byte_limit=10**6, max_wait=86_400.0, deadline_lead=600.0, turnaround=1800.0)
+    plan = plan_flush(QueueView(5, 10, 0.0, earliest_deadline=5000.0), rules, 100.0)
+    assert plan is not None and (plan.at, plan.reason) == (2600.0, FlushReason.DEADLINE)
+
+
+def test_window_defers_but_never_past_a_deadline() -> None:
+    night = Window.daily(["22:00-06:00"], "UTC")
+    rules = FlushRules(100, 10**6, 60.0, deadline_lead=600.0, turnaround=1800.0, window=night)
+    noon = utc(2026, 12, 1, 12, 0).timestamp()
+    plan = plan_flush(QueueView(100, 10, noon - 10), rules, noon)
+    assert plan is not None and plan.reason is FlushReason.SCHEDULE
+    assert plan.at == utc(2026, 12, 1, 22, 0).timestamp()
+    urgent = plan_flush(QueueView(1, 10, noon, earliest_deadline=noon + 7200), rules, noon)
+    assert urgent is not None and urgent.reason is FlushReason.DEADLINE and urgent.at == noon + 7200 - 2400
+    inside = plan_flush(QueueView(100, 10, noon), rules, utc(2026, 12, 1, 23, 0).timestamp())
+    assert inside is not None and inside.reason is FlushReason.FULL
+
+
+def test_holds_and_capacity_come_first_and_force_goes_now() -> None:
+    held = plan_flush(QueueView(100, 10, 0.0), RULES, 100.0, held_until=500.0)
+    assert held is not None and (held.at, held.reason) == (500.0, FlushReason.HELD)
+    gated = plan_flush(QueueView(100, 10, 0.0), RULES, 100.0, capacity_at=300.0)
+    assert gated is not None and (gated.at, gated.reason) == (300.0, FlushReason.CAPACITY)
+    forced = plan_flush(QueueView(1, 10, 99.0), RULES, 100.0, forced=True)
+    assert forced is not None and (forced.at, forced.reason) == (100.0, FlushReason.FORCED)
