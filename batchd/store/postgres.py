@@ -24,6 +24,7 @@ import re
 import socket
 import time
 import uuid
+from decimal import Decimal
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Sequence
 from importlib import resources
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -36,6 +37,7 @@ import structlog
 from ..exits import EX_CONFIG, EX_DATAERR, EX_IOERR, EX_NOINPUT, EX_NOPERM, OperatorError
 from .contract import (
     LIVE_BATCH_STATES,
+    METRICS_READS,
     ApplySummary,
     BatchRow,
     BatchState,
@@ -910,6 +912,23 @@ class PostgresStore:
             "errors": [dict(row) for row in recent],
             "nodes": [dict(row) for row in nodes],
         }
+
+    async def metrics(self) -> dict[str, list[dict[str, Any]]]:
+        """Database-wide aggregates for /metrics (see the contract), in one consistent read."""
+        return await settle(self._metrics())
+
+    async def _metrics(self) -> dict[str, list[dict[str, Any]]]:
+        async with self._db.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+            reads = {name: await conn.fetch(getattr(Q, f"metrics_{name}")) for name in METRICS_READS}
+            reads["sinks"] = await conn.fetch(Q.status_sinks)
+        # SUM over bigint is numeric (Decimal) in PostgreSQL: plain numbers, as the SQLite engine gives.
+        return {name: [{k: _plain(v) for k, v in row.items()} for row in rows] for name, rows in reads.items()}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return int(value) if value == value.to_integral_value() else float(value)
+    return value
 
 
 if TYPE_CHECKING:

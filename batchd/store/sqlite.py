@@ -43,6 +43,7 @@ from ..formats import Status
 from . import queries
 from .contract import (
     LIVE_BATCH_STATES,
+    METRICS_READS,
     ApplySummary,
     BatchRow,
     BatchState,
@@ -1047,6 +1048,12 @@ class SQLiteStore:
             "sinks": [dict(row) for row in sinks],
             "errors": [dict(row) for row in recent],
         }
+
+    async def metrics(self) -> dict[str, list[dict[str, Any]]]:
+        """Database-wide aggregates for /metrics (see the contract), on the reader connection."""
+        reads = {name: await self._rows(getattr(Q, f"metrics_{name}")) for name in METRICS_READS}
+        reads["sinks"] = await self._rows(Q.status_sinks)
+        return {name: [dict(row) for row in rows] for name, rows in reads.items()}
 
 
 def _final_state(status: Status) -> str:
