@@ -36,6 +36,7 @@ from .aio import wait_any
 from .batcher import Batcher
 from .crashpoints import CrashPoints
 from .exits import EX_NOPERM, EX_TEMPFAIL, OperatorError, creating_status, reason
+from .http import HttpServer
 from .logs import get_logger
 from .poller import HOLD_BASE, Pollers
 from .providers import ProviderPool
@@ -185,6 +186,9 @@ class Daemon:
             hold_base=hold_base,
         )
         self.spool = Spool(settings, self.store, on_ingest=self._on_ingest, crashpoints=self.crashpoints)
+        self.http = (
+            HttpServer(settings, settings.http, self.store, self.providers, self.pollers) if settings.http else None
+        )
         self.lock = StateLock(settings.daemon.state_dir)
 
     async def _leases(self) -> None:
@@ -323,6 +327,8 @@ class Daemon:
         for batch in taken:  # the batcher's recover and the pollers' start pick them up as this node's own
             self._log_taken(batch, previous.get(batch.id))
         files = await self.spool.rescan()
+        if self.http is not None:
+            await self.http.start()  # before READY: a port that cannot be bound refuses the start
         log.info(
             "daemon.ready",
             spool=str(self.spool.paths.root),
@@ -362,6 +368,8 @@ class Daemon:
             asyncio.create_task(self._leases(), name="leases"),
             asyncio.create_task(self._watchdog(), name="watchdog"),
         }
+        if self.http is not None:
+            tasks.add(asyncio.create_task(self.http.run(self.stopping), name="http"))
         stop_waiter = asyncio.create_task(self.stopping.wait(), name="stop-waiter")
         status = 0
         done, _ = await asyncio.wait({*tasks, stop_waiter}, return_when=asyncio.FIRST_COMPLETED)

@@ -259,9 +259,7 @@ class HttpSettings(_Section):
         return listen_address(self.listen)
 
     def resolve_webhook_secret(self, environ: Mapping[str, str] | None = None) -> str | None:
-        return resolve_secret(
-            self.webhook_secret, self.webhook_secret_env, (self.webhook_secret_credential,), environ
-        )
+        return resolve_secret(self.webhook_secret, self.webhook_secret_env, (self.webhook_secret_credential,), environ)
 
 
 def listen_address(value: str) -> tuple[str, int] | str:

@@ -24,8 +24,8 @@ import re
 import socket
 import time
 import uuid
-from decimal import Decimal
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Sequence
+from decimal import Decimal
 from importlib import resources
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
