@@ -139,7 +139,8 @@ class HttpServer:
     async def status_page(self, _request: web.Request) -> web.Response:
         status = await self.store.status()
         data = await self.store.metrics()
-        html = page.render(status, data, self.settings.batching.max_wait, self.http.page_refresh, time.time())
+        limits = {name: profile.max_in_flight for name, profile in self.settings.providers.items()}
+        html = page.render(status, data, self.settings.batching.max_wait, self.http.page_refresh, time.time(), limits)
         return web.Response(text=html, content_type="text/html", headers={"Cache-Control": "no-store"})
 
     async def openai_webhook(self, request: web.Request) -> web.Response:

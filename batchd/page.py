@@ -16,14 +16,17 @@ from typing import Any
 from .status import _progress
 
 
-def next_flush(oldest: float, max_wait: float, hold_until: float | None, now: float) -> tuple[float, str]:
+def next_flush(
+    oldest: float, max_wait: float, hold_until: float | None, now: float, at_capacity: bool = False
+) -> tuple[float, str]:
     """When a queued route's group goes out at the latest, and why (pure; the batcher's own rule:
-    a group flushes when full or once its oldest request has waited max_wait, unless held)."""
+    a group flushes when full or once its oldest request has waited max_wait, unless held, and
+    only while its profile has a free batch slot: max_in_flight)."""
     due = oldest + max_wait
     if hold_until is not None and hold_until > max(due, now):
         return hold_until, "held"
     if due <= now:
-        return now, "due now"
+        return now, "due now, waiting for a free batch slot" if at_capacity else "due now"
     return due, "max_wait"
 
 
@@ -43,6 +46,9 @@ def _in(seconds: float) -> str:
 
 
 def _usd(value: float) -> str:
+    # Small batches cost fractions of a cent: show them rather than $0.0000.
+    if value < 0.01:
+        return f"${value:,.6f}"
     return f"${value:,.4f}" if value < 100 else f"${value:,.2f}"
 
 
@@ -66,16 +72,26 @@ def savings(results: list[dict[str, Any]]) -> tuple[float, float]:
 
 
 def render(
-    status: dict[str, Any], metrics: dict[str, list[dict[str, Any]]], max_wait: float, refresh: float, now: float
+    status: dict[str, Any],
+    metrics: dict[str, list[dict[str, Any]]],
+    max_wait: float,
+    refresh: float,
+    now: float,
+    max_in_flight: dict[str, int] | None = None,
 ) -> str:
     """The whole page from the store's status snapshot and its metrics read model."""
+    live: dict[str, int] = {}
+    for batch in status["batches"]:
+        live[batch["provider"]] = live.get(batch["provider"], 0) + 1
+    limits = max_in_flight or {}
     holds = {(h["profile"], h["model"]): float(h["until"]) for h in status["holds"]}
     oldest = {(q["profile"], q["endpoint"], q["model"]): float(q["oldest"]) for q in metrics["queue"]}
     queue_rows = []
     for route in status["queue"]:
         key = (route["provider"], route["endpoint"], route["model"])
         if key in oldest:
-            at, why = next_flush(oldest[key], max_wait, holds.get((key[0], key[2])), now)
+            full = key[0] in limits and live.get(key[0], 0) >= limits[key[0]]
+            at, why = next_flush(oldest[key], max_wait, holds.get((key[0], key[2])), now, full)
             flush = f'<span class="flush">{escape(why)}</span> {escape(_when(at))} (in {_in(at - now)})'
         else:
             flush = "-"

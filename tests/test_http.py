@@ -253,6 +253,7 @@ def test_next_flush_follows_max_wait_and_holds() -> None:
     assert next_flush(100.0, 600.0, None, 800.0) == (800.0, "due now")
     assert next_flush(100.0, 600.0, 900.0, 200.0) == (900.0, "held")
     assert next_flush(100.0, 600.0, 150.0, 200.0) == (700.0, "max_wait")  # a hold already over
+    assert next_flush(100.0, 600.0, None, 800.0, at_capacity=True) == (800.0, "due now, waiting for a free batch slot")
 
 
 def test_the_page_escapes_what_producers_and_providers_wrote() -> None:
