@@ -190,6 +190,7 @@ class Daemon:
             HttpServer(settings, settings.http, self.store, self.providers, self.pollers) if settings.http else None
         )
         self.lock = StateLock(settings.daemon.state_dir)
+        self._poll_requests_seen: dict[int, float] = {}
 
     async def _leases(self) -> None:
         """Renew this node's leases every lease/3 s; take over expired ones every lease/2 s.
@@ -210,7 +211,8 @@ class Daemon:
                 try:
                     await self.store.renew_leases(lease, time.time())
                     renewed_at = time.monotonic()
-                    owned = {b.id for b in await self.store.owned_batches(*LIVE_BATCH_STATES)}
+                    rows = await self.store.owned_batches(*LIVE_BATCH_STATES)
+                    owned = {b.id for b in rows}
                 except Exception as exc:
                     log.error("lease.renew_failed", error=str(exc), since=round(now - renewed_at, 1))
                     if time.monotonic() + renew_every >= renewed_at + lease:
@@ -219,6 +221,7 @@ class Daemon:
                 # A lease taken away meanwhile (this node was too slow): stop working those batches.
                 self.pollers.keep_only(owned)
                 self.batcher.keep_only(owned)
+                self._polls_requested(rows)
             if time.monotonic() >= next_take:
                 next_take = time.monotonic() + take_every
                 self._adopt(*await self._take_over(lease))
@@ -239,6 +242,16 @@ class Daemon:
                 self.batcher.taken_over(batch)
             elif batch.state in POLLED_BATCH_STATES:
                 self.pollers.start(batch.id)
+
+    def _polls_requested(self, owned: list[BatchRow]) -> None:
+        """Poll now the batches another node asked for (a webhook reached it: store.request_poll)."""
+        seen = self._poll_requests_seen
+        self._poll_requests_seen = {b.id: seen[b.id] for b in owned if b.id in seen}
+        for batch in owned:
+            if batch.poll_requested_at and batch.poll_requested_at > self._poll_requests_seen.get(batch.id, 0.0):
+                self._poll_requests_seen[batch.id] = batch.poll_requested_at
+                if self.pollers.poll_now(batch.id):
+                    log.info("batch.poll_requested", batch=batch.id)
 
     def _log_taken(self, batch: BatchRow, previous: str | None) -> None:
         log.warning("batch.taken_over", batch=batch.id, previous_owner=previous, state=str(batch.state))

@@ -130,6 +130,8 @@ def poll_ceiling(
 class Lookup(Protocol):
     async def remote_owner(self, remote_id: str) -> int | None: ...
 
+    async def request_poll(self, batch_id: int, now: float) -> None: ...
+
 
 @dataclass(frozen=True, slots=True)
 class Answer:
@@ -184,6 +186,9 @@ class OpenAIWebhooks:
             log.info("webhook.unknown_batch", webhook_id=webhook_id, type=kind, remote_id=remote_id)
             return Answer(200, {"ok": True, "ignored": "unknown batch"})
         woken = self._poll_now(batch_id)
+        if not woken:
+            # Another node holds the batch's lease (several daemons, one store): it polls at its next renewal.
+            await self._store.request_poll(batch_id, now)
         self._counted("accepted")
         log.info("webhook.received", webhook_id=webhook_id, type=kind, batch=batch_id, remote_id=remote_id, woken=woken)
         return Answer(200, {"ok": True, "batch": batch_id, "polled": woken})

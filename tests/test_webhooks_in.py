@@ -199,3 +199,61 @@ async def get_text(url: str) -> str:
     async with aiohttp.ClientSession() as session, session.get(url) as response:
         assert response.status == 200
         return await response.text()
+
+
+async def test_a_webhook_at_the_node_without_the_lease_gets_the_lease_holder_to_poll(
+    tmp_path: Path, emulator: RunningEmulator
+) -> None:
+    """Several daemons, one PostgreSQL store: the event marks the batch in the store; its lease holder polls."""
+    from .store.pgtier import fresh_schema, pg_fetch
+    from .test_multinode import Node, closing
+
+    batching = {"max_wait": 0.5, "poll_interval_min": 3600, "poll_interval_max": 3600, "tick": 0.1}
+    async with fresh_schema("wh") as (url, schema):
+        nodes = [
+            Node(name, tmp_path / name, emulator, url, batching=batching, http={"listen": "127.0.0.1:0"})
+            for name in ("a", "b")
+        ]
+        for node in nodes:
+            node.daemon.env["OPENAI_WEBHOOK_SECRET"] = SECRET
+        with closing(*nodes):
+            for node in nodes:
+                await node.start()
+            try:
+                a = nodes[0]
+                chat_lines(a.spool / "new" / "shared.jsonl", 2, "s")
+
+                async def submitted() -> list[dict[str, Any]]:
+                    return await pg_fetch(
+                        schema,
+                        "SELECT owner, remote_id FROM batches WHERE state = 'submitted' AND remote_id IS NOT NULL",
+                    )
+
+                [row] = await wait_until(submitted, timeout=60)
+                client = openai.AsyncOpenAI(base_url=emulator.openai_base_url, api_key="sk-test", max_retries=0)
+                try:
+                    await wait_until(
+                        lambda: _status_is(client, row["remote_id"], "completed"), timeout=60, interval=0.2
+                    )
+                finally:
+                    await client.close()
+                holder = next(n for n in nodes if n.node_id == row["owner"])
+                other = next(n for n in nodes if n is not holder)
+                body = event("batch.completed", row["remote_id"])
+                status, answer = await post(
+                    await http_url(other.daemon) + "/webhooks/openai",
+                    body,
+                    signed_headers(SECRET, "evt_elsewhere", int(time.time()), body),
+                )
+                assert (status, answer["polled"]) == (200, False)
+                results = a.spool / "out" / "shared.results.jsonl"
+                await wait_until(results.exists, timeout=60)
+                assert [r["status"] for r in read_results(results)] == ["succeeded"] * 2
+                assert holder.events("batch.poll_requested")
+            finally:
+                for node in nodes:
+                    await node.daemon.stop()
+
+
+async def _status_is(client: openai.AsyncOpenAI, remote_id: str, status: str) -> bool:
+    return (await client.batches.retrieve(remote_id)).status == status

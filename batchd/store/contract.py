@@ -182,6 +182,7 @@ class BatchRow:
     fate: Fate | None = None
     owner: str | None = None  # node holding the lease
     lease_until: float = 0.0
+    poll_requested_at: float | None = None  # another node got a webhook for it: the lease holder polls now
 
 
 @dataclass(frozen=True, slots=True)
@@ -404,6 +405,10 @@ class Batches(Protocol):
     async def finish_batch(
         self, batch_id: int, fate: Fate | None = None, error: str | None = None, record: bool = True
     ) -> None: ...
+
+    async def request_poll(self, batch_id: int, now: float) -> None:
+        """Ask the node holding a polled batch's lease to poll it now (it reads `poll_requested_at` at
+        its next lease renewal): a webhook that reached another node. Idempotent; no-op once done."""
 
 
 class Outcomes(Protocol):

@@ -149,6 +149,7 @@ def _batch(row: asyncpg.Record) -> BatchRow:
         fate=Fate(row["fate"]) if row["fate"] else None,
         owner=row["owner"],
         lease_until=row["lease_until"],
+        poll_requested_at=row["poll_requested_at"],
     )
 
 
@@ -639,6 +640,9 @@ class PostgresStore:
 
     async def rejected_remotes(self, batch_id: int) -> set[str]:
         return {r["remote_id"] for r in await self._fetch(Q.rejected_remotes, batch_id)}
+
+    async def request_poll(self, batch_id: int, now: float) -> None:
+        await self._execute(Q.request_poll, batch_id, now)
 
     async def note_cancel_requested(self, batch_id: int, error: str) -> None:
         async def work(conn: Connection) -> None:

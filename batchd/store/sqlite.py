@@ -111,6 +111,7 @@ def _batch_from_row(row: sqlite3.Row) -> BatchRow:
         fate=Fate(fate) if fate in Fate.__members__.values() else None,
         owner=row["owner"],
         lease_until=row["lease_until"],
+        poll_requested_at=row["poll_requested_at"],
     )
 
 
@@ -757,6 +758,11 @@ class SQLiteStore:
     async def rejected_remotes(self, batch_id: int) -> set[str]:
         rows = await self._rows(Q.rejected_remotes, (batch_id,))
         return {r["remote_id"] for r in rows}
+
+    @shielded
+    async def request_poll(self, batch_id: int, now: float) -> None:
+        async with self._tx() as db:
+            await db.execute(Q.request_poll, {"id": batch_id, "now": now})
 
     @shielded
     async def note_cancel_requested(self, batch_id: int, error: str) -> None:

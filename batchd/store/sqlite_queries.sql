@@ -469,3 +469,6 @@ WHERE state = 'done' AND collected_at IS NOT NULL AND submitted_at IS NOT NULL;
 
 -- name: metrics_ingested
 SELECT COUNT(*) AS files, COALESCE(SUM(lines_committed), 0) AS lines FROM files;
+
+-- name: request_poll
+UPDATE batches SET poll_requested_at = :now WHERE id = :id AND state IN ('unverified', 'submitted');

@@ -649,3 +649,17 @@ async def test_metrics_aggregates_queue_batches_results_and_capacity(store: Stor
     assert metrics["queue"] == []
     assert [(r["batches"], r["requests"], r["tokens"]) for r in metrics["capacity"]] == [(1, 2, 14)]
     assert sum(int(r["retries"]) for r in metrics["retries"]) == 1
+
+
+async def test_request_poll_marks_a_polled_batch_for_its_lease_holder(store: Store, second_node: Store) -> None:
+    await ingest(store, count=2)
+    batch = await submitted_batch(store)
+    await second_node.request_poll(batch.id, 1234.5)  # a webhook reached the node without the lease
+    [owned] = await store.owned_batches(BatchState.SUBMITTED)
+    assert owned.poll_requested_at == 1234.5
+    await second_node.request_poll(batch.id, 1300.0)
+    assert (await store.batch(batch.id)).poll_requested_at == 1300.0  # type: ignore[union-attr]
+    await succeed_all(store, batch)
+    await store.finish_batch(batch.id)
+    await second_node.request_poll(batch.id, 1400.0)  # done: nothing to poll any more
+    assert (await store.batch(batch.id)).poll_requested_at == 1300.0  # type: ignore[union-attr]
