@@ -436,7 +436,9 @@ class Pollers:
 
     async def _nap(self, batch_id: int, seconds: float) -> None:
         """Wait `seconds`, or until the daemon stops or poll_now(batch_id) is called."""
-        wake = self._wakes.setdefault(batch_id, asyncio.Event())
+        wake = self._wakes.get(batch_id)
+        if wake is None:
+            wake = self._wakes[batch_id] = asyncio.Event()
         await wait_any(seconds, self._stopping, wake)
         wake.clear()
 
