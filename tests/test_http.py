@@ -278,3 +278,12 @@ def test_the_page_escapes_what_producers_and_providers_wrote() -> None:
     assert "<script>x</script>" not in html and "&lt;script&gt;x&lt;/script&gt;" in html
     assert "<img src=x" not in html
     assert "(in 8 min)" in html  # oldest at 0 s + max_wait 600 s, seen at 100 s
+
+
+def test_the_turnaround_histogram_is_cumulative() -> None:
+    from batchd.metrics import histogram
+
+    buckets, total = histogram([0.5, 10.0, 11.0, 5000.0], (1.0, 10.0, 60.0))
+    assert buckets == [("1.0", 1.0), ("10.0", 2.0), ("60.0", 3.0), ("+Inf", 4.0)]
+    assert total == 5021.5
+    assert histogram([], (1.0,)) == ([("1.0", 0.0), ("+Inf", 0.0)], 0.0)
