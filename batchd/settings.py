@@ -225,6 +225,58 @@ class OutboxSettings(_Section):
     enabled: bool = True
 
 
+class HttpSettings(_Section):
+    """`[http]`: the daemon's HTTP listener (/metrics, /healthz, /readyz, the status page, webhooks in).
+
+    No `[http]` section: no listener. `listen` is "HOST:PORT" (e.g. "127.0.0.1:9187", "[::1]:9187")
+    or "unix:/ABSOLUTE/PATH" (e.g. "unix:/run/batchd/http.sock", RuntimeDirectory= in the unit).
+    """
+
+    listen: str = "127.0.0.1:9187"
+    # OpenAI's webhook signing secret (whsec_…): inline, from a systemd credential, or from a variable.
+    webhook_secret: SecretStr | None = None
+    webhook_secret_env: str | None = "OPENAI_WEBHOOK_SECRET"
+    webhook_secret_credential: str | None = "openai_webhook_secret"
+    # An event signed longer ago (or further ahead) than this is refused as stale (replay window).
+    webhook_tolerance: Duration = Field(default=300.0, gt=0)
+    # While verified events keep arriving (one within webhook_healthy_for), OpenAI batches are polled
+    # at most this far apart: the events do the waking, polling is only the fallback.
+    webhook_poll_interval: Duration = 1800.0
+    webhook_healthy_for: Duration = 3600.0
+    # The status page reloads its content this often.
+    page_refresh: Duration = Field(default=5.0, gt=0)
+    # /readyz reuses a provider check this long, so that a busy probe does not call the providers each time.
+    ready_cache: Duration = 10.0
+
+    @field_validator("listen")
+    @classmethod
+    def _listen_address(cls, value: str) -> str:
+        listen_address(value)  # a ValueError names what is wrong
+        return value
+
+    def address(self) -> tuple[str, int] | str:
+        """(host, port) for TCP, or the socket path for "unix:PATH"."""
+        return listen_address(self.listen)
+
+    def resolve_webhook_secret(self, environ: Mapping[str, str] | None = None) -> str | None:
+        return resolve_secret(self.webhook_secret, self.webhook_secret_env, (self.webhook_secret_credential,), environ)
+
+
+def listen_address(value: str) -> tuple[str, int] | str:
+    """Parse `[http] listen`: "unix:/abs/path" gives the path, "HOST:PORT" gives (host, port)."""
+    if value.startswith("unix:"):
+        path = value[len("unix:") :]
+        if not path.startswith("/"):
+            raise ValueError(f"unix socket path must be absolute: {value!r}")
+        return path
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"not HOST:PORT or unix:/PATH: {value!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
+
+
 def _default_providers() -> dict[str, ProviderProfile]:
     return {
         "openai": ProviderProfile(kind="openai", api_key_env="OPENAI_API_KEY"),
@@ -247,6 +299,7 @@ class Settings(BaseSettings):
     outbox: OutboxSettings = Field(default_factory=OutboxSettings)
     sinks: list[WebhookSink] = Field(default_factory=list)
     prices: dict[str, ModelPrice] = Field(default_factory=dict)
+    http: HttpSettings | None = None  # no [http]: no listener
 
     @classmethod
     def settings_customise_sources(
@@ -414,6 +467,8 @@ def configured_secrets(settings: Settings, environ: Mapping[str, str] | None = N
         for name, profile in settings.providers.items()
     ]
     resolvers += [lambda sink=sink: sink.resolve_secret(environ) for sink in settings.sinks]
+    if settings.http is not None:
+        resolvers.append(lambda http=settings.http: http.resolve_webhook_secret(environ))
     found: set[str] = set()
     for resolve in resolvers:
         try:

@@ -90,6 +90,9 @@ class EmulatorConfig:
     api_keys: frozenset[str] | None = None
     data_dir: Path | None = None
     faults: Faults = field(default_factory=Faults)
+    # OpenAI batch.* webhooks (batchd/emulator/webhooks.py): sent when both are set.
+    webhook_url: str | None = None
+    webhook_secret: str | None = None
 
     @property
     def batch_seconds(self) -> float:

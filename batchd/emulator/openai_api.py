@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 from aiohttp import BodyPartReader, web
 
+from batchd.emulator import webhooks
 from batchd.emulator.common import (
     ApiError,
     fail_after_create,
@@ -426,6 +427,7 @@ async def run_batch(state: EmulatorState, batch: OpenAIBatch, source: Path) -> N
     def stamp(status: str) -> None:
         batch.status = status
         batch.times[status] = int(state.now())
+        webhooks.batch_ended(state, batch)
 
     try:
         start = time.monotonic()

@@ -218,6 +218,7 @@ class EmulatorState:
         self.create_index = 0
         self.closing = False
         self._tasks: set[asyncio.Task[None]] = set()
+        self.webhook_deliveries: list[dict[str, Any]] = []
 
     @property
     def faults(self) -> Faults:

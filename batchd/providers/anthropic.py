@@ -196,6 +196,9 @@ class AnthropicProvider(Provider):
             {"custom_id": custom_id, "result": {"type": "succeeded", "message": orjson.loads(raw)}}
         )
 
+    async def ping(self, timeout: float = 10.0) -> None:
+        await _call(self._client.with_options(max_retries=0, timeout=timeout).messages.batches.list(limit=1))
+
     async def cancel(self, remote_id: str) -> RemoteBatch:
         return _remote(await _call(self._client.messages.batches.cancel(remote_id)))
 

@@ -210,6 +210,13 @@ class Provider(abc.ABC):
     async def close(self) -> None:
         """Release the HTTP client."""
 
+    @abc.abstractmethod
+    async def ping(self, timeout: float = 10.0) -> None:
+        """One cheap authenticated call (list one batch), not retried: raises ProviderError if it fails.
+
+        For /readyz: proves the provider is reachable and accepts the key.
+        """
+
 
 DOWNLOAD_ATTEMPTS = 5
 

@@ -172,6 +172,9 @@ class OpenAIProvider(Provider):
     async def cancel(self, remote_id: str) -> RemoteBatch:
         return _remote(await _call(self._client.batches.cancel(remote_id)))
 
+    async def ping(self, timeout: float = 10.0) -> None:
+        await _call(self._client.with_options(max_retries=0, timeout=timeout).batches.list(limit=1))
+
     async def delete_file(self, file_id: str) -> None:
         try:
             await self._client.files.delete(file_id)

@@ -50,6 +50,9 @@ class BatchState(enum.StrEnum):
     DONE = "done"  # collected, or ended in a defined way (`fate`)
 
 
+# The read models of Reporting.metrics(), each a named query `metrics_NAME` in both engines.
+METRICS_READS = ("queue", "batches", "results", "retries", "capacity", "turnaround", "ingested")
+
 LIVE_BATCH_STATES = (BatchState.PENDING, BatchState.UNVERIFIED, BatchState.SUBMITTED)
 POLLED_BATCH_STATES = (BatchState.UNVERIFIED, BatchState.SUBMITTED)
 
@@ -179,6 +182,7 @@ class BatchRow:
     fate: Fate | None = None
     owner: str | None = None  # node holding the lease
     lease_until: float = 0.0
+    poll_requested_at: float | None = None  # another node got a webhook for it: the lease holder polls now
 
 
 @dataclass(frozen=True, slots=True)
@@ -402,6 +406,10 @@ class Batches(Protocol):
         self, batch_id: int, fate: Fate | None = None, error: str | None = None, record: bool = True
     ) -> None: ...
 
+    async def request_poll(self, batch_id: int, now: float) -> None:
+        """Ask the node holding a polled batch's lease to poll it now (it reads `poll_requested_at` at
+        its next lease renewal): a webhook that reached another node. Idempotent; no-op once done."""
+
 
 class Outcomes(Protocol):
     """Recording what the provider answered, as decided by policy outside the store."""
@@ -477,6 +485,14 @@ class Reporting(Protocol):
     ) -> list[dict[str, Any]]: ...
 
     async def status(self, errors: int = 10) -> dict[str, Any]: ...
+
+    async def metrics(self) -> dict[str, list[dict[str, Any]]]:
+        """Database-wide aggregates for /metrics, one list of rows per name in METRICS_READS (plain
+        ints and floats, whatever the engine): queue (profile, endpoint, model, queued, oldest),
+        batches (profile, state, status, n), results (profile, model, status, n, collected, tokens,
+        cost_batch, cost_realtime), retries (profile, model, retries), capacity (profile, model,
+        batches, tokens, requests: live batches), turnaround (profile, model, seconds: submitted to
+        collected), ingested (files, lines), and sinks (sink, pending, parked) as in status()."""
 
 
 class Store(Intake, Queue, Batches, Outcomes, Delivery, Reporting, Protocol):

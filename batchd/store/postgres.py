@@ -25,6 +25,7 @@ import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Sequence
+from decimal import Decimal
 from importlib import resources
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -36,6 +37,7 @@ import structlog
 from ..exits import EX_CONFIG, EX_DATAERR, EX_IOERR, EX_NOINPUT, EX_NOPERM, OperatorError
 from .contract import (
     LIVE_BATCH_STATES,
+    METRICS_READS,
     ApplySummary,
     BatchRow,
     BatchState,
@@ -147,6 +149,7 @@ def _batch(row: asyncpg.Record) -> BatchRow:
         fate=Fate(row["fate"]) if row["fate"] else None,
         owner=row["owner"],
         lease_until=row["lease_until"],
+        poll_requested_at=row["poll_requested_at"],
     )
 
 
@@ -638,6 +641,9 @@ class PostgresStore:
     async def rejected_remotes(self, batch_id: int) -> set[str]:
         return {r["remote_id"] for r in await self._fetch(Q.rejected_remotes, batch_id)}
 
+    async def request_poll(self, batch_id: int, now: float) -> None:
+        await self._execute(Q.request_poll, batch_id, now)
+
     async def note_cancel_requested(self, batch_id: int, error: str) -> None:
         async def work(conn: Connection) -> None:
             await conn.execute(Q.note_cancel_requested, batch_id, time.time(), error)
@@ -910,6 +916,23 @@ class PostgresStore:
             "errors": [dict(row) for row in recent],
             "nodes": [dict(row) for row in nodes],
         }
+
+    async def metrics(self) -> dict[str, list[dict[str, Any]]]:
+        """Database-wide aggregates for /metrics (see the contract), in one consistent read."""
+        return await settle(self._metrics())
+
+    async def _metrics(self) -> dict[str, list[dict[str, Any]]]:
+        async with self._db.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+            reads = {name: await conn.fetch(getattr(Q, f"metrics_{name}")) for name in METRICS_READS}
+            reads["sinks"] = await conn.fetch(Q.status_sinks)
+        # SUM over bigint is numeric (Decimal) in PostgreSQL: plain numbers, as the SQLite engine gives.
+        return {name: [{k: _plain(v) for k, v in row.items()} for row in rows] for name, rows in reads.items()}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return int(value) if value == value.to_integral_value() else float(value)
+    return value
 
 
 if TYPE_CHECKING:

@@ -433,3 +433,39 @@ FROM sink_cursors c ORDER BY c.sink
 
 -- name: status_nodes
 SELECT id, host, pid, started_at, lease_until, stopped_at FROM nodes ORDER BY id
+
+-- Read models for /metrics (batchd/metrics.py): database-wide, cheap aggregates.
+
+-- name: metrics_queue
+SELECT profile, endpoint, model, COUNT(*) AS queued, MIN(queued_at) AS oldest FROM items
+WHERE state = 'queued' GROUP BY profile, endpoint, model
+
+-- name: metrics_batches
+SELECT profile, state, COALESCE(remote_status, state) AS status, COUNT(*) AS n FROM batches
+GROUP BY profile, state, COALESCE(remote_status, state)
+
+-- name: metrics_results
+SELECT COALESCE(profile, '') AS profile, COALESCE(model, '') AS model, status, COUNT(*) AS n,
+    SUM(CASE WHEN batch_id IS NOT NULL THEN 1 ELSE 0 END) AS collected,
+    COALESCE(SUM(input_tokens), 0) AS input_tokens, COALESCE(SUM(output_tokens), 0) AS output_tokens,
+    COALESCE(SUM(cost_batch), 0.0) AS cost_batch, COALESCE(SUM(cost_realtime), 0.0) AS cost_realtime
+FROM results GROUP BY COALESCE(profile, ''), COALESCE(model, ''), status
+
+-- name: metrics_retries
+SELECT profile, model, COALESCE(SUM(CASE WHEN attempts > 1 THEN attempts - 1 ELSE 0 END), 0) AS retries
+FROM items GROUP BY profile, model
+
+-- name: metrics_capacity
+SELECT profile, model, COUNT(*) AS batches, COALESCE(SUM(tokens), 0) AS tokens,
+    COALESCE(SUM(requests), 0) AS requests
+FROM batches WHERE state IN ('pending', 'unverified', 'submitted') GROUP BY profile, model
+
+-- name: metrics_turnaround
+SELECT profile, model, collected_at - submitted_at AS seconds FROM batches
+WHERE state = 'done' AND collected_at IS NOT NULL AND submitted_at IS NOT NULL
+
+-- name: metrics_ingested
+SELECT COUNT(*) AS files, COALESCE(SUM(lines_committed), 0) AS lines FROM files
+
+-- name: request_poll
+UPDATE batches SET poll_requested_at = $2 WHERE id = $1 AND state IN ('unverified', 'submitted')

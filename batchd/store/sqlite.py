@@ -43,6 +43,7 @@ from ..formats import Status
 from . import queries
 from .contract import (
     LIVE_BATCH_STATES,
+    METRICS_READS,
     ApplySummary,
     BatchRow,
     BatchState,
@@ -110,6 +111,7 @@ def _batch_from_row(row: sqlite3.Row) -> BatchRow:
         fate=Fate(fate) if fate in Fate.__members__.values() else None,
         owner=row["owner"],
         lease_until=row["lease_until"],
+        poll_requested_at=row["poll_requested_at"],
     )
 
 
@@ -758,6 +760,11 @@ class SQLiteStore:
         return {r["remote_id"] for r in rows}
 
     @shielded
+    async def request_poll(self, batch_id: int, now: float) -> None:
+        async with self._tx() as db:
+            await db.execute(Q.request_poll, {"id": batch_id, "now": now})
+
+    @shielded
     async def note_cancel_requested(self, batch_id: int, error: str) -> None:
         async with self._tx() as db:
             await db.execute(Q.note_cancel_requested, (time.time(), error, batch_id))
@@ -1047,6 +1054,12 @@ class SQLiteStore:
             "sinks": [dict(row) for row in sinks],
             "errors": [dict(row) for row in recent],
         }
+
+    async def metrics(self) -> dict[str, list[dict[str, Any]]]:
+        """Database-wide aggregates for /metrics (see the contract), on the reader connection."""
+        reads = {name: await self._rows(getattr(Q, f"metrics_{name}")) for name in METRICS_READS}
+        reads["sinks"] = await self._rows(Q.status_sinks)
+        return {name: [dict(row) for row in rows] for name, rows in reads.items()}
 
 
 def _final_state(status: Status) -> str:
