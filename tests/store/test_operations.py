@@ -1,0 +1,111 @@
+"""Operators' store operations (issue 12), on every engine: pauses, the batch listing, retention.
+
+A pause is what `batchd pause` writes beside a running daemon; the batcher sees it through
+`active_holds`, the hold query it already consults. Pruning folds results into the report's totals
+in the transaction that deletes them, so `batchd report` is the same before and after.
+"""
+
+from __future__ import annotations
+
+import time
+
+from batchd.store.contract import PAUSE_UNTIL, BatchState, PruneSummary, Store
+
+from .factories import MODEL, PROFILE, file_key, final, ingest, never_taken, submitted_batch, succeed_all
+from .factories import chunk as make_chunk
+
+
+async def test_a_pause_holds_every_route_it_matches_with_work_until_resumed(store: Store, second_node: Store) -> None:
+    await ingest(store, "a.jsonl", 3)
+    await ingest(store, "b.jsonl", 2, model="other-model")
+    now = time.time()
+    assert await store.active_holds(now) == {}
+
+    assert await store.pause(PROFILE, "*", "incident 42")
+    assert not await store.pause(PROFILE, "*")  # idempotent: already paused
+    # Any node sees it (the daemon is another process beside the command).
+    assert await second_node.active_holds(now) == {(PROFILE, MODEL): PAUSE_UNTIL, (PROFILE, "other-model"): PAUSE_UNTIL}
+    [pause] = await second_node.pauses()
+    assert (pause.profile, pause.model, pause.reason) == (PROFILE, "*", "incident 42")
+
+    assert await store.resume(PROFILE, "other-model") == 0  # not a pause of its own
+    assert await store.resume(PROFILE) == 1
+    assert await second_node.active_holds(now) == {}
+    assert await store.pauses() == []
+
+    await store.pause("*", "*")
+    await store.pause(PROFILE, MODEL)
+    assert set(await store.active_holds(now)) == {(PROFILE, MODEL), (PROFILE, "other-model")}
+    assert await store.resume() == 2
+    assert await store.active_holds(now) == {}
+
+
+async def test_a_pause_is_not_lifted_by_a_released_token_hold_and_outlasts_it(store: Store) -> None:
+    await ingest(store, "a.jsonl", 2)
+    now = time.time()
+    await store.pause(PROFILE, MODEL)
+    await store.hold(PROFILE, MODEL, now + 60, 1, "token_limit_exceeded")
+    assert await store.active_holds(now) == {(PROFILE, MODEL): PAUSE_UNTIL}
+    await store.release_hold(PROFILE, MODEL)  # what a successful batch does
+    assert await store.active_holds(now) == {(PROFILE, MODEL): PAUSE_UNTIL}
+
+
+async def test_a_pause_without_queued_work_holds_nothing_yet(store: Store) -> None:
+    await store.pause(PROFILE, "*")
+    assert await store.active_holds(time.time()) == {}
+    await ingest(store, "late.jsonl", 1)
+    assert await store.active_holds(time.time()) == {(PROFILE, MODEL): PAUSE_UNTIL}
+
+
+async def test_recent_batches_are_every_state_newest_first(store: Store, second_node: Store) -> None:
+    await ingest(store, "a.jsonl", 4)
+    first = await submitted_batch(store, max_requests=2)
+    second = await submitted_batch(store, max_requests=2)
+    await succeed_all(store, first)
+    await store.finish_batch(first.id)
+    listed = await second_node.recent_batches(10)
+    assert [b.id for b in listed] == [second.id, first.id]
+    assert [b.state for b in listed] == [BatchState.SUBMITTED, BatchState.DONE]
+    assert listed[0].owner == "n1"
+    assert [b.id for b in await store.recent_batches(1)] == [second.id]
+
+
+async def _finished_file(store: Store, name: str, count: int, cost: float = 0.25) -> int:
+    """A file whose lines all have results (one invalid), its batch done and the file complete."""
+    row = await store.begin_file(file_key(name), never_taken)
+    assert await store.add_chunk(row.id, make_chunk(1, count, invalid_lines=[count]))
+    await store.finish_file(row.id, count)
+    batch = await submitted_batch(store)
+    items = await store.submitted_items(batch.id)
+    await store.record_outcomes(batch.id, [final(i, tokens=10, cost=cost) for i in items], [])
+    await store.finish_batch(batch.id)
+    await store.complete_file(row.id)
+    return row.id
+
+
+async def test_pruning_removes_finished_rows_and_keeps_the_report_totals(store: Store) -> None:
+    file_id = await _finished_file(store, "old.jsonl", 5)
+    kept = await ingest(store, "queued.jsonl", 2)  # not complete: never pruned
+    reports = {by: await store.report(0, by) for by in ("model", "provider", "day", "file")}
+    assert sum(r["requests"] for r in reports["file"]) == 5
+
+    assert await store.prune_finished(time.time() - 3600) == PruneSummary()  # nothing that old yet
+    pruned = await store.prune_finished(time.time() + 1)
+    assert pruned == PruneSummary(files=1, results=5, batches=1)
+    assert await store.prune_finished(time.time() + 1) == PruneSummary()  # a repeat finds nothing
+
+    assert await store.file(file_id) is None
+    assert await store.query_results("old.jsonl", None, None, 100) == []
+    assert await store.file(kept.id) is not None
+    for by, before in reports.items():
+        assert await store.report(0, by) == before, by
+    # `--since` still applies to what was pruned (by the hour it was made).
+    assert await store.report(time.time() + 7200, "model") == []
+
+
+async def test_a_file_with_parked_results_is_not_pruned(store: Store) -> None:
+    file_id = await _finished_file(store, "parked.jsonl", 3)
+    pending = await store.results_after(0, 10)
+    await store.park("hook", [pending[0].id], "receiver down", None)
+    assert (await store.prune_finished(time.time() + 1)).files == 0
+    assert await store.file(file_id) is not None
