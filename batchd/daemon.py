@@ -39,6 +39,7 @@ from .exits import EX_NOPERM, EX_TEMPFAIL, OperatorError, creating_status, reaso
 from .logs import get_logger
 from .poller import HOLD_BASE, Pollers
 from .providers import ProviderPool
+from .retention import Retention
 from .settings import Settings
 from .sinks import SinkRunner
 from .sinks.base import Sink
@@ -186,6 +187,7 @@ class Daemon:
         )
         self.spool = Spool(settings, self.store, on_ingest=self._on_ingest, crashpoints=self.crashpoints)
         self.lock = StateLock(settings.daemon.state_dir)
+        self.retention = Retention(settings, self.store)
 
     async def _leases(self) -> None:
         """Renew this node's leases every lease/3 s; take over expired ones every lease/2 s.
@@ -361,6 +363,7 @@ class Daemon:
             asyncio.create_task(self.sinks.run(self.stopping), name="sinks"),
             asyncio.create_task(self._leases(), name="leases"),
             asyncio.create_task(self._watchdog(), name="watchdog"),
+            asyncio.create_task(self.retention.run(self.stopping), name="retention"),
         }
         stop_waiter = asyncio.create_task(self.stopping.wait(), name="stop-waiter")
         status = 0

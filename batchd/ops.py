@@ -1,0 +1,99 @@
+"""What operators' commands compute beside the daemon: routes, next flushes, whether a daemon runs.
+
+`parse_route` and `next_flush` are pure (unit-tested in tests/test_ops.py); `daemon_pid` reads the
+kernel's lock table, so `batchd status` can tell a running daemon from a stale lock file without
+touching the lock itself (taking it, even shared and for an instant, could make a daemon that
+starts at that moment refuse to run).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .store.contract import PAUSE_UNTIL, Group
+
+ANY = "*"
+LOCK_NAME = "batchd.lock"  # daemon.StateLock's file in the state directory
+PROC_LOCKS = Path("/proc/locks")
+
+
+def parse_route(text: str | None) -> tuple[str, str]:
+    """(profile, model) of a ROUTE: `PROFILE`, `PROFILE/MODEL` or nothing (every route); `*` is any.
+
+    A model may itself hold slashes (`openai/meta-llama/x`): only the first one separates.
+    ValueError for an empty part.
+    """
+    if text is None or text.strip() in ("", ANY):
+        return ANY, ANY
+    profile, _, model = text.strip().partition("/")
+    if not profile or (_ and not model):
+        raise ValueError(f"not a route: {text!r} (use PROFILE or PROFILE/MODEL)")
+    return profile, model or ANY
+
+
+def route_name(profile: str, model: str) -> str:
+    """The ROUTE an operator types for (profile, model): `*` for all, `PROFILE` for all its models."""
+    if profile == ANY and model == ANY:
+        return ANY
+    return profile if model == ANY else f"{profile}/{model}"
+
+
+@dataclass(frozen=True, slots=True)
+class NextFlush:
+    """When a route's queued work goes out next, and why then."""
+
+    at: float | None  # None: not until an operator resumes it
+    reason: str  # full | max_wait | held | paused
+
+
+def next_flush(
+    group: Group, now: float, max_wait: float, request_limit: int, byte_limit: int, held_until: float | None = None
+) -> NextFlush:
+    """When the batcher flushes `group` next, as its flush rule says (batcher.flush): at once when full,
+    else when its oldest request has waited max_wait; a hold moves that to its end, a pause to never.
+    """
+    if held_until is not None and held_until >= PAUSE_UNTIL:
+        return NextFlush(None, "paused")
+    full = group.count >= request_limit or group.bytes >= byte_limit
+    due = now if full else max(now, group.oldest + max_wait)
+    if held_until is not None and held_until > due:
+        return NextFlush(held_until, "held")
+    return NextFlush(due, "full" if full else "max_wait")
+
+
+def _lock_holders(path: Path) -> list[int]:
+    """Pids holding a lock on `path`'s inode in the kernel's table (/proc/locks)."""
+    info = path.stat()
+    ident = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
+    holders = []
+    for line in PROC_LOCKS.read_text().splitlines():
+        fields = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 1234 fd:01:5678 0 EOF"; a waiting lock has "->" after the number.
+        if "->" in fields:
+            continue
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5].lower() == ident and fields[4].isdigit():
+            holders.append(int(fields[4]))
+    return holders
+
+
+def daemon_pid(state_dir: Path) -> int | None:
+    """The pid of the daemon holding the state directory's lock, or None when none runs.
+
+    The kernel's lock table is the truth (the lock goes when the process dies); where it cannot be
+    read, the pid written in the lock file counts if that process is alive.
+    """
+    path = state_dir / LOCK_NAME
+    try:
+        holders = _lock_holders(path)
+    except FileNotFoundError:
+        return None
+    except OSError:
+        holders = []
+        with contextlib.suppress(OSError, ValueError):
+            pid = int(path.read_text().strip())
+            os.kill(pid, 0)
+            holders = [pid]
+    return holders[0] if holders else None
