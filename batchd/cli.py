@@ -376,7 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     init_service.set_defaults(handler=cmd_init_service)
 
-    emulator = commands.add_parser("emulator", help="serve a local emulator of both batch APIs")
+    emulator_help = "serve a local emulator of both batch APIs (OpenAI and Anthropic), for tests and demos"
+    emulator = commands.add_parser("emulator", help=emulator_help, description=emulator_help)
     from .emulator.cli import add_arguments
 
     add_arguments(emulator)
