@@ -149,7 +149,7 @@ def test_every_command_and_option_says_what_it_does_and_its_default() -> None:
     for name, command in commands.items():
         assert command.description, name
         for action in command._actions:
-            if isinstance(action, argparse._HelpAction) or not action.option_strings and action.nargs != "?":
+            if isinstance(action, argparse._HelpAction) or (not action.option_strings and action.nargs != "?"):
                 continue
             assert action.help and len(action.help) > 12, (name, action.dest)
             assert "default" in action.help, (name, action.dest, action.help)
@@ -273,8 +273,7 @@ def test_the_sdist_and_an_install_from_it_carry_the_service_files(tmp_path: Path
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     install = subprocess.run(
-        [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "--no-deps", "--quiet"]
-        + [str(sdist)],
+        [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "--no-deps", str(sdist)],
         capture_output=True,
         text=True,
         timeout=300,
