@@ -1,4 +1,4 @@
--- Issue 12: operator pauses and the report totals of pruned rows (as SQLite's 012).
+-- Issue 12 (SQLite: 012): operator pauses and the report totals of pruned rows.
 --
 -- `batchd pause [ROUTE]`: submission of queued work matching (profile, model) waits until
 -- `batchd resume`; '*' matches any profile or model. Kept apart from holds, which are the daemon's
