@@ -149,6 +149,9 @@ async def daemon_section(settings: Settings, store: Store, now: float) -> dict[s
     pid = daemon_pid(settings.daemon.state_dir)
     pauses = await store.pauses()
     holds = await store.active_holds(now)
+    in_flight: dict[str, int] = {}
+    for batch in await store.batches_in_state(*LIVE_BATCH_STATES):
+        in_flight[batch.profile] = in_flight.get(batch.profile, 0) + 1
     flushes = []
     for group in await store.queued_groups(now):
         profile = settings.providers.get(group.profile)
@@ -161,6 +164,7 @@ async def daemon_section(settings: Settings, store: Store, now: float) -> dict[s
             profile.request_limit,
             profile.byte_limit,
             holds.get((group.profile, group.model)),
+            in_flight.get(group.profile, 0) >= profile.max_in_flight,
         )
         flushes.append(
             {
@@ -193,7 +197,9 @@ def daemon_lines(data: dict[str, Any], now: float | None = None) -> list[str]:
         why = f": {pause['reason']}" if pause.get("reason") else ""
         lines.append(f"Paused: {pause['route']} since {_when(pause['since'])}{why} (batchd resume)")
     for flush in data.get("next_flush", []):
-        if flush["next_flush"] is None:
+        if flush["next_flush"] is None and flush["reason"] == "in_flight":
+            when = f"when a batch of {flush['provider']} ends (max_in_flight reached)"
+        elif flush["next_flush"] is None:
             when = "when resumed"
         elif flush["next_flush"] <= now:
             when = f"now ({flush['reason']})"

@@ -45,15 +45,22 @@ def route_name(profile: str, model: str) -> str:
 class NextFlush:
     """When a route's queued work goes out next, and why then."""
 
-    at: float | None  # None: not until an operator resumes it
-    reason: str  # full | max_wait | held | paused
+    at: float | None  # None: not until an operator resumes it, or a batch of the profile ends
+    reason: str  # full | max_wait | held | paused | in_flight
 
 
 def next_flush(
-    group: Group, now: float, max_wait: float, request_limit: int, byte_limit: int, held_until: float | None = None
+    group: Group,
+    now: float,
+    max_wait: float,
+    request_limit: int,
+    byte_limit: int,
+    held_until: float | None = None,
+    in_flight_full: bool = False,
 ) -> NextFlush:
     """When the batcher flushes `group` next, as its flush rule says (batcher.flush): at once when full,
-    else when its oldest request has waited max_wait; a hold moves that to its end, a pause to never.
+    else when its oldest request has waited max_wait; a hold moves that to its end, a pause to never,
+    and a profile at its max_in_flight to when one of its batches ends (unknown: None).
     """
     if held_until is not None and held_until >= PAUSE_UNTIL:
         return NextFlush(None, "paused")
@@ -61,6 +68,8 @@ def next_flush(
     due = now if full else max(now, group.oldest + max_wait)
     if held_until is not None and held_until > due:
         return NextFlush(held_until, "held")
+    if in_flight_full and due <= now:
+        return NextFlush(None, "in_flight")
     return NextFlush(due, "full" if full else "max_wait")
 
 

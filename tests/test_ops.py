@@ -71,6 +71,12 @@ def test_a_hold_moves_the_flush_to_its_end_and_a_pause_to_never() -> None:
     assert ops.next_flush(group(), 1010.0, 600.0, 50_000, 10**9, PAUSE_UNTIL) == ops.NextFlush(None, "paused")
 
 
+def test_a_due_group_of_a_profile_at_max_in_flight_waits_for_a_batch_to_end() -> None:
+    assert ops.next_flush(group(count=5), 1010.0, 600.0, 5, 10**9, None, True) == ops.NextFlush(None, "in_flight")
+    # Not yet due: its time still stands (the limit may have eased by then).
+    assert ops.next_flush(group(), 1010.0, 600.0, 50_000, 10**9, None, True) == ops.NextFlush(1600.0, "max_wait")
+
+
 # -- the config lookup order ----------------------------------------------------------------------
 
 
