@@ -16,6 +16,16 @@ from batchd.emulator import EmulatorConfig, RunningEmulator, start_emulator
 from batchd.settings import BatchingSettings, DaemonSettings, ProviderProfile, Settings
 
 
+async def loop_ticks(count: int = 1) -> None:
+    """Let the event loop run `count` iterations: a cancellation point, never a wait for a condition.
+
+    The cancellation tests cancel a write after exactly N iterations, to land inside each await of
+    it in turn; everything else waits with wait_until.
+    """
+    for _ in range(count):
+        await asyncio.sleep(0)
+
+
 async def wait_until(
     condition: Callable[[], Any] | Callable[[], Awaitable[Any]], timeout: float = 60.0, interval: float = 0.05
 ) -> Any:

@@ -406,6 +406,16 @@ def _token_limit_error(state: EmulatorState, batch: OpenAIBatch) -> dict[str, An
     return {"code": "token_limit_exceeded", "line": None, "param": None, "message": message}
 
 
+def _note_enqueued(state: EmulatorState, batch: OpenAIBatch) -> None:
+    """Keep the highest enqueued-token total per model, counted the emulator's own way."""
+    model = batch.scan.model or ""
+    running = ("in_progress", "finalizing", "cancelling")
+    enqueued = sum(
+        b.scan.tokens for b in state.openai_batches.values() if b.scan.model == model and b.status in running
+    )
+    state.peak_enqueued[model] = max(state.peak_enqueued.get(model, 0), enqueued)
+
+
 async def run_batch(state: EmulatorState, batch: OpenAIBatch, source: Path) -> None:
     """The whole life of one batch: validating → in_progress → finalizing → terminal."""
     job = batch.job
@@ -431,6 +441,7 @@ async def run_batch(state: EmulatorState, batch: OpenAIBatch, source: Path) -> N
             stamp("failed")
             return
         stamp("in_progress")
+        _note_enqueued(state, batch)
         run = _Run(state, batch, source)
         try:
             await run_lines(state, job, run, batch.scan.lines, lambda: (1 - _VALIDATING - _FINALIZING) * span())

@@ -20,6 +20,7 @@ from batchd.store.contract import (
     Store,
 )
 
+from ..conftest import loop_ticks
 from .factories import chunk as make_chunk
 from .factories import (
     claim,
@@ -603,7 +604,7 @@ async def test_a_cursor_following_results_after_never_skips_a_row(store: Store, 
             elif finished:
                 return
             else:
-                await asyncio.sleep(0)
+                await loop_ticks()  # a writer commits between reads; no condition to wait on
 
     async def writer(node: Store, batch_id: int) -> None:
         items = await node.submitted_items(batch_id)
