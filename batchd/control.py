@@ -15,8 +15,9 @@ from typing import Any
 import orjson
 from rich.table import Table
 
+from .deadlines import FlushRules, QueueView, plan_flush
 from .exits import EX_USAGE, OperatorError
-from .ops import ANY, daemon_pid, next_flush, parse_route, route_name
+from .ops import ANY, daemon_pid, parse_route, route_name, shown_flush
 from .settings import Settings
 from .status import existing_store, no_store, terminal
 from .store.contract import LIVE_BATCH_STATES, BatchRow, Store
@@ -157,15 +158,15 @@ async def daemon_section(settings: Settings, store: Store, now: float) -> dict[s
         profile = settings.providers.get(group.profile)
         if profile is None:  # a profile since removed from the configuration
             continue
-        flush = next_flush(
-            group,
+        plan = plan_flush(
+            QueueView(group.count, group.bytes, group.oldest),
+            FlushRules(profile.request_limit, profile.byte_limit, settings.batching.max_wait),
             now,
-            settings.batching.max_wait,
-            profile.request_limit,
-            profile.byte_limit,
-            holds.get((group.profile, group.model)),
-            in_flight.get(group.profile, 0) >= profile.max_in_flight,
+            held_until=holds.get((group.profile, group.model)),
         )
+        if plan is None:
+            continue
+        flush = shown_flush(plan, now, in_flight.get(group.profile, 0) >= profile.max_in_flight)
         flushes.append(
             {
                 "provider": group.profile,

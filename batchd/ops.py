@@ -1,6 +1,7 @@
 """What operators' commands compute beside the daemon: routes, next flushes, whether a daemon runs.
 
-`parse_route` and `next_flush` are pure (unit-tested in tests/test_ops.py); `daemon_pid` reads the
+`parse_route` and `shown_flush` are pure (unit-tested in tests/test_ops.py; when a route flushes
+is deadlines.plan_flush, the batcher's own rule); `daemon_pid` reads the
 kernel's lock table, so `batchd status` can tell a running daemon from a stale lock file without
 touching the lock itself (taking it, even shared and for an instant, could make a daemon that
 starts at that moment refuse to run).
@@ -13,7 +14,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .store.contract import PAUSE_UNTIL, Group
+from .deadlines import FlushPlan
+from .store.contract import PAUSE_UNTIL
 
 ANY = "*"
 LOCK_NAME = "batchd.lock"  # daemon.StateLock's file in the state directory
@@ -43,34 +45,22 @@ def route_name(profile: str, model: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class NextFlush:
-    """When a route's queued work goes out next, and why then."""
+    """When a route's queued work goes out next, as `batchd status` shows it."""
 
     at: float | None  # None: not until an operator resumes it, or a batch of the profile ends
-    reason: str  # full | max_wait | held | paused | in_flight
+    reason: str  # deadlines.FlushReason's words, or paused | in_flight
 
 
-def next_flush(
-    group: Group,
-    now: float,
-    max_wait: float,
-    request_limit: int,
-    byte_limit: int,
-    held_until: float | None = None,
-    in_flight_full: bool = False,
-) -> NextFlush:
-    """When the batcher flushes `group` next, as its flush rule says (batcher.flush): at once when full,
-    else when its oldest request has waited max_wait; a hold moves that to its end, a pause to never,
-    and a profile at its max_in_flight to when one of its batches ends (unknown: None).
+def shown_flush(plan: FlushPlan, now: float, in_flight_full: bool = False) -> NextFlush:
+    """deadlines.plan_flush's answer as status shows it: a pause (a hold until PAUSE_UNTIL) has no
+    time, nor has a due flush of a profile at its max_in_flight (it waits for one of its batches
+    to end); a flush already due is now.
     """
-    if held_until is not None and held_until >= PAUSE_UNTIL:
+    if plan.at >= PAUSE_UNTIL:
         return NextFlush(None, "paused")
-    full = group.count >= request_limit or group.bytes >= byte_limit
-    due = now if full else max(now, group.oldest + max_wait)
-    if held_until is not None and held_until > due:
-        return NextFlush(held_until, "held")
-    if in_flight_full and due <= now:
+    if in_flight_full and plan.at <= now:
         return NextFlush(None, "in_flight")
-    return NextFlush(due, "full" if full else "max_wait")
+    return NextFlush(max(plan.at, now), plan.reason.value)
 
 
 def _lock_holders(path: Path) -> list[int]:

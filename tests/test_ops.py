@@ -20,8 +20,9 @@ import pytest
 
 from batchd import ops, retention, settings
 from batchd.cli import build_parser
+from batchd.deadlines import FlushPlan, FlushReason
 from batchd.service import SERVICE_FILES, service_files, write_service_files
-from batchd.store.contract import PAUSE_UNTIL, Group
+from batchd.store.contract import PAUSE_UNTIL
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -50,31 +51,19 @@ def test_a_route_with_an_empty_part_is_refused(text: str) -> None:
         ops.parse_route(text)
 
 
-def group(count: int = 10, size: int = 1000, oldest: float = 1000.0) -> Group:
-    return Group("openai", "/v1/chat/completions", "m", count, size, oldest)
+def test_a_pause_has_no_flush_time_and_a_due_flush_is_now() -> None:
+    now = 1010.0
+    assert ops.shown_flush(FlushPlan(PAUSE_UNTIL, FlushReason.HELD), now) == ops.NextFlush(None, "paused")
+    assert ops.shown_flush(FlushPlan(2000.0, FlushReason.HELD), now) == ops.NextFlush(2000.0, "held")
+    assert ops.shown_flush(FlushPlan(900.0, FlushReason.AGE), now) == ops.NextFlush(now, "age")
+    assert ops.shown_flush(FlushPlan(1600.0, FlushReason.AGE), now) == ops.NextFlush(1600.0, "age")
 
 
-def test_next_flush_is_when_the_oldest_request_has_waited_max_wait() -> None:
-    assert ops.next_flush(group(oldest=1000.0), 1010.0, 600.0, 50_000, 10**9) == ops.NextFlush(1600.0, "max_wait")
-    # Overdue (the batcher is about to take it): now.
-    assert ops.next_flush(group(oldest=1000.0), 1700.0, 600.0, 50_000, 10**9) == ops.NextFlush(1700.0, "max_wait")
-
-
-def test_a_full_group_flushes_now_by_count_or_by_bytes() -> None:
-    assert ops.next_flush(group(count=5), 1010.0, 600.0, 5, 10**9) == ops.NextFlush(1010.0, "full")
-    assert ops.next_flush(group(size=2048), 1010.0, 600.0, 50_000, 2048) == ops.NextFlush(1010.0, "full")
-
-
-def test_a_hold_moves_the_flush_to_its_end_and_a_pause_to_never() -> None:
-    assert ops.next_flush(group(), 1010.0, 600.0, 50_000, 10**9, 2000.0) == ops.NextFlush(2000.0, "held")
-    assert ops.next_flush(group(), 1010.0, 600.0, 50_000, 10**9, 1100.0) == ops.NextFlush(1600.0, "max_wait")
-    assert ops.next_flush(group(), 1010.0, 600.0, 50_000, 10**9, PAUSE_UNTIL) == ops.NextFlush(None, "paused")
-
-
-def test_a_due_group_of_a_profile_at_max_in_flight_waits_for_a_batch_to_end() -> None:
-    assert ops.next_flush(group(count=5), 1010.0, 600.0, 5, 10**9, None, True) == ops.NextFlush(None, "in_flight")
+def test_a_due_flush_of_a_profile_at_max_in_flight_waits_for_one_of_its_batches() -> None:
+    now = 1010.0
+    assert ops.shown_flush(FlushPlan(now, FlushReason.FULL), now, True) == ops.NextFlush(None, "in_flight")
     # Not yet due: its time still stands (the limit may have eased by then).
-    assert ops.next_flush(group(), 1010.0, 600.0, 50_000, 10**9, None, True) == ops.NextFlush(1600.0, "max_wait")
+    assert ops.shown_flush(FlushPlan(1600.0, FlushReason.AGE), now, True) == ops.NextFlush(1600.0, "age")
 
 
 # -- the config lookup order ----------------------------------------------------------------------
