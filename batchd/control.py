@@ -17,7 +17,7 @@ from rich.table import Table
 
 from .deadlines import FlushRules, QueueView, plan_flush
 from .exits import EX_USAGE, OperatorError
-from .ops import ANY, daemon_pid, parse_route, route_name, shown_flush
+from .ops import ANY, daemon_pid, held_until, parse_route, route_name, shown_flush
 from .settings import Settings
 from .status import existing_store, no_store, terminal
 from .store.contract import LIVE_BATCH_STATES, BatchRow, Store
@@ -162,7 +162,7 @@ async def daemon_section(settings: Settings, store: Store, now: float) -> dict[s
             QueueView(group.count, group.bytes, group.oldest),
             FlushRules(profile.request_limit, profile.byte_limit, settings.batching.max_wait),
             now,
-            held_until=holds.get((group.profile, group.model)),
+            held_until=held_until(holds, group.profile, group.model),
         )
         if plan is None:
             continue

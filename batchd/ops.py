@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +42,15 @@ def route_name(profile: str, model: str) -> str:
     if profile == ANY and model == ANY:
         return ANY
     return profile if model == ANY else f"{profile}/{model}"
+
+
+def held_until(holds: Mapping[tuple[str, str], float], profile: str, model: str) -> float | None:
+    """Until when submission for (profile, model) is held by `holds` (Store.active_holds, whose
+    operator pauses may name '*' for any profile or model), or None when it is not held."""
+    found = [
+        holds[key] for key in ((profile, model), (profile, ANY), (ANY, model), (ANY, ANY)) if key in holds
+    ]
+    return max(found) if found else None
 
 
 @dataclass(frozen=True, slots=True)

@@ -51,6 +51,15 @@ def test_a_route_with_an_empty_part_is_refused(text: str) -> None:
         ops.parse_route(text)
 
 
+def test_held_until_matches_exact_holds_and_wildcard_pauses_and_takes_the_longest() -> None:
+    holds = {("openai", "m"): 100.0, ("anthropic", "*"): PAUSE_UNTIL}
+    assert ops.held_until(holds, "openai", "m") == 100.0
+    assert ops.held_until(holds, "openai", "other") is None
+    assert ops.held_until(holds, "anthropic", "claude") == PAUSE_UNTIL
+    assert ops.held_until({**holds, ("*", "*"): PAUSE_UNTIL}, "openai", "m") == PAUSE_UNTIL
+    assert ops.held_until({("*", "m"): 50.0, ("openai", "m"): 40.0}, "openai", "m") == 50.0
+
+
 def test_a_pause_has_no_flush_time_and_a_due_flush_is_now() -> None:
     now = 1010.0
     assert ops.shown_flush(FlushPlan(PAUSE_UNTIL, FlushReason.HELD), now) == ops.NextFlush(None, "paused")

@@ -356,8 +356,8 @@ class Queue(Protocol):
         """Live counts for organisation limits, over every node sharing the store."""
 
     async def active_holds(self, now: float) -> dict[tuple[str, str], float]:
-        """(profile, model) -> until, for holds still in force; a (profile, model) with queued work
-        that an operator's pause matches is held until PAUSE_UNTIL."""
+        """(profile, model) -> until, for holds still in force, and every operator pause until
+        PAUSE_UNTIL, keyed by its (profile, model) where '*' matches any: match with ops.held_until."""
 
     async def hold(self, profile: str, model: str, until: float, failures: int, reason: str) -> None:
         """Hold back submissions for (profile, model) until `until` (policy computed the pause)."""

@@ -530,8 +530,8 @@ class PostgresStore:
     async def active_holds(self, now: float) -> dict[tuple[str, str], float]:
         rows = await self._fetch(Q.active_holds, now)
         holds: dict[tuple[str, str], float] = {(r["profile"], r["model"]): r["until"] for r in rows}
-        # An operator's pause outlasts any hold; it is listed for the routes it matches that have work.
-        for row in await self._fetch(Q.paused_routes):
+        # An operator's pause (`batchd pause`) outlasts any hold; '*' in its key matches any profile or model.
+        for row in await self._fetch(Q.pauses):
             holds[(row["profile"], row["model"])] = PAUSE_UNTIL
         return holds
 

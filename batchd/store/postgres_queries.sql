@@ -470,10 +470,6 @@ DELETE FROM pauses
 -- name: pauses
 SELECT profile, model, paused_at, reason FROM pauses ORDER BY profile, model
 
--- name: paused_routes
-SELECT DISTINCT i.profile, i.model FROM pauses p JOIN items i
-    ON i.state = 'queued' AND (p.profile = '*' OR i.profile = p.profile) AND (p.model = '*' OR i.model = p.model)
-
 -- name: recent_batches
 SELECT * FROM batches ORDER BY id DESC LIMIT $1
 

@@ -641,8 +641,8 @@ class SQLiteStore:
     async def active_holds(self, now: float) -> dict[tuple[str, str], float]:
         rows = await self._rows(Q.active_holds, (now,))
         holds: dict[tuple[str, str], float] = {(r["profile"], r["model"]): r["until"] for r in rows}
-        # An operator's pause outlasts any hold; it is listed for the routes it matches that have work.
-        for row in await self._rows(Q.paused_routes):
+        # An operator's pause (`batchd pause`) outlasts any hold; '*' in its key matches any profile or model.
+        for row in await self._rows(Q.pauses):
             holds[(row["profile"], row["model"])] = PAUSE_UNTIL
         return holds
 

@@ -9,24 +9,29 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
+from batchd.ops import held_until
 from batchd.store.contract import PAUSE_UNTIL, BatchState, PruneSummary, Store
 
 from .factories import MODEL, PROFILE, file_key, final, ingest, never_taken, submitted_batch, succeed_all
 from .factories import chunk as make_chunk
 
 
-async def test_a_pause_holds_every_route_it_matches_with_work_until_resumed(store: Store, second_node: Store) -> None:
-    await ingest(store, "a.jsonl", 3)
-    await ingest(store, "b.jsonl", 2, model="other-model")
+async def test_a_pause_holds_every_route_it_matches_until_resumed(store: Store, second_node: Store) -> None:
     now = time.time()
     assert await store.active_holds(now) == {}
 
     assert await store.pause(PROFILE, "*", "incident 42")
     assert not await store.pause(PROFILE, "*")  # idempotent: already paused
     # Any node sees it (the daemon is another process beside the command).
-    assert await second_node.active_holds(now) == {(PROFILE, MODEL): PAUSE_UNTIL, (PROFILE, "other-model"): PAUSE_UNTIL}
+    holds = await second_node.active_holds(now)
+    assert holds == {(PROFILE, "*"): PAUSE_UNTIL}
+    assert held_until(holds, PROFILE, MODEL) == held_until(holds, PROFILE, "other-model") == PAUSE_UNTIL
+    assert held_until(holds, "anthropic", MODEL) is None
     [pause] = await second_node.pauses()
     assert (pause.profile, pause.model, pause.reason) == (PROFILE, "*", "incident 42")
+    assert pause.paused_at == pytest.approx(now, abs=60)
 
     assert await store.resume(PROFILE, "other-model") == 0  # not a pause of its own
     assert await store.resume(PROFILE) == 1
@@ -35,26 +40,18 @@ async def test_a_pause_holds_every_route_it_matches_with_work_until_resumed(stor
 
     await store.pause("*", "*")
     await store.pause(PROFILE, MODEL)
-    assert set(await store.active_holds(now)) == {(PROFILE, MODEL), (PROFILE, "other-model")}
+    assert held_until(await store.active_holds(now), "anthropic", "claude") == PAUSE_UNTIL
     assert await store.resume() == 2
     assert await store.active_holds(now) == {}
 
 
 async def test_a_pause_is_not_lifted_by_a_released_token_hold_and_outlasts_it(store: Store) -> None:
-    await ingest(store, "a.jsonl", 2)
     now = time.time()
-    await store.pause(PROFILE, MODEL)
-    await store.hold(PROFILE, MODEL, now + 60, 1, "token_limit_exceeded")
-    assert await store.active_holds(now) == {(PROFILE, MODEL): PAUSE_UNTIL}
-    await store.release_hold(PROFILE, MODEL)  # what a successful batch does
-    assert await store.active_holds(now) == {(PROFILE, MODEL): PAUSE_UNTIL}
-
-
-async def test_a_pause_without_queued_work_holds_nothing_yet(store: Store) -> None:
     await store.pause(PROFILE, "*")
-    assert await store.active_holds(time.time()) == {}
-    await ingest(store, "late.jsonl", 1)
-    assert await store.active_holds(time.time()) == {(PROFILE, MODEL): PAUSE_UNTIL}
+    await store.hold(PROFILE, MODEL, now + 60, 1, "token_limit_exceeded")
+    assert held_until(await store.active_holds(now), PROFILE, MODEL) == PAUSE_UNTIL
+    await store.release_hold(PROFILE, MODEL)  # what a successful batch does
+    assert held_until(await store.active_holds(now), PROFILE, MODEL) == PAUSE_UNTIL
 
 
 async def test_recent_batches_are_every_state_newest_first(store: Store, second_node: Store) -> None:
