@@ -392,9 +392,13 @@ def config_path(path: Path | str | None = None, environ: Mapping[str, str] | Non
         return Path(path)
     if env.get("BATCHD_CONFIG"):
         return Path(env["BATCHD_CONFIG"])
-    if DEFAULT_CONFIG.exists():
-        return DEFAULT_CONFIG
-    return None
+    try:
+        os.stat(DEFAULT_CONFIG)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError:
+        pass  # there but unreachable (/etc/batchd is the service's): load_settings says so, exit 78
+    return DEFAULT_CONFIG
 
 
 def load_settings(path: Path | str | None = None, overrides: dict[str, Any] | None = None) -> Settings:

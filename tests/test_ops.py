@@ -24,6 +24,11 @@ from batchd.deadlines import FlushPlan, FlushReason
 from batchd.service import SERVICE_FILES, service_files, write_service_files
 from batchd.store.contract import PAUSE_UNTIL
 
+from .conftest import require_root
+from .harness import as_user, python_for
+
+OTHER_UID = 61234  # numeric: needs no /etc/passwd entry
+
 REPO = Path(__file__).resolve().parent.parent
 
 # -- routes and next flushes ---------------------------------------------------------------------
@@ -92,6 +97,23 @@ def test_the_config_is_found_at_the_flag_then_the_variable_then_etc(
     assert settings.config_path(None, env) == tmp_path / "env.toml"
     monkeypatch.delenv("BATCHD_CONFIG", raising=False)
     assert settings.load_settings().daemon.spool_dir == Path("/srv/spool")
+
+
+def test_an_unreadable_system_config_is_a_configuration_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    require_root()
+    (tmp_path / "etc").mkdir(mode=0o700)
+    system = tmp_path / "etc" / "batchd.toml"
+    system.write_text("[daemon]\n")
+    tmp_path.chmod(0o755)
+    monkeypatch.setattr(settings, "DEFAULT_CONFIG", system)
+    program = "import sys; from batchd import settings as s; from pathlib import Path; " \
+        f"s.DEFAULT_CONFIG = Path({str(system)!r}); sys.exit(__import__('batchd.cli').cli.main(['status']))"
+    python, env = python_for(OTHER_UID)
+    env = {**{k: v for k, v in os.environ.items() if k != "BATCHD_CONFIG"}, **env}
+    proc = subprocess.run(
+        [*python, "-c", program], capture_output=True, text=True, timeout=60, env=env, **as_user(OTHER_UID)
+    )
+    assert proc.returncode == 78 and str(system) in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
 # -- journald priorities --------------------------------------------------------------------------
