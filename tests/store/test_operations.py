@@ -106,3 +106,15 @@ async def test_a_file_with_parked_results_is_not_pruned(store: Store) -> None:
     await store.park("hook", [pending[0].id], "receiver down", None)
     assert (await store.prune_finished(time.time() + 1)).files == 0
     assert await store.file(file_id) is not None
+
+
+async def test_pruning_goes_a_chunk_of_files_per_transaction(store: Store) -> None:
+    for n in range(3):
+        await _finished_file(store, f"f{n}.jsonl", 2)
+    later = time.time() + 1
+    assert [await store.prune_finished(later, limit=2) for _ in range(3)] == [
+        PruneSummary(files=2, results=4, batches=2),
+        PruneSummary(files=1, results=2, batches=1),
+        PruneSummary(),
+    ]
+    assert sum(r["requests"] for r in await store.report(0, "file")) == 6
