@@ -40,6 +40,7 @@ from .http import HttpServer
 from .logs import get_logger
 from .poller import HOLD_BASE, Pollers
 from .providers import ProviderPool
+from .retention import Retention
 from .settings import Settings
 from .sinks import SinkRunner
 from .sinks.base import Sink
@@ -191,6 +192,7 @@ class Daemon:
         )
         self.lock = StateLock(settings.daemon.state_dir)
         self._poll_requests_seen: dict[int, float] = {}
+        self.retention = Retention(settings, self.store)
 
     async def _leases(self) -> None:
         """Renew this node's leases every lease/3 s; take over expired ones every lease/2 s.
@@ -380,6 +382,7 @@ class Daemon:
             asyncio.create_task(self.sinks.run(self.stopping), name="sinks"),
             asyncio.create_task(self._leases(), name="leases"),
             asyncio.create_task(self._watchdog(), name="watchdog"),
+            asyncio.create_task(self.retention.run(self.stopping), name="retention"),
         }
         if self.http is not None:
             tasks.add(asyncio.create_task(self.http.run(self.stopping), name="http"))

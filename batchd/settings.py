@@ -70,7 +70,13 @@ class DaemonSettings(_Section):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     graceful_timeout: Duration = 20.0
     rescan_interval: Duration = 30.0
+    # How long finished things are kept: done/ inputs, rejected/ inputs (with their .error.json),
+    # delivered results files in out/, and the database's finished rows (their report totals are
+    # kept in a totals table). 0 keeps them forever.
     done_retention: Duration = 7 * 86400.0
+    rejected_retention: Duration = 30 * 86400.0
+    out_retention: Duration = 30 * 86400.0
+    rows_retention: Duration = 90 * 86400.0
     # A file in new/ whose last line has no newline is taken as still being written until it
     # has been left alone this long.
     settle_time: Duration = 5.0
@@ -424,10 +430,33 @@ def _format_location(location: tuple[int | str, ...]) -> str:
     return text or "(top level)"
 
 
+DEFAULT_CONFIG = Path("/etc/batchd/batchd.toml")
+
+
+def config_path(path: Path | str | None = None, environ: Mapping[str, str] | None = None) -> Path | None:
+    """Where the configuration is: `path` (--config), else $BATCHD_CONFIG, else /etc/batchd/batchd.toml
+    if it exists, else None (defaults and BATCHD_* variables only).
+
+    A path given explicitly must exist (load_settings says so); the system-wide default is only
+    used when it is there, so a development checkout runs without one.
+    """
+    env = os.environ if environ is None else environ
+    if path is not None and str(path) != "":
+        return Path(path)
+    if env.get("BATCHD_CONFIG"):
+        return Path(env["BATCHD_CONFIG"])
+    try:
+        os.stat(DEFAULT_CONFIG)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError:
+        pass  # there but unreachable (/etc/batchd is the service's): load_settings says so, exit 78
+    return DEFAULT_CONFIG
+
+
 def load_settings(path: Path | str | None = None, overrides: dict[str, Any] | None = None) -> Settings:
-    """Read the TOML file at `path` (or $BATCHD_CONFIG), apply BATCHD_* variables and `overrides`."""
-    if path is None and os.environ.get("BATCHD_CONFIG"):
-        path = os.environ["BATCHD_CONFIG"]
+    """Read the TOML file found by config_path(`path`), apply BATCHD_* variables and `overrides`."""
+    path = config_path(path)
     data: dict[str, Any] = {}
     source = str(path) if path is not None else "(defaults and environment)"
     if path is not None:

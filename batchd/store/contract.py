@@ -255,6 +255,34 @@ class Usage:
     created_last_hour: int
 
 
+@dataclass(frozen=True, slots=True)
+class Pause:
+    """An operator's pause of submission (`batchd pause`); '*' matches any profile or model."""
+
+    profile: str
+    model: str
+    paused_at: float
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PruneSummary:
+    """What one retention pass removed from the database."""
+
+    files: int = 0
+    results: int = 0
+    batches: int = 0
+
+    def __add__(self, other: PruneSummary) -> PruneSummary:
+        return PruneSummary(self.files + other.files, self.results + other.results, self.batches + other.batches)
+
+    def __bool__(self) -> bool:
+        return bool(self.files or self.batches)
+
+
+PAUSE_UNTIL = float("inf")  # what active_holds reports for a paused route: until `batchd resume`
+
+
 # -- the facets ------------------------------------------------------------------------------
 
 
@@ -332,7 +360,8 @@ class Queue(Protocol):
         """Live counts for organisation limits, over every node sharing the store."""
 
     async def active_holds(self, now: float) -> dict[tuple[str, str], float]:
-        """(profile, model) -> until, for holds still in force."""
+        """(profile, model) -> until, for holds still in force, and every operator pause until
+        PAUSE_UNTIL, keyed by its (profile, model) where '*' matches any: match with ops.held_until."""
 
     async def hold(self, profile: str, model: str, until: float, failures: int, reason: str) -> None:
         """Hold back submissions for (profile, model) until `until` (policy computed the pause)."""
@@ -495,7 +524,29 @@ class Reporting(Protocol):
         collected), ingested (files, lines), and sinks (sink, pending, parked) as in status()."""
 
 
-class Store(Intake, Queue, Batches, Outcomes, Delivery, Reporting, Protocol):
+class Operations(Protocol):
+    """What operators' commands change beside the daemon (they act through the store), and retention."""
+
+    async def pause(self, profile: str, model: str, reason: str | None = None) -> bool:
+        """Pause submission for (profile, model) ('*' for any) until resume; False if already paused. Idempotent."""
+
+    async def resume(self, profile: str | None = None, model: str | None = None) -> int:
+        """Lift the pause of exactly (profile, model), or every pause when profile is None; how many were lifted."""
+
+    async def pauses(self) -> list[Pause]:
+        """Every operator pause in force."""
+
+    async def recent_batches(self, limit: int) -> list[BatchRow]:
+        """The newest `limit` batches in any state, newest first, whoever owns them."""
+
+    async def prune_finished(self, before: float, limit: int = 100) -> PruneSummary:
+        """Delete up to `limit` files completed before `before` (with their items and results; never a
+        file with parked results) and up to `limit` done batches ended before it that no item names,
+        in one transaction that first folds the results into the report totals (`report` counts them
+        still). Call again while it returns a non-empty summary."""
+
+
+class Store(Intake, Queue, Batches, Outcomes, Delivery, Reporting, Operations, Protocol):
     """Everything, plus the lifecycle. Engines: SQLiteStore (store/sqlite.py), PostgresStore (store/postgres.py)."""
 
     url: str
