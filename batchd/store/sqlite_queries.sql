@@ -500,11 +500,20 @@ SELECT profile, state, COALESCE(remote_status, state) AS status, COUNT(*) AS n F
 GROUP BY profile, state, COALESCE(remote_status, state);
 
 -- name: metrics_results
-SELECT COALESCE(profile, '') AS profile, COALESCE(model, '') AS model, status, COUNT(*) AS n,
-    SUM(CASE WHEN batch_id IS NOT NULL THEN 1 ELSE 0 END) AS collected,
+SELECT COALESCE(profile, '') AS profile, COALESCE(model, '') AS model, status, SUM(requests) AS n,
+    SUM(collected) AS collected,
     COALESCE(SUM(input_tokens), 0) AS input_tokens, COALESCE(SUM(output_tokens), 0) AS output_tokens,
     COALESCE(SUM(cost_batch), 0.0) AS cost_batch, COALESCE(SUM(cost_realtime), 0.0) AS cost_realtime
-FROM results GROUP BY COALESCE(profile, ''), COALESCE(model, ''), status;
+FROM (
+    SELECT profile, model, status, 1 AS requests, CASE WHEN batch_id IS NOT NULL THEN 1 ELSE 0 END AS collected,
+        input_tokens, output_tokens, cost_batch, cost_realtime
+    FROM results
+    UNION ALL
+    -- What retention pruned still counts: these are counters, and a counter never goes down.
+    SELECT profile, model, status, requests, CASE WHEN status = 'invalid' THEN 0 ELSE requests END,
+        input_tokens, output_tokens, cost_batch, cost_realtime
+    FROM result_totals
+) AS r GROUP BY COALESCE(profile, ''), COALESCE(model, ''), status;
 
 -- name: metrics_retries
 SELECT profile, model, COALESCE(SUM(CASE WHEN attempts > 1 THEN attempts - 1 ELSE 0 END), 0) AS retries

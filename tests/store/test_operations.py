@@ -85,6 +85,7 @@ async def test_pruning_removes_finished_rows_and_keeps_the_report_totals(store: 
     kept = await ingest(store, "queued.jsonl", 2)  # not complete: never pruned
     reports = {by: await store.report(0, by) for by in ("model", "provider", "day", "file")}
     assert sum(r["requests"] for r in reports["file"]) == 5
+    counted = (await store.metrics())["results"]  # /metrics counters: they must never go down
 
     assert await store.prune_finished(time.time() - 3600) == PruneSummary()  # nothing that old yet
     pruned = await store.prune_finished(time.time() + 1)
@@ -96,6 +97,7 @@ async def test_pruning_removes_finished_rows_and_keeps_the_report_totals(store: 
     assert await store.file(kept.id) is not None
     for by, before in reports.items():
         assert await store.report(0, by) == before, by
+    assert (await store.metrics())["results"] == counted
     # `--since` still applies to what was pruned (by the hour it was made).
     assert await store.report(time.time() + 7200, "model") == []
 
