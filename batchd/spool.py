@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import errno
 import hashlib
+import io
 import os
 import secrets
 import stat
@@ -47,17 +48,26 @@ from .crashpoints import CrashPoints
 from .formats import LineError, invalid_result, parse_line
 from .logs import get_logger
 from .settings import Settings
-from .store.contract import Chunk, FileKey, FileRow, FileState, Intake, NewItem, NewResult
+from .store.contract import Chunk, FileKey, FileRow, FileState, Intake, NewItem, NewResult, WholeFile
 
 SUBDIRS = ("tmp", "new", "done", "rejected", "out")
 # A chunk of one file's lines, parsed then committed in one store transaction: bounded by lines and
 # by bytes, so memory and transactions stay short whatever the lines look like (at least one line
 # per chunk, however big).
 CHUNK_LINES = 2000
-CHUNK_BYTES = 8 << 20
+CHUNK_BYTES = 2 << 20
+# A file up to this size whose lines fit one chunk is read whole and committed together with other
+# such files (group commit): one durable transaction, one fsync of done/ and of new/ for the group.
+SMALL_FILE_BYTES = 1 << 20
+# A group is committed when it holds this many files (or a chunk's worth of lines or bytes).
+GROUP_FILES = 500
+# Lines parsed between two yields to the event loop (about a millisecond of work).
+PARSE_SLICE = 128
 # Bytes around each request in a provider batch (custom_id, method, url, separators).
 LINE_OVERHEAD = 96
 BOM = b"\xef\xbb\xbf"
+# Bytes read at a time while a file is split into lines.
+READ_BLOCK = 1 << 20
 RESULTS_SUFFIX = ".results.jsonl"
 # (subdirectory, mode). tmp/ and new/ are shared with producers: sticky, so nobody renames or
 # removes another's file. The root and the daemon's own directories are not group-writable, so
@@ -211,6 +221,13 @@ class IngestReport:
     out_name: str = ""
 
 
+@dataclass(slots=True)
+class _Committed:
+    """How far a file's chunks are committed (shared by the chunk tasks of one ingest)."""
+
+    lines: int
+
+
 class _FileChanged(Exception):
     """The file's bytes changed between hashing and parsing (its writer is not done)."""
 
@@ -239,39 +256,65 @@ def _read_lines(
 
     Reading starts at line `first`, at byte `offset` (where the handle is); the end offset is the
     byte offset just after the line. Every byte read goes into `digest` (when given), so the caller
-    can prove it parsed what it hashed.
+    can prove it parsed what it hashed. The file is read in blocks split into lines (one C call per
+    block, not one per line); a line longer than max_bytes is counted, never held whole.
     """
     number = first - 1
-    while True:
-        raw = handle.readline(max_bytes + 2)
-        if not raw:
-            return
+    pieces: list[bytes] = []  # the start of a line that runs past the block
+    held = 0  # bytes in pieces
+    skipped = 0  # > 0: the bytes so far of a line too long to hold
+    while block := handle.read(READ_BLOCK):
         if digest is not None:
-            digest.update(raw)
+            digest.update(block)
+        parts = block.split(b"\n")
+        tail = parts.pop()  # after the block's last newline: a line that goes on in the next block
+        for index, part in enumerate(parts):
+            content: bytes | None = part
+            length = len(part) + 1
+            if index == 0 and (pieces or skipped):
+                if skipped:
+                    length += skipped
+                    content, skipped = None, 0
+                else:
+                    pieces.append(part)
+                    content = b"".join(pieces)
+                    length = len(content) + 1
+                    pieces.clear()
+                    held = 0
+            number += 1
+            offset += length
+            if number == 1 and content is not None and content.startswith(BOM):
+                # Files written on Windows often start with one.
+                content = content[len(BOM) :]
+                length -= len(BOM)
+            if content is not None and len(content) > max_bytes:
+                content = None
+            elif content is not None and content.endswith(b"\r"):
+                content = content[:-1]
+            yield number, content, length, offset
+        if tail:  # the start of the next line (or more of a line that no block has ended yet)
+            if skipped:
+                skipped += len(tail)
+            else:
+                pieces.append(tail)
+                held += len(tail)
+                if held > max_bytes + 1:
+                    # Too long already: count the rest of it without holding it in memory.
+                    skipped, held = held, 0
+                    pieces.clear()
+    if pieces or skipped:  # a last line without a newline
+        content = b"".join(pieces) if pieces else None
+        length = held or skipped
         number += 1
-        offset += len(raw)
-        if number == 1 and raw.startswith(BOM):  # files written on Windows often start with one
-            raw = raw[len(BOM) :]
-        if len(raw) > max_bytes + 1:  # more than max_bytes before the newline
-            # Too long: skip the rest of it without holding it in memory.
-            length = len(raw)
-            raw = b""  # let the big buffer go before reading on
-            while True:
-                piece = handle.readline(1 << 20)
-                if not piece:
-                    break
-                if digest is not None:
-                    digest.update(piece)
-                length += len(piece)
-                offset += len(piece)
-                if piece.endswith(b"\n"):
-                    break
-            yield number, None, length, offset
-            continue
-        content = raw[:-1] if raw.endswith(b"\n") else raw
-        if content.endswith(b"\r"):
+        offset += length
+        if number == 1 and content is not None and content.startswith(BOM):
+            content = content[len(BOM) :]
+            length -= len(BOM)
+        if content is not None and len(content) > max_bytes + 1:
+            content = None
+        elif content is not None and content.endswith(b"\r"):
             content = content[:-1]
-        yield number, content, len(raw), offset
+        yield number, content, length, offset
 
 
 def _sha256_fd(fd: int) -> tuple[str, int]:
@@ -311,6 +354,45 @@ def _out_taken(out_fd: int, out_name: str) -> bool:
     return safefs.exists(out_fd, out_name) or safefs.exists(out_fd, out_name + ".part")
 
 
+def _drop_duplicates(chunk: Chunk, seen: set[str]) -> Chunk:
+    """The chunk with each item whose custom_id is in `seen` (or earlier in the chunk) made an invalid result."""
+    items: list[NewItem] = []
+    duplicates: list[NewResult] = []
+    for item in chunk.items:
+        if item.custom_id in seen:
+            message = f"duplicate custom_id {item.custom_id!r} in this file"
+            duplicates.append(NewResult(item.line, "invalid", invalid_result(item.custom_id, item.line, message)))
+        else:
+            seen.add(item.custom_id)
+            items.append(item)
+    if not duplicates:
+        return chunk
+    invalid = sorted([*chunk.invalid, *duplicates], key=lambda result: result.line)
+    return Chunk(chunk.first_line, chunk.last_line, chunk.end_offset, items, invalid)
+
+
+class _Group:
+    """Small files read whole, waiting to be committed together."""
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[str, os.stat_result, WholeFile]] = []
+        self.lines = 0
+        self.bytes = 0
+
+    def add(self, name: str, info: os.stat_result, whole: WholeFile) -> None:
+        self.entries.append((name, info, whole))
+        self.lines += whole.lines
+        self.bytes += whole.key.size
+
+    def full(self) -> bool:
+        return len(self.entries) >= GROUP_FILES or self.lines >= CHUNK_LINES or self.bytes >= CHUNK_BYTES
+
+    def take(self) -> list[tuple[str, os.stat_result, WholeFile]]:
+        entries, self.entries = self.entries, []
+        self.lines = self.bytes = 0
+        return entries
+
+
 class Spool:
     """Watches new/ and ingests each file into the store."""
 
@@ -344,20 +426,24 @@ class Spool:
             except SpoolDirectoryError as exc:
                 log.error("spool.unsafe_directory", error=exc.strerror)
                 return 0
-            for name in names:
-                if name.startswith("."):
-                    continue
-                try:
-                    if await self._take(dirs, name):
+            group = _Group()
+            try:
+                for name in names:
+                    if name.startswith("."):
+                        continue
+                    if await self._take(dirs, name, group):
                         taken += 1
-                except SpoolDirectoryError as exc:
-                    # done/, rejected/ or out/ was swapped for something else: touch nothing through
-                    # it; start-up refuses such a spool (check_modes).
-                    log.error("spool.unsafe_directory", file=safefs.display_name(name), error=exc.strerror)
-                    return taken
-                except _MissingDirectory:
-                    self.paths.create()
-                    return taken
+                    if group.full():
+                        taken += await self._commit_group(dirs, group)
+                taken += await self._commit_group(dirs, group)
+            except SpoolDirectoryError as exc:
+                # done/, rejected/ or out/ was swapped for something else: touch nothing through
+                # it; start-up refuses such a spool (check_modes).
+                log.error("spool.unsafe_directory", error=exc.strerror)
+                return taken
+            except _MissingDirectory:
+                self.paths.create()
+                return taken
         return taken
 
     async def run(self, stopping: asyncio.Event) -> None:
@@ -403,11 +489,14 @@ class Spool:
                     if stat.S_ISREG(info.st_mode) and info.st_mtime < cutoff:
                         os.unlink(name, dir_fd=done)
 
-    def _move_out(self, dirs: _Dirs, name: str, info: os.stat_result, sub: str, preferred: str) -> str | None:
+    def _move_out(
+        self, dirs: _Dirs, name: str, info: os.stat_result, sub: str, preferred: str, sync: bool = True
+    ) -> str | None:
         """Move new/NAME to SUB/ under `preferred` (or a variant of it) if NAME is still the inode `info`.
 
         Returns the name it got there, or None when NAME now refers to another file (or none):
         that file was never read, so it stays in new/ for the next pass. Never replaces anything.
+        With `sync` false the caller fsyncs SUB/ and new/ (once for several moves).
         """
         new, target_dir = dirs.fd("new"), dirs.fd(sub)
         if not safefs.same_file(new, name, info):
@@ -428,8 +517,9 @@ class Spool:
             # Swapped between the check and the rename: what was moved was never read. Put it back.
             self._give_back(dirs, sub, candidate, name)
             return None
-        safefs.fsync_dir(target_dir)
-        safefs.fsync_dir(new)
+        if sync:
+            safefs.fsync_dir(target_dir)
+            safefs.fsync_dir(new)
         return candidate
 
     def _give_back(self, dirs: _Dirs, sub: str, moved: str, name: str) -> None:
@@ -470,7 +560,8 @@ class Spool:
         log.warning("spool.rejected", file=shown, reason=reason, moved_to=target)
         return True
 
-    async def _take(self, dirs: _Dirs, name: str) -> bool:
+    async def _take(self, dirs: _Dirs, name: str, group: _Group | None = None) -> bool:
+        """Ingest new/NAME (or, a small file, read it into `group` to be committed with others)."""
         new = dirs.fd("new")
         try:
             info = os.stat(name, dir_fd=new, follow_symlinks=False)
@@ -509,6 +600,11 @@ class Spool:
                 return False
             self._waiting.pop(name, None)
             try:
+                if group is not None and info.st_size <= SMALL_FILE_BYTES:
+                    whole = await self._read_whole(fd, info, name)
+                    if whole is not None:
+                        group.add(name, info, whole)
+                        return False
                 report = await self._ingest_fd(dirs, name, fd, info)
             except SpoolDirectoryError:
                 raise
@@ -524,6 +620,68 @@ class Spool:
             return False
         self._on_ingest()
         return True
+
+    async def _read_whole(self, fd: int, info: os.stat_result, name: str) -> WholeFile | None:
+        """The small file on `fd` read, hashed and parsed at once; None if its lines do not fit one chunk."""
+        data = os.pread(fd, info.st_size + 1, 0)
+        if len(data) != info.st_size or not _unchanged(fd, info):
+            raise _FileChanged(name)
+        if data.count(b"\n") + (not data.endswith(b"\n")) > CHUNK_LINES:
+            return None
+        chunk = await self._parse_chunk(_read_lines(io.BytesIO(data), self.settings.max_line_bytes))
+        assert chunk is not None  # a file of at least one byte has a line
+        chunk = _drop_duplicates(chunk, set())
+        key = FileKey(name, hashlib.sha256(data).hexdigest(), info.st_size, info.st_dev, info.st_ino)
+        return WholeFile(key, chunk.last_line, chunk.items, chunk.invalid)
+
+    async def _commit_group(self, dirs: _Dirs, group: _Group) -> int:
+        """Commit the group's files in one transaction, then move them to done/; how many were taken.
+
+        Each file is committed before it leaves new/, as alone: a crash after the commit leaves the
+        files in new/ with their rows, and the next pass moves them without queueing anything twice.
+        """
+        entries = group.take()
+        if not entries:
+            return 0
+        out = dirs.fd("out")
+        rows = await self.store.add_files([whole for _, _, whole in entries], out_taken=lambda o: _out_taken(out, o))
+        self._crashpoints.reach("mid-ingest")
+        moved: list[tuple[str, WholeFile, FileRow]] = []
+        resume: list[str] = []
+        for (name, info, whole), row in zip(entries, rows, strict=True):
+            if row.state == FileState.INGESTING:
+                resume.append(name)  # chunks of it were committed before a crash: resume them
+                continue
+            preferred = row.out_name[: -len(RESULTS_SUFFIX)] + ".jsonl"
+            if self._move_out(dirs, name, info, "done", preferred, sync=False) is None:
+                # Renamed over (or away) while it was read: what has the name now is new work.
+                log.warning("spool.replaced_during_ingest", file=name)
+                self._wake.set()
+                continue
+            moved.append((name, whole, row))
+        if moved:
+            # One fsync of each directory makes every rename of the group durable.
+            safefs.fsync_dir(dirs.fd("done"))
+            safefs.fsync_dir(dirs.fd("new"))
+            await self.store.files_moved([row.id for _, _, row in moved])
+        self._on_ingest()
+        for name, whole, row in moved:
+            log.info(
+                "spool.ingested",
+                file=name,
+                lines=whole.lines,
+                queued=len(whole.items),
+                invalid=len(whole.invalid),
+                bytes=whole.key.size,
+                results=row.out_name,
+                group=len(entries),
+            )
+        taken = len(moved)
+        for name in resume:
+            log.info("spool.resuming", file=name)
+            if await self._take(dirs, name):
+                taken += 1
+        return taken
 
     def _settled(self, fd: int, info: os.stat_result) -> bool:
         """False while a file without a final newline may still be being written."""
@@ -598,48 +756,54 @@ class Spool:
         """Commit the file's lines after row.lines_committed chunk by chunk, then finish it.
 
         Returns (finished, lines committed): not finished when the file changed while it was read
-        (nothing more is committed then).
+        (nothing more is committed then). The next chunk is parsed while the one before it is being
+        committed: the writer's thread runs SQLite's C code without the GIL, the event loop parses.
         """
         digest = hashlib.sha256()
         # What was committed before is hashed too, so the digest still proves the whole file was what we hashed.
         await asyncio.to_thread(_hash_prefix, fd, row.offset_committed, digest)
-        last_line = row.lines_committed
-        with _reader(fd, row.offset_committed) as handle:
-            lines = _read_lines(
-                handle, self.settings.max_line_bytes, digest, row.lines_committed + 1, row.offset_committed
-            )
-            while (chunk := self._parse_chunk(lines)) is not None:
-                chunk = await self._dedupe(row.id, chunk)
-                if not _unchanged(fd, info):
-                    return False, last_line
-                if await self.store.add_chunk(row.id, chunk):
-                    report.queued += len(chunk.items)
-                    report.invalid += len(chunk.invalid)
-                last_line = chunk.last_line
-                self._crashpoints.reach("mid-ingest")
+        committed = _Committed(row.lines_committed)
+        pending: asyncio.Task[bool] | None = None
+        try:
+            with _reader(fd, row.offset_committed) as handle:
+                lines = _read_lines(
+                    handle, self.settings.max_line_bytes, digest, row.lines_committed + 1, row.offset_committed
+                )
+                while (chunk := await self._parse_chunk(lines)) is not None:
+                    if pending is not None and not await asyncio.shield(pending):
+                        return False, committed.lines
+                    pending = asyncio.ensure_future(self._commit_chunk(fd, info, row.id, chunk, report, committed))
+            if pending is not None and not await asyncio.shield(pending):
+                return False, committed.lines
+        finally:
+            if pending is not None and not pending.done():
+                # A chunk's transaction runs whole (shielded); nothing here outlives this call.
+                await asyncio.wait({pending})
         if digest.hexdigest() != sha256:
-            return False, last_line
-        await self.store.finish_file(row.id, last_line)
-        return True, last_line
+            return False, committed.lines
+        await self.store.finish_file(row.id, committed.lines)
+        return True, committed.lines
+
+    async def _commit_chunk(
+        self, fd: int, info: os.stat_result, file_id: int, chunk: Chunk, report: IngestReport, committed: _Committed
+    ) -> bool:
+        """Dedupe the chunk against the committed ones and commit it; False if the file changed."""
+        chunk = await self._dedupe(file_id, chunk)
+        if not _unchanged(fd, info):
+            return False
+        if await self.store.add_chunk(file_id, chunk):
+            report.queued += len(chunk.items)
+            report.invalid += len(chunk.invalid)
+        committed.lines = chunk.last_line
+        self._crashpoints.reach("mid-ingest")
+        return True
 
     async def _dedupe(self, file_id: int, chunk: Chunk) -> Chunk:
         """Later lines with a custom_id already seen in this file (this chunk or a committed one) become invalid."""
         if not chunk.items:
             return chunk
         seen = await self.store.seen_custom_ids(file_id, {item.custom_id for item in chunk.items})
-        items: list[NewItem] = []
-        duplicates: list[NewResult] = []
-        for item in chunk.items:
-            if item.custom_id in seen:
-                message = f"duplicate custom_id {item.custom_id!r} in this file"
-                duplicates.append(NewResult(item.line, "invalid", invalid_result(item.custom_id, item.line, message)))
-            else:
-                seen.add(item.custom_id)
-                items.append(item)
-        if not duplicates:
-            return chunk
-        invalid = sorted([*chunk.invalid, *duplicates], key=lambda result: result.line)
-        return Chunk(chunk.first_line, chunk.last_line, chunk.end_offset, items, invalid)
+        return _drop_duplicates(chunk, seen)
 
     async def _changed_mid_ingest(
         self, dirs: _Dirs, name: str, info: os.stat_result, row: FileRow, report: IngestReport
@@ -662,8 +826,11 @@ class Spool:
         report.out_name = row.out_name
         return report
 
-    def _parse_chunk(self, lines: Iterator[tuple[int, bytes | None, int, int]]) -> Chunk | None:
-        """The next chunk of lines, bounded by CHUNK_LINES and CHUNK_BYTES (at least one line); None at the end."""
+    async def _parse_chunk(self, lines: Iterator[tuple[int, bytes | None, int, int]]) -> Chunk | None:
+        """The next chunk of lines, bounded by CHUNK_LINES and CHUNK_BYTES (at least one line); None at the end.
+
+        Yields to the event loop every PARSE_SLICE lines, so pollers and sinks run during a long ingest.
+        """
         items: list[NewItem] = []
         invalid: list[NewResult] = []
         count = 0
@@ -682,6 +849,8 @@ class Spool:
                 invalid.append(NewResult(number, "invalid", invalid_result(custom_id, number, str(exc))))
             if count >= CHUNK_LINES or size >= CHUNK_BYTES:
                 break
+            if not count % PARSE_SLICE:
+                await asyncio.sleep(0)
         if not count:
             return None
         return Chunk(first, last, end, items, invalid)

@@ -139,6 +139,16 @@ class Chunk:
 
 
 @dataclass(frozen=True, slots=True)
+class WholeFile:
+    """A small spool file parsed whole (all `lines` of it, `key.size` bytes), for `Intake.add_files`."""
+
+    key: FileKey
+    lines: int
+    items: Sequence[NewItem]
+    invalid: Sequence[NewResult]
+
+
+@dataclass(frozen=True, slots=True)
 class Group:
     """Queued items that may share a provider batch."""
 
@@ -284,6 +294,20 @@ class Intake(Protocol):
 
     async def finish_file(self, file_id: int, lines: int) -> None:
         """INGESTING -> OPEN with its final line count (durable on return). Idempotent."""
+
+    async def add_files(self, files: Sequence[WholeFile], out_taken: Callable[[str], bool]) -> list[FileRow]:
+        """Group commit: several small files, each whole, in one durable transaction; their rows in order.
+
+        A file this node already has a row for (find_file: same name, sha256 and inode, not moved
+        out of new/) is left as it is and its row returned: OPEN when it was committed before a
+        crash (move it now), INGESTING when chunks of it were (resume it chunk by chunk). Any other
+        file gets its row with a results name chosen as begin_file does (never one another file of
+        the group took), its items and invalid results, and is OPEN with `lines` lines, all of them
+        committed.
+        """
+
+    async def files_moved(self, file_ids: Collection[int]) -> None:
+        """These files left new/ (after the renames are durable). Idempotent."""
 
     async def file_moved(self, file_id: int) -> None:
         """The file left new/ (after the rename is durable). Idempotent."""

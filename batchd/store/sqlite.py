@@ -61,6 +61,7 @@ from .contract import (
     Retry,
     SubmittedItem,
     Usage,
+    WholeFile,
 )
 from .shield import shielded
 
@@ -68,6 +69,7 @@ Q = queries.load("sqlite_queries.sql")
 
 FINAL_ITEM_STATES = (ItemState.SUCCEEDED, ItemState.ERRORED, ItemState.EXPIRED, ItemState.CANCELED)
 ERRORS_KEPT = 200
+RESULTS_SUFFIX = ".results.jsonl"
 REPORT_QUERIES = {
     "model": "report_by_model",
     "provider": "report_by_provider",
@@ -537,14 +539,84 @@ class SQLiteStore:
     async def _insert_lines(
         db: aiosqlite.Connection, file_id: int, items: Sequence[NewItem], invalid: Sequence[NewResult], now: float
     ) -> None:
-        if items:
-            await db.executemany(
-                Q.insert_item,
-                [(file_id, i.line, i.custom_id, i.profile, i.endpoint, i.model, i.size, i.tokens, now) for i in items],
-            )
-            await db.executemany(Q.insert_item_body, [(file_id, i.custom_id, i.body) for i in items])
+        await SQLiteStore._insert_items(db, [(file_id, i) for i in items], now)
         if invalid:
             await db.executemany(Q.insert_line_result, [(file_id, r.line, r.status, r.payload, now) for r in invalid])
+
+    @staticmethod
+    async def _insert_items(db: aiosqlite.Connection, items: Sequence[tuple[int, NewItem]], now: float) -> None:
+        """Items of one or more files (file id, item), their bodies too, in two statements."""
+        if not items:
+            return
+        [(first,)] = await db.execute_fetchall(Q.next_item_id)
+        rows = [(f, i.line, i.custom_id, i.profile, i.endpoint, i.model, i.size, i.tokens) for f, i in items]
+        params = {
+            "first": first,
+            "now": now,
+            "rows": orjson.dumps(rows).decode(),
+            # Bodies are JSON text (UTF-8): each travels as a JSON string and is stored as its bytes.
+            "bodies": orjson.dumps([i.body.decode() for _, i in items]).decode(),
+        }
+        await db.execute(Q.insert_items, params)
+        await db.execute(Q.insert_item_bodies, params)
+
+    @shielded
+    async def add_files(self, files: Sequence[WholeFile], out_taken: Callable[[str], bool]) -> list[FileRow]:
+        """Group commit of small files, each whole (see contract.Intake.add_files): one transaction."""
+        if not files:
+            return []
+        now = time.time()
+        async with self._tx() as db:
+            keys = orjson.dumps([(f.key.name, f.key.sha256, f.key.ino) for f in files]).decode()
+            existing = {
+                (row["name"], row["sha256"], row["ino"]): _file_from_row(row)
+                for row in await db.execute_fetchall(Q.find_files, {"node": self.node, "keys": keys})
+            }
+            fresh = [f for f in files if (f.key.name, f.key.sha256, f.key.ino) not in existing]
+            out_names = await self._choose_out_names(db, [f.key.name for f in fresh], out_taken)
+            [(next_id,)] = await db.execute_fetchall(Q.next_file_id)
+            ids = range(next_id, next_id + len(fresh))
+            inserted: dict[int, FileRow] = {}
+            if fresh:
+                values = [
+                    (file_id, f.key.name, f.key.sha256, f.key.size, out_name, f.key.dev, f.key.ino, f.lines)
+                    for file_id, f, out_name in zip(ids, fresh, out_names, strict=True)
+                ]
+                params = {"node": self.node, "now": now, "files": orjson.dumps(values).decode()}
+                for row in await db.execute_fetchall(Q.insert_whole_files, params):
+                    inserted[row["id"]] = _file_from_row(row)
+                await self._insert_items(
+                    db, [(file_id, item) for file_id, f in zip(ids, fresh, strict=True) for item in f.items], now
+                )
+                invalid = [(file_id, r) for file_id, f in zip(ids, fresh, strict=True) for r in f.invalid]
+                if invalid:
+                    await db.executemany(
+                        Q.insert_line_result, [(file_id, r.line, r.status, r.payload, now) for file_id, r in invalid]
+                    )
+        by_key = dict(existing)
+        by_key.update({(f.key.name, f.key.sha256, f.key.ino): inserted[i] for i, f in zip(ids, fresh, strict=True)})
+        return [by_key[(f.key.name, f.key.sha256, f.key.ino)] for f in files]
+
+    async def _choose_out_names(
+        self, db: aiosqlite.Connection, names: Sequence[str], out_taken: Callable[[str], bool]
+    ) -> list[str]:
+        """_choose_out_name for each of `names` in turn, none taking one an earlier one took; one query
+        when every NAME.results.jsonl is free (the usual case)."""
+        wanted = [(name[: -len(".jsonl")] if name.endswith(".jsonl") else name) + RESULTS_SUFFIX for name in names]
+        held = {
+            row["out_name"]
+            for row in await db.execute_fetchall(
+                Q.out_names_held, {"node": self.node, "names": orjson.dumps(wanted).decode()}
+            )
+        }
+        chosen: list[str] = []
+        taken: set[str] = set()
+        for name, out_name in zip(names, wanted, strict=True):
+            if out_name in held or out_name in taken or out_taken(out_name):
+                out_name = await self._choose_out_name(db, name, lambda o: o in taken or out_taken(o))
+            taken.add(out_name)
+            chosen.append(out_name)
+        return chosen
 
     @shielded
     async def finish_file(self, file_id: int, lines: int) -> None:
@@ -557,6 +629,14 @@ class SQLiteStore:
         """Record that the file left new/ (after the rename is durable). Idempotent."""
         async with self._tx() as db:
             await db.execute(Q.file_moved, (time.time(), file_id))
+
+    @shielded
+    async def files_moved(self, file_ids: Collection[int]) -> None:
+        """file_moved for several files, in one transaction."""
+        if not file_ids:
+            return
+        async with self._tx() as db:
+            await db.execute(Q.files_moved, {"now": time.time(), "ids": _json(file_ids)})
 
     # -- queue -----------------------------------------------------------------------------
 
