@@ -34,7 +34,7 @@ import secrets
 import stat
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
@@ -47,7 +47,7 @@ from .aio import wait_any
 from .crashpoints import CrashPoints
 from .formats import LineError, invalid_result, parse_line
 from .logs import get_logger
-from .settings import Settings
+from .settings import ProviderKind, Settings
 from .store.contract import Chunk, FileKey, FileRow, FileState, Intake, NewItem, NewResult, WholeFile
 
 SUBDIRS = ("tmp", "new", "done", "rejected", "out")
@@ -393,6 +393,15 @@ class _Group:
         return entries
 
 
+@dataclass(slots=True)
+class _GroupDone:
+    """What committing a group did: files taken, their ids (moved out of new/), files to resume by chunks."""
+
+    taken: int = 0
+    moved: list[int] = field(default_factory=list)
+    resume: list[str] = field(default_factory=list)
+
+
 class Spool:
     """Watches new/ and ingests each file into the store."""
 
@@ -407,7 +416,7 @@ class Spool:
         self._wake = asyncio.Event()
         self._waiting: dict[str, float] = {}
         self._stuck: set[tuple[str, int]] = set()  # entries that could not be moved to rejected/
-        self._routes: dict[tuple[str, str], str | None] = {}  # (kind, model) -> profile, per settings
+        self._routes: dict[tuple[str, str], tuple[str, int]] = {}  # (kind, model) -> (profile, byte limit)
         # True while a file is being committed chunk by chunk (the batcher holds back partial groups).
         self.busy = False
 
@@ -427,6 +436,9 @@ class Spool:
                 log.error("spool.unsafe_directory", error=exc.strerror)
                 return 0
             group = _Group()
+            # The group being committed while the next one is read.
+            pending: asyncio.Task[_GroupDone] | None = None
+            resume: list[str] = []  # files a group found half ingested by chunks before a crash
             try:
                 for name in names:
                     if name.startswith("."):
@@ -434,8 +446,19 @@ class Spool:
                     if await self._take(dirs, name, group):
                         taken += 1
                     if group.full():
-                        taken += await self._commit_group(dirs, group)
-                taken += await self._commit_group(dirs, group)
+                        last = await asyncio.shield(pending) if pending is not None else _GroupDone()
+                        taken += last.taken
+                        resume += last.resume
+                        pending = asyncio.ensure_future(self._commit_group(dirs, group.take(), last.moved))
+                last = await asyncio.shield(pending) if pending is not None else _GroupDone()
+                pending = None
+                final = await self._commit_group(dirs, group.take(), last.moved)
+                await self.store.files_moved(final.moved)
+                taken += last.taken + final.taken
+                for name in [*last.resume, *final.resume, *resume]:
+                    log.info("spool.resuming", file=name)
+                    if await self._take(dirs, name):
+                        taken += 1
             except SpoolDirectoryError as exc:
                 # done/, rejected/ or out/ was swapped for something else: touch nothing through
                 # it; start-up refuses such a spool (check_modes).
@@ -444,6 +467,9 @@ class Spool:
             except _MissingDirectory:
                 self.paths.create()
                 return taken
+            finally:
+                if pending is not None and not pending.done():
+                    await asyncio.wait({pending})  # its transaction runs whole; nothing outlives the pass
         return taken
 
     async def run(self, stopping: asyncio.Event) -> None:
@@ -634,17 +660,22 @@ class Spool:
         key = FileKey(name, hashlib.sha256(data).hexdigest(), info.st_size, info.st_dev, info.st_ino)
         return WholeFile(key, chunk.last_line, chunk.items, chunk.invalid)
 
-    async def _commit_group(self, dirs: _Dirs, group: _Group) -> int:
-        """Commit the group's files in one transaction, then move them to done/; how many were taken.
+    async def _commit_group(
+        self, dirs: _Dirs, entries: list[tuple[str, os.stat_result, WholeFile]], moved_before: list[int]
+    ) -> _GroupDone:
+        """Commit small files in one transaction, then move them to done/.
 
         Each file is committed before it leaves new/, as alone: a crash after the commit leaves the
         files in new/ with their rows, and the next pass moves them without queueing anything twice.
+        The moves of the group before (`moved_before`, durable renames) are recorded in the same
+        transaction; the caller records this group's (files_moved) after the last group.
         """
-        entries = group.take()
         if not entries:
-            return 0
+            return _GroupDone(moved=moved_before)
         out = dirs.fd("out")
-        rows = await self.store.add_files([whole for _, _, whole in entries], out_taken=lambda o: _out_taken(out, o))
+        rows = await self.store.add_files(
+            [whole for _, _, whole in entries], out_taken=lambda o: _out_taken(out, o), moved=moved_before
+        )
         self._crashpoints.reach("mid-ingest")
         moved: list[tuple[str, WholeFile, FileRow]] = []
         resume: list[str] = []
@@ -663,7 +694,6 @@ class Spool:
             # One fsync of each directory makes every rename of the group durable.
             safefs.fsync_dir(dirs.fd("done"))
             safefs.fsync_dir(dirs.fd("new"))
-            await self.store.files_moved([row.id for _, _, row in moved])
         self._on_ingest()
         for name, whole, row in moved:
             log.info(
@@ -676,12 +706,7 @@ class Spool:
                 results=row.out_name,
                 group=len(entries),
             )
-        taken = len(moved)
-        for name in resume:
-            log.info("spool.resuming", file=name)
-            if await self._take(dirs, name):
-                taken += 1
-        return taken
+        return _GroupDone(len(moved), [row.id for _, _, row in moved], resume)
 
     def _settled(self, fd: int, info: os.stat_result) -> bool:
         """False while a file without a final newline may still be being written."""
@@ -836,6 +861,7 @@ class Spool:
         count = 0
         size = 0
         first = last = end = 0
+        item = self._item
         for number, content, length, offset in lines:
             if not count:
                 first = number
@@ -843,7 +869,7 @@ class Spool:
             size += length
             last, end = number, offset
             try:
-                items.append(self._item(number, content, length))
+                items.append(item(number, content, length))
             except LineError as exc:
                 custom_id = exc.custom_id or f"line-{number}"
                 invalid.append(NewResult(number, "invalid", invalid_result(custom_id, number, str(exc))))
@@ -858,26 +884,35 @@ class Spool:
     def _item(self, number: int, content: bytes | None, length: int) -> NewItem:
         if content is None:
             raise LineError(f"line is {length} bytes, over the largest batch any provider accepts")
-        if not content.strip():
-            raise LineError("empty line")
-        parsed = parse_line(content, number)
-        route = (parsed.kind, parsed.model)
-        if route not in self._routes:
-            self._routes[route] = self.settings.profile_for(parsed.kind, parsed.model)
-        profile_name = self._routes[route]
-        if profile_name is None:
+        try:
+            parsed = parse_line(content, number)
+        except LineError:
+            if not content.strip():
+                raise LineError("empty line") from None
+            raise
+        route = self._routes.get((parsed.kind, parsed.model))
+        if route is None:
+            route = self._route(parsed.kind, parsed.model)
+        profile_name, limit = route
+        if not profile_name:
             raise LineError(
                 f"no provider profile of kind {parsed.kind!r} is configured for model {parsed.model!r}",
                 parsed.custom_id,
             )
         size = len(parsed.body) + len(parsed.endpoint) + LINE_OVERHEAD
-        limit = self.settings.providers[profile_name].byte_limit
         if size > limit:
             raise LineError(
                 f"request is {size} bytes, over provider {profile_name!r}'s batch limit of {limit} bytes",
                 parsed.custom_id,
             )
         return NewItem(number, parsed.custom_id, profile_name, parsed.endpoint, parsed.model, parsed.body, size)
+
+    def _route(self, kind: ProviderKind, model: str) -> tuple[str, int]:
+        """(profile, its byte limit) for lines of `kind` and `model`, ("", 0) for none; remembered."""
+        profile_name = self.settings.profile_for(kind, model)
+        route = (profile_name, self.settings.providers[profile_name].byte_limit) if profile_name else ("", 0)
+        self._routes[(kind, model)] = route
+        return route
 
 
 def _encode(request: Any) -> bytes:

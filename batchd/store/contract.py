@@ -295,8 +295,12 @@ class Intake(Protocol):
     async def finish_file(self, file_id: int, lines: int) -> None:
         """INGESTING -> OPEN with its final line count (durable on return). Idempotent."""
 
-    async def add_files(self, files: Sequence[WholeFile], out_taken: Callable[[str], bool]) -> list[FileRow]:
+    async def add_files(
+        self, files: Sequence[WholeFile], out_taken: Callable[[str], bool], moved: Collection[int] = ()
+    ) -> list[FileRow]:
         """Group commit: several small files, each whole, in one durable transaction; their rows in order.
+
+        `moved`: files that left new/ since (file_moved for them, in the same transaction).
 
         A file this node already has a row for (find_file: same name, sha256 and inode, not moved
         out of new/) is left as it is and its row returned: OPEN when it was committed before a

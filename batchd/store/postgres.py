@@ -409,13 +409,18 @@ class PostgresStore:
             number += 1
             out_name = f"{stem}.{number}.results.jsonl"
 
-    async def add_files(self, files: Sequence[WholeFile], out_taken: Callable[[str], bool]) -> list[FileRow]:
+    async def add_files(
+        self, files: Sequence[WholeFile], out_taken: Callable[[str], bool], moved: Collection[int] = ()
+    ) -> list[FileRow]:
         """Group commit of small files, each whole (see contract.Intake.add_files): one transaction."""
         if not files:
+            await self.files_moved(moved)
             return []
         now = time.time()
 
         async def work(conn: Connection) -> list[FileRow]:
+            if moved:
+                await conn.execute(Q.files_moved, sorted(moved), now)
             rows: list[FileRow] = []
             taken: set[str] = set()
             locked = False

@@ -404,18 +404,32 @@ class SQLiteStore:
         return self._reader
 
     @asynccontextmanager
-    async def _tx(self) -> AsyncIterator[aiosqlite.Connection]:
-        """One write transaction on the writer. Callers run it whole (@shielded) so it is never torn."""
+    async def _tx(self, deferred_sync: bool = False) -> AsyncIterator[aiosqlite.Connection]:
+        """One write transaction on the writer. Callers run it whole (@shielded) so it is never torn.
+
+        `deferred_sync` commits without an fsync of its own (synchronous=NORMAL for this one
+        transaction), for progress nobody acts on until a later commit: in WAL mode commits reach
+        the disk in order, so the next FULL commit (any writer's) makes this one durable too, and
+        a power cut before it loses a suffix of such commits, never leaves a hole. A process crash
+        loses nothing (the frames are in the OS's cache). The connection is back at FULL before the
+        lock is released, so every other transaction stays FULL.
+        """
         async with self._lock:
             db = self._conn
-            await db.execute(Q.begin_immediate)
+            if deferred_sync:
+                await db.execute(Q.pragma_synchronous_normal)
             try:
-                yield db
-                await db.execute(Q.commit)
-            except BaseException:
-                if db.in_transaction:
-                    await db.execute(Q.rollback)
-                raise
+                await db.execute(Q.begin_immediate)
+                try:
+                    yield db
+                    await db.execute(Q.commit)
+                except BaseException:
+                    if db.in_transaction:
+                        await db.execute(Q.rollback)
+                    raise
+            finally:
+                if deferred_sync:
+                    await db.execute(Q.pragma_synchronous_full)
 
     async def _rows(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[sqlite3.Row]:
         """A read on the reader connection: it never waits for the writer's lock."""
@@ -514,17 +528,10 @@ class SQLiteStore:
 
         Compare-and-set on lines_committed == first_line - 1: a chunk already committed returns False.
         """
-        async with self._tx() as db:
-            rows = list(await db.execute_fetchall(Q.file_progress, (file_id,)))
-            if (
-                not rows
-                or rows[0]["state"] != FileState.INGESTING
-                or rows[0]["lines_committed"] != chunk.first_line - 1
-            ):
-                return False
-            now = time.time()
-            await self._insert_lines(db, file_id, chunk.items, chunk.invalid, now)
-            await db.execute(
+        # A chunk's commit is durable by the file's finish_file (FULL) before the file leaves new/;
+        # until then a power cut loses only chunks that a resume re-reads from the file.
+        async with self._tx(deferred_sync=True) as db:
+            advanced = await db.execute(
                 Q.advance_file,
                 {
                     "id": file_id,
@@ -533,6 +540,9 @@ class SQLiteStore:
                     "expected": chunk.first_line - 1,
                 },
             )
+            if advanced.rowcount != 1:
+                return False  # committed before (or not ingesting): nothing was written
+            await self._insert_lines(db, file_id, chunk.items, chunk.invalid, time.time())
             return True
 
     @staticmethod
@@ -561,12 +571,17 @@ class SQLiteStore:
         await db.execute(Q.insert_item_bodies, params)
 
     @shielded
-    async def add_files(self, files: Sequence[WholeFile], out_taken: Callable[[str], bool]) -> list[FileRow]:
+    async def add_files(
+        self, files: Sequence[WholeFile], out_taken: Callable[[str], bool], moved: Collection[int] = ()
+    ) -> list[FileRow]:
         """Group commit of small files, each whole (see contract.Intake.add_files): one transaction."""
         if not files:
+            await self.files_moved(moved)
             return []
         now = time.time()
         async with self._tx() as db:
+            if moved:
+                await db.execute(Q.files_moved, {"now": now, "ids": _json(moved)})
             keys = orjson.dumps([(f.key.name, f.key.sha256, f.key.ino) for f in files]).decode()
             existing = {
                 (row["name"], row["sha256"], row["ino"]): _file_from_row(row)

@@ -10,6 +10,10 @@ PRAGMA journal_mode=WAL;
 -- name: pragma_synchronous_full
 PRAGMA synchronous=FULL;
 
+-- name: pragma_synchronous_normal
+-- Only around a transaction whose durability a later FULL commit provides (see SQLiteStore._tx).
+PRAGMA synchronous=NORMAL;
+
 -- name: pragma_foreign_keys_on
 PRAGMA foreign_keys=ON;
 
@@ -104,9 +108,6 @@ RETURNING *;
 -- name: seen_custom_ids
 SELECT custom_id FROM items WHERE file_id = ? AND custom_id IN (SELECT value FROM json_each(?));
 
--- name: file_progress
-SELECT lines_committed, state FROM files WHERE id = ?;
-
 -- name: next_item_id
 -- Inside the write transaction (one writer): the ids the next items get, as SQLite would give them.
 SELECT COALESCE(MAX(id), 0) + 1 AS next FROM items;
@@ -129,8 +130,9 @@ INSERT INTO item_bodies (item_id, body) SELECT :first + key, CAST(value AS BLOB)
 INSERT INTO results (file_id, line, status, payload, created_at) VALUES (?, ?, ?, ?, ?);
 
 -- name: advance_file
+-- The compare-and-set that makes add_chunk idempotent: only the chunk right after the committed lines.
 UPDATE files SET lines_committed = :last_line, offset_committed = :end_offset
-WHERE id = :id AND lines_committed = :expected;
+WHERE id = :id AND lines_committed = :expected AND state = 'ingesting';
 
 -- name: finish_file
 UPDATE files SET state = 'open', lines = ?, lines_committed = MAX(lines_committed, ?)
