@@ -61,8 +61,10 @@ CHUNK_BYTES = 2 << 20
 SMALL_FILE_BYTES = 1 << 20
 # A group is committed when it holds this many files (or a chunk's worth of lines or bytes).
 GROUP_FILES = 500
-# Lines parsed between two yields to the event loop (about a millisecond of work).
-PARSE_SLICE = 128
+# Parsing yields to the event loop after this many seconds of work (looking every PARSE_CHECK lines),
+# so a poller's store calls wait for a slice of parsing, not for a chunk.
+PARSE_SLICE = 0.0005
+PARSE_CHECK = 16
 # Bytes around each request in a provider batch (custom_id, method, url, separators).
 LINE_OVERHEAD = 96
 BOM = b"\xef\xbb\xbf"
@@ -854,7 +856,7 @@ class Spool:
     async def _parse_chunk(self, lines: Iterator[tuple[int, bytes | None, int, int]]) -> Chunk | None:
         """The next chunk of lines, bounded by CHUNK_LINES and CHUNK_BYTES (at least one line); None at the end.
 
-        Yields to the event loop every PARSE_SLICE lines, so pollers and sinks run during a long ingest.
+        Yields to the event loop every PARSE_SLICE seconds, so pollers and sinks run during a long ingest.
         """
         items: list[NewItem] = []
         invalid: list[NewResult] = []
@@ -862,6 +864,7 @@ class Spool:
         size = 0
         first = last = end = 0
         item = self._item
+        since = time.perf_counter()
         for number, content, length, offset in lines:
             if not count:
                 first = number
@@ -875,8 +878,9 @@ class Spool:
                 invalid.append(NewResult(number, "invalid", invalid_result(custom_id, number, str(exc))))
             if count >= CHUNK_LINES or size >= CHUNK_BYTES:
                 break
-            if not count % PARSE_SLICE:
+            if not count % PARSE_CHECK and time.perf_counter() - since > PARSE_SLICE:
                 await asyncio.sleep(0)
+                since = time.perf_counter()
         if not count:
             return None
         return Chunk(first, last, end, items, invalid)

@@ -55,7 +55,6 @@ from .contract import (
     Group,
     ItemState,
     NewItem,
-    NewResult,
     NotCreated,
     PendingResult,
     Retry,
@@ -177,6 +176,8 @@ class SQLiteStore:
         self._db: aiosqlite.Connection | None = None  # the writer
         self._reader: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
+        # The writer's PRAGMA synchronous: FULL, or NORMAL after a deferred-sync transaction (see _tx).
+        self._synchronous_full = True
         self._instance = ""
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -407,29 +408,35 @@ class SQLiteStore:
     async def _tx(self, deferred_sync: bool = False) -> AsyncIterator[aiosqlite.Connection]:
         """One write transaction on the writer. Callers run it whole (@shielded) so it is never torn.
 
-        `deferred_sync` commits without an fsync of its own (synchronous=NORMAL for this one
-        transaction), for progress nobody acts on until a later commit: in WAL mode commits reach
-        the disk in order, so the next FULL commit (any writer's) makes this one durable too, and
-        a power cut before it loses a suffix of such commits, never leaves a hole. A process crash
-        loses nothing (the frames are in the OS's cache). The connection is back at FULL before the
-        lock is released, so every other transaction stays FULL.
+        `deferred_sync` commits without an fsync of its own (synchronous=NORMAL), for progress nobody
+        acts on until a later FULL commit: in WAL mode commits reach the disk in order, so the next
+        FULL commit (any writer's: every other transaction is FULL) makes it durable too, and a power
+        cut before that loses a suffix of such commits, never leaves a hole. A process crash loses
+        nothing (the frames are in the OS's cache). The setting is switched together with the BEGIN,
+        only when it changes, so consecutive chunks pay nothing for it.
         """
         async with self._lock:
             db = self._conn
-            if deferred_sync:
-                await db.execute(Q.pragma_synchronous_normal)
-            try:
-                await db.execute(Q.begin_immediate)
+            if deferred_sync == self._synchronous_full:
                 try:
-                    yield db
-                    await db.execute(Q.commit)
+                    await db.executescript(Q.begin_deferred_sync if deferred_sync else Q.begin_full_sync)
                 except BaseException:
+                    # Whatever failed, the connection goes back to FULL before anyone else writes.
                     if db.in_transaction:
                         await db.execute(Q.rollback)
-                    raise
-            finally:
-                if deferred_sync:
                     await db.execute(Q.pragma_synchronous_full)
+                    self._synchronous_full = True
+                    raise
+                self._synchronous_full = not deferred_sync
+            else:
+                await db.execute(Q.begin_immediate)
+            try:
+                yield db
+                await db.execute(Q.commit)
+            except BaseException:
+                if db.in_transaction:
+                    await db.execute(Q.rollback)
+                raise
 
     async def _rows(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[sqlite3.Row]:
         """A read on the reader connection: it never waits for the writer's lock."""
@@ -528,6 +535,9 @@ class SQLiteStore:
 
         Compare-and-set on lines_committed == first_line - 1: a chunk already committed returns False.
         """
+        now = time.time()
+        payload = self._items_payload([(file_id, item) for item in chunk.items], now)
+        invalid = [(file_id, r.line, r.status, r.payload, now) for r in chunk.invalid]
         # A chunk's commit is durable by the file's finish_file (FULL) before the file leaves new/;
         # until then a power cut loses only chunks that a resume re-reads from the file.
         async with self._tx(deferred_sync=True) as db:
@@ -542,31 +552,34 @@ class SQLiteStore:
             )
             if advanced.rowcount != 1:
                 return False  # committed before (or not ingesting): nothing was written
-            await self._insert_lines(db, file_id, chunk.items, chunk.invalid, time.time())
+            await self._insert_items(db, payload)
+            if invalid:
+                await db.executemany(Q.insert_line_result, invalid)
             return True
 
     @staticmethod
-    async def _insert_lines(
-        db: aiosqlite.Connection, file_id: int, items: Sequence[NewItem], invalid: Sequence[NewResult], now: float
-    ) -> None:
-        await SQLiteStore._insert_items(db, [(file_id, i) for i in items], now)
-        if invalid:
-            await db.executemany(Q.insert_line_result, [(file_id, r.line, r.status, r.payload, now) for r in invalid])
+    def _items_payload(items: Sequence[tuple[int, NewItem]], now: float) -> dict[str, Any] | None:
+        """insert_items' parameters for items of one or more files (file id, item), but for `first`.
 
-    @staticmethod
-    async def _insert_items(db: aiosqlite.Connection, items: Sequence[tuple[int, NewItem]], now: float) -> None:
-        """Items of one or more files (file id, item), their bodies too, in two statements."""
+        Built before the transaction: the writer's lock is held only while SQLite works.
+        """
         if not items:
-            return
-        [(first,)] = await db.execute_fetchall(Q.next_item_id)
+            return None
         rows = [(f, i.line, i.custom_id, i.profile, i.endpoint, i.model, i.size, i.tokens) for f, i in items]
-        params = {
-            "first": first,
+        return {
             "now": now,
             "rows": orjson.dumps(rows).decode(),
             # Bodies are JSON text (UTF-8): each travels as a JSON string and is stored as its bytes.
             "bodies": orjson.dumps([i.body.decode() for _, i in items]).decode(),
         }
+
+    @staticmethod
+    async def _insert_items(db: aiosqlite.Connection, payload: dict[str, Any] | None) -> None:
+        """The items of `_items_payload`, their bodies too, in two statements, with the next free ids."""
+        if payload is None:
+            return
+        [(first,)] = await db.execute_fetchall(Q.next_item_id)
+        params = {**payload, "first": first}
         await db.execute(Q.insert_items, params)
         await db.execute(Q.insert_item_bodies, params)
 
@@ -600,9 +613,8 @@ class SQLiteStore:
                 params = {"node": self.node, "now": now, "files": orjson.dumps(values).decode()}
                 for row in await db.execute_fetchall(Q.insert_whole_files, params):
                     inserted[row["id"]] = _file_from_row(row)
-                await self._insert_items(
-                    db, [(file_id, item) for file_id, f in zip(ids, fresh, strict=True) for item in f.items], now
-                )
+                items = [(file_id, item) for file_id, f in zip(ids, fresh, strict=True) for item in f.items]
+                await self._insert_items(db, self._items_payload(items, now))
                 invalid = [(file_id, r) for file_id, f in zip(ids, fresh, strict=True) for r in f.invalid]
                 if invalid:
                     await db.executemany(

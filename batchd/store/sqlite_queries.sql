@@ -10,9 +10,15 @@ PRAGMA journal_mode=WAL;
 -- name: pragma_synchronous_full
 PRAGMA synchronous=FULL;
 
--- name: pragma_synchronous_normal
--- Only around a transaction whose durability a later FULL commit provides (see SQLiteStore._tx).
+-- name: begin_deferred_sync
+-- A write transaction whose commit a later FULL commit makes durable (see SQLiteStore._tx).
 PRAGMA synchronous=NORMAL;
+BEGIN IMMEDIATE;
+
+-- name: begin_full_sync
+-- Back to FULL after deferred-sync transactions, in the same call as the BEGIN.
+PRAGMA synchronous=FULL;
+BEGIN IMMEDIATE;
 
 -- name: pragma_foreign_keys_on
 PRAGMA foreign_keys=ON;
