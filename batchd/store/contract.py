@@ -68,6 +68,11 @@ class Fate(enum.StrEnum):
     OVERDUE_CANCELLED = "overdue_cancelled"
 
 
+class DuplicateCustomId(Exception):
+    """add_chunk: an item's custom_id is already queued for this file by a committed chunk; the
+    chunk changed nothing (dedupe it with seen_custom_ids and add it again)."""
+
+
 class NotCreated(OperatorError):
     """The store is there but holds no schema yet (a daemon is creating it): a command has nothing to show."""
 
@@ -290,6 +295,8 @@ class Intake(Protocol):
 
         Compare-and-set on lines_committed == first_line - 1: a chunk already committed returns
         False and changes nothing (idempotent after a crash or a cancellation); True when applied.
+        Raises DuplicateCustomId, changing nothing, when a committed chunk of the file holds one of
+        its custom_ids: the caller checks seen_custom_ids only then, not for every chunk.
         """
 
     async def finish_file(self, file_id: int, lines: int) -> None:

@@ -41,6 +41,7 @@ from .contract import (
     BatchRow,
     BatchState,
     Chunk,
+    DuplicateCustomId,
     Fate,
     FileKey,
     FileRow,
@@ -503,7 +504,12 @@ class PostgresStore:
                 return False  # committed before (a repeat after a crash or a cancellation)
             if chunk.invalid:
                 await conn.execute(Q.results_lock)
-            await self._insert_lines(conn, file_id, chunk.items, chunk.invalid, now)
+            try:
+                await self._insert_lines(conn, file_id, chunk.items, chunk.invalid, now)
+            except asyncpg.UniqueViolationError as exc:
+                if exc.constraint_name == "items_file_id_custom_id_key":
+                    raise DuplicateCustomId(str(exc)) from None
+                raise
             return True
 
         return await self._tx(work)

@@ -1,7 +1,10 @@
 """The SQLite engine of the store contract (store/contract.py): embedded, the default.
 
 Two aiosqlite connections to one database in WAL mode with synchronous=FULL, so every commit is
-durable before the caller takes an irreversible step (moving a spool file, calling a provider):
+durable before the caller takes an irreversible step (moving a spool file, calling a provider).
+The one exception is an ingest chunk (add_chunk): it commits at synchronous=NORMAL, and the
+file's finish_file, a FULL commit, makes it durable before the file leaves new/ (WAL commits
+reach the disk in order; see `_tx`).
 
 - the writer: every write method runs its whole transaction (BEGIN IMMEDIATE .. COMMIT) under one
   asyncio lock, as one unit shielded from the caller's cancellation (shield.settle), so the
@@ -47,6 +50,7 @@ from .contract import (
     BatchRow,
     BatchState,
     Chunk,
+    DuplicateCustomId,
     Fate,
     FileKey,
     FileRow,
@@ -241,6 +245,7 @@ class SQLiteStore:
             db.row_factory = sqlite3.Row
             await db.execute(Q.pragma_wal)
             await db.execute(Q.pragma_synchronous_full)
+            await db.execute(Q.pragma_wal_autocheckpoint)
             await db.execute(Q.pragma_foreign_keys_on)
             await db.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
         except sqlite3.Error as exc:
@@ -552,7 +557,12 @@ class SQLiteStore:
             )
             if advanced.rowcount != 1:
                 return False  # committed before (or not ingesting): nothing was written
-            await self._insert_items(db, payload)
+            try:
+                await self._insert_items(db, payload)
+            except sqlite3.IntegrityError as exc:
+                if "items.custom_id" in str(exc):  # the unique (file_id, custom_id) index
+                    raise DuplicateCustomId(str(exc)) from None
+                raise
             if invalid:
                 await db.executemany(Q.insert_line_result, invalid)
             return True

@@ -10,6 +10,12 @@ PRAGMA journal_mode=WAL;
 -- name: pragma_synchronous_full
 PRAGMA synchronous=FULL;
 
+-- name: pragma_wal_autocheckpoint
+-- Checkpoint every 16,000 pages (64 MB) rather than 1,000: an ingest's chunks rewrite the same
+-- index pages, and each checkpoint copies them into the database again (about a quarter of the
+-- insert time at the default).
+PRAGMA wal_autocheckpoint=16000;
+
 -- name: begin_deferred_sync
 -- A write transaction whose commit a later FULL commit makes durable (see SQLiteStore._tx).
 PRAGMA synchronous=NORMAL;

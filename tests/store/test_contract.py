@@ -15,6 +15,7 @@ import pytest
 from batchd.store.contract import (
     ApplySummary,
     BatchState,
+    DuplicateCustomId,
     Fate,
     FileState,
     Store,
@@ -90,6 +91,19 @@ async def test_seen_custom_ids_spans_committed_chunks_of_this_file_only(store: S
     assert await store.seen_custom_ids(row.id, []) == set()
     other = await store.begin_file(file_key("two.jsonl"), never_taken)
     assert await store.seen_custom_ids(other.id, ["a", "e"]) == set()
+
+
+async def test_a_chunk_repeating_a_committed_custom_id_changes_nothing(store: Store) -> None:
+    row = await store.begin_file(file_key(), never_taken)
+    assert await store.add_chunk(row.id, make_chunk(1, 2, custom_ids={1: "a", 2: "b"}))
+    with pytest.raises(DuplicateCustomId):
+        await store.add_chunk(row.id, make_chunk(3, 4, custom_ids={3: "c", 4: "a"}))
+    unchanged = await store.file(row.id)
+    assert unchanged is not None and unchanged.lines_committed == 2
+    # Without the repeat (the spool makes it an invalid result) the same lines go in.
+    assert await store.add_chunk(row.id, make_chunk(3, 4, custom_ids={3: "c"}, invalid_lines=[4]))
+    [group] = await store.queued_groups(time.time())
+    assert group.count == 3
 
 
 async def test_finish_file_opens_it_with_its_line_count_idempotently(store: Store) -> None:
