@@ -40,9 +40,7 @@ INSERT_ITEM = (
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 INSERT_BODY = "INSERT INTO item_bodies (item_id, body) VALUES (?, ?)"
-INSERT_FILE = (
-    "INSERT INTO files (name, sha256, size, out_name, ingested_at, state) VALUES (?, '', 0, ?, ?, 'open')"
-)
+INSERT_FILE = "INSERT INTO files (name, sha256, size, out_name, ingested_at, state) VALUES (?, '', 0, ?, ?, 'open')"
 LINE_OVERHEAD = 96  # as batchd.spool.LINE_OVERHEAD
 # The baseline's executemany slice: bounded memory, few Python calls.
 SLICE = 10_000
