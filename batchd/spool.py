@@ -706,6 +706,8 @@ class Spool:
             safefs.fsync_dir(dirs.fd("new"))
         self._on_ingest()
         for name, whole, row in moved:
+            if row.out_name != name[: -len(".jsonl")] + RESULTS_SUFFIX:
+                log.info("spool.results_renamed", file=name, results=row.out_name)
             log.info(
                 "spool.ingested",
                 file=name,
