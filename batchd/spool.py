@@ -19,7 +19,15 @@ A file is ingested in chunks of a bounded number of lines and bytes, each one st
 out of new/): a restart resumes the same inode after its last committed line, and a crash before
 the move re-reads nothing; the same name and content dropped again later is new work with its own
 results name. A custom_id seen earlier in the file (in this chunk or a committed one) makes the
-later line an invalid result: the first one wins.
+later line an invalid result: the first one wins. The next chunk is parsed while the one before
+is committed, and parsing yields to the event loop every half millisecond.
+
+Small files (up to SMALL_FILE_BYTES, their lines one chunk) are group-committed: read whole, then
+up to GROUP_FILES of them (or a chunk's worth of lines or bytes) go into the store in one durable
+transaction (`Intake.add_files`), are renamed to done/ with one fsync of done/ and one of new/ for
+the group, and their moves are recorded with the next group's transaction. Each file is still
+committed before it leaves new/; a crash between the commit and the moves leaves the files in new/
+with their rows, and the next pass moves them without queueing a line twice.
 """
 
 from __future__ import annotations
@@ -28,12 +36,13 @@ import asyncio
 import contextlib
 import errno
 import hashlib
+import io
 import os
 import secrets
 import stat
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
@@ -46,18 +55,29 @@ from .aio import wait_any
 from .crashpoints import CrashPoints
 from .formats import LineError, invalid_result, parse_line
 from .logs import get_logger
-from .settings import Settings
-from .store.contract import Chunk, FileKey, FileRow, FileState, Intake, NewItem, NewResult
+from .settings import ProviderKind, Settings
+from .store.contract import Chunk, DuplicateCustomId, FileKey, FileRow, FileState, Intake, NewItem, NewResult, WholeFile
 
 SUBDIRS = ("tmp", "new", "done", "rejected", "out")
 # A chunk of one file's lines, parsed then committed in one store transaction: bounded by lines and
 # by bytes, so memory and transactions stay short whatever the lines look like (at least one line
 # per chunk, however big).
 CHUNK_LINES = 2000
-CHUNK_BYTES = 8 << 20
+CHUNK_BYTES = 2 << 20
+# A file up to this size whose lines fit one chunk is read whole and committed together with other
+# such files (group commit): one durable transaction, one fsync of done/ and of new/ for the group.
+SMALL_FILE_BYTES = 1 << 20
+# A group is committed when it holds this many files (or a chunk's worth of lines or bytes).
+GROUP_FILES = 500
+# Parsing yields to the event loop after this many seconds of work (looking every PARSE_CHECK lines),
+# so a poller's store calls wait for a slice of parsing, not for a chunk.
+PARSE_SLICE = 0.0005
+PARSE_CHECK = 16
 # Bytes around each request in a provider batch (custom_id, method, url, separators).
 LINE_OVERHEAD = 96
 BOM = b"\xef\xbb\xbf"
+# Bytes read at a time while a file is split into lines.
+READ_BLOCK = 1 << 20
 RESULTS_SUFFIX = ".results.jsonl"
 # (subdirectory, mode). tmp/ and new/ are shared with producers: sticky, so nobody renames or
 # removes another's file. The root and the daemon's own directories are not group-writable, so
@@ -211,6 +231,13 @@ class IngestReport:
     out_name: str = ""
 
 
+@dataclass(slots=True)
+class _Committed:
+    """How far a file's chunks are committed (shared by the chunk tasks of one ingest)."""
+
+    lines: int
+
+
 class _FileChanged(Exception):
     """The file's bytes changed between hashing and parsing (its writer is not done)."""
 
@@ -239,39 +266,65 @@ def _read_lines(
 
     Reading starts at line `first`, at byte `offset` (where the handle is); the end offset is the
     byte offset just after the line. Every byte read goes into `digest` (when given), so the caller
-    can prove it parsed what it hashed.
+    can prove it parsed what it hashed. The file is read in blocks split into lines (one C call per
+    block, not one per line); a line longer than max_bytes is counted, never held whole.
     """
     number = first - 1
-    while True:
-        raw = handle.readline(max_bytes + 2)
-        if not raw:
-            return
+    pieces: list[bytes] = []  # the start of a line that runs past the block
+    held = 0  # bytes in pieces
+    skipped = 0  # > 0: the bytes so far of a line too long to hold
+    while block := handle.read(READ_BLOCK):
         if digest is not None:
-            digest.update(raw)
+            digest.update(block)
+        parts = block.split(b"\n")
+        tail = parts.pop()  # after the block's last newline: a line that goes on in the next block
+        for index, part in enumerate(parts):
+            content: bytes | None = part
+            length = len(part) + 1
+            if index == 0 and (pieces or skipped):
+                if skipped:
+                    length += skipped
+                    content, skipped = None, 0
+                else:
+                    pieces.append(part)
+                    content = b"".join(pieces)
+                    length = len(content) + 1
+                    pieces.clear()
+                    held = 0
+            number += 1
+            offset += length
+            if number == 1 and content is not None and content.startswith(BOM):
+                # Files written on Windows often start with one.
+                content = content[len(BOM) :]
+                length -= len(BOM)
+            if content is not None and len(content) > max_bytes:
+                content = None
+            elif content is not None and content.endswith(b"\r"):
+                content = content[:-1]
+            yield number, content, length, offset
+        if tail:  # the start of the next line (or more of a line that no block has ended yet)
+            if skipped:
+                skipped += len(tail)
+            else:
+                pieces.append(tail)
+                held += len(tail)
+                if held > max_bytes + 1:
+                    # Too long already: count the rest of it without holding it in memory.
+                    skipped, held = held, 0
+                    pieces.clear()
+    if pieces or skipped:  # a last line without a newline
+        content = b"".join(pieces) if pieces else None
+        length = held or skipped
         number += 1
-        offset += len(raw)
-        if number == 1 and raw.startswith(BOM):  # files written on Windows often start with one
-            raw = raw[len(BOM) :]
-        if len(raw) > max_bytes + 1:  # more than max_bytes before the newline
-            # Too long: skip the rest of it without holding it in memory.
-            length = len(raw)
-            raw = b""  # let the big buffer go before reading on
-            while True:
-                piece = handle.readline(1 << 20)
-                if not piece:
-                    break
-                if digest is not None:
-                    digest.update(piece)
-                length += len(piece)
-                offset += len(piece)
-                if piece.endswith(b"\n"):
-                    break
-            yield number, None, length, offset
-            continue
-        content = raw[:-1] if raw.endswith(b"\n") else raw
-        if content.endswith(b"\r"):
+        offset += length
+        if number == 1 and content is not None and content.startswith(BOM):
+            content = content[len(BOM) :]
+            length -= len(BOM)
+        if content is not None and len(content) > max_bytes + 1:
+            content = None
+        elif content is not None and content.endswith(b"\r"):
             content = content[:-1]
-        yield number, content, len(raw), offset
+        yield number, content, length, offset
 
 
 def _sha256_fd(fd: int) -> tuple[str, int]:
@@ -311,6 +364,54 @@ def _out_taken(out_fd: int, out_name: str) -> bool:
     return safefs.exists(out_fd, out_name) or safefs.exists(out_fd, out_name + ".part")
 
 
+def _drop_duplicates(chunk: Chunk, seen: set[str]) -> Chunk:
+    """The chunk with each item whose custom_id is in `seen` (or earlier in the chunk) made an invalid result."""
+    items: list[NewItem] = []
+    duplicates: list[NewResult] = []
+    for item in chunk.items:
+        if item.custom_id in seen:
+            message = f"duplicate custom_id {item.custom_id!r} in this file"
+            duplicates.append(NewResult(item.line, "invalid", invalid_result(item.custom_id, item.line, message)))
+        else:
+            seen.add(item.custom_id)
+            items.append(item)
+    if not duplicates:
+        return chunk
+    invalid = sorted([*chunk.invalid, *duplicates], key=lambda result: result.line)
+    return Chunk(chunk.first_line, chunk.last_line, chunk.end_offset, items, invalid)
+
+
+class _Group:
+    """Small files read whole, waiting to be committed together."""
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[str, os.stat_result, WholeFile]] = []
+        self.lines = 0
+        self.bytes = 0
+
+    def add(self, name: str, info: os.stat_result, whole: WholeFile) -> None:
+        self.entries.append((name, info, whole))
+        self.lines += whole.lines
+        self.bytes += whole.key.size
+
+    def full(self) -> bool:
+        return len(self.entries) >= GROUP_FILES or self.lines >= CHUNK_LINES or self.bytes >= CHUNK_BYTES
+
+    def take(self) -> list[tuple[str, os.stat_result, WholeFile]]:
+        entries, self.entries = self.entries, []
+        self.lines = self.bytes = 0
+        return entries
+
+
+@dataclass(slots=True)
+class _GroupDone:
+    """What committing a group did: files taken, their ids (moved out of new/), files to resume by chunks."""
+
+    taken: int = 0
+    moved: list[int] = field(default_factory=list)
+    resume: list[str] = field(default_factory=list)
+
+
 class Spool:
     """Watches new/ and ingests each file into the store."""
 
@@ -325,7 +426,7 @@ class Spool:
         self._wake = asyncio.Event()
         self._waiting: dict[str, float] = {}
         self._stuck: set[tuple[str, int]] = set()  # entries that could not be moved to rejected/
-        self._routes: dict[tuple[str, str], str | None] = {}  # (kind, model) -> profile, per settings
+        self._routes: dict[tuple[str, str], tuple[str, int]] = {}  # (kind, model) -> (profile, byte limit)
         # True while a file is being committed chunk by chunk (the batcher holds back partial groups).
         self.busy = False
 
@@ -344,20 +445,41 @@ class Spool:
             except SpoolDirectoryError as exc:
                 log.error("spool.unsafe_directory", error=exc.strerror)
                 return 0
-            for name in names:
-                if name.startswith("."):
-                    continue
-                try:
+            group = _Group()
+            # The group being committed while the next one is read.
+            pending: asyncio.Task[_GroupDone] | None = None
+            resume: list[str] = []  # files a group found half ingested by chunks before a crash
+            try:
+                for name in names:
+                    if name.startswith("."):
+                        continue
+                    if await self._take(dirs, name, group):
+                        taken += 1
+                    if group.full():
+                        last = await asyncio.shield(pending) if pending is not None else _GroupDone()
+                        taken += last.taken
+                        resume += last.resume
+                        pending = asyncio.ensure_future(self._commit_group(dirs, group.take(), last.moved))
+                last = await asyncio.shield(pending) if pending is not None else _GroupDone()
+                pending = None
+                final = await self._commit_group(dirs, group.take(), last.moved)
+                await self.store.files_moved(final.moved)
+                taken += last.taken + final.taken
+                for name in [*last.resume, *final.resume, *resume]:
+                    log.info("spool.resuming", file=name)
                     if await self._take(dirs, name):
                         taken += 1
-                except SpoolDirectoryError as exc:
-                    # done/, rejected/ or out/ was swapped for something else: touch nothing through
-                    # it; start-up refuses such a spool (check_modes).
-                    log.error("spool.unsafe_directory", file=safefs.display_name(name), error=exc.strerror)
-                    return taken
-                except _MissingDirectory:
-                    self.paths.create()
-                    return taken
+            except SpoolDirectoryError as exc:
+                # done/, rejected/ or out/ was swapped for something else: touch nothing through
+                # it; start-up refuses such a spool (check_modes).
+                log.error("spool.unsafe_directory", error=exc.strerror)
+                return taken
+            except _MissingDirectory:
+                self.paths.create()
+                return taken
+            finally:
+                if pending is not None and not pending.done():
+                    await asyncio.wait({pending})  # its transaction runs whole; nothing outlives the pass
         return taken
 
     async def run(self, stopping: asyncio.Event) -> None:
@@ -410,11 +532,14 @@ class Spool:
                 if removed:
                     log.info("spool.pruned", directory=sub, files=len(removed))
 
-    def _move_out(self, dirs: _Dirs, name: str, info: os.stat_result, sub: str, preferred: str) -> str | None:
+    def _move_out(
+        self, dirs: _Dirs, name: str, info: os.stat_result, sub: str, preferred: str, sync: bool = True
+    ) -> str | None:
         """Move new/NAME to SUB/ under `preferred` (or a variant of it) if NAME is still the inode `info`.
 
         Returns the name it got there, or None when NAME now refers to another file (or none):
         that file was never read, so it stays in new/ for the next pass. Never replaces anything.
+        With `sync` false the caller fsyncs SUB/ and new/ (once for several moves).
         """
         new, target_dir = dirs.fd("new"), dirs.fd(sub)
         if not safefs.same_file(new, name, info):
@@ -435,8 +560,9 @@ class Spool:
             # Swapped between the check and the rename: what was moved was never read. Put it back.
             self._give_back(dirs, sub, candidate, name)
             return None
-        safefs.fsync_dir(target_dir)
-        safefs.fsync_dir(new)
+        if sync:
+            safefs.fsync_dir(target_dir)
+            safefs.fsync_dir(new)
         return candidate
 
     def _give_back(self, dirs: _Dirs, sub: str, moved: str, name: str) -> None:
@@ -477,7 +603,8 @@ class Spool:
         log.warning("spool.rejected", file=shown, reason=reason, moved_to=target)
         return True
 
-    async def _take(self, dirs: _Dirs, name: str) -> bool:
+    async def _take(self, dirs: _Dirs, name: str, group: _Group | None = None) -> bool:
+        """Ingest new/NAME (or, a small file, read it into `group` to be committed with others)."""
         new = dirs.fd("new")
         try:
             info = os.stat(name, dir_fd=new, follow_symlinks=False)
@@ -516,6 +643,11 @@ class Spool:
                 return False
             self._waiting.pop(name, None)
             try:
+                if group is not None and info.st_size <= SMALL_FILE_BYTES:
+                    whole = await self._read_whole(fd, info, name)
+                    if whole is not None:
+                        group.add(name, info, whole)
+                        return False
                 report = await self._ingest_fd(dirs, name, fd, info)
             except SpoolDirectoryError:
                 raise
@@ -531,6 +663,69 @@ class Spool:
             return False
         self._on_ingest()
         return True
+
+    async def _read_whole(self, fd: int, info: os.stat_result, name: str) -> WholeFile | None:
+        """The small file on `fd` read, hashed and parsed at once; None if its lines do not fit one chunk."""
+        data = os.pread(fd, info.st_size + 1, 0)
+        if len(data) != info.st_size or not _unchanged(fd, info):
+            raise _FileChanged(name)
+        if data.count(b"\n") + (not data.endswith(b"\n")) > CHUNK_LINES:
+            return None
+        chunk = await self._parse_chunk(_read_lines(io.BytesIO(data), self.settings.max_line_bytes))
+        assert chunk is not None  # a file of at least one byte has a line
+        chunk = _drop_duplicates(chunk, set())
+        key = FileKey(name, hashlib.sha256(data).hexdigest(), info.st_size, info.st_dev, info.st_ino)
+        return WholeFile(key, chunk.last_line, chunk.items, chunk.invalid)
+
+    async def _commit_group(
+        self, dirs: _Dirs, entries: list[tuple[str, os.stat_result, WholeFile]], moved_before: list[int]
+    ) -> _GroupDone:
+        """Commit small files in one transaction, then move them to done/.
+
+        Each file is committed before it leaves new/, as alone: a crash after the commit leaves the
+        files in new/ with their rows, and the next pass moves them without queueing anything twice.
+        The moves of the group before (`moved_before`, durable renames) are recorded in the same
+        transaction; the caller records this group's (files_moved) after the last group.
+        """
+        if not entries:
+            return _GroupDone(moved=moved_before)
+        out = dirs.fd("out")
+        rows = await self.store.add_files(
+            [whole for _, _, whole in entries], out_taken=lambda o: _out_taken(out, o), moved=moved_before
+        )
+        self._crashpoints.reach("mid-ingest")
+        moved: list[tuple[str, WholeFile, FileRow]] = []
+        resume: list[str] = []
+        for (name, info, whole), row in zip(entries, rows, strict=True):
+            if row.state == FileState.INGESTING:
+                resume.append(name)  # chunks of it were committed before a crash: resume them
+                continue
+            preferred = row.out_name[: -len(RESULTS_SUFFIX)] + ".jsonl"
+            if self._move_out(dirs, name, info, "done", preferred, sync=False) is None:
+                # Renamed over (or away) while it was read: what has the name now is new work.
+                log.warning("spool.replaced_during_ingest", file=name)
+                self._wake.set()
+                continue
+            moved.append((name, whole, row))
+        if moved:
+            # One fsync of each directory makes every rename of the group durable.
+            safefs.fsync_dir(dirs.fd("done"))
+            safefs.fsync_dir(dirs.fd("new"))
+        self._on_ingest()
+        for name, whole, row in moved:
+            if row.out_name != name[: -len(".jsonl")] + RESULTS_SUFFIX:
+                log.info("spool.results_renamed", file=name, results=row.out_name)
+            log.info(
+                "spool.ingested",
+                file=name,
+                lines=whole.lines,
+                queued=len(whole.items),
+                invalid=len(whole.invalid),
+                bytes=whole.key.size,
+                results=row.out_name,
+                group=len(entries),
+            )
+        return _GroupDone(len(moved), [row.id for _, _, row in moved], resume)
 
     def _settled(self, fd: int, info: os.stat_result) -> bool:
         """False while a file without a final newline may still be being written."""
@@ -605,48 +800,60 @@ class Spool:
         """Commit the file's lines after row.lines_committed chunk by chunk, then finish it.
 
         Returns (finished, lines committed): not finished when the file changed while it was read
-        (nothing more is committed then).
+        (nothing more is committed then). The next chunk is parsed while the one before it is being
+        committed: the writer's thread runs SQLite's C code without the GIL, the event loop parses.
         """
         digest = hashlib.sha256()
         # What was committed before is hashed too, so the digest still proves the whole file was what we hashed.
         await asyncio.to_thread(_hash_prefix, fd, row.offset_committed, digest)
-        last_line = row.lines_committed
-        with _reader(fd, row.offset_committed) as handle:
-            lines = _read_lines(
-                handle, self.settings.max_line_bytes, digest, row.lines_committed + 1, row.offset_committed
-            )
-            while (chunk := self._parse_chunk(lines)) is not None:
-                chunk = await self._dedupe(row.id, chunk)
-                if not _unchanged(fd, info):
-                    return False, last_line
-                if await self.store.add_chunk(row.id, chunk):
-                    report.queued += len(chunk.items)
-                    report.invalid += len(chunk.invalid)
-                last_line = chunk.last_line
-                self._crashpoints.reach("mid-ingest")
+        committed = _Committed(row.lines_committed)
+        pending: asyncio.Task[bool] | None = None
+        try:
+            with _reader(fd, row.offset_committed) as handle:
+                lines = _read_lines(
+                    handle, self.settings.max_line_bytes, digest, row.lines_committed + 1, row.offset_committed
+                )
+                while (chunk := await self._parse_chunk(lines)) is not None:
+                    if pending is not None and not await asyncio.shield(pending):
+                        return False, committed.lines
+                    pending = asyncio.ensure_future(self._commit_chunk(fd, info, row.id, chunk, report, committed))
+            if pending is not None and not await asyncio.shield(pending):
+                return False, committed.lines
+        finally:
+            if pending is not None and not pending.done():
+                # A chunk's transaction runs whole (shielded); nothing here outlives this call.
+                await asyncio.wait({pending})
         if digest.hexdigest() != sha256:
-            return False, last_line
-        await self.store.finish_file(row.id, last_line)
-        return True, last_line
+            return False, committed.lines
+        await self.store.finish_file(row.id, committed.lines)
+        return True, committed.lines
+
+    async def _commit_chunk(
+        self, fd: int, info: os.stat_result, file_id: int, chunk: Chunk, report: IngestReport, committed: _Committed
+    ) -> bool:
+        """Commit the chunk (deduped against the committed ones if need be); False if the file changed."""
+        chunk = _drop_duplicates(chunk, set())
+        if not _unchanged(fd, info):
+            return False
+        try:
+            applied = await self.store.add_chunk(file_id, chunk)
+        except DuplicateCustomId:
+            # A committed chunk holds some of its custom_ids (rare): those lines become invalid.
+            chunk = await self._dedupe(file_id, chunk)
+            applied = await self.store.add_chunk(file_id, chunk)
+        if applied:
+            report.queued += len(chunk.items)
+            report.invalid += len(chunk.invalid)
+        committed.lines = chunk.last_line
+        self._crashpoints.reach("mid-ingest")
+        return True
 
     async def _dedupe(self, file_id: int, chunk: Chunk) -> Chunk:
         """Later lines with a custom_id already seen in this file (this chunk or a committed one) become invalid."""
         if not chunk.items:
             return chunk
         seen = await self.store.seen_custom_ids(file_id, {item.custom_id for item in chunk.items})
-        items: list[NewItem] = []
-        duplicates: list[NewResult] = []
-        for item in chunk.items:
-            if item.custom_id in seen:
-                message = f"duplicate custom_id {item.custom_id!r} in this file"
-                duplicates.append(NewResult(item.line, "invalid", invalid_result(item.custom_id, item.line, message)))
-            else:
-                seen.add(item.custom_id)
-                items.append(item)
-        if not duplicates:
-            return chunk
-        invalid = sorted([*chunk.invalid, *duplicates], key=lambda result: result.line)
-        return Chunk(chunk.first_line, chunk.last_line, chunk.end_offset, items, invalid)
+        return _drop_duplicates(chunk, seen)
 
     async def _changed_mid_ingest(
         self, dirs: _Dirs, name: str, info: os.stat_result, row: FileRow, report: IngestReport
@@ -669,13 +876,18 @@ class Spool:
         report.out_name = row.out_name
         return report
 
-    def _parse_chunk(self, lines: Iterator[tuple[int, bytes | None, int, int]]) -> Chunk | None:
-        """The next chunk of lines, bounded by CHUNK_LINES and CHUNK_BYTES (at least one line); None at the end."""
+    async def _parse_chunk(self, lines: Iterator[tuple[int, bytes | None, int, int]]) -> Chunk | None:
+        """The next chunk of lines, bounded by CHUNK_LINES and CHUNK_BYTES (at least one line); None at the end.
+
+        Yields to the event loop every PARSE_SLICE seconds, so pollers and sinks run during a long ingest.
+        """
         items: list[NewItem] = []
         invalid: list[NewResult] = []
         count = 0
         size = 0
         first = last = end = 0
+        item = self._item
+        since = time.perf_counter()
         for number, content, length, offset in lines:
             if not count:
                 first = number
@@ -683,12 +895,15 @@ class Spool:
             size += length
             last, end = number, offset
             try:
-                items.append(self._item(number, content, length))
+                items.append(item(number, content, length))
             except LineError as exc:
                 custom_id = exc.custom_id or f"line-{number}"
                 invalid.append(NewResult(number, "invalid", invalid_result(custom_id, number, str(exc))))
             if count >= CHUNK_LINES or size >= CHUNK_BYTES:
                 break
+            if not count % PARSE_CHECK and time.perf_counter() - since > PARSE_SLICE:
+                await asyncio.sleep(0)
+                since = time.perf_counter()
         if not count:
             return None
         return Chunk(first, last, end, items, invalid)
@@ -696,26 +911,35 @@ class Spool:
     def _item(self, number: int, content: bytes | None, length: int) -> NewItem:
         if content is None:
             raise LineError(f"line is {length} bytes, over the largest batch any provider accepts")
-        if not content.strip():
-            raise LineError("empty line")
-        parsed = parse_line(content, number)
-        route = (parsed.kind, parsed.model)
-        if route not in self._routes:
-            self._routes[route] = self.settings.profile_for(parsed.kind, parsed.model)
-        profile_name = self._routes[route]
-        if profile_name is None:
+        try:
+            parsed = parse_line(content, number)
+        except LineError:
+            if not content.strip():
+                raise LineError("empty line") from None
+            raise
+        route = self._routes.get((parsed.kind, parsed.model))
+        if route is None:
+            route = self._route(parsed.kind, parsed.model)
+        profile_name, limit = route
+        if not profile_name:
             raise LineError(
                 f"no provider profile of kind {parsed.kind!r} is configured for model {parsed.model!r}",
                 parsed.custom_id,
             )
         size = len(parsed.body) + len(parsed.endpoint) + LINE_OVERHEAD
-        limit = self.settings.providers[profile_name].byte_limit
         if size > limit:
             raise LineError(
                 f"request is {size} bytes, over provider {profile_name!r}'s batch limit of {limit} bytes",
                 parsed.custom_id,
             )
         return NewItem(number, parsed.custom_id, profile_name, parsed.endpoint, parsed.model, parsed.body, size)
+
+    def _route(self, kind: ProviderKind, model: str) -> tuple[str, int]:
+        """(profile, its byte limit) for lines of `kind` and `model`, ("", 0) for none; remembered."""
+        profile_name = self.settings.profile_for(kind, model)
+        route = (profile_name, self.settings.providers[profile_name].byte_limit) if profile_name else ("", 0)
+        self._routes[(kind, model)] = route
+        return route
 
 
 def _encode(request: Any) -> bytes:

@@ -542,3 +542,75 @@ async def test_a_file_whose_results_were_all_delivered_while_it_was_ingested_is_
     runner.ingested()  # what the spool's on_ingest does once the file is wholly in the store
     await runner._deliver_pending(outbox)
     assert final.read_bytes().count(b"\n") == 6 and not part.exists()
+
+
+# -- group commit and chunk pipelining (issue 13) --------------------------------------------------
+
+
+async def test_small_files_are_committed_together_each_before_it_leaves_new_and_a_crash_between_is_exactly_once(
+    intake: tuple[Spool, Store, Settings],
+) -> None:
+    spool, store, settings = intake
+    names = [f"small-{n}.jsonl" for n in range(5)]
+    for name in names:
+        (spool.paths.new / name).write_bytes(b"".join(named_line(name, n) for n in range(1, 4)))
+    cut = Spool(settings, store, on_ingest=lambda: None, crashpoints=_CrashAfter(chunks=1))
+    with pytest.raises(_Interrupted):
+        await cut.rescan()
+    # The crash came right after the first commit: it carried all five files, none has moved yet.
+    assert db_rows(store, "SELECT name, state, lines, moved_at IS NULL FROM files ORDER BY name") == [
+        (name, "open", 3, 1) for name in names
+    ]
+    assert sorted(p.name for p in spool.paths.new.iterdir()) == names
+    assert not list(spool.paths.done.iterdir())
+    # The next pass moves them and queues nothing twice.
+    assert await spool.rescan() == 5
+    assert sorted(p.name for p in spool.paths.done.iterdir()) == names
+    assert db_rows(store, "SELECT COUNT(*), COUNT(DISTINCT file_id) FROM items") == [(15, 5)]
+    assert db_rows(store, "SELECT COUNT(*) FROM files WHERE moved_at IS NOT NULL") == [(5,)]
+
+
+async def test_groups_follow_each_other_and_every_move_is_recorded(
+    intake: tuple[Spool, Store, Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool, store, _ = intake
+    monkeypatch.setattr(spool_module, "GROUP_FILES", 3)  # 8 files: groups of 3, 3 and 2
+    names = [f"g-{n}.jsonl" for n in range(8)]
+    for name in names:
+        (spool.paths.new / name).write_bytes(named_line(name, 1) + b"{bad\n" + named_line(name, 1))
+    (spool.paths.new / "big.jsonl").write_bytes(b"".join(named_line("big", n) for n in range(1, 2500)))
+    assert await spool.rescan() == 9
+    assert sorted(p.name for p in spool.paths.done.iterdir()) == sorted([*names, "big.jsonl"])
+    assert db_rows(store, "SELECT COUNT(*) FROM files WHERE moved_at IS NOT NULL AND state = 'open'") == [(9,)]
+    # Each small file: its line 1 queued, line 2 not JSON, line 3 a duplicate custom_id (first one wins).
+    invalid = db_rows(store, "SELECT f.name, r.line FROM results r JOIN files f ON f.id = r.file_id ORDER BY 1, 2")
+    assert invalid == [(name, line) for name in sorted(names) for line in (2, 3)]
+    assert db_rows(store, "SELECT COUNT(*) FROM items") == [(8 + 2499,)]
+
+
+async def test_a_line_of_exactly_the_limit_plus_one_byte_does_not_swallow_the_next_line(
+    intake: tuple[Spool, Store, Settings],
+) -> None:
+    spool, store, settings = intake
+    for profile in settings.providers.values():
+        profile.max_bytes = 8192
+    limit = settings.max_line_bytes
+    long_line = b'{"custom_id": "long", "pad": "' + b"x" * (limit + 1 - 32) + b'"}'
+    assert len(long_line) == limit + 1
+    (spool.paths.new / "edge.jsonl").write_bytes(long_line + b"\n" + named_line("e", 2) + named_line("e", 3))
+    assert await spool.rescan() == 1
+    results = [orjson.loads(r.payload) for r in await store.results_after(0, 10)]
+    assert [(r["line"], r["status"]) for r in results] == [(1, "invalid")]
+    [group] = await store.queued_groups(time.time())
+    assert group.count == 2
+
+
+async def test_chunks_commit_without_their_own_fsync_and_the_writer_stays_at_full_sync(
+    intake: tuple[Spool, Store, Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool, store, _ = intake
+    monkeypatch.setattr(spool_module, "CHUNK_LINES", 5)
+    (spool.paths.new / "chunked.jsonl").write_bytes(b"".join(named_line("k", n) for n in range(1, 24)))
+    assert await spool.rescan() == 1
+    assert db_rows(store, "SELECT state, lines FROM files") == [("open", 23)]
+    assert (await store._fetchone("PRAGMA synchronous"))[0] == 2  # FULL, for every other writer

@@ -37,6 +37,7 @@ from batchd.store import (
     Store,
     open_store,
 )
+from batchd.store.contract import DuplicateCustomId
 
 from .conftest import loop_ticks, make_settings
 from .test_acceptance import chat_line
@@ -366,7 +367,7 @@ async def test_chunked_ingest_resumes_after_a_crash_and_never_commits_a_chunk_tw
         other = await again.begin_file(key("g.jsonl", 8), lambda name: False)
         assert await again.add_chunk(other.id, chunk(1, 2))
         duplicate = NewItem(3, "c1", "openai", "/v1/chat/completions", "gpt-4o-mini", b"{}", 2)
-        with pytest.raises(sqlite3.IntegrityError):
+        with pytest.raises(DuplicateCustomId):
             await again.add_chunk(other.id, Chunk(3, 3, 30, [duplicate], []))
         assert (await again.file(other.id)).lines_committed == 2  # type: ignore[union-attr]
     finally:

@@ -71,6 +71,11 @@ class Fate(enum.StrEnum):
     OVERDUE_CANCELLED = "overdue_cancelled"
 
 
+class DuplicateCustomId(Exception):
+    """add_chunk: an item's custom_id is already queued for this file by a committed chunk; the
+    chunk changed nothing (dedupe it with seen_custom_ids and add it again)."""
+
+
 class NotCreated(OperatorError):
     """The store is there but holds no schema yet (a daemon is creating it): a command has nothing to show."""
 
@@ -137,6 +142,16 @@ class Chunk:
     first_line: int
     last_line: int
     end_offset: int
+    items: Sequence[NewItem]
+    invalid: Sequence[NewResult]
+
+
+@dataclass(frozen=True, slots=True)
+class WholeFile:
+    """A small spool file parsed whole (all `lines` of it, `key.size` bytes), for `Intake.add_files`."""
+
+    key: FileKey
+    lines: int
     items: Sequence[NewItem]
     invalid: Sequence[NewResult]
 
@@ -312,10 +327,30 @@ class Intake(Protocol):
 
         Compare-and-set on lines_committed == first_line - 1: a chunk already committed returns
         False and changes nothing (idempotent after a crash or a cancellation); True when applied.
+        Raises DuplicateCustomId, changing nothing, when a committed chunk of the file holds one of
+        its custom_ids: the caller checks seen_custom_ids only then, not for every chunk.
         """
 
     async def finish_file(self, file_id: int, lines: int) -> None:
         """INGESTING -> OPEN with its final line count (durable on return). Idempotent."""
+
+    async def add_files(
+        self, files: Sequence[WholeFile], out_taken: Callable[[str], bool], moved: Collection[int] = ()
+    ) -> list[FileRow]:
+        """Group commit: several small files, each whole, in one durable transaction; their rows in order.
+
+        `moved`: files that left new/ since (file_moved for them, in the same transaction).
+
+        A file this node already has a row for (find_file: same name, sha256 and inode, not moved
+        out of new/) is left as it is and its row returned: OPEN when it was committed before a
+        crash (move it now), INGESTING when chunks of it were (resume it chunk by chunk). Any other
+        file gets its row with a results name chosen as begin_file does (never one another file of
+        the group took), its items and invalid results, and is OPEN with `lines` lines, all of them
+        committed.
+        """
+
+    async def files_moved(self, file_ids: Collection[int]) -> None:
+        """These files left new/ (after the renames are durable). Idempotent."""
 
     async def file_moved(self, file_id: int) -> None:
         """The file left new/ (after the rename is durable). Idempotent."""

@@ -19,6 +19,7 @@ is the redacted form.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import socket
@@ -43,12 +44,15 @@ from .contract import (
     BatchRow,
     BatchState,
     Chunk,
+    DuplicateCustomId,
     Fate,
     FileKey,
     FileRow,
     FileState,
     FinalResult,
     Group,
+    NewItem,
+    NewResult,
     NotCreated,
     Pause,
     PendingResult,
@@ -56,6 +60,7 @@ from .contract import (
     Retry,
     SubmittedItem,
     Usage,
+    WholeFile,
 )
 from .queries import load
 from .shield import settle
@@ -385,22 +390,8 @@ class PostgresStore:
         return _file(row) if row else None
 
     async def begin_file(self, key: FileKey, out_taken: Callable[[str], bool]) -> FileRow:
-        stem = key.name[: -len(".jsonl")] if key.name.endswith(".jsonl") else key.name
-
         async def work(conn: Connection) -> FileRow:
-            number = 0
-            out_name = f"{stem}.results.jsonl"
-            while True:
-                if not out_taken(out_name):
-                    holder = await conn.fetchrow(Q.out_name_holder, self.node, out_name)
-                    if holder is None:
-                        break
-                    if holder["state"] == FileState.COMPLETE:
-                        # Its results are gone from out/: the name is free again, its row keeps NAME~ID.
-                        await conn.execute(Q.out_name_give_up, holder["id"])
-                        break
-                number += 1
-                out_name = f"{stem}.{number}.results.jsonl"
+            out_name = await self._choose_out_name(conn, key.name, out_taken)
             row = await conn.fetchrow(
                 Q.file_insert, self.node, key.name, key.sha256, key.size, key.dev, key.ino, out_name, time.time()
             )
@@ -408,6 +399,99 @@ class PostgresStore:
             return _file(row)
 
         return await self._tx(work)
+
+    async def _choose_out_name(self, conn: Connection, name: str, out_taken: Callable[[str], bool]) -> str:
+        stem = name[: -len(".jsonl")] if name.endswith(".jsonl") else name
+        number = 0
+        out_name = f"{stem}.results.jsonl"
+        while True:
+            if not out_taken(out_name):
+                holder = await conn.fetchrow(Q.out_name_holder, self.node, out_name)
+                if holder is None:
+                    return out_name
+                if holder["state"] == FileState.COMPLETE:
+                    # Its results are gone from out/: the name is free again, its row keeps NAME~ID.
+                    await conn.execute(Q.out_name_give_up, holder["id"])
+                    return out_name
+            number += 1
+            out_name = f"{stem}.{number}.results.jsonl"
+
+    async def add_files(
+        self, files: Sequence[WholeFile], out_taken: Callable[[str], bool], moved: Collection[int] = ()
+    ) -> list[FileRow]:
+        """Group commit of small files, each whole (see contract.Intake.add_files): one transaction."""
+        if not files:
+            await self.files_moved(moved)
+            return []
+        now = time.time()
+
+        async def work(conn: Connection) -> list[FileRow]:
+            if moved:
+                await conn.execute(Q.files_moved, sorted(moved), now)
+            rows: list[FileRow] = []
+            taken: set[str] = set()
+            locked = False
+            for f in files:
+                key = f.key
+                found = await conn.fetchrow(Q.find_file, self.node, key.name, key.sha256, key.ino)
+                if found is not None:
+                    rows.append(_file(found))
+                    continue
+                out_name = await self._choose_out_name(conn, key.name, lambda o: o in taken or out_taken(o))
+                taken.add(out_name)
+                row = await conn.fetchrow(
+                    Q.file_insert, self.node, key.name, key.sha256, key.size, key.dev, key.ino, out_name, now
+                )
+                assert row is not None
+                if f.invalid and not locked:
+                    await conn.execute(Q.results_lock)
+                    locked = True
+                await self._insert_lines(conn, row["id"], f.items, f.invalid, now)
+                await conn.fetchval(Q.chunk_advance, row["id"], 0, f.lines, key.size)
+                await conn.execute(Q.finish_file, row["id"], f.lines, now)
+                rows.append(
+                    dataclasses.replace(
+                        _file(row),
+                        state=FileState.OPEN,
+                        lines=f.lines,
+                        lines_committed=f.lines,
+                        offset_committed=key.size,
+                    )
+                )
+            return rows
+
+        return await self._tx(work)
+
+    @staticmethod
+    async def _insert_lines(
+        conn: Connection, file_id: int, items: Sequence[NewItem], invalid: Sequence[NewResult], now: float
+    ) -> None:
+        """A file's items (bodies included) and invalid results; the caller holds results_lock if any."""
+        items = sorted(items, key=lambda item: item.line)
+        invalid = sorted(invalid, key=lambda result: result.line)
+        if items:
+            await conn.execute(
+                Q.items_insert,
+                file_id,
+                [i.line for i in items],
+                [i.custom_id for i in items],
+                [i.profile for i in items],
+                [i.endpoint for i in items],
+                [i.model for i in items],
+                [i.size for i in items],
+                [i.tokens for i in items],
+                [i.body for i in items],
+                now,
+            )
+        if invalid:
+            await conn.execute(
+                Q.results_insert_new,
+                file_id,
+                [r.line for r in invalid],
+                [str(r.status) for r in invalid],
+                [r.payload for r in invalid],
+                now,
+            )
 
     async def seen_custom_ids(self, file_id: int, custom_ids: Collection[str]) -> set[str]:
         if not custom_ids:
@@ -417,8 +501,6 @@ class PostgresStore:
 
     async def add_chunk(self, file_id: int, chunk: Chunk) -> bool:
         now = time.time()
-        items = sorted(chunk.items, key=lambda item: item.line)
-        invalid = sorted(chunk.invalid, key=lambda result: result.line)
 
         async def work(conn: Connection) -> bool:
             advanced = await conn.fetchval(
@@ -426,30 +508,14 @@ class PostgresStore:
             )
             if advanced is None:
                 return False  # committed before (a repeat after a crash or a cancellation)
-            if items:
-                await conn.execute(
-                    Q.items_insert,
-                    file_id,
-                    [i.line for i in items],
-                    [i.custom_id for i in items],
-                    [i.profile for i in items],
-                    [i.endpoint for i in items],
-                    [i.model for i in items],
-                    [i.size for i in items],
-                    [i.tokens for i in items],
-                    [i.body for i in items],
-                    now,
-                )
-            if invalid:
+            if chunk.invalid:
                 await conn.execute(Q.results_lock)
-                await conn.execute(
-                    Q.results_insert_new,
-                    file_id,
-                    [r.line for r in invalid],
-                    [str(r.status) for r in invalid],
-                    [r.payload for r in invalid],
-                    now,
-                )
+            try:
+                await self._insert_lines(conn, file_id, chunk.items, chunk.invalid, now)
+            except asyncpg.UniqueViolationError as exc:
+                if exc.constraint_name == "items_file_id_custom_id_key":
+                    raise DuplicateCustomId(str(exc)) from None
+                raise
             return True
 
         return await self._tx(work)
@@ -459,6 +525,10 @@ class PostgresStore:
 
     async def file_moved(self, file_id: int) -> None:
         await self._execute(Q.file_moved, file_id, time.time())
+
+    async def files_moved(self, file_ids: Collection[int]) -> None:
+        if file_ids:
+            await self._execute(Q.files_moved, sorted(file_ids), time.time())
 
     # -- queue -----------------------------------------------------------------------------
 

@@ -97,6 +97,9 @@ WHERE id = $1 AND state = 'ingesting'
 -- name: file_moved
 UPDATE files SET moved_at = COALESCE(moved_at, $2) WHERE id = $1
 
+-- name: files_moved
+UPDATE files SET moved_at = COALESCE(moved_at, $2) WHERE id = ANY($1::bigint[])
+
 -- == queue ======================================================================================
 
 -- name: queued_groups

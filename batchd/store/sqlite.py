@@ -1,7 +1,10 @@
 """The SQLite engine of the store contract (store/contract.py): embedded, the default.
 
 Two aiosqlite connections to one database in WAL mode with synchronous=FULL, so every commit is
-durable before the caller takes an irreversible step (moving a spool file, calling a provider):
+durable before the caller takes an irreversible step (moving a spool file, calling a provider).
+The one exception is an ingest chunk (add_chunk): it commits at synchronous=NORMAL, and the
+file's finish_file, a FULL commit, makes it durable before the file leaves new/ (WAL commits
+reach the disk in order; see `_tx`).
 
 - the writer: every write method runs its whole transaction (BEGIN IMMEDIATE .. COMMIT) under one
   asyncio lock, as one unit shielded from the caller's cancellation (shield.settle), so the
@@ -49,6 +52,7 @@ from .contract import (
     BatchRow,
     BatchState,
     Chunk,
+    DuplicateCustomId,
     Fate,
     FileKey,
     FileRow,
@@ -57,7 +61,6 @@ from .contract import (
     Group,
     ItemState,
     NewItem,
-    NewResult,
     NotCreated,
     Pause,
     PendingResult,
@@ -65,6 +68,7 @@ from .contract import (
     Retry,
     SubmittedItem,
     Usage,
+    WholeFile,
 )
 from .shield import shielded
 
@@ -72,6 +76,7 @@ Q = queries.load("sqlite_queries.sql")
 
 FINAL_ITEM_STATES = (ItemState.SUCCEEDED, ItemState.ERRORED, ItemState.EXPIRED, ItemState.CANCELED)
 ERRORS_KEPT = 200
+RESULTS_SUFFIX = ".results.jsonl"
 REPORT_QUERIES = {
     "model": "report_by_model",
     "provider": "report_by_provider",
@@ -180,6 +185,8 @@ class SQLiteStore:
         self._db: aiosqlite.Connection | None = None  # the writer
         self._reader: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
+        # The writer's PRAGMA synchronous: FULL, or NORMAL after a deferred-sync transaction (see _tx).
+        self._synchronous_full = True
         self._instance = ""
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -243,6 +250,7 @@ class SQLiteStore:
             db.row_factory = sqlite3.Row
             await db.execute(Q.pragma_wal)
             await db.execute(Q.pragma_synchronous_full)
+            await db.execute(Q.pragma_wal_autocheckpoint)
             await db.execute(Q.pragma_foreign_keys_on)
             await db.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
         except sqlite3.Error as exc:
@@ -407,11 +415,31 @@ class SQLiteStore:
         return self._reader
 
     @asynccontextmanager
-    async def _tx(self) -> AsyncIterator[aiosqlite.Connection]:
-        """One write transaction on the writer. Callers run it whole (@shielded) so it is never torn."""
+    async def _tx(self, deferred_sync: bool = False) -> AsyncIterator[aiosqlite.Connection]:
+        """One write transaction on the writer. Callers run it whole (@shielded) so it is never torn.
+
+        `deferred_sync` commits without an fsync of its own (synchronous=NORMAL), for progress nobody
+        acts on until a later FULL commit: in WAL mode commits reach the disk in order, so the next
+        FULL commit (any writer's: every other transaction is FULL) makes it durable too, and a power
+        cut before that loses a suffix of such commits, never leaves a hole. A process crash loses
+        nothing (the frames are in the OS's cache). The setting is switched together with the BEGIN,
+        only when it changes, so consecutive chunks pay nothing for it.
+        """
         async with self._lock:
             db = self._conn
-            await db.execute(Q.begin_immediate)
+            if deferred_sync == self._synchronous_full:
+                try:
+                    await db.executescript(Q.begin_deferred_sync if deferred_sync else Q.begin_full_sync)
+                except BaseException:
+                    # Whatever failed, the connection goes back to FULL before anyone else writes.
+                    if db.in_transaction:
+                        await db.execute(Q.rollback)
+                    await db.execute(Q.pragma_synchronous_full)
+                    self._synchronous_full = True
+                    raise
+                self._synchronous_full = not deferred_sync
+            else:
+                await db.execute(Q.begin_immediate)
             try:
                 yield db
                 await db.execute(Q.commit)
@@ -517,17 +545,13 @@ class SQLiteStore:
 
         Compare-and-set on lines_committed == first_line - 1: a chunk already committed returns False.
         """
-        async with self._tx() as db:
-            rows = list(await db.execute_fetchall(Q.file_progress, (file_id,)))
-            if (
-                not rows
-                or rows[0]["state"] != FileState.INGESTING
-                or rows[0]["lines_committed"] != chunk.first_line - 1
-            ):
-                return False
-            now = time.time()
-            await self._insert_lines(db, file_id, chunk.items, chunk.invalid, now)
-            await db.execute(
+        now = time.time()
+        payload = self._items_payload([(file_id, item) for item in chunk.items], now)
+        invalid = [(file_id, r.line, r.status, r.payload, now) for r in chunk.invalid]
+        # A chunk's commit is durable by the file's finish_file (FULL) before the file leaves new/;
+        # until then a power cut loses only chunks that a resume re-reads from the file.
+        async with self._tx(deferred_sync=True) as db:
+            advanced = await db.execute(
                 Q.advance_file,
                 {
                     "id": file_id,
@@ -536,20 +560,105 @@ class SQLiteStore:
                     "expected": chunk.first_line - 1,
                 },
             )
+            if advanced.rowcount != 1:
+                return False  # committed before (or not ingesting): nothing was written
+            try:
+                await self._insert_items(db, payload)
+            except sqlite3.IntegrityError as exc:
+                if "items.custom_id" in str(exc):  # the unique (file_id, custom_id) index
+                    raise DuplicateCustomId(str(exc)) from None
+                raise
+            if invalid:
+                await db.executemany(Q.insert_line_result, invalid)
             return True
 
     @staticmethod
-    async def _insert_lines(
-        db: aiosqlite.Connection, file_id: int, items: Sequence[NewItem], invalid: Sequence[NewResult], now: float
-    ) -> None:
-        if items:
-            await db.executemany(
-                Q.insert_item,
-                [(file_id, i.line, i.custom_id, i.profile, i.endpoint, i.model, i.size, i.tokens, now) for i in items],
+    def _items_payload(items: Sequence[tuple[int, NewItem]], now: float) -> dict[str, Any] | None:
+        """insert_items' parameters for items of one or more files (file id, item), but for `first`.
+
+        Built before the transaction: the writer's lock is held only while SQLite works.
+        """
+        if not items:
+            return None
+        rows = [(f, i.line, i.custom_id, i.profile, i.endpoint, i.model, i.size, i.tokens) for f, i in items]
+        return {
+            "now": now,
+            "rows": orjson.dumps(rows).decode(),
+            # Bodies are JSON text (UTF-8): each travels as a JSON string and is stored as its bytes.
+            "bodies": orjson.dumps([i.body.decode() for _, i in items]).decode(),
+        }
+
+    @staticmethod
+    async def _insert_items(db: aiosqlite.Connection, payload: dict[str, Any] | None) -> None:
+        """The items of `_items_payload`, their bodies too, in two statements, with the next free ids."""
+        if payload is None:
+            return
+        [(first,)] = await db.execute_fetchall(Q.next_item_id)
+        params = {**payload, "first": first}
+        await db.execute(Q.insert_items, params)
+        await db.execute(Q.insert_item_bodies, params)
+
+    @shielded
+    async def add_files(
+        self, files: Sequence[WholeFile], out_taken: Callable[[str], bool], moved: Collection[int] = ()
+    ) -> list[FileRow]:
+        """Group commit of small files, each whole (see contract.Intake.add_files): one transaction."""
+        if not files:
+            await self.files_moved(moved)
+            return []
+        now = time.time()
+        async with self._tx() as db:
+            if moved:
+                await db.execute(Q.files_moved, {"now": now, "ids": _json(moved)})
+            keys = orjson.dumps([(f.key.name, f.key.sha256, f.key.ino) for f in files]).decode()
+            existing = {
+                (row["name"], row["sha256"], row["ino"]): _file_from_row(row)
+                for row in await db.execute_fetchall(Q.find_files, {"node": self.node, "keys": keys})
+            }
+            fresh = [f for f in files if (f.key.name, f.key.sha256, f.key.ino) not in existing]
+            out_names = await self._choose_out_names(db, [f.key.name for f in fresh], out_taken)
+            [(next_id,)] = await db.execute_fetchall(Q.next_file_id)
+            ids = range(next_id, next_id + len(fresh))
+            inserted: dict[int, FileRow] = {}
+            if fresh:
+                values = [
+                    (file_id, f.key.name, f.key.sha256, f.key.size, out_name, f.key.dev, f.key.ino, f.lines)
+                    for file_id, f, out_name in zip(ids, fresh, out_names, strict=True)
+                ]
+                params = {"node": self.node, "now": now, "files": orjson.dumps(values).decode()}
+                for row in await db.execute_fetchall(Q.insert_whole_files, params):
+                    inserted[row["id"]] = _file_from_row(row)
+                items = [(file_id, item) for file_id, f in zip(ids, fresh, strict=True) for item in f.items]
+                await self._insert_items(db, self._items_payload(items, now))
+                invalid = [(file_id, r) for file_id, f in zip(ids, fresh, strict=True) for r in f.invalid]
+                if invalid:
+                    await db.executemany(
+                        Q.insert_line_result, [(file_id, r.line, r.status, r.payload, now) for file_id, r in invalid]
+                    )
+        by_key = dict(existing)
+        by_key.update({(f.key.name, f.key.sha256, f.key.ino): inserted[i] for i, f in zip(ids, fresh, strict=True)})
+        return [by_key[(f.key.name, f.key.sha256, f.key.ino)] for f in files]
+
+    async def _choose_out_names(
+        self, db: aiosqlite.Connection, names: Sequence[str], out_taken: Callable[[str], bool]
+    ) -> list[str]:
+        """_choose_out_name for each of `names` in turn, none taking one an earlier one took; one query
+        when every NAME.results.jsonl is free (the usual case)."""
+        wanted = [(name[: -len(".jsonl")] if name.endswith(".jsonl") else name) + RESULTS_SUFFIX for name in names]
+        held = {
+            row["out_name"]
+            for row in await db.execute_fetchall(
+                Q.out_names_held, {"node": self.node, "names": orjson.dumps(wanted).decode()}
             )
-            await db.executemany(Q.insert_item_body, [(file_id, i.custom_id, i.body) for i in items])
-        if invalid:
-            await db.executemany(Q.insert_line_result, [(file_id, r.line, r.status, r.payload, now) for r in invalid])
+        }
+        chosen: list[str] = []
+        taken: set[str] = set()
+        for name, out_name in zip(names, wanted, strict=True):
+            if out_name in held or out_name in taken or out_taken(out_name):
+                out_name = await self._choose_out_name(db, name, lambda o: o in taken or out_taken(o))
+            taken.add(out_name)
+            chosen.append(out_name)
+        return chosen
 
     @shielded
     async def finish_file(self, file_id: int, lines: int) -> None:
@@ -562,6 +671,14 @@ class SQLiteStore:
         """Record that the file left new/ (after the rename is durable). Idempotent."""
         async with self._tx() as db:
             await db.execute(Q.file_moved, (time.time(), file_id))
+
+    @shielded
+    async def files_moved(self, file_ids: Collection[int]) -> None:
+        """file_moved for several files, in one transaction."""
+        if not file_ids:
+            return
+        async with self._tx() as db:
+            await db.execute(Q.files_moved, {"now": time.time(), "ids": _json(file_ids)})
 
     # -- queue -----------------------------------------------------------------------------
 

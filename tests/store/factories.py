@@ -21,6 +21,7 @@ from batchd.store.contract import (
     Retry,
     Store,
     SubmittedItem,
+    WholeFile,
 )
 
 PROFILE = "openai"
@@ -76,6 +77,12 @@ def chunk(
     items = [new_item(n, (custom_ids or {}).get(n), **item) for n in range(first, last + 1) if n not in invalid_lines]
     bad = [invalid(n) for n in invalid_lines]
     return Chunk(first_line=first, last_line=last, end_offset=last * LINE_BYTES, items=items, invalid=bad)
+
+
+def whole_file(name: str, count: int, *, invalid_lines: Sequence[int] = (), **item: Any) -> WholeFile:
+    """A small file of `count` lines for add_files: an item each, except `invalid_lines`."""
+    lines = chunk(1, count, invalid_lines=invalid_lines, **item)
+    return WholeFile(file_key(name, size=count * LINE_BYTES), count, lines.items, lines.invalid)
 
 
 def never_taken(_name: str) -> bool:

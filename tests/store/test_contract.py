@@ -15,14 +15,16 @@ import pytest
 from batchd.store.contract import (
     ApplySummary,
     BatchState,
+    DuplicateCustomId,
     Fate,
     FileState,
     Store,
+    WholeFile,
 )
 
 from ..conftest import loop_ticks
-from .factories import chunk as make_chunk
 from .factories import (
+    BODY,
     claim,
     file_key,
     final,
@@ -32,7 +34,9 @@ from .factories import (
     retry,
     submitted_batch,
     succeed_all,
+    whole_file,
 )
+from .factories import chunk as make_chunk
 
 # -- intake ---------------------------------------------------------------------------------------
 
@@ -90,6 +94,19 @@ async def test_seen_custom_ids_spans_committed_chunks_of_this_file_only(store: S
     assert await store.seen_custom_ids(other.id, ["a", "e"]) == set()
 
 
+async def test_a_chunk_repeating_a_committed_custom_id_changes_nothing(store: Store) -> None:
+    row = await store.begin_file(file_key(), never_taken)
+    assert await store.add_chunk(row.id, make_chunk(1, 2, custom_ids={1: "a", 2: "b"}))
+    with pytest.raises(DuplicateCustomId):
+        await store.add_chunk(row.id, make_chunk(3, 4, custom_ids={3: "c", 4: "a"}))
+    unchanged = await store.file(row.id)
+    assert unchanged is not None and unchanged.lines_committed == 2
+    # Without the repeat (the spool makes it an invalid result) the same lines go in.
+    assert await store.add_chunk(row.id, make_chunk(3, 4, custom_ids={3: "c"}, invalid_lines=[4]))
+    [group] = await store.queued_groups(time.time())
+    assert group.count == 3
+
+
 async def test_finish_file_opens_it_with_its_line_count_idempotently(store: Store) -> None:
     row = await store.begin_file(file_key(), never_taken)
     assert await store.add_chunk(row.id, make_chunk(1, 4, invalid_lines=[2]))
@@ -121,6 +138,55 @@ async def test_a_complete_file_whose_results_are_gone_gives_its_name_up(store: S
     assert again.out_name == "n.results.jsonl"
     old = await store.file(done.id)
     assert old is not None and old.out_name == f"n.results.jsonl~{done.id}" and old.state == "complete"
+
+
+async def test_add_files_commits_small_files_whole_with_distinct_results_names(store: Store) -> None:
+    a = whole_file("a.jsonl", 3, invalid_lines=[2])
+    b = whole_file("b.jsonl", 2)
+    # b's results name is held in out/, and the fallback a.1 would collide with a file named a.1.jsonl.
+    a1 = whole_file("a.1.jsonl", 1)
+    rows = await store.add_files([a, b, a1], lambda name: name == "b.results.jsonl")
+    assert [(r.name, r.out_name, r.state, r.lines, r.lines_committed, r.offset_committed) for r in rows] == [
+        ("a.jsonl", "a.results.jsonl", "open", 3, 3, a.key.size),
+        ("b.jsonl", "b.1.results.jsonl", "open", 2, 2, b.key.size),
+        ("a.1.jsonl", "a.1.results.jsonl", "open", 1, 1, a1.key.size),
+    ]
+    assert [await store.file(r.id) for r in rows] == rows
+    [group] = await store.queued_groups(time.time())
+    assert group.count == 2 + 2 + 1
+    results = await store.results_after(0, 10)
+    assert [(r.file_id, r.out_name) for r in results] == [(rows[0].id, "a.results.jsonl")]
+    batch = await claim(store)
+    assert batch.requests == 5
+    bodies = [body for part in [c async for c in store.batch_bodies(batch.id)] for _, _, body in part]
+    assert bodies == [BODY] * 5
+
+
+async def test_add_files_leaves_a_file_it_already_has_as_it_is(store: Store) -> None:
+    # Committed before a crash, still in new/ (not moved): returned as it is, nothing added twice.
+    first = whole_file("x.jsonl", 2)
+    [committed] = await store.add_files([first], never_taken)
+    # Chunks of another file were committed by the chunked path: left INGESTING for it to resume.
+    key = file_key("big.jsonl")
+    started = await store.begin_file(key, never_taken)
+    assert await store.add_chunk(started.id, make_chunk(1, 2))
+    fresh = whole_file("y.jsonl", 1)
+    rows = await store.add_files([first, WholeFile(key, 3, [], []), fresh], never_taken)
+    assert rows[0] == committed
+    assert (rows[1].id, rows[1].state, rows[1].lines_committed) == (started.id, "ingesting", 2)
+    assert (rows[2].name, rows[2].state) == ("y.jsonl", "open")
+    [group] = await store.queued_groups(time.time())
+    assert group.count == 2 + 2 + 1
+
+
+async def test_add_files_records_the_moves_of_the_group_before(store: Store) -> None:
+    [before] = await store.add_files([whole_file("m.jsonl", 1)], never_taken)
+    [after] = await store.add_files([whole_file("n.jsonl", 1)], never_taken, moved=[before.id])
+    assert [(await store.file(r.id)).moved for r in (before, after)] == [True, False]  # type: ignore[union-attr]
+    assert await store.add_files([], never_taken, moved=[after.id]) == []
+    await store.files_moved([after.id])  # idempotent
+    assert (await store.file(after.id)).moved  # type: ignore[union-attr]
+    assert await store.find_file(file_key("n.jsonl", ino=0)) is None
 
 
 async def test_file_names_and_results_names_are_per_node(store: Store, second_node: Store) -> None:
