@@ -211,6 +211,8 @@ class EmulatorState:
         self.openai_custom_ids: dict[str, list[str]] = {}
         self.anthropic_custom_ids: dict[str, list[str]] = {}
         self.counters: Counter[str] = Counter()
+        # API calls by route ("GET /v1/batches/{batch_id}"): what a client asked for, and how often.
+        self.routes: Counter[str] = Counter()
         self.create_index = 0
         self.closing = False
         self._tasks: set[asyncio.Task[None]] = set()
@@ -287,6 +289,7 @@ class EmulatorState:
             },
             "anthropic": {"batches_created": c["anthropic_batches"], "custom_ids": self.anthropic_custom_ids},
             "http_calls": c["http_calls"],
+            "calls_by_route": dict(self.routes),
             "create_faults": c["create_faults"],
             "faults_injected": {
                 k: c[k] for k in ("http_errors", "dropped_downloads", "request_errors", "late_output_files")
