@@ -122,12 +122,15 @@ VALUES (?, ?, ?, ?, ?, ?, ?);
 
 -- name: claim_items
 -- A group's oldest due items, up to the request limit and while the running size fits.
+-- The limit is taken before the running sum: a window over the whole group grows with the queue.
 UPDATE items SET state = 'batched', batch_id = :batch WHERE id IN (
     SELECT id FROM (
-        SELECT id, SUM(size) OVER (ORDER BY id) AS running FROM items
-        WHERE state = 'queued' AND profile = :profile AND endpoint = :endpoint AND model = :model
-            AND not_before <= :now
-        ORDER BY id LIMIT :max_requests
+        SELECT id, SUM(size) OVER (ORDER BY id) AS running FROM (
+            SELECT id, size FROM items
+            WHERE state = 'queued' AND profile = :profile AND endpoint = :endpoint AND model = :model
+                AND not_before <= :now
+            ORDER BY id LIMIT :max_requests
+        )
     ) WHERE running <= :max_bytes
 );
 
@@ -410,8 +413,9 @@ WHERE (:file IS NULL OR f.name = :file)
 ORDER BY r.id LIMIT :limit;
 
 -- name: status_queue
-SELECT profile, endpoint, model, state, COUNT(*) AS n FROM items
-WHERE state IN ('queued', 'batched', 'submitted') GROUP BY profile, endpoint, model, state;
+-- Kept by triggers (migration 010): a few rows, however long the queue.
+SELECT profile, endpoint, model, state, n FROM item_counts
+WHERE state IN ('queued', 'batched', 'submitted') AND n > 0;
 
 -- name: status_ended_batches
 SELECT id, profile, model, remote_id, remote_status, fate, last_error, collected_at FROM batches
