@@ -413,9 +413,20 @@ WHERE (:file IS NULL OR f.name = :file)
 ORDER BY r.id LIMIT :limit;
 
 -- name: status_queue
--- Kept by triggers (migration 010): a few rows, however long the queue.
-SELECT profile, endpoint, model, state, n FROM item_counts
-WHERE state IN ('queued', 'batched', 'submitted') AND n > 0;
+-- Queued: the counts kept by migration 010 plus the items not folded into them yet (the chunk being
+-- committed); batched and submitted: the items of live batches. Flat however long the queue.
+SELECT profile, endpoint, model, 'queued' AS state, SUM(n) AS n FROM (
+    SELECT profile, endpoint, model, n FROM queued_counts
+    UNION ALL
+    SELECT profile, endpoint, model, COUNT(*) AS n FROM items
+    WHERE id > (SELECT last_item FROM queued_counts_mark) AND state = 'queued'
+    GROUP BY profile, endpoint, model
+) GROUP BY profile, endpoint, model HAVING SUM(n) > 0
+UNION ALL
+SELECT i.profile, i.endpoint, i.model, i.state, COUNT(*) AS n
+FROM batches b JOIN items i ON i.batch_id = b.id
+WHERE b.state IN ('pending', 'unverified', 'submitted') AND i.state IN ('batched', 'submitted')
+GROUP BY i.profile, i.endpoint, i.model, i.state;
 
 -- name: status_ended_batches
 SELECT id, profile, model, remote_id, remote_status, fate, last_error, collected_at FROM batches

@@ -1,37 +1,44 @@
--- Items per route and state, kept by triggers, so that `batchd status` reads a few rows instead of
--- counting the queue: a COUNT over the queue index grows with the queue (about 2 s at 10M items).
--- A migration that rebuilds `items` must create these triggers again.
+-- Queued items per route, so that `batchd status` reads a few rows instead of counting the queue
+-- (a COUNT over the queue index grows with the queue: about 2 s at 10M items). Batched and
+-- submitted items are counted through the live batches (bounded by what is in flight).
+--
+-- Kept cheaply: no trigger per inserted row (ingest is the hot path). New items are folded into
+-- the counts once per committed chunk, by a trigger on the file's progress (lines_committed),
+-- from the id mark up: ids only grow. A state change in or out of 'queued' of an item already
+-- folded moves its count. Items above the mark (not folded yet) are counted by the status query.
+-- A migration that rebuilds `items` or `files` must create these triggers again.
 -- (The migration runner splits scripts at a semicolon that ends a line: inside a trigger body, a
 -- statement's semicolon is followed by the next statement or END on the same line.)
-CREATE TABLE item_counts (
+CREATE TABLE queued_counts (
     profile TEXT NOT NULL,
     endpoint TEXT NOT NULL,
     model TEXT NOT NULL,
-    state TEXT NOT NULL,
     n INTEGER NOT NULL,
-    PRIMARY KEY (profile, endpoint, model, state)
+    PRIMARY KEY (profile, endpoint, model)
 ) WITHOUT ROWID;
 
-INSERT INTO item_counts (profile, endpoint, model, state, n)
-SELECT profile, endpoint, model, state, COUNT(*) FROM items GROUP BY profile, endpoint, model, state;
+CREATE TABLE queued_counts_mark (
+    one INTEGER PRIMARY KEY CHECK (one = 1),
+    last_item INTEGER NOT NULL
+);
 
-CREATE TRIGGER item_counts_insert AFTER INSERT ON items
-BEGIN
-    INSERT INTO item_counts (profile, endpoint, model, state, n)
-    VALUES (new.profile, new.endpoint, new.model, new.state, 1)
-    ON CONFLICT (profile, endpoint, model, state) DO UPDATE SET n = n + 1; END;
+INSERT INTO queued_counts (profile, endpoint, model, n)
+SELECT profile, endpoint, model, COUNT(*) FROM items WHERE state = 'queued' GROUP BY profile, endpoint, model;
 
-CREATE TRIGGER item_counts_update AFTER UPDATE OF state, profile, endpoint, model ON items
-WHEN old.state IS NOT new.state OR old.profile IS NOT new.profile OR old.endpoint IS NOT new.endpoint
-    OR old.model IS NOT new.model
-BEGIN
-    UPDATE item_counts SET n = n - 1
-    WHERE profile = old.profile AND endpoint = old.endpoint AND model = old.model AND state = old.state; INSERT
-    INTO item_counts (profile, endpoint, model, state, n)
-    VALUES (new.profile, new.endpoint, new.model, new.state, 1)
-    ON CONFLICT (profile, endpoint, model, state) DO UPDATE SET n = n + 1; END;
+INSERT INTO queued_counts_mark (one, last_item) SELECT 1, COALESCE(MAX(id), 0) FROM items;
 
-CREATE TRIGGER item_counts_delete AFTER DELETE ON items
+CREATE TRIGGER queued_counts_fold AFTER UPDATE OF lines_committed ON files
 BEGIN
-    UPDATE item_counts SET n = n - 1
-    WHERE profile = old.profile AND endpoint = old.endpoint AND model = old.model AND state = old.state; END;
+    INSERT INTO queued_counts (profile, endpoint, model, n)
+    SELECT profile, endpoint, model, COUNT(*) FROM items
+    WHERE id > (SELECT last_item FROM queued_counts_mark) AND state = 'queued'
+    GROUP BY profile, endpoint, model
+    ON CONFLICT (profile, endpoint, model) DO UPDATE SET n = n + excluded.n; UPDATE queued_counts_mark
+    SET last_item = (SELECT COALESCE(MAX(id), 0) FROM items); END;
+
+CREATE TRIGGER queued_counts_move AFTER UPDATE OF state ON items
+WHEN (old.state = 'queued') IS NOT (new.state = 'queued') AND old.id <= (SELECT last_item FROM queued_counts_mark)
+BEGIN
+    INSERT INTO queued_counts (profile, endpoint, model, n)
+    VALUES (old.profile, old.endpoint, old.model, CASE WHEN new.state = 'queued' THEN 1 ELSE -1 END)
+    ON CONFLICT (profile, endpoint, model) DO UPDATE SET n = n + excluded.n; END;
