@@ -186,10 +186,6 @@ class Pollers:
         return time.time() + retry_delay(attempts, batching.retry_backoff_base, batching.retry_backoff_max)
 
     async def _poll(self, batch_id: int) -> None:
-        batching = self.settings.batching
-        interval = batching.poll_interval_min
-        failures = 0
-        missing = 0
         # Read once: only this poller changes the batch until it is collected.
         batch = await self.store.batch(batch_id)
         if batch is None or batch.state not in POLLED_BATCH_STATES or batch.remote_id is None:
@@ -198,31 +194,25 @@ class Pollers:
         seen: tuple[str, dict[str, int]] | None = (
             (batch.remote_status, batch.counts) if batch.remote_status and batch.counts else None
         )
-        cancel_sent = batch.cancel_requested_at is not None
-        ended_seen_at = batch.ended_at
         created = batch.remote_created_at or batch.submitted_at or batch.created_at
         watch = Watch(batch.profile, batch.remote_id, created, seen)
         self._watches[batch_id] = watch
         try:
-            await self._watched(batch, watch, interval, failures, missing, cancel_sent, ended_seen_at)
+            await self._watched(batch, watch)
         finally:
             if self._watches.get(batch_id) is watch:
                 del self._watches[batch_id]
 
-    async def _watched(
-        self,
-        batch: BatchRow,
-        watch: Watch,
-        interval: float,
-        failures: int,
-        missing: int,
-        cancel_sent: bool,
-        ended_seen_at: float | None,
-    ) -> None:
+    async def _watched(self, batch: BatchRow, watch: Watch) -> None:
+        """The poll loop of one batch, until it is collected (or the daemon stops)."""
         batching = self.settings.batching
         batch_id = batch.id
         assert batch.remote_id is not None
+        interval = batching.poll_interval_min
+        failures = missing = 0
         seen = watch.seen
+        cancel_sent = batch.cancel_requested_at is not None
+        ended_seen_at = batch.ended_at
         delay = 0.0  # the first look at once: the sweep that takes it takes every poller due then
         while not self._stopping.is_set():
             listed = await self._turn(batch.profile, watch, delay)

@@ -121,6 +121,10 @@ async def measure(root: str, source: str) -> dict[str, Any]:
         started = time.perf_counter()
         lines = await ingest_file(settings, store, Path(source), name="on-top.jsonl")
         ingest = time.perf_counter() - started
+        # Reported, not a target: the batcher's per-tick look at the queue (every route, due items).
+        began = time.perf_counter()
+        await store.queued_groups(time.time())
+        groups = time.perf_counter() - began
         claims = []
         for _ in range(3):
             group = Group("openai", ENDPOINT, ROUTES[0], 0, 0, 0.0)
@@ -131,7 +135,7 @@ async def measure(root: str, source: str) -> dict[str, Any]:
                 raise RuntimeError(f"claimed {batch.requests if batch else 0} requests, expected {CLAIM}")
     finally:
         await store.close()
-    return {"ingest_seconds": ingest, "lines": lines, "claim_seconds": claims}
+    return {"ingest_seconds": ingest, "lines": lines, "claim_seconds": claims, "queued_groups_seconds": groups}
 
 
 def status_times(root: Path, rounds: int = 4) -> tuple[list[float], dict[str, Any]]:
@@ -223,7 +227,9 @@ def run(ctx: Context) -> list[Row]:
             ratio=claim_ratio,
             target=f"≤ {TARGET_RATIO}",
             met=claim_ratio <= TARGET_RATIO,
-            notes=f"Store.claim_batch of {CLAIM:,} requests, best of 3, {size}",
+            notes=f"Store.claim_batch of {CLAIM:,} requests, best of 3, {size}; the batcher's queued_groups"
+            f" (reported, not a target): {big['queued_groups_seconds'] * 1000:.0f} vs"
+            f" {small['queued_groups_seconds'] * 1000:.0f} ms",
             details={},
         ),
         Row(
