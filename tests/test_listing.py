@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from batchd import poller
+from batchd.providers.base import RemoteBatch
 
 from .conftest import make_settings, wait_until
 from .emulator_helpers import stranger_batches
@@ -54,6 +55,20 @@ async def our_batch(emu: Any, vendor: str) -> str:
 
 def lines_for(vendor: str, count: int) -> list[dict[str, Any]]:
     return [chat_line(n) for n in range(count)] if vendor == "openai" else [claude_line(n) for n in range(count)]
+
+
+def test_only_an_unchanged_live_batch_is_taken_from_the_list() -> None:
+    watch = poller.Watch("openai", "batch_1", 0.0, ("in_progress", {"total": 2, "completed": 0, "failed": 0}))
+    same = RemoteBatch("batch_1", "in_progress", False, 0.0, {"total": 2, "completed": 0, "failed": 0})
+    assert watch.unchanged(same) is same and not watch.changed(same)
+    progressed = RemoteBatch("batch_1", "in_progress", False, 0.0, {"total": 2, "completed": 1, "failed": 0})
+    assert watch.unchanged(progressed) is None and watch.changed(progressed)
+    # An ended batch is collected from the provider's own answer, even when the list says nothing new.
+    watch.seen = ("completed", {"total": 2, "completed": 2, "failed": 0})
+    ended = RemoteBatch("batch_1", "completed", True, 0.0, {"total": 2, "completed": 2, "failed": 0})
+    assert watch.unchanged(ended) is None and not watch.changed(ended)
+    assert watch.unchanged(None) is None  # not in the pages read: retrieved
+    assert poller.Watch("openai", "batch_2", 0.0, None).changed(same)  # never polled: anything is news
 
 
 @pytest.mark.parametrize("vendor", ["openai", "anthropic"])
