@@ -419,7 +419,7 @@ SELECT profile, endpoint, model, 'queued' AS state, SUM(n) AS n FROM (
     SELECT profile, endpoint, model, n FROM queued_counts
     UNION ALL
     SELECT profile, endpoint, model, COUNT(*) AS n FROM items
-    WHERE id > (SELECT last_item FROM queued_counts_mark) AND state = 'queued'
+    WHERE id > (SELECT last_item FROM queued_counts_mark) AND +state = 'queued'  -- `+`: by rowid range, not a scan of the queue index
     GROUP BY profile, endpoint, model
 ) GROUP BY profile, endpoint, model HAVING SUM(n) > 0
 UNION ALL

@@ -31,7 +31,7 @@ CREATE TRIGGER queued_counts_fold AFTER UPDATE OF lines_committed ON files
 BEGIN
     INSERT INTO queued_counts (profile, endpoint, model, n)
     SELECT profile, endpoint, model, COUNT(*) FROM items
-    WHERE id > (SELECT last_item FROM queued_counts_mark) AND state = 'queued'
+    WHERE id > (SELECT last_item FROM queued_counts_mark) AND +state = 'queued'  -- `+`: by rowid range, not a scan of the queue index
     GROUP BY profile, endpoint, model
     ON CONFLICT (profile, endpoint, model) DO UPDATE SET n = n + excluded.n; UPDATE queued_counts_mark
     SET last_item = (SELECT COALESCE(MAX(id), 0) FROM items); END;
