@@ -207,13 +207,19 @@ class OpenAIProvider(Provider):
         while True:
             options = {"limit": LIST_PAGE} if after is None else {"limit": LIST_PAGE, "after": after}
             raw = await _call(self._client.batches.with_raw_response.list(**options))
-            page = orjson.loads(raw.content)
-            data = page.get("data") or []
-            yield [_remote(_listed_batch(item)) for item in data]
+            try:
+                page = orjson.loads(raw.content)
+                data = page.get("data") or []
+                batches = [_remote(_listed_batch(item)) for item in data]
+                more = bool(data) and page.get("has_more") is not False
+                last = str(data[-1]["id"]) if data else None
+            except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError) as exc:
+                raise ProviderError(f"openai: unreadable batch list: {exc}", retryable=True) from exc
+            yield batches
             # As the SDK pages: on while has_more (or, without it, while data comes), after the last id.
-            if not data or page.get("has_more") is False:
+            if not more:
                 return
-            after = data[-1]["id"]
+            after = last
 
     async def close(self) -> None:
         await self._client.close()
