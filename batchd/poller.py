@@ -46,7 +46,7 @@ DECIDE_CHUNK = 2000
 SWEEP_PAGES = 50
 # A sweep also takes every poller due within this share of its own interval, so pollers fall into
 # step and share one listing instead of each starting its own.
-SWEEP_SLACK = 0.25
+SWEEP_SLACK = 0.5
 # The provider's clock may differ from ours: the list is read this far past the oldest batch wanted.
 CLOCK_SKEW = 600.0
 # HTTP answers that say the provider (an OpenAI-compatible server, say) has no list endpoint.
