@@ -271,7 +271,8 @@ def _positive(kind: type[int] | type[float]) -> Any:
     return parse
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command_hint: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with `command_hint` (the command about to run), another command's heavy imports are skipped."""
     parser = _Parser(prog="batchd", description="Moves LLM calls that can wait onto batch APIs.")
     parser.add_argument("--version", action="version", version=f"batchd {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -378,9 +379,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     emulator_help = "serve a local emulator of both batch APIs (OpenAI and Anthropic), for tests and demos"
     emulator = commands.add_parser("emulator", help=emulator_help, description=emulator_help)
-    from .emulator.cli import add_arguments
+    if command_hint in (None, "emulator"):
+        # Its flags come with the emulator (aiohttp and all): ~1 s that `batchd status` need not pay.
+        from .emulator.cli import add_arguments
 
-    add_arguments(emulator)
+        add_arguments(emulator)
     emulator.set_defaults(handler=cmd_emulator)
 
     demo = command("demo", "run the emulator and a daemon on a temporary spool, end to end")
@@ -411,7 +414,8 @@ def _document_defaults(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    words = sys.argv[1:] if argv is None else argv
+    args = build_parser(next((word for word in words if not word.startswith("-")), None)).parse_args(argv)
     prefix = f"batchd {args.command}"
     try:
         status: int = args.handler(args)

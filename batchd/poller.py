@@ -1,21 +1,28 @@
 """Pollers: one task per live batch, and the collection of its results.
 
-Each poller retrieves its batch at an adaptive interval (from poll_interval_min, growing to
-poll_interval_max while nothing changes, back to the minimum on any progress). A poll error is
-logged and retried; it never fails a batch. When the batch has ended, its result files are
-downloaded to disk and applied to SQLite in chunks; requests with a retryable outcome go back to
-the queue, and requests that no result line mentions are retried too.
+Each poller looks at its batch at an adaptive interval (from poll_interval_min, growing to
+poll_interval_max while nothing changes, back to the minimum on any progress). It does not ask
+the provider itself: one sweep task per provider profile lists the provider's batches (100 a
+call, newest first) for every poller whose turn has come, so that a thousand live batches cost
+ten calls, not a thousand. A poller whose batch the list shows unchanged takes the listed state;
+one whose batch changed, or is missing from the pages read (vanished, or further back than the
+sweep reads), retrieves it, so nothing is missed. A provider that cannot list is polled by one
+retrieve per batch. A poll error is logged and retried; it never fails a batch. When the batch
+has ended, its result files are downloaded to disk and applied to SQLite in chunks; requests with
+a retryable outcome go back to the queue, and requests that no result line mentions are retried too.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
+import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from .aio import wait_any
 from .crashpoints import CrashPoints
@@ -23,7 +30,7 @@ from .formats import Outcome, Status, owned_by
 from .logs import get_logger
 from .policy import CostOf, RetryAt, decide, hold_pause, index_outcomes, overdue, refund_error, retry_delay, unanswered
 from .providers import ProviderError, ProviderPool
-from .providers.base import RemoteBatch, ResultsReport, backoff
+from .providers.base import RemoteBatch, ResultsReport, WindowScan, backoff
 from .settings import Settings
 from .store.contract import POLLED_BATCH_STATES, ApplySummary, BatchRow, BatchState, Fate, Store
 from .webhooks_in import poll_ceiling
@@ -36,6 +43,52 @@ HOLD_BASE = 60.0
 VANISHED_AFTER = 2
 # Items decided per store transaction when a whole batch is requeued or ended (short transactions).
 DECIDE_CHUNK = 2000
+# Pages a sweep reads at most (100 batches each); a live batch further back is retrieved instead.
+SWEEP_PAGES = 50
+# A sweep also takes every poller due within this share of its own interval, so pollers fall into
+# step and share one listing instead of each starting its own.
+SWEEP_SLACK = 0.5
+# The provider's clock may differ from ours: the list is read this far past the oldest batch wanted.
+CLOCK_SKEW = 600.0
+# HTTP answers that say the provider (an OpenAI-compatible server, say) has no list endpoint.
+NO_LISTING = frozenset({404, 405, 501})
+
+Seen = tuple[str, dict[str, int]]
+
+
+@dataclass(eq=False, slots=True)
+class Watch:
+    """One poller's place in its profile's sweeps."""
+
+    profile: str
+    remote_id: str
+    created_at: float  # ours or the provider's: where a newest-first list has passed the batch
+    seen: Seen | None  # the provider's last answer that the poller handled
+    due: float = 0.0
+    slack: float = 0.0
+    # Set while the poller waits for its turn: the listed state, or None (not listed: retrieve).
+    answer: asyncio.Future[RemoteBatch | None] | None = None
+    # Retrieve at once, without waiting for a sweep (a webhook said the batch changed).
+    urgent: bool = False
+
+    def waiting(self) -> bool:
+        return self.answer is not None and not self.answer.done()
+
+    def reply(self, listed: RemoteBatch | None) -> None:
+        if self.answer is not None and not self.answer.done():
+            self.answer.set_result(listed)
+
+    def changed(self, listed: RemoteBatch) -> bool:
+        return (listed.status, listed.counts) != self.seen
+
+    def unchanged(self, listed: RemoteBatch | None) -> RemoteBatch | None:
+        """The listed state when it tells nothing new (no retrieve needed), else None.
+
+        An ended batch is always retrieved: it is collected from the provider's own answer.
+        """
+        if listed is None or listed.ended or self.changed(listed):
+            return None
+        return listed
 
 
 def output_lost(kind: str, remote: RemoteBatch, unavailable: set[str]) -> bool:
@@ -73,12 +126,17 @@ class Pollers:
         self._crashpoints = crashpoints
         self._hold_base = hold_base
         self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._watches: dict[int, Watch] = {}
+        self._sweeps: dict[str, asyncio.Task[None]] = {}
+        self._sweep_wake: dict[str, asyncio.Event] = {}
+        # When each sweep next wakes by itself (-inf while it lists: it looks again when done).
+        self._sweep_at: dict[str, float] = {}
+        self._unlisted: set[str] = set()  # profiles whose provider cannot list: one retrieve per batch
         self._instance = ""
         self._stopping = asyncio.Event()
         self._failed = asyncio.Event()
         self.failure: BaseException | None = None
-        # Webhooks in (batchd/http.py): poll_now wakes a poller; when the last verified event arrived.
-        self._wakes: dict[int, asyncio.Event] = {}
+        # Webhooks in (batchd/http.py): when the last verified event arrived.
         self.webhook_seen_at: Callable[[], float | None] = lambda: None
 
     def start(self, batch_id: int) -> None:
@@ -90,7 +148,7 @@ class Pollers:
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks = {batch_id: t for batch_id, t in self._tasks.items() if t is not task}
-        self._wakes = {batch_id: e for batch_id, e in self._wakes.items() if batch_id in self._tasks}
+        self._sweeps = {profile: t for profile, t in self._sweeps.items() if t is not task}
         if not task.cancelled() and task.exception() is not None and self.failure is None:
             # A poller that dies of a bug must not leave its batch silently unwatched.
             self.failure = task.exception()
@@ -113,8 +171,10 @@ class Pollers:
         # Only the batches whose lease this node holds; others are another daemon's (or taken over later).
         for batch in await self.store.owned_batches(*POLLED_BATCH_STATES):
             self.start(batch.id)
+        for wake in self._sweep_wake.values():
+            wake.set()  # a sweep started before run() waits on the old stopping event
         await wait_any(float("inf"), stopping, self._failed)
-        tasks = list(self._tasks.values())
+        tasks = [*self._tasks.values(), *self._sweeps.values()]
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -129,10 +189,6 @@ class Pollers:
         return time.time() + retry_delay(attempts, batching.retry_backoff_base, batching.retry_backoff_max)
 
     async def _poll(self, batch_id: int) -> None:
-        batching = self.settings.batching
-        interval = batching.poll_interval_min
-        failures = 0
-        missing = 0
         # Read once: only this poller changes the batch until it is collected.
         batch = await self.store.batch(batch_id)
         if batch is None or batch.state not in POLLED_BATCH_STATES or batch.remote_id is None:
@@ -141,14 +197,33 @@ class Pollers:
         seen: tuple[str, dict[str, int]] | None = (
             (batch.remote_status, batch.counts) if batch.remote_status and batch.counts else None
         )
+        created = batch.remote_created_at or batch.submitted_at or batch.created_at
+        watch = Watch(batch.profile, batch.remote_id, created, seen)
+        self._watches[batch_id] = watch
+        try:
+            await self._watched(batch, watch)
+        finally:
+            if self._watches.get(batch_id) is watch:
+                del self._watches[batch_id]
+
+    async def _watched(self, batch: BatchRow, watch: Watch) -> None:
+        """The poll loop of one batch, until it is collected (or the daemon stops)."""
+        batching = self.settings.batching
+        batch_id = batch.id
+        assert batch.remote_id is not None
+        interval = batching.poll_interval_min
+        failures = missing = 0
+        seen = watch.seen
         cancel_sent = batch.cancel_requested_at is not None
         ended_seen_at = batch.ended_at
-        # Jitter, so that a thousand pollers started together do not poll in one burst forever.
-        await self._nap(batch_id, random.uniform(0, interval))
+        delay = 0.0  # the first look at once: the sweep that takes it takes every poller due then
         while not self._stopping.is_set():
+            listed = await self._turn(batch.profile, watch, delay)
+            if self._stopping.is_set():
+                return
             try:
                 provider = self.providers.get(batch.profile)
-                remote = await provider.retrieve(batch.remote_id)
+                remote = watch.unchanged(listed) or await provider.retrieve(batch.remote_id)
                 failures = missing = 0
             except ProviderError as exc:
                 if exc.status == 404:
@@ -160,9 +235,7 @@ class Pollers:
                 failures += 1
                 log.warning("batch.poll_failed", batch=batch_id, remote_id=batch.remote_id, error=str(exc))
                 await self.store.note_batch_error(batch_id, "batch.poll_failed", str(exc))
-                await wait_any(
-                    max(interval, backoff(failures, base=1.0, ceiling=batching.poll_interval_max)), self._stopping
-                )
+                delay = max(interval, backoff(failures, base=1.0, ceiling=batching.poll_interval_max))
                 continue
             state = (remote.status, remote.counts)
             if state != seen:
@@ -182,7 +255,7 @@ class Pollers:
                     batch_id, remote.status, remote.counts, remote.output_file_id, remote.error_file_id, remote.ended
                 )
                 interval = batching.poll_interval_min
-                seen = state
+                seen = watch.seen = state
             else:
                 interval = min(interval * 1.5, self._ceiling(batch))
             if not remote.ended:
@@ -201,7 +274,113 @@ class Pollers:
                     except ProviderError as exc:
                         log.warning("batch.collect_failed", batch=batch_id, remote_id=remote.id, error=str(exc))
                         await self.store.note_batch_error(batch_id, "batch.collect_failed", str(exc))
-            await self._nap(batch_id, interval)
+            delay = interval
+
+    def _wake(self, batch_id: int) -> bool:
+        """Poll this batch now: its poller retrieves it at once, without waiting for a sweep.
+
+        The single entry point for "this batch changed" (a webhook); False if no poller watches it.
+        """
+        watch = self._watches.get(batch_id)
+        task = self._tasks.get(batch_id)
+        if watch is None or task is None:
+            return False
+        watch.urgent = True
+        watch.reply(None)  # a poller waiting for its turn retrieves now; a busy one at its next turn
+        return True
+
+    async def _turn(self, profile: str, watch: Watch, delay: float) -> RemoteBatch | None:
+        """Wait `delay`, then for the sweep that takes this poller: its batch as listed, or None (retrieve it)."""
+        if watch.urgent:
+            watch.urgent = False
+            return None
+        answer: asyncio.Future[RemoteBatch | None] = asyncio.get_running_loop().create_future()
+        watch.answer = answer
+        listing = profile not in self._unlisted
+        if listing:
+            watch.due = time.time() + delay
+            watch.slack = delay * SWEEP_SLACK
+            self._sweep_for(profile, watch.due)
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        waits: list[asyncio.Future[Any]] = [answer, stopping]
+        try:
+            # Without a listing the poller waits out its delay alone (_wake may answer sooner).
+            await asyncio.wait(waits, timeout=None if listing else delay, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            watch.answer = None
+        watch.urgent = False
+        return answer.result() if answer.done() else None
+
+    def _sweep_for(self, profile: str, due: float) -> None:
+        """Make sure this profile's sweep (started on first use) wakes by `due`."""
+        if profile not in self._sweeps:
+            self._sweep_wake[profile] = asyncio.Event()
+            self._sweep_at[profile] = math.inf
+            task = asyncio.create_task(self._sweep(profile, self._sweep_wake[profile]), name=f"sweep-{profile}")
+            self._sweeps[profile] = task
+            task.add_done_callback(self._done)
+        if due < self._sweep_at[profile]:
+            self._sweep_wake[profile].set()
+
+    def _waiting(self, profile: str) -> list[Watch]:
+        return [watch for watch in self._watches.values() if watch.profile == profile and watch.waiting()]
+
+    async def _sweep(self, profile: str, wake: asyncio.Event) -> None:
+        """List the profile's batches for every poller whose turn has come, and answer each one."""
+        while not self._stopping.is_set():
+            waiting = self._waiting(profile)
+            now = time.time()
+            due = min((watch.due for watch in waiting), default=math.inf)
+            if due > now:
+                wake.clear()
+                self._sweep_at[profile] = due
+                await wait_any(due - now, self._stopping, wake)
+                continue
+            self._sweep_at[profile] = -math.inf
+            turn = [watch for watch in waiting if watch.due <= now + watch.slack]
+            listed = await self._list(profile, turn)
+            for watch in turn:
+                watch.reply(listed.get(watch.remote_id))
+            # A poller not yet due whose batch the list shows changed need not wait for its turn.
+            for watch in self._waiting(profile):
+                seen = listed.get(watch.remote_id)
+                if seen is not None and watch.changed(seen):
+                    watch.reply(seen)
+        for watch in self._waiting(profile):
+            watch.reply(None)
+
+    async def _list(self, profile: str, turn: list[Watch]) -> dict[str, RemoteBatch]:
+        """The profile's batches as listed, read until every batch in `turn` is found (or cannot be)."""
+        wanted = {watch.remote_id for watch in turn}
+        found: dict[str, RemoteBatch] = {}
+        if not wanted or profile in self._unlisted:
+            return found
+        try:
+            pages = self.providers.get(profile).list_batches()
+            if pages is None:
+                self._unlisted.add(profile)
+                return found
+            watched = {watch.remote_id for watch in self._watches.values() if watch.profile == profile}
+            scan = WindowScan(min(watch.created_at for watch in turn) - CLOCK_SKEW)
+            async with contextlib.aclosing(pages):
+                read = 0
+                async for page in pages:
+                    read += 1
+                    for remote in page:
+                        if remote.id in watched:
+                            found[remote.id] = remote
+                        if scan.past_window(remote.created_at):
+                            return found  # newest first, and past the oldest batch wanted
+                    if wanted.issubset(found) or read >= SWEEP_PAGES:
+                        break
+        except ProviderError as exc:
+            # The pollers not found retrieve their batches: a failed listing misses nothing.
+            log.warning("batch.list_failed", provider=profile, error=str(exc))
+            if exc.status in NO_LISTING:
+                log.warning("batch.list_unsupported", provider=profile, status=exc.status)
+                self._unlisted.add(profile)
+        return found
 
     @staticmethod
     def _never_named(batch: BatchRow, remote: RemoteBatch) -> set[str]:
@@ -429,18 +608,7 @@ class Pollers:
 
     def poll_now(self, batch_id: int) -> bool:
         """Poll this batch now instead of at its next interval; False when this node does not poll it."""
-        if batch_id not in self._tasks:
-            return False
-        self._wakes.setdefault(batch_id, asyncio.Event()).set()
-        return True
-
-    async def _nap(self, batch_id: int, seconds: float) -> None:
-        """Wait `seconds`, or until the daemon stops or poll_now(batch_id) is called."""
-        wake = self._wakes.get(batch_id)
-        if wake is None:
-            wake = self._wakes[batch_id] = asyncio.Event()
-        await wait_any(seconds, self._stopping, wake)
-        wake.clear()
+        return self._wake(batch_id)
 
     def _ceiling(self, batch: BatchRow) -> float:
         """The longest wait between polls: longer for OpenAI batches while webhooks are healthy."""

@@ -9,14 +9,9 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
-from rich.console import Console, Group
-from rich.live import Live
-from rich.progress_bar import ProgressBar
-from rich.table import Table
-from rich.text import Text
 
 from .exits import EX_CONFIG, EX_NOINPUT, EX_NOPERM, OperatorError
 from .settings import Settings
@@ -24,9 +19,15 @@ from .store import open_store
 from .store.contract import LIVE_BATCH_STATES, NotCreated, Store
 from .store.url import StoreURL, parse_store_url
 
+if TYPE_CHECKING:
+    from rich.console import Console, Group
+
 
 def terminal() -> Console:
     """A console; wide when output goes to a file or pipe, so tables are not squeezed."""
+    # rich is imported when something is drawn: `batchd status --json` starts faster without it.
+    from rich.console import Console
+
     return Console(width=None if sys.stdout.isatty() else 160)
 
 
@@ -121,6 +122,11 @@ def _progress(batch: dict[str, Any]) -> tuple[int, int]:
 
 def view(data: dict[str, Any]) -> Group:
     """Everything `batchd status` shows, as one renderable (printed once, or live with --watch)."""
+    from rich.console import Group
+    from rich.progress_bar import ProgressBar
+    from rich.table import Table
+    from rich.text import Text
+
     queue = Table(title="Queue", title_justify="left")
     for column in ("provider", "endpoint", "model", "queued", "batched", "submitted"):
         queue.add_column(column, justify="right" if column in ("queued", "batched", "submitted") else "left")
@@ -180,6 +186,9 @@ def render(data: dict[str, Any], console: Console) -> None:
 
 async def watch_status(settings: Settings, interval: float, count: int | None) -> int:
     """A live view, refreshed every `interval` seconds until Ctrl-C (or `count` refreshes)."""
+    from rich.live import Live
+    from rich.text import Text
+
     shown = 0
     with Live(console=terminal(), auto_refresh=False) as live:
         while count is None or shown < count:

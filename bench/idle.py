@@ -2,13 +2,16 @@
 
 batchd: the daemon (`python -m batchd run`) with N live batches (one request per model, so one batch
 each), every poller at poll_interval_min = poll_interval_max = the polling interval. CPU seconds are
-read from /proc over a window of whole polling cycles; the emulator counts the polls.
+read from /proc over a window of whole polling cycles; the emulator counts the HTTP calls. The
+daemon looks at each batch once per interval, by listing (100 batches a call) and retrieving only
+what changed, so its cost is given per batch looked at ("per poll"), not per HTTP call.
 Baseline: a minimal script that retrieves the same N live batches with the SDK in turn, every
-interval (one loop, one connection), once the daemon has stopped: the SDK's own cost per poll.
+interval (one loop, one connection), once the daemon has stopped: the SDK's own cost per poll (one
+retrieve per batch, the cookbook way; it is not made to list, and not made slower).
 
 Full: N = 1000 at 60 s, measured directly. Quick: N = 200 at a short interval, and the figure for
 the target's load (1000 batches at 60 s) is projected from the daemon's measured cost with no
-batches plus 1000 times its measured cost per poll.
+batches plus 1000 times its measured cost per batch looked at.
 """
 
 from __future__ import annotations
@@ -160,7 +163,9 @@ def run(ctx: Context) -> list[Row]:
         )
     shutil.rmtree(base, ignore_errors=True)
 
-    per_poll = max(cpu - base_rate * measured, 0.0) / max(polls, 1)
+    # Every poller looks at its batch once per interval, however many HTTP calls that takes.
+    looks = count * measured / interval
+    per_poll = max(cpu - base_rate * measured, 0.0) / max(looks, 1)
     measured_per_minute = cpu / measured * 60
     # The target's load: TARGET_BATCHES polls a minute on top of the daemon's cost with no batches.
     projected = base_rate * 60 + per_poll * TARGET_BATCHES
@@ -181,7 +186,8 @@ def run(ctx: Context) -> list[Row]:
         "interval": interval,
         "window": measured,
         "batchd_cpu_window": cpu,
-        "batchd_polls": polls,
+        "batchd_polls": looks,
+        "batchd_http_calls": polls,
         "batchd_base_cpu_per_minute": base_rate * 60,
         "batchd_cpu_per_poll_ms": per_poll * 1000,
         "batchd_cpu_per_minute_measured": measured_per_minute,
@@ -196,7 +202,8 @@ def run(ctx: Context) -> list[Row]:
         "baseline_rss": baseline["rss"],
     }
     log(
-        f"  daemon: {polls} polls, {cpu:.2f} CPU-s in {measured:.1f} s, {per_poll * 1000:.2f} ms/poll,"
+        f"  daemon: {looks:.0f} polls in {polls} HTTP calls, {cpu:.2f} CPU-s in {measured:.1f} s,"
+        f" {per_poll * 1000:.2f} ms/poll,"
         f" idle base {base_rate * 60:.3f} CPU-s/min; baseline {baseline['polls']} polls,"
         f" {baseline['cpu_window']:.2f} CPU-s, {base_per_poll * 1000:.2f} ms/poll"
     )
@@ -209,7 +216,8 @@ def run(ctx: Context) -> list[Row]:
             target=f"≤ {TARGET} CPU-s/min",
             met=ours <= TARGET,
             notes=f"{TARGET_BATCHES} live batches polled every 60 s, {how}; per poll {per_poll * 1000:.2f} ms vs"
-            f" {base_per_poll * 1000:.2f} ms; daemon with no batches {base_rate * 60:.3f} CPU-s/min",
+            f" {base_per_poll * 1000:.2f} ms ({polls} HTTP calls for {looks:.0f} polls vs one each);"
+            f" daemon with no batches {base_rate * 60:.3f} CPU-s/min",
             details=details,
         ),
         Row(

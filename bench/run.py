@@ -25,7 +25,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from . import collect, e2e, idle, ingest, ingest_poll, submit
+from . import collect, e2e, idle, ingest, ingest_poll, queue_scale, submit
 from .common import Context, Row, Scale, Zygotes, log
 
 BENCHMARKS: dict[str, Callable[[Context], list[Row]]] = {
@@ -35,6 +35,7 @@ BENCHMARKS: dict[str, Callable[[Context], list[Row]]] = {
     "e2e": e2e.run,
     "idle": idle.run,
     "ingest_poll": ingest_poll.run,
+    "queue_scale": queue_scale.run,  # full runs only: the 10M-request database takes minutes to build
 }
 
 FULL = Scale(
@@ -85,6 +86,7 @@ ZYGOTES: dict[str, tuple[str, ...]] = {
     "e2e": ("openai",),
     "idle": ("openai",),
     "ingest_poll": ("batchd-core",),
+    "queue_scale": ("batchd-core",),
 }
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results.json"

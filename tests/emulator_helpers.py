@@ -149,3 +149,17 @@ async def emulator_process(*args: str) -> AsyncIterator[tuple[str, int]]:
         if proc.returncode is None:
             proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 60) == 0
+
+
+async def stranger_batches(emu: RunningEmulator, vendor: str, count: int) -> list[str]:
+    """`count` one-request batches created straight with the SDK (nobody's daemon), newest last."""
+    ids: list[str] = []
+    if vendor == "openai":
+        async with openai_client(emu) as oai:
+            for _ in range(count):
+                ids.append((await submit(oai, jsonl(1))).id)
+    else:
+        async with anthropic_client(emu) as ant:
+            for _ in range(count):
+                ids.append((await ant.messages.batches.create(requests=message_requests(1))).id)  # type: ignore[arg-type]
+    return ids

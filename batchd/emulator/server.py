@@ -81,6 +81,8 @@ async def _middleware(request: web.Request, handler: _Handler) -> web.StreamResp
     if vendor is not None:
         request[_REQUEST_ID] = (vendor, request_id)
         state.counters["http_calls"] += 1
+        resource = request.match_info.route.resource
+        state.routes[f"{request.method} {resource.canonical if resource else request.path}"] += 1
     try:
         if vendor is not None:
             _inject_fault(state, request.path, vendor)

@@ -215,6 +215,8 @@ class EmulatorState:
         self.realtime = RealtimeLedger()
         # Highest enqueued tokens per OpenAI model seen when a batch starts (the capacity tests' check).
         self.peak_enqueued: dict[str, int] = {}
+        # API calls by route ("GET /v1/batches/{batch_id}"): what a client asked for, and how often.
+        self.routes: Counter[str] = Counter()
         self.create_index = 0
         self.closing = False
         self._tasks: set[asyncio.Task[None]] = set()
@@ -294,6 +296,7 @@ class EmulatorState:
             "http_calls": c["http_calls"],
             "realtime": self.realtime.summary(),
             "peak_enqueued": dict(self.peak_enqueued),
+            "calls_by_route": dict(self.routes),
             "create_faults": c["create_faults"],
             "faults_injected": {
                 k: c[k] for k in ("http_errors", "dropped_downloads", "request_errors", "late_output_files")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -16,6 +16,7 @@ from ..formats import Outcome, anthropic_outcome
 from ..logs import get_logger
 from ..policy import same_host
 from .base import (
+    LIST_PAGE,
     Provider,
     ProviderError,
     RemoteBatch,
@@ -234,6 +235,15 @@ class AnthropicProvider(Provider):
                 yield outcomes
         finally:
             target.unlink(missing_ok=True)
+
+    async def list_batches(self) -> AsyncGenerator[list[RemoteBatch], None]:
+        # GET /v1/messages/batches?limit=100, then &after_id=<last_id>: newest first (protocol reference 3.4).
+        page = await _call(self._client.messages.batches.list(limit=LIST_PAGE))
+        while True:
+            yield [_remote(batch) for batch in page.data]
+            if not page.has_next_page():
+                return
+            page = await _call(page.get_next_page())
 
     async def close(self) -> None:
         await self._client.close()

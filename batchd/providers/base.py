@@ -9,7 +9,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import random
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +18,9 @@ from typing import Any
 import orjson
 
 from ..formats import Outcome, Status
+
+# Batches a listing call asks for: the most OpenAI returns in one page (Anthropic allows more).
+LIST_PAGE = 100
 
 
 class ProviderError(Exception):
@@ -205,6 +208,14 @@ class Provider(abc.ABC):
 
     async def delete_file(self, file_id: str) -> None:  # noqa: B027 - optional for providers without files
         """Delete an uploaded file that no batch uses (only OpenAI has files)."""
+
+    def list_batches(self) -> AsyncGenerator[list[RemoteBatch], None] | None:
+        """The provider's batches, newest first, a page (up to LIST_PAGE) at a time; None if it cannot list.
+
+        The pollers read the list to learn, in one call per LIST_PAGE batches, which live batches
+        changed, and retrieve only those; a provider that cannot list is polled by one retrieve per batch.
+        """
+        return None
 
     @abc.abstractmethod
     async def close(self) -> None:

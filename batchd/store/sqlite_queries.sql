@@ -172,12 +172,15 @@ VALUES (?, ?, ?, ?, ?, ?, ?);
 
 -- name: claim_items
 -- A group's oldest due items, up to the request limit and while the running size fits.
+-- The limit is taken before the running sum: a window over the whole group grows with the queue.
 UPDATE items SET state = 'batched', batch_id = :batch WHERE id IN (
     SELECT id FROM (
-        SELECT id, SUM(size) OVER (ORDER BY id) AS running FROM items
-        WHERE state = 'queued' AND profile = :profile AND endpoint = :endpoint AND model = :model
-            AND not_before <= :now
-        ORDER BY id LIMIT :max_requests
+        SELECT id, SUM(size) OVER (ORDER BY id) AS running FROM (
+            SELECT id, size FROM items
+            WHERE state = 'queued' AND profile = :profile AND endpoint = :endpoint AND model = :model
+                AND not_before <= :now
+            ORDER BY id LIMIT :max_requests
+        )
     ) WHERE running <= :max_bytes
 );
 
@@ -512,8 +515,20 @@ WHERE (:file IS NULL OR f.name = :file)
 ORDER BY r.id LIMIT :limit;
 
 -- name: status_queue
-SELECT profile, endpoint, model, state, COUNT(*) AS n FROM items
-WHERE state IN ('queued', 'batched', 'submitted') GROUP BY profile, endpoint, model, state;
+-- Queued: the counts kept by migration 008 plus the items not folded into them yet (the chunk being
+-- committed); batched and submitted: the items of live batches. Flat however long the queue.
+SELECT profile, endpoint, model, 'queued' AS state, SUM(n) AS n FROM (
+    SELECT profile, endpoint, model, n FROM queued_counts
+    UNION ALL
+    SELECT profile, endpoint, model, COUNT(*) AS n FROM items
+    WHERE id > (SELECT last_item FROM queued_counts_mark) AND +state = 'queued'  -- `+`: by rowid range, not a scan of the queue index
+    GROUP BY profile, endpoint, model
+) GROUP BY profile, endpoint, model HAVING SUM(n) > 0
+UNION ALL
+SELECT i.profile, i.endpoint, i.model, i.state, COUNT(*) AS n
+FROM batches b JOIN items i ON i.batch_id = b.id
+WHERE b.state IN ('pending', 'unverified', 'submitted') AND i.state IN ('batched', 'submitted')
+GROUP BY i.profile, i.endpoint, i.model, i.state;
 
 -- name: status_ended_batches
 SELECT id, profile, model, remote_id, remote_status, fate, last_error, collected_at FROM batches

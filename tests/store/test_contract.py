@@ -730,3 +730,27 @@ async def test_request_poll_marks_a_polled_batch_for_its_lease_holder(store: Sto
     await store.finish_batch(batch.id)
     await second_node.request_poll(batch.id, 1400.0)  # done: nothing to poll any more
     assert (await store.batch(batch.id)).poll_requested_at == 1300.0  # type: ignore[union-attr]
+
+async def test_status_counts_every_state_change_on_a_large_queue(store: Store) -> None:
+    """The queue counts stay exact through ingest, claim, submit, finals, retries, refunds and unclaims.
+
+    SQLite keeps them in a counter table (migration 008) instead of counting the queue; this
+    checks the counter against what every step did, on both engines.
+    """
+    for model, count in (("m-a", 3000), ("m-b", 2000), ("m-c", 500)):
+        await ingest(store, f"{model}.jsonl", count=count, chunk_lines=700, model=model)
+    now = time.time()
+    first = await submitted_batch(store, max_requests=1200, now=now, model="m-a")
+    second = await submitted_batch(store, max_requests=800, now=now, model="m-b")
+    pending = await claim(store, max_requests=100, now=now, model="m-c")
+    items = await store.submitted_items(first.id)
+    # 1000 finish, 200 go back to the queue with a backoff; the second batch is refunded whole.
+    await store.record_outcomes(
+        first.id, [final(i) for i in items[:1000]], [retry(i, now + 3600) for i in items[1000:]]
+    )
+    await store.refund_batch(second.id, now + 3600, "token_limit_exceeded")
+    status = await store.status()
+    queue = {q["model"]: (q["queued"], q["batched"], q["submitted"]) for q in status["queue"]}
+    assert queue == {"m-a": (1800 + 200, 0, 0), "m-b": (2000, 0, 0), "m-c": (400, pending.requests, 0)}
+    assert pending.requests == 100
+    assert status["results"] == {"succeeded": 1000}
