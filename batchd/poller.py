@@ -281,9 +281,9 @@ class Pollers:
         total = ApplySummary()
         fate: Fate | None = None
         fate_error: str | None = None
+        if not self._instance:  # results are matched to this database's own custom_ids
+            self._instance = await self.store.instance_id()
         if batch.state == BatchState.UNVERIFIED:
-            if not self._instance:
-                self._instance = await self.store.instance_id()
             reason = "its results are unavailable" if unavailable else await self._owned(batch, remote)
             if reason is not None:
                 await self._not_ours(batch, reason)
