@@ -1,8 +1,9 @@
 """Benchmark 3, collect: a completed batch's output file streamed into SQLite and the outbox.
 
 batchd: `Pollers._collect` (download to disk, parse and classify every line, apply outcomes to
-SQLite in chunks, requeue the unanswered) then the outbox sink's delivery of every result line into
-`spool/out/NAME.results.jsonl`, on a copy of a store whose batch the emulator has completed.
+SQLite in chunks, requeue the unanswered) with the sink runner delivering every result line into
+`spool/out/NAME.results.jsonl` alongside, woken by each results commit as in the daemon, on a copy
+of a store whose batch the emulator has completed; timed until the results file is complete.
 Baseline: what any script that collects a batch must do, and nothing more: download the output file
 with the SDK, parse each line (orjson), join it to its request by custom_id (one dict lookup in a
 map of the script's requests, built before the clock starts, as a script holds its requests), and
@@ -61,27 +62,31 @@ async def batchd_side(template: str, root: str, openai_url: str) -> dict[str, An
     workdir = base / "work"
     workdir.mkdir()
     providers = ProviderPool(settings.providers)
-    pollers = Pollers(
-        settings,
-        store,
-        providers,
-        workdir,
-        on_results=lambda: None,
-        on_requeued=lambda: None,
-        crashpoints=CrashPoints(""),
-    )
     # The daemon makes its spool at start-up; the outbox writes only below a spool that exists.
     SpoolPaths(settings.daemon.spool_dir).create()
     out_dir = settings.daemon.spool_dir / "out"
     outbox = OutboxSink(store, out_dir)
     sinks = SinkRunner(store, [outbox])
     await sinks.recover()
+    pollers = Pollers(
+        settings,
+        store,
+        providers,
+        workdir,
+        on_results=sinks.wake,  # as the daemon wires them
+        on_requeued=lambda: None,
+        crashpoints=CrashPoints(""),
+    )
     (batch,) = await store.batches_in_state("submitted")
     assert batch.remote_id is not None
     remote = await providers.get(batch.profile).retrieve(batch.remote_id)
+    stopping = asyncio.Event()
     started = time.perf_counter()
+    delivering = asyncio.create_task(sinks.run(stopping))
     await pollers._collect(batch, remote, set())
-    delivered = await sinks._deliver_pending(outbox)
+    stopping.set()
+    await delivering
+    await sinks._deliver_pending(outbox)  # what was committed after the runner's last round
     seconds = time.perf_counter() - started
     await providers.close()
     await store.close()
@@ -89,7 +94,6 @@ async def batchd_side(template: str, root: str, openai_url: str) -> dict[str, An
     exists = results.exists()
     return {
         "seconds": seconds,
-        "delivered": delivered,
         "lines": count_lines(results) if exists else 0,
         "succeeded": count_matching_lines(results, b'"status":"succeeded"') if exists else 0,
     }

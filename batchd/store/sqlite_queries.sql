@@ -272,6 +272,10 @@ WHERE batch_id = ? AND state = 'submitted' ORDER BY id;
 SELECT id, file_id, line, custom_id, attempts FROM items
 WHERE batch_id = ? AND state = 'submitted' AND id IN (SELECT value FROM json_each(?)) ORDER BY id;
 
+-- name: waiting_among
+-- The CAS of record_outcomes: which of these items are still waiting in this batch.
+SELECT id FROM items WHERE batch_id = ? AND state = 'submitted' AND id IN (SELECT value FROM json_each(?));
+
 -- name: batch_route
 SELECT profile, model FROM batches WHERE id = ?;
 
