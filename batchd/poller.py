@@ -420,7 +420,8 @@ class Pollers:
                 total += await self._committed(committing)
                 committing = None
         finally:
-            loading.cancel()
+            if not loading.cancel() and not loading.cancelled():
+                loading.exception()  # a failed read is not left unretrieved (the error that matters is raised)
             if committing is not None:
                 # Leaving early (a failed download, a cancellation): the transaction in flight still
                 # ends whole before we go, and its own failure, if any, is not left unretrieved.
