@@ -20,6 +20,7 @@ from .aio import wait_any
 from .crashpoints import CrashPoints
 from .formats import Kind, request_pieces
 from .logs import get_logger
+from .ops import held_until
 from .providers import ProviderError, ProviderPool
 from .providers.base import backoff
 from .settings import Settings
@@ -109,8 +110,9 @@ class Batcher:
         # waits for the rest of it (one file, as few batches as its size allows); full groups still go.
         holding = self._intake_busy()
         for group in await self.store.queued_groups(now):
-            if (group.profile, group.model) in holds:
-                next_due = min(next_due, holds[(group.profile, group.model)])
+            until = held_until(holds, group.profile, group.model)  # a hold, or an operator's pause
+            if until is not None:
+                next_due = min(next_due, until)
                 continue
             profile = self.settings.providers[group.profile]
             while group.count > 0:

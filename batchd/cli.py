@@ -1,4 +1,9 @@
-"""The command line: `batchd run | submit | status | report | results | redeliver | migrate | …`.
+"""The command line: `batchd run | submit | status | batches | pause | resume | report | results | …`.
+
+The configuration is found at --config, else $BATCHD_CONFIG, else /etc/batchd/batchd.toml (when it
+exists), else the built-in defaults. Commands that only read (status, batches, report, results,
+estimate) open the database read-only and never create or migrate it; pause, resume and redeliver
+write beside the running daemon, but never create or migrate either.
 
 An operator's mistake never ends in a Python traceback: every command reports it in one line on
 stderr (`batchd COMMAND: what went wrong`) and exits with a sysexits status (see batchd/exits.py):
@@ -197,6 +202,35 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_batches(args: argparse.Namespace) -> int:
+    from .control import list_batches
+
+    return run_loop(list_batches(_settings(args), args.live, args.limit, args.json))
+
+
+def cmd_pause(args: argparse.Namespace) -> int:
+    from .control import pause
+
+    return run_loop(pause(_settings(args), args.route, args.reason))
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from .control import resume
+
+    return run_loop(resume(_settings(args), args.route))
+
+
+def cmd_init_service(args: argparse.Namespace) -> int:
+    from .service import SERVICE_FILES, print_service_files, write_service_files
+
+    if args.write is None:
+        sys.stdout.write(print_service_files())
+        return 0
+    for name, path in write_service_files(Path(args.write)).items():
+        print(f"{path}  (install as {SERVICE_FILES[name]})")
+    return 0
+
+
 def cmd_emulator(args: argparse.Namespace) -> int:
     from .emulator.cli import main as emulator_main
 
@@ -244,7 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
-        sub.add_argument("--config", help="TOML config file (default: $BATCHD_CONFIG)")
+        sub.add_argument(
+            "--config",
+            help="TOML config file (default: $BATCHD_CONFIG, else /etc/batchd/batchd.toml if it exists,"
+            " else built-in defaults)",
+        )
         return sub
 
     run = command("run", "run the daemon in the foreground")
@@ -252,36 +290,46 @@ def build_parser() -> argparse.ArgumentParser:
 
     submit = command("submit", "queue JSONL files by writing them into the spool safely")
     submit.add_argument("files", nargs="+", help="JSONL files of OpenAI batch lines or Anthropic batch requests")
-    submit.add_argument("--name", help="file name in the spool (one file only)")
+    submit.add_argument("--name", help="file name in the spool, one file only (default: the file's own name)")
     submit.add_argument("--spool-dir", help="spool directory (default: daemon.spool_dir of the config)")
     submit.set_defaults(handler=cmd_submit)
 
     status = command("status", "queue depth per route, live batches, recent errors")
-    status.add_argument("--json", action="store_true", help="machine-readable output")
-    status.add_argument("--watch", action="store_true", help="a live view, until Ctrl-C")
-    status.add_argument("--interval", type=_positive(float), default=1.0, help="seconds between refreshes with --watch")
-    status.add_argument("--count", type=_positive(int), help="stop after this many refreshes with --watch")
+    status.add_argument("--json", action="store_true", help="machine-readable output (default: a table)")
+    status.add_argument("--watch", action="store_true", help="a live view, until Ctrl-C (default: print once)")
+    status.add_argument(
+        "--interval", type=_positive(float), default=1.0, help="seconds between refreshes with --watch (default 1)"
+    )
+    status.add_argument(
+        "--count", type=_positive(int), help="stop after this many refreshes with --watch (default: until Ctrl-C)"
+    )
     status.set_defaults(handler=cmd_status)
 
     report = command("report", "what was paid, what real-time would have cost, and the saving")
     report.add_argument("--since", type=_duration, default="30d", help="how far back (e.g. 7d, 12h; default 30d)")
-    report.add_argument("--by", choices=["model", "day", "file", "provider"], default="model")
-    report.add_argument("--json", action="store_true", help="machine-readable output")
+    report.add_argument(
+        "--by", choices=["model", "day", "file", "provider"], default="model", help="one row per (default model)"
+    )
+    report.add_argument("--json", action="store_true", help="machine-readable output (default: a table)")
     report.set_defaults(handler=cmd_report)
 
     estimate = command("estimate", "estimated tokens, cost and batches of a JSONL file before submitting it")
-    estimate.add_argument("files", nargs="+")
-    estimate.add_argument("--json", action="store_true", help="machine-readable output")
+    estimate.add_argument("files", nargs="+", help="JSONL files, as they would be submitted")
+    estimate.add_argument("--json", action="store_true", help="machine-readable output (default: a table)")
     estimate.set_defaults(handler=cmd_estimate)
 
     results = command("results", "query stored results")
-    results.add_argument("--file", help="input file name, e.g. tickets.jsonl")
-    results.add_argument("--custom-id", help="the custom_id of the input line")
+    results.add_argument("--file", help="input file name, e.g. tickets.jsonl (default: every file)")
+    results.add_argument("--custom-id", help="the custom_id of the input line (default: any)")
     results.add_argument(
-        "--status", choices=["succeeded", "errored", "expired", "canceled", "invalid"], help="only this outcome"
+        "--status",
+        choices=["succeeded", "errored", "expired", "canceled", "invalid"],
+        help="only this outcome (default: any)",
     )
     results.add_argument("--limit", type=_positive(int), default=1000, help="at most this many (default 1000)")
-    results.add_argument("--json", action="store_true", help="print the result lines themselves (JSONL)")
+    results.add_argument(
+        "--json", action="store_true", help="print the result lines themselves, JSONL (default: a table)"
+    )
     results.set_defaults(handler=cmd_results)
 
     redeliver = command("redeliver", "send parked results to their sink again")
@@ -291,7 +339,45 @@ def build_parser() -> argparse.ArgumentParser:
     migrate = command("migrate", "apply the store's schema migrations (the daemon also does at start)")
     migrate.set_defaults(handler=cmd_migrate)
 
-    emulator = commands.add_parser("emulator", help="serve a local emulator of both batch APIs")
+    batches = command("batches", "list batches: id, provider, remote id, state or fate, counts, created, node")
+    batches.add_argument("--live", action="store_true", help="only batches not yet ended (default: every state)")
+    batches.add_argument(
+        "--limit", type=_positive(int), default=50, help="at most this many, newest first (default 50)"
+    )
+    batches.add_argument("--json", action="store_true", help="machine-readable output (default: a table)")
+    batches.set_defaults(handler=cmd_batches)
+
+    route_help = (
+        "PROFILE (every model of a provider profile) or PROFILE/MODEL; `*` or nothing means every route"
+        " (default: every route)"
+    )
+    pause = command(
+        "pause",
+        "stop submitting new batches for a route, through the store, with the daemon running; intake and"
+        " collection continue, and the pause survives restarts until `batchd resume`",
+    )
+    pause.add_argument("route", nargs="?", metavar="ROUTE", help=route_help)
+    pause.add_argument("--reason", help="why, shown by `batchd status` (default: none)")
+    pause.set_defaults(handler=cmd_pause)
+
+    resume = command("resume", "lift a pause made by `batchd pause`; the daemon submits on its next flush")
+    resume.add_argument(
+        "route", nargs="?", metavar="ROUTE", help="the ROUTE as it was paused (default: lift every pause)"
+    )
+    resume.set_defaults(handler=cmd_resume)
+
+    init_service = commands.add_parser(
+        "init-service",
+        help="print (or write) the systemd units and the example configuration shipped with batchd",
+        description="print (or write) the systemd units and the example configuration shipped with batchd",
+    )
+    init_service.add_argument(
+        "--write", metavar="DIR", help="write the files into DIR, never over existing ones (default: print them)"
+    )
+    init_service.set_defaults(handler=cmd_init_service)
+
+    emulator_help = "serve a local emulator of both batch APIs (OpenAI and Anthropic), for tests and demos"
+    emulator = commands.add_parser("emulator", help=emulator_help, description=emulator_help)
     from .emulator.cli import add_arguments
 
     add_arguments(emulator)
@@ -299,9 +385,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = command("demo", "run the emulator and a daemon on a temporary spool, end to end")
     demo.add_argument("--requests", type=int, default=400, help="how many sample requests (default 400)")
-    demo.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    demo.add_argument("--keep", action="store_true", help="keep the temporary directory (default: removed)")
     demo.set_defaults(handler=cmd_demo)
+    _document_defaults(parser)
     return parser
+
+
+def _document_defaults(parser: argparse.ArgumentParser) -> None:
+    """Every option's help names its default: appended where the text does not already say it."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _document_defaults(sub)
+            continue
+        if isinstance(action, argparse._HelpAction | argparse._VersionAction):
+            continue
+        if not action.option_strings or action.help in (None, argparse.SUPPRESS) or "default" in action.help:
+            continue
+        if isinstance(action, argparse._StoreTrueAction):
+            action.help += " (default: off)"
+        elif action.default is None:
+            action.help += " (default: none)"
+        else:
+            action.help += f" (default: {action.default})"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,9 +36,11 @@ from .aio import wait_any
 from .batcher import Batcher
 from .crashpoints import CrashPoints
 from .exits import EX_NOPERM, EX_TEMPFAIL, OperatorError, creating_status, reason
+from .http import HttpServer
 from .logs import get_logger
 from .poller import HOLD_BASE, Pollers
 from .providers import ProviderPool
+from .retention import Retention
 from .settings import Settings
 from .sinks import SinkRunner
 from .sinks.base import Sink
@@ -185,7 +187,12 @@ class Daemon:
             hold_base=hold_base,
         )
         self.spool = Spool(settings, self.store, on_ingest=self._on_ingest, crashpoints=self.crashpoints)
+        self.http = (
+            HttpServer(settings, settings.http, self.store, self.providers, self.pollers) if settings.http else None
+        )
         self.lock = StateLock(settings.daemon.state_dir)
+        self._poll_requests_seen: dict[int, float] = {}
+        self.retention = Retention(settings, self.store)
 
     async def _leases(self) -> None:
         """Renew this node's leases every lease/3 s; take over expired ones every lease/2 s.
@@ -206,7 +213,8 @@ class Daemon:
                 try:
                     await self.store.renew_leases(lease, time.time())
                     renewed_at = time.monotonic()
-                    owned = {b.id for b in await self.store.owned_batches(*LIVE_BATCH_STATES)}
+                    rows = await self.store.owned_batches(*LIVE_BATCH_STATES)
+                    owned = {b.id for b in rows}
                 except Exception as exc:
                     log.error("lease.renew_failed", error=str(exc), since=round(now - renewed_at, 1))
                     if time.monotonic() + renew_every >= renewed_at + lease:
@@ -215,6 +223,7 @@ class Daemon:
                 # A lease taken away meanwhile (this node was too slow): stop working those batches.
                 self.pollers.keep_only(owned)
                 self.batcher.keep_only(owned)
+                self._polls_requested(rows)
             if time.monotonic() >= next_take:
                 next_take = time.monotonic() + take_every
                 self._adopt(*await self._take_over(lease))
@@ -235,6 +244,16 @@ class Daemon:
                 self.batcher.taken_over(batch)
             elif batch.state in POLLED_BATCH_STATES:
                 self.pollers.start(batch.id)
+
+    def _polls_requested(self, owned: list[BatchRow]) -> None:
+        """Poll now the batches another node asked for (a webhook reached it: store.request_poll)."""
+        seen = self._poll_requests_seen
+        self._poll_requests_seen = {b.id: seen[b.id] for b in owned if b.id in seen}
+        for batch in owned:
+            if batch.poll_requested_at and batch.poll_requested_at > self._poll_requests_seen.get(batch.id, 0.0):
+                self._poll_requests_seen[batch.id] = batch.poll_requested_at
+                if self.pollers.poll_now(batch.id):
+                    log.info("batch.poll_requested", batch=batch.id)
 
     def _log_taken(self, batch: BatchRow, previous: str | None) -> None:
         log.warning("batch.taken_over", batch=batch.id, previous_owner=previous, state=str(batch.state))
@@ -323,6 +342,8 @@ class Daemon:
         for batch in taken:  # the batcher's recover and the pollers' start pick them up as this node's own
             self._log_taken(batch, previous.get(batch.id))
         files = await self.spool.rescan()
+        if self.http is not None:
+            await self.http.start()  # before READY: a port that cannot be bound refuses the start
         log.info(
             "daemon.ready",
             spool=str(self.spool.paths.root),
@@ -361,7 +382,10 @@ class Daemon:
             asyncio.create_task(self.sinks.run(self.stopping), name="sinks"),
             asyncio.create_task(self._leases(), name="leases"),
             asyncio.create_task(self._watchdog(), name="watchdog"),
+            asyncio.create_task(self.retention.run(self.stopping), name="retention"),
         }
+        if self.http is not None:
+            tasks.add(asyncio.create_task(self.http.run(self.stopping), name="http"))
         stop_waiter = asyncio.create_task(self.stopping.wait(), name="stop-waiter")
         status = 0
         done, _ = await asyncio.wait({*tasks, stop_waiter}, return_when=asyncio.FIRST_COMPLETED)

@@ -25,6 +25,7 @@ from .providers import ProviderError, ProviderPool
 from .providers.base import RemoteBatch, ResultsReport, backoff
 from .settings import Settings
 from .store.contract import POLLED_BATCH_STATES, ApplySummary, BatchRow, BatchState, Fate, Store, SubmittedItem
+from .webhooks_in import poll_ceiling
 
 log = get_logger("batchd.poller")
 
@@ -78,6 +79,9 @@ class Pollers:
         self._stopping = asyncio.Event()
         self._failed = asyncio.Event()
         self.failure: BaseException | None = None
+        # Webhooks in (batchd/http.py): poll_now wakes a poller; when the last verified event arrived.
+        self._wakes: dict[int, asyncio.Event] = {}
+        self.webhook_seen_at: Callable[[], float | None] = lambda: None
 
     def start(self, batch_id: int) -> None:
         if batch_id in self._tasks or self._stopping.is_set():
@@ -88,6 +92,7 @@ class Pollers:
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks = {batch_id: t for batch_id, t in self._tasks.items() if t is not task}
+        self._wakes = {batch_id: e for batch_id, e in self._wakes.items() if batch_id in self._tasks}
         if not task.cancelled() and task.exception() is not None and self.failure is None:
             # A poller that dies of a bug must not leave its batch silently unwatched.
             self.failure = task.exception()
@@ -141,7 +146,7 @@ class Pollers:
         cancel_sent = batch.cancel_requested_at is not None
         ended_seen_at = batch.ended_at
         # Jitter, so that a thousand pollers started together do not poll in one burst forever.
-        await wait_any(random.uniform(0, interval), self._stopping)
+        await self._nap(batch_id, random.uniform(0, interval))
         while not self._stopping.is_set():
             try:
                 provider = self.providers.get(batch.profile)
@@ -181,7 +186,7 @@ class Pollers:
                 interval = batching.poll_interval_min
                 seen = state
             else:
-                interval = min(interval * 1.5, batching.poll_interval_max)
+                interval = min(interval * 1.5, self._ceiling(batch))
             if not remote.ended:
                 cancel_sent = await self._cancel_if_overdue(batch, remote, cancel_sent)
             else:
@@ -198,7 +203,7 @@ class Pollers:
                     except ProviderError as exc:
                         log.warning("batch.collect_failed", batch=batch_id, remote_id=remote.id, error=str(exc))
                         await self.store.note_batch_error(batch_id, "batch.collect_failed", str(exc))
-            await wait_any(interval, self._stopping)
+            await self._nap(batch_id, interval)
 
     @staticmethod
     def _never_named(batch: BatchRow, remote: RemoteBatch) -> set[str]:
@@ -463,3 +468,30 @@ class Pollers:
             chunk = waiting[start : start + DECIDE_CHUNK]
             total += await self._record(batch, unanswered(chunk, status, error, retryable), self._retry_at, None)
         return total
+
+    # -- webhooks in (issue 12): an event wakes the batch's poller; polling stays the fallback --
+
+    def poll_now(self, batch_id: int) -> bool:
+        """Poll this batch now instead of at its next interval; False when this node does not poll it."""
+        if batch_id not in self._tasks:
+            return False
+        self._wakes.setdefault(batch_id, asyncio.Event()).set()
+        return True
+
+    async def _nap(self, batch_id: int, seconds: float) -> None:
+        """Wait `seconds`, or until the daemon stops or poll_now(batch_id) is called."""
+        wake = self._wakes.get(batch_id)
+        if wake is None:
+            wake = self._wakes[batch_id] = asyncio.Event()
+        await wait_any(seconds, self._stopping, wake)
+        wake.clear()
+
+    def _ceiling(self, batch: BatchRow) -> float:
+        """The longest wait between polls: longer for OpenAI batches while webhooks are healthy."""
+        batching, http = self.settings.batching, self.settings.http
+        if http is None or batch.kind != "openai":
+            return batching.poll_interval_max
+        return poll_ceiling(
+            batching.poll_interval_max, http.webhook_poll_interval, self.webhook_seen_at(), time.time(),
+            http.webhook_healthy_for,
+        )  # fmt: skip

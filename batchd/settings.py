@@ -70,7 +70,13 @@ class DaemonSettings(_Section):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     graceful_timeout: Duration = 20.0
     rescan_interval: Duration = 30.0
+    # How long finished things are kept: done/ inputs, rejected/ inputs (with their .error.json),
+    # delivered results files in out/, and the database's finished rows (their report totals are
+    # kept in a totals table). 0 keeps them forever.
     done_retention: Duration = 7 * 86400.0
+    rejected_retention: Duration = 30 * 86400.0
+    out_retention: Duration = 30 * 86400.0
+    rows_retention: Duration = 90 * 86400.0
     # A file in new/ whose last line has no newline is taken as still being written until it
     # has been left alone this long.
     settle_time: Duration = 5.0
@@ -225,6 +231,58 @@ class OutboxSettings(_Section):
     enabled: bool = True
 
 
+class HttpSettings(_Section):
+    """`[http]`: the daemon's HTTP listener (/metrics, /healthz, /readyz, the status page, webhooks in).
+
+    No `[http]` section: no listener. `listen` is "HOST:PORT" (e.g. "127.0.0.1:9187", "[::1]:9187")
+    or "unix:/ABSOLUTE/PATH" (e.g. "unix:/run/batchd/http.sock", RuntimeDirectory= in the unit).
+    """
+
+    listen: str = "127.0.0.1:9187"
+    # OpenAI's webhook signing secret (whsec_…): inline, from a systemd credential, or from a variable.
+    webhook_secret: SecretStr | None = None
+    webhook_secret_env: str | None = "OPENAI_WEBHOOK_SECRET"
+    webhook_secret_credential: str | None = "openai_webhook_secret"
+    # An event signed longer ago (or further ahead) than this is refused as stale (replay window).
+    webhook_tolerance: Duration = Field(default=300.0, gt=0)
+    # While verified events keep arriving (one within webhook_healthy_for), OpenAI batches are polled
+    # at most this far apart: the events do the waking, polling is only the fallback.
+    webhook_poll_interval: Duration = 1800.0
+    webhook_healthy_for: Duration = 3600.0
+    # The status page reloads its content this often.
+    page_refresh: Duration = Field(default=5.0, gt=0)
+    # /readyz reuses a provider check this long, so that a busy probe does not call the providers each time.
+    ready_cache: Duration = 10.0
+
+    @field_validator("listen")
+    @classmethod
+    def _listen_address(cls, value: str) -> str:
+        listen_address(value)  # a ValueError names what is wrong
+        return value
+
+    def address(self) -> tuple[str, int] | str:
+        """(host, port) for TCP, or the socket path for "unix:PATH"."""
+        return listen_address(self.listen)
+
+    def resolve_webhook_secret(self, environ: Mapping[str, str] | None = None) -> str | None:
+        return resolve_secret(self.webhook_secret, self.webhook_secret_env, (self.webhook_secret_credential,), environ)
+
+
+def listen_address(value: str) -> tuple[str, int] | str:
+    """Parse `[http] listen`: "unix:/abs/path" gives the path, "HOST:PORT" gives (host, port)."""
+    if value.startswith("unix:"):
+        path = value[len("unix:") :]
+        if not path.startswith("/"):
+            raise ValueError(f"unix socket path must be absolute: {value!r}")
+        return path
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"not HOST:PORT or unix:/PATH: {value!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
+
+
 def _default_providers() -> dict[str, ProviderProfile]:
     return {
         "openai": ProviderProfile(kind="openai", api_key_env="OPENAI_API_KEY"),
@@ -247,6 +305,7 @@ class Settings(BaseSettings):
     outbox: OutboxSettings = Field(default_factory=OutboxSettings)
     sinks: list[WebhookSink] = Field(default_factory=list)
     prices: dict[str, ModelPrice] = Field(default_factory=dict)
+    http: HttpSettings | None = None  # no [http]: no listener
 
     @classmethod
     def settings_customise_sources(
@@ -371,10 +430,33 @@ def _format_location(location: tuple[int | str, ...]) -> str:
     return text or "(top level)"
 
 
+DEFAULT_CONFIG = Path("/etc/batchd/batchd.toml")
+
+
+def config_path(path: Path | str | None = None, environ: Mapping[str, str] | None = None) -> Path | None:
+    """Where the configuration is: `path` (--config), else $BATCHD_CONFIG, else /etc/batchd/batchd.toml
+    if it exists, else None (defaults and BATCHD_* variables only).
+
+    A path given explicitly must exist (load_settings says so); the system-wide default is only
+    used when it is there, so a development checkout runs without one.
+    """
+    env = os.environ if environ is None else environ
+    if path is not None and str(path) != "":
+        return Path(path)
+    if env.get("BATCHD_CONFIG"):
+        return Path(env["BATCHD_CONFIG"])
+    try:
+        os.stat(DEFAULT_CONFIG)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError:
+        pass  # there but unreachable (/etc/batchd is the service's): load_settings says so, exit 78
+    return DEFAULT_CONFIG
+
+
 def load_settings(path: Path | str | None = None, overrides: dict[str, Any] | None = None) -> Settings:
-    """Read the TOML file at `path` (or $BATCHD_CONFIG), apply BATCHD_* variables and `overrides`."""
-    if path is None and os.environ.get("BATCHD_CONFIG"):
-        path = os.environ["BATCHD_CONFIG"]
+    """Read the TOML file found by config_path(`path`), apply BATCHD_* variables and `overrides`."""
+    path = config_path(path)
     data: dict[str, Any] = {}
     source = str(path) if path is not None else "(defaults and environment)"
     if path is not None:
@@ -414,6 +496,8 @@ def configured_secrets(settings: Settings, environ: Mapping[str, str] | None = N
         for name, profile in settings.providers.items()
     ]
     resolvers += [lambda sink=sink: sink.resolve_secret(environ) for sink in settings.sinks]
+    if settings.http is not None:
+        resolvers.append(lambda http=settings.http: http.resolve_webhook_secret(environ))
     found: set[str] = set()
     for resolve in resolvers:
         try:

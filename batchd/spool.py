@@ -41,7 +41,7 @@ from typing import IO, Any
 import orjson
 import watchfiles
 
-from . import safefs
+from . import retention, safefs
 from .aio import wait_any
 from .crashpoints import CrashPoints
 from .formats import LineError, invalid_result, parse_line
@@ -387,21 +387,28 @@ class Spool:
             log.warning("spool.watch_failed", error=str(exc))
 
     def _clean_done(self) -> None:
-        """Remove regular files older than done_retention from done/, through its descriptor only."""
-        cutoff = time.time() - self.settings.daemon.done_retention
+        """Remove files past their retention (retention.py) from done/, rejected/ and out/ (delivered
+        results only, never a .part), through the directories' descriptors only."""
+        daemon, now = self.settings.daemon, time.time()
+        ages = (
+            ("done", daemon.done_retention, None),
+            ("rejected", daemon.rejected_retention, None),
+            ("out", daemon.out_retention, retention.still_growing),
+        )
         with _Dirs(self.paths.root) as dirs:
-            try:
-                done = dirs.fd("done")
-                names = os.listdir(done)
-            except OSError as exc:
-                if not isinstance(exc, FileNotFoundError):
-                    log.error("spool.unsafe_directory", error=exc.strerror)
-                return
-            for name in names:
-                with contextlib.suppress(OSError):
-                    info = os.stat(name, dir_fd=done, follow_symlinks=False)
-                    if stat.S_ISREG(info.st_mode) and info.st_mtime < cutoff:
-                        os.unlink(name, dir_fd=done)
+            for sub, max_age, keep in ages:
+                before = retention.cutoff(max_age, now)
+                if before is None:
+                    continue
+                try:
+                    directory = dirs.fd(sub)
+                except OSError as exc:
+                    if not isinstance(exc, FileNotFoundError):
+                        log.error("spool.unsafe_directory", error=exc.strerror)
+                    continue
+                removed = retention.prune_directory(directory, before, keep)
+                if removed:
+                    log.info("spool.pruned", directory=sub, files=len(removed))
 
     def _move_out(self, dirs: _Dirs, name: str, info: os.stat_result, sub: str, preferred: str) -> str | None:
         """Move new/NAME to SUB/ under `preferred` (or a variant of it) if NAME is still the inode `info`.

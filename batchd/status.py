@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -71,11 +72,14 @@ async def existing_store(settings: Settings, writable: bool = False) -> AsyncIte
 
 async def snapshot(settings: Settings) -> dict[str, Any] | None:
     """The store's status snapshot, or None when there is no database yet (read-only: never creates it)."""
+    from .control import daemon_section  # control imports this module
+
     async with existing_store(settings) as store:
         if store is None:
             return None
         data = await store.status()
         live = await store.batches_in_state(*LIVE_BATCH_STATES)
+        data.update(await daemon_section(settings, store, time.time()))
     url = store_url(settings)
     this_node = settings.node_id(create=False)
     data["store"] = {"engine": url.engine, "url": url.redacted(), "node": this_node}
@@ -145,7 +149,9 @@ def view(data: dict[str, Any]) -> Group:
             _when(batch["created_at"]),
             (batch["last_error"] or "")[:60],
         )
-    lines: list[Any] = []
+    from .control import daemon_lines
+
+    lines: list[Any] = [Text(line) for line in daemon_lines(data)]
     store = data.get("store")
     if store:
         lines.append(Text(f"Store: {store['engine']} {store['url']} (this node: {store.get('node') or 'none yet'})"))

@@ -16,6 +16,16 @@ from batchd.emulator import EmulatorConfig, RunningEmulator, start_emulator
 from batchd.settings import BatchingSettings, DaemonSettings, ProviderProfile, Settings
 
 
+async def loop_ticks(count: int = 1) -> None:
+    """Let the event loop run `count` iterations: a cancellation point, never a wait for a condition.
+
+    The cancellation tests cancel a write after exactly N iterations, to land inside each await of
+    it in turn; everything else waits with wait_until.
+    """
+    for _ in range(count):
+        await asyncio.sleep(0)
+
+
 async def wait_until(
     condition: Callable[[], Any] | Callable[[], Awaitable[Any]], timeout: float = 60.0, interval: float = 0.05
 ) -> Any:
@@ -77,3 +87,27 @@ def require_root() -> None:
     if os.environ.get("BATCHD_REQUIRE_ROOT_TIER") == "1":
         pytest.fail("this test needs root and BATCHD_REQUIRE_ROOT_TIER=1 forbids skipping it")
     pytest.skip("needs root (other uids, mounts); CI runs it as root")
+
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+def require_browser() -> str:
+    """Debian's Chromium for the browser tests; skip loudly without it, or fail where it is required.
+
+    .ci/run installs it and sets BATCHD_REQUIRE_BROWSER=1, so a CI machine without it fails instead
+    of silently skipping the status page's browser test.
+    """
+    missing = []
+    if not os.access(CHROMIUM, os.X_OK):
+        missing.append(f"{CHROMIUM} (apt-get install -y chromium)")
+    try:
+        import playwright.async_api  # noqa: F401
+    except ImportError:
+        missing.append("the playwright package (pip install -e '.[dev]')")
+    if not missing:
+        return CHROMIUM
+    reason = "browser test needs " + " and ".join(missing)
+    if os.environ.get("BATCHD_REQUIRE_BROWSER") == "1":
+        pytest.fail(f"{reason}, and BATCHD_REQUIRE_BROWSER=1 forbids skipping it")
+    pytest.skip(f"SKIPPED LOUDLY: {reason}")

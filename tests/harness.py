@@ -244,3 +244,34 @@ def python_for(user: int | None, group: int | None = None) -> tuple[list[str], d
             raise AssertionError(f"no Python interpreter that uid {user} may run can import batchd")
     _PYTHONS[key] = choice
     return choice
+
+
+async def http_url(daemon: DaemonProcess, timeout: float = 60) -> str:
+    """The base URL of the daemon's [http] listener, from its `http.listening` log line (listen port 0)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for event in daemon.log_events():
+            if event.get("event") == "http.listening":
+                return str(event["bound"][0])
+        if not daemon.running():
+            raise AssertionError(f"daemon exited with {daemon.proc.returncode if daemon.proc else None}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no http.listening line within {timeout} s")
+        await asyncio.sleep(POLL_SECONDS)
+
+
+def metric_samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Prometheus exposition text as {(sample name, labels): value}, parsed by prometheus-client's own parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return samples
+
+
+def metric(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float:
+    """The sum of `name` over every sample whose labels include `labels` (0 when none)."""
+    wanted = set(labels.items())
+    return sum(value for (sample, have), value in samples.items() if sample == name and wanted <= have)

@@ -152,7 +152,7 @@ def test_a_directory_given_as_input_is_66(tmp_path: Path) -> None:
     one_line_error(proc, EX_NOINPUT, "adir")
 
 
-@pytest.mark.parametrize("command", ["status", "results", "report", "redeliver"])
+@pytest.mark.parametrize("command", ["status", "results", "report", "redeliver", "batches", "pause", "resume"])
 def test_no_database_is_66_and_none_is_created(tmp_path: Path, command: str) -> None:
     proc = batchd(command, "--config", str(plain_config(tmp_path)))
     one_line_error(proc, EX_NOINPUT, "no database", str(tmp_path / "state"))
@@ -194,7 +194,7 @@ def test_an_older_schema_is_not_migrated_by_a_reader(tmp_path: Path) -> None:
     database = tmp_path / "state" / "batchd.sqlite3"
     old_database(database, SCHEMA_VERSION - 1)
     before = digest(database)
-    for command in ("status", "results", "report", "redeliver"):
+    for command in ("status", "results", "report", "redeliver", "batches", "pause", "resume"):
         proc = batchd(command, "--config", str(plain_config(tmp_path)))
         one_line_error(proc, EX_DATAERR, f"schema version {SCHEMA_VERSION - 1}", "batchd run")
     assert user_version(database) == SCHEMA_VERSION - 1
@@ -291,6 +291,9 @@ async def test_read_only_commands_work_on_a_read_only_database_and_leave_it_byte
     report = await asyncio.to_thread(batchd, "report", "--json", "--config", str(config), user=OTHER_UID)
     assert report.returncode == 0, report.stderr
     assert orjson.loads(report.stdout)["total"]["requests"] == len(lines)
+    batches = await asyncio.to_thread(batchd, "batches", "--json", "--config", str(config), user=OTHER_UID)
+    assert batches.returncode == 0, batches.stderr
+    assert {batch["provider"] for batch in orjson.loads(batches.stdout)} == {"openai", "anthropic"}
     # And as root, on the file made read-only: still no migration, no checkpoint, no new file.
     root_status = await asyncio.to_thread(batchd, "status", "--json", "--config", str(config))
     assert root_status.returncode == 0, root_status.stderr

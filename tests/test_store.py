@@ -38,7 +38,7 @@ from batchd.store import (
     open_store,
 )
 
-from .conftest import make_settings
+from .conftest import loop_ticks, make_settings
 from .test_acceptance import chat_line
 
 
@@ -409,8 +409,7 @@ async def test_a_read_does_not_wait_for_a_held_write_transaction(node_a: SQLiteS
 async def _cancelled_after(work: Any, ticks: int) -> bool:
     """Run `work`, cancel it after `ticks` loop iterations; whether it had already finished."""
     task = asyncio.ensure_future(work)
-    for _ in range(ticks):
-        await asyncio.sleep(0)
+    await loop_ticks(ticks)
     finished = task.done()
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):

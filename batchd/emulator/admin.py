@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from batchd.emulator import anthropic_api, openai_api
+from batchd.emulator import anthropic_api, openai_api, webhooks
 from batchd.emulator.common import ApiError, json_response, read_json, state_of
 from batchd.emulator.config import Faults
 from batchd.emulator.state import AnthropicBatch, OpenAIBatch
@@ -147,3 +147,5 @@ def add_routes(app: web.Application) -> None:
     app.router.add_patch("/_emulator/batches/{batch_id}", patch_batch)
     app.router.add_delete("/_emulator/files/{file_id}", delete_file)
     app.router.add_post("/_emulator/reset", reset)
+    app.router.add_get("/_emulator/webhooks", webhooks.get_webhooks)
+    app.router.add_put("/_emulator/webhooks", webhooks.put_webhooks)

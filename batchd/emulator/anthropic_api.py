@@ -141,6 +141,20 @@ def normalize_requests(source: Path, target: Path, limits: Limits) -> list[str]:
     return ids
 
 
+def _check_queue_limit(state: EmulatorState, adding: int, requests_path: Path) -> None:
+    """Answer 429 when the batch would take the requests queued in processing batches past the limit."""
+    limit = state.faults.anthropic_queue_limit
+    if limit <= 0:
+        return
+    queued = sum(b.total for b in state.anthropic_batches.values() if b.status == "in_progress")
+    state.peak_enqueued["anthropic"] = max(state.peak_enqueued.get("anthropic", 0), queued)
+    if queued + adding > limit:
+        requests_path.unlink(missing_ok=True)
+        state.counters["queue_limited"] += 1
+        raise ApiError(429, f"Number of queued batch requests would exceed your limit of {limit:,}.")
+    state.peak_enqueued["anthropic"] = max(state.peak_enqueued.get("anthropic", 0), queued + adding)
+
+
 async def create_batch(request: web.Request) -> web.Response:
     """POST /v1/messages/batches: the body is spooled to disk, then validated and normalized."""
     state = state_of(request)
@@ -170,6 +184,7 @@ async def create_batch(request: web.Request) -> web.Response:
         raise
     finally:
         body_path.unlink(missing_ok=True)
+    _check_queue_limit(state, len(custom_ids), requests_path)
     version = request.headers.get("anthropic-version", _SAMPLING_REMOVED)
     batch = AnthropicBatch(
         id=batch_id,

@@ -36,6 +36,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--faults", default="{}", metavar="JSON", help="faults as JSON, e.g. '{\"http_error_rate\": 0.1}'"
     )
     parser.add_argument("--data-dir", type=Path, default=None, help="where files live (default: a temp dir)")
+    parser.add_argument(
+        "--webhook-url", default=None, help="POST signed OpenAI batch.* events here when a batch ends (default: none)"
+    )
+    parser.add_argument(
+        "--webhook-secret", default=None, help="the whsec_ secret those events are signed with (default: none)"
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
@@ -49,6 +55,8 @@ def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
         api_keys=frozenset(args.api_keys) if args.api_keys else None,
         data_dir=args.data_dir,
         faults=Faults().merged(changes),
+        webhook_url=args.webhook_url,
+        webhook_secret=args.webhook_secret,
     )
 
 

@@ -35,6 +35,15 @@ class Faults:
     results_url_base: str = ""
     # Order of the batch lists: "desc" (newest first, as documented) or "asc".
     list_order: str = "desc"
+    # Real-time endpoints: per-model limits ("*" for any other model) over rate_window seconds.
+    realtime_rpm: dict[str, int] = field(default_factory=dict)
+    realtime_tpm: dict[str, int] = field(default_factory=dict)
+    rate_window: float = 60.0
+    # Share of OpenAI flex-tier requests answered 429 "resource unavailable".
+    flex_busy_rate: float = 0.0
+    # Anthropic: most requests queued in processing batches at once (0: no limit); past it a
+    # create answers 429, as the real API's queue limit does.
+    anthropic_queue_limit: int = 0
 
     def merged(self, changes: dict[str, Any]) -> Faults:
         """Return a copy with ``changes`` applied (JSON values coerced); unknown keys raise ValueError."""
@@ -81,6 +90,9 @@ class EmulatorConfig:
     api_keys: frozenset[str] | None = None
     data_dir: Path | None = None
     faults: Faults = field(default_factory=Faults)
+    # OpenAI batch.* webhooks (batchd/emulator/webhooks.py): sent when both are set.
+    webhook_url: str | None = None
+    webhook_secret: str | None = None
 
     @property
     def batch_seconds(self) -> float:

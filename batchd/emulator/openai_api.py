@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 from aiohttp import BodyPartReader, web
 
+from batchd.emulator import webhooks
 from batchd.emulator.common import (
     ApiError,
     fail_after_create,
@@ -406,6 +407,16 @@ def _token_limit_error(state: EmulatorState, batch: OpenAIBatch) -> dict[str, An
     return {"code": "token_limit_exceeded", "line": None, "param": None, "message": message}
 
 
+def _note_enqueued(state: EmulatorState, batch: OpenAIBatch) -> None:
+    """Keep the highest enqueued-token total per model, counted the emulator's own way."""
+    model = batch.scan.model or ""
+    running = ("in_progress", "finalizing", "cancelling")
+    enqueued = sum(
+        b.scan.tokens for b in state.openai_batches.values() if b.scan.model == model and b.status in running
+    )
+    state.peak_enqueued[model] = max(state.peak_enqueued.get(model, 0), enqueued)
+
+
 async def run_batch(state: EmulatorState, batch: OpenAIBatch, source: Path) -> None:
     """The whole life of one batch: validating → in_progress → finalizing → terminal."""
     job = batch.job
@@ -416,6 +427,7 @@ async def run_batch(state: EmulatorState, batch: OpenAIBatch, source: Path) -> N
     def stamp(status: str) -> None:
         batch.status = status
         batch.times[status] = int(state.now())
+        webhooks.batch_ended(state, batch)
 
     try:
         start = time.monotonic()
@@ -431,6 +443,7 @@ async def run_batch(state: EmulatorState, batch: OpenAIBatch, source: Path) -> N
             stamp("failed")
             return
         stamp("in_progress")
+        _note_enqueued(state, batch)
         run = _Run(state, batch, source)
         try:
             await run_lines(state, job, run, batch.scan.lines, lambda: (1 - _VALIDATING - _FINALIZING) * span())

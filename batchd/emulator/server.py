@@ -9,7 +9,7 @@ from types import TracebackType
 
 from aiohttp import web
 
-from batchd.emulator import admin, anthropic_api, openai_api
+from batchd.emulator import admin, anthropic_api, openai_api, realtime
 from batchd.emulator.common import STATE_KEY, ApiError, state_of
 from batchd.emulator.config import EmulatorConfig
 from batchd.emulator.state import EmulatorState
@@ -110,6 +110,7 @@ def build_app(state: EmulatorState) -> web.Application:
     app.on_response_prepare.append(_add_request_id)
     openai_api.add_routes(app)
     anthropic_api.add_routes(app)
+    realtime.add_routes(app)
     admin.add_routes(app)
     return app
 

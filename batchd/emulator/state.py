@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from batchd.emulator.config import EmulatorConfig, Faults
+from batchd.emulator.ledger import RealtimeLedger
 
 
 class Job:
@@ -211,9 +212,13 @@ class EmulatorState:
         self.openai_custom_ids: dict[str, list[str]] = {}
         self.anthropic_custom_ids: dict[str, list[str]] = {}
         self.counters: Counter[str] = Counter()
+        self.realtime = RealtimeLedger()
+        # Highest enqueued tokens per OpenAI model seen when a batch starts (the capacity tests' check).
+        self.peak_enqueued: dict[str, int] = {}
         self.create_index = 0
         self.closing = False
         self._tasks: set[asyncio.Task[None]] = set()
+        self.webhook_deliveries: list[dict[str, Any]] = []
 
     @property
     def faults(self) -> Faults:
@@ -287,6 +292,8 @@ class EmulatorState:
             },
             "anthropic": {"batches_created": c["anthropic_batches"], "custom_ids": self.anthropic_custom_ids},
             "http_calls": c["http_calls"],
+            "realtime": self.realtime.summary(),
+            "peak_enqueued": dict(self.peak_enqueued),
             "create_faults": c["create_faults"],
             "faults_injected": {
                 k: c[k] for k in ("http_errors", "dropped_downloads", "request_errors", "late_output_files")

@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 
 import anthropic
 import httpx2
+import orjson
 from anthropic.types.messages import MessageBatch
 
 from ..formats import Outcome, anthropic_outcome
@@ -40,7 +41,7 @@ class ForeignHost(Exception):
 
 def _error(exc: Exception) -> ProviderError:
     if isinstance(exc, anthropic.APIStatusError):
-        return status_error("anthropic", exc.status_code, exc.message)
+        return status_error("anthropic", exc.status_code, exc.message, exc.response.headers)
     if isinstance(exc, anthropic.APIConnectionError | anthropic.APITimeoutError):
         return ProviderError(f"anthropic connection: {exc}", retryable=True, ambiguous=True)
     return ProviderError(f"anthropic: {exc}", retryable=False)
@@ -120,6 +121,8 @@ class AnthropicProvider(Provider):
         # The host the SDK really talks to (base_url may also come from ANTHROPIC_BASE_URL).
         self._base_url = str(self._client.base_url)
         self._create_client = self._client.with_options(max_retries=0)
+        # Real-time sends retry in batchd's fallback, which paces them by the rate limits it knows.
+        self._realtime_client = self._client.with_options(max_retries=0)
 
     async def submit(
         self,
@@ -175,6 +178,26 @@ class AnthropicProvider(Provider):
 
     async def retrieve(self, remote_id: str) -> RemoteBatch:
         return _remote(await _call(self._client.messages.batches.retrieve(remote_id)))
+
+    async def realtime(self, endpoint: str, custom_id: str, body: dict[str, Any], tier: str | None = None) -> Outcome:
+        # Anthropic has no flex tier: `tier` is ignored here.
+        try:
+            raw = await self._realtime_client.post("/v1/messages", body=body, cast_to=bytes)
+        except anthropic.APIStatusError as exc:
+            error = _error(exc)
+            if error.retryable:
+                raise error from exc
+            detail = exc.body if isinstance(exc.body, dict) else {"type": "api_error", "message": exc.message}
+            result = {"type": "errored", "error": {"type": "error", "error": detail}}
+            return anthropic_outcome({"custom_id": custom_id, "result": result})
+        except anthropic.AnthropicError as exc:
+            raise _error(exc) from exc
+        return anthropic_outcome(
+            {"custom_id": custom_id, "result": {"type": "succeeded", "message": orjson.loads(raw)}}
+        )
+
+    async def ping(self, timeout: float = 10.0) -> None:
+        await _call(self._client.with_options(max_retries=0, timeout=timeout).messages.batches.list(limit=1))
 
     async def cancel(self, remote_id: str) -> RemoteBatch:
         return _remote(await _call(self._client.messages.batches.cancel(remote_id)))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import random
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,21 +28,47 @@ class ProviderError(Exception):
     so it must be reconciled before it is tried again.
     """
 
-    def __init__(self, message: str, *, retryable: bool, ambiguous: bool = False, status: int | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        retryable: bool,
+        ambiguous: bool = False,
+        status: int | None = None,
+        retry_after: float | None = None,
+    ):
         super().__init__(message)
         self.retryable = retryable
         self.ambiguous = ambiguous
         self.status = status
+        # Seconds the provider asked us to wait (429/503 retry-after), when it said.
+        self.retry_after = retry_after
 
 
-def status_error(vendor: str, status: int, message: str) -> ProviderError:
+def status_error(vendor: str, status: int, message: str, headers: Mapping[str, str] | None = None) -> ProviderError:
     """An HTTP error answer: 408/409/429/5xx may succeed later; a 5xx or 408 may hide a create that happened."""
     return ProviderError(
         f"{vendor} {status}: {message}",
         retryable=status in (408, 409, 429) or status >= 500,
         ambiguous=status >= 500 or status == 408,
         status=status,
+        retry_after=retry_after(headers) if headers is not None else None,
     )
+
+
+def retry_after(headers: Mapping[str, str]) -> float | None:
+    """The wait an error answer asks for: retry-after-ms, else retry-after in seconds (not a date)."""
+    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        raw = headers.get(name)
+        if raw is None:
+            continue
+        try:
+            value = float(raw) * scale
+        except ValueError:
+            continue
+        if 0 <= value < 86400:
+            return value
+    return None
 
 
 @dataclass(slots=True)
@@ -165,6 +191,15 @@ class Provider(abc.ABC):
         """
 
     @abc.abstractmethod
+    async def realtime(self, endpoint: str, custom_id: str, body: dict[str, Any], tier: str | None = None) -> Outcome:
+        """Send one request through the real-time API (the deadline fallback), answered as a batch would be.
+
+        Returns the Outcome a batch result line for `custom_id` would give (a 4xx answer is an
+        errored Outcome). Raises ProviderError when the call may succeed later (429, 5xx,
+        connection), with `retry_after` when the provider named a wait.
+        """
+
+    @abc.abstractmethod
     async def cancel(self, remote_id: str) -> RemoteBatch:
         """Ask the provider to cancel the batch."""
 
@@ -174,6 +209,13 @@ class Provider(abc.ABC):
     @abc.abstractmethod
     async def close(self) -> None:
         """Release the HTTP client."""
+
+    @abc.abstractmethod
+    async def ping(self, timeout: float = 10.0) -> None:
+        """One cheap authenticated call (list one batch), not retried: raises ProviderError if it fails.
+
+        For /readyz: proves the provider is reachable and accepts the key.
+        """
 
 
 DOWNLOAD_ATTEMPTS = 5

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import openai
+import orjson
 
 from ..formats import Outcome, Status, openai_outcome
 from .base import (
@@ -34,7 +35,7 @@ CLOCK_SKEW = 600.0
 
 def _error(exc: Exception) -> ProviderError:
     if isinstance(exc, openai.APIStatusError):
-        return status_error("openai", exc.status_code, exc.message)
+        return status_error("openai", exc.status_code, exc.message, exc.response.headers)
     if isinstance(exc, openai.APIConnectionError | openai.APITimeoutError):
         return ProviderError(f"openai connection: {exc}", retryable=True, ambiguous=True)
     return ProviderError(f"openai: {exc}", retryable=False)
@@ -96,6 +97,8 @@ class OpenAIProvider(Provider):
         self._client = openai.AsyncOpenAI(api_key=api_key, base_url=base_url, timeout=timeout, max_retries=3)
         # Creates are never retried by the SDK: a lost answer must be reconciled, not repeated.
         self._create_client = self._client.with_options(max_retries=0)
+        # Real-time sends retry in batchd's fallback, which paces them by the rate limits it knows.
+        self._realtime_client = self._client.with_options(max_retries=0)
 
     async def submit(
         self,
@@ -150,8 +153,27 @@ class OpenAIProvider(Provider):
     async def retrieve(self, remote_id: str) -> RemoteBatch:
         return _remote(await _call(self._client.batches.retrieve(remote_id)))
 
+    async def realtime(self, endpoint: str, custom_id: str, body: dict[str, Any], tier: str | None = None) -> Outcome:
+        payload = {**body, "service_tier": tier} if tier else body
+        try:
+            raw = await self._realtime_client.post(endpoint.removeprefix("/v1"), body=payload, cast_to=bytes)
+        except openai.APIStatusError as exc:
+            error = _error(exc)
+            if error.retryable:
+                raise error from exc
+            detail = exc.body if isinstance(exc.body, dict) else {"message": exc.message}
+            response = {"status_code": exc.status_code, "body": {"error": detail}}
+            return openai_outcome({"custom_id": custom_id, "response": response, "error": None})
+        except openai.OpenAIError as exc:
+            raise _error(exc) from exc
+        response = {"status_code": 200, "body": orjson.loads(raw)}
+        return openai_outcome({"custom_id": custom_id, "response": response, "error": None})
+
     async def cancel(self, remote_id: str) -> RemoteBatch:
         return _remote(await _call(self._client.batches.cancel(remote_id)))
+
+    async def ping(self, timeout: float = 10.0) -> None:
+        await _call(self._client.with_options(max_retries=0, timeout=timeout).batches.list(limit=1))
 
     async def delete_file(self, file_id: str) -> None:
         try:

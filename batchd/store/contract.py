@@ -50,6 +50,9 @@ class BatchState(enum.StrEnum):
     DONE = "done"  # collected, or ended in a defined way (`fate`)
 
 
+# The read models of Reporting.metrics(), each a named query `metrics_NAME` in both engines.
+METRICS_READS = ("queue", "batches", "results", "retries", "capacity", "turnaround", "ingested")
+
 LIVE_BATCH_STATES = (BatchState.PENDING, BatchState.UNVERIFIED, BatchState.SUBMITTED)
 POLLED_BATCH_STATES = (BatchState.UNVERIFIED, BatchState.SUBMITTED)
 
@@ -179,6 +182,7 @@ class BatchRow:
     fate: Fate | None = None
     owner: str | None = None  # node holding the lease
     lease_until: float = 0.0
+    poll_requested_at: float | None = None  # another node got a webhook for it: the lease holder polls now
 
 
 # Not frozen: one is made per result line, and a frozen dataclass takes about 5x as long to make.
@@ -252,6 +256,34 @@ class Usage:
     enqueued_tokens: int  # estimated tokens of requests in live batches
     enqueued_requests: int
     created_last_hour: int
+
+
+@dataclass(frozen=True, slots=True)
+class Pause:
+    """An operator's pause of submission (`batchd pause`); '*' matches any profile or model."""
+
+    profile: str
+    model: str
+    paused_at: float
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PruneSummary:
+    """What one retention pass removed from the database."""
+
+    files: int = 0
+    results: int = 0
+    batches: int = 0
+
+    def __add__(self, other: PruneSummary) -> PruneSummary:
+        return PruneSummary(self.files + other.files, self.results + other.results, self.batches + other.batches)
+
+    def __bool__(self) -> bool:
+        return bool(self.files or self.batches)
+
+
+PAUSE_UNTIL = float("inf")  # what active_holds reports for a paused route: until `batchd resume`
 
 
 # -- the facets ------------------------------------------------------------------------------
@@ -331,7 +363,8 @@ class Queue(Protocol):
         """Live counts for organisation limits, over every node sharing the store."""
 
     async def active_holds(self, now: float) -> dict[tuple[str, str], float]:
-        """(profile, model) -> until, for holds still in force."""
+        """(profile, model) -> until, for holds still in force, and every operator pause until
+        PAUSE_UNTIL, keyed by its (profile, model) where '*' matches any: match with ops.held_until."""
 
     async def hold(self, profile: str, model: str, until: float, failures: int, reason: str) -> None:
         """Hold back submissions for (profile, model) until `until` (policy computed the pause)."""
@@ -404,6 +437,10 @@ class Batches(Protocol):
     async def finish_batch(
         self, batch_id: int, fate: Fate | None = None, error: str | None = None, record: bool = True
     ) -> None: ...
+
+    async def request_poll(self, batch_id: int, now: float) -> None:
+        """Ask the node holding a polled batch's lease to poll it now (it reads `poll_requested_at` at
+        its next lease renewal): a webhook that reached another node. Idempotent; no-op once done."""
 
 
 class Outcomes(Protocol):
@@ -481,8 +518,38 @@ class Reporting(Protocol):
 
     async def status(self, errors: int = 10) -> dict[str, Any]: ...
 
+    async def metrics(self) -> dict[str, list[dict[str, Any]]]:
+        """Database-wide aggregates for /metrics, one list of rows per name in METRICS_READS (plain
+        ints and floats, whatever the engine): queue (profile, endpoint, model, queued, oldest),
+        batches (profile, state, status, n), results (profile, model, status, n, collected, tokens,
+        cost_batch, cost_realtime), retries (profile, model, retries), capacity (profile, model,
+        batches, tokens, requests: live batches), turnaround (profile, model, seconds: submitted to
+        collected), ingested (files, lines), and sinks (sink, pending, parked) as in status()."""
 
-class Store(Intake, Queue, Batches, Outcomes, Delivery, Reporting, Protocol):
+
+class Operations(Protocol):
+    """What operators' commands change beside the daemon (they act through the store), and retention."""
+
+    async def pause(self, profile: str, model: str, reason: str | None = None) -> bool:
+        """Pause submission for (profile, model) ('*' for any) until resume; False if already paused. Idempotent."""
+
+    async def resume(self, profile: str | None = None, model: str | None = None) -> int:
+        """Lift the pause of exactly (profile, model), or every pause when profile is None; how many were lifted."""
+
+    async def pauses(self) -> list[Pause]:
+        """Every operator pause in force."""
+
+    async def recent_batches(self, limit: int) -> list[BatchRow]:
+        """The newest `limit` batches in any state, newest first, whoever owns them."""
+
+    async def prune_finished(self, before: float, limit: int = 100) -> PruneSummary:
+        """Delete up to `limit` files completed before `before` (with their items and results; never a
+        file with parked results) and up to `limit` done batches ended before it that no item names,
+        in one transaction that first folds the results into the report totals (`report` counts them
+        still). Call again while it returns a non-empty summary."""
+
+
+class Store(Intake, Queue, Batches, Outcomes, Delivery, Reporting, Operations, Protocol):
     """Everything, plus the lifecycle. Engines: SQLiteStore (store/sqlite.py), PostgresStore (store/postgres.py)."""
 
     url: str

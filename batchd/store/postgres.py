@@ -25,6 +25,7 @@ import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Sequence
+from decimal import Decimal
 from importlib import resources
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -36,6 +37,8 @@ import structlog
 from ..exits import EX_CONFIG, EX_DATAERR, EX_IOERR, EX_NOINPUT, EX_NOPERM, OperatorError
 from .contract import (
     LIVE_BATCH_STATES,
+    METRICS_READS,
+    PAUSE_UNTIL,
     ApplySummary,
     BatchRow,
     BatchState,
@@ -47,7 +50,9 @@ from .contract import (
     FinalResult,
     Group,
     NotCreated,
+    Pause,
     PendingResult,
+    PruneSummary,
     Retry,
     SubmittedItem,
     Usage,
@@ -147,6 +152,7 @@ def _batch(row: asyncpg.Record) -> BatchRow:
         fate=Fate(row["fate"]) if row["fate"] else None,
         owner=row["owner"],
         lease_until=row["lease_until"],
+        poll_requested_at=row["poll_requested_at"],
     )
 
 
@@ -526,7 +532,11 @@ class PostgresStore:
 
     async def active_holds(self, now: float) -> dict[tuple[str, str], float]:
         rows = await self._fetch(Q.active_holds, now)
-        return {(r["profile"], r["model"]): r["until"] for r in rows}
+        holds: dict[tuple[str, str], float] = {(r["profile"], r["model"]): r["until"] for r in rows}
+        # An operator's pause (`batchd pause`) outlasts any hold; '*' in its key matches any profile or model.
+        for row in await self._fetch(Q.pauses):
+            holds[(row["profile"], row["model"])] = PAUSE_UNTIL
+        return holds
 
     async def hold(self, profile: str, model: str, until: float, failures: int, reason: str) -> None:
         async def work(conn: Connection) -> None:
@@ -637,6 +647,9 @@ class PostgresStore:
 
     async def rejected_remotes(self, batch_id: int) -> set[str]:
         return {r["remote_id"] for r in await self._fetch(Q.rejected_remotes, batch_id)}
+
+    async def request_poll(self, batch_id: int, now: float) -> None:
+        await self._execute(Q.request_poll, batch_id, now)
 
     async def note_cancel_requested(self, batch_id: int, error: str) -> None:
         async def work(conn: Connection) -> None:
@@ -857,6 +870,46 @@ class PostgresStore:
             {"file": r["file"], "line": r["line"], "status": r["status"], "payload": bytes(r["payload"])} for r in rows
         ]
 
+    # -- operations (issue 12) ---------------------------------------------------------------
+
+    async def pause(self, profile: str, model: str, reason: str | None = None) -> bool:
+        async def work(conn: Connection) -> bool:
+            before = await conn.fetch(Q.pauses)
+            await conn.execute(Q.pause, profile, model, time.time(), reason)
+            return not any(r["profile"] == profile and r["model"] == model for r in before)
+
+        return await self._tx(work)
+
+    async def resume(self, profile: str | None = None, model: str | None = None) -> int:
+        if profile is None:
+            return _count(await self._execute(Q.resume_all))
+        return _count(await self._execute(Q.resume_route, profile, model or "*"))
+
+    async def pauses(self) -> list[Pause]:
+        rows = await self._fetch(Q.pauses)
+        return [Pause(r["profile"], r["model"], r["paused_at"], r["reason"]) for r in rows]
+
+    async def recent_batches(self, limit: int) -> list[BatchRow]:
+        return [_batch(r) for r in await self._fetch(Q.recent_batches, limit)]
+
+    async def prune_finished(self, before: float, limit: int = 100) -> PruneSummary:
+        async def work(conn: Connection) -> PruneSummary:
+            files = [r["id"] for r in await conn.fetch(Q.prunable_files, before, limit)]
+            results = 0
+            if files:
+                # The report's totals first, in this transaction: pruned rows are never uncounted.
+                await conn.execute(Q.fold_totals, files)
+                results = _count(await conn.execute(Q.prune_results, files))
+                await conn.execute(Q.prune_items, files)  # their bodies go by ON DELETE CASCADE
+                await conn.execute(Q.prune_files, files)
+            batches = [r["id"] for r in await conn.fetch(Q.prunable_batches, before, limit)]
+            if batches:
+                await conn.execute(Q.prune_batch_rejects, batches)
+                await conn.execute(Q.prune_batches, batches)
+            return PruneSummary(files=len(files), results=results, batches=len(batches))
+
+        return await self._tx(work)
+
     async def status(self, errors: int = 10) -> dict[str, Any]:
         """A snapshot for `batchd status`, read in one repeatable-read transaction (consistent)."""
         return await settle(self._status(errors))
@@ -910,6 +963,23 @@ class PostgresStore:
             "errors": [dict(row) for row in recent],
             "nodes": [dict(row) for row in nodes],
         }
+
+    async def metrics(self) -> dict[str, list[dict[str, Any]]]:
+        """Database-wide aggregates for /metrics (see the contract), in one consistent read."""
+        return await settle(self._metrics())
+
+    async def _metrics(self) -> dict[str, list[dict[str, Any]]]:
+        async with self._db.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+            reads = {name: await conn.fetch(getattr(Q, f"metrics_{name}")) for name in METRICS_READS}
+            reads["sinks"] = await conn.fetch(Q.status_sinks)
+        # SUM over bigint is numeric (Decimal) in PostgreSQL: plain numbers, as the SQLite engine gives.
+        return {name: [{k: _plain(v) for k, v in row.items()} for row in rows] for name, rows in reads.items()}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return int(value) if value == value.to_integral_value() else float(value)
+    return value
 
 
 if TYPE_CHECKING:

@@ -378,23 +378,44 @@ INSERT INTO errors (at, node, event, message) VALUES ($1, $2, $3, $4)
 DELETE FROM errors WHERE id <= (SELECT MAX(id) FROM errors) - $1
 
 -- name: report
-SELECT CASE $2::text
-           WHEN 'model' THEN COALESCE(r.model, '(invalid)')
-           WHEN 'provider' THEN COALESCE(r.profile, '(invalid)')
-           WHEN 'day' THEN to_char(to_timestamp(r.created_at) AT TIME ZONE 'UTC', 'YYYY-MM-DD')
-           ELSE f.name
-       END AS key,
-       COUNT(*) AS requests,
-       COUNT(*) FILTER (WHERE r.status = 'succeeded') AS succeeded,
-       COALESCE(SUM(r.input_tokens), 0)::bigint AS input_tokens,
-       COALESCE(SUM(r.cached_input_tokens), 0)::bigint AS cached_input_tokens,
-       COALESCE(SUM(r.output_tokens), 0)::bigint AS output_tokens,
-       SUM(r.cost_batch) AS cost_batch,
-       SUM(r.cost_realtime) AS cost_realtime,
-       COUNT(*) FILTER (WHERE r.cost_batch IS NULL AND r.input_tokens IS NOT NULL) AS unpriced
-FROM results r JOIN files f ON f.id = r.file_id
-WHERE r.created_at >= $1
-GROUP BY 1 ORDER BY 1
+-- Stored results since $1, and the totals of those retention pruned (by the hour they were made).
+SELECT key, SUM(requests)::bigint AS requests, SUM(succeeded)::bigint AS succeeded,
+       SUM(input_tokens)::bigint AS input_tokens, SUM(cached_input_tokens)::bigint AS cached_input_tokens,
+       SUM(output_tokens)::bigint AS output_tokens, SUM(cost_batch) AS cost_batch,
+       SUM(cost_realtime) AS cost_realtime, SUM(unpriced)::bigint AS unpriced
+FROM (
+    SELECT CASE $2::text
+               WHEN 'model' THEN COALESCE(r.model, '(invalid)')
+               WHEN 'provider' THEN COALESCE(r.profile, '(invalid)')
+               WHEN 'day' THEN to_char(to_timestamp(r.created_at) AT TIME ZONE 'UTC', 'YYYY-MM-DD')
+               ELSE f.name
+           END AS key,
+           COUNT(*) AS requests,
+           COUNT(*) FILTER (WHERE r.status = 'succeeded') AS succeeded,
+           COALESCE(SUM(r.input_tokens), 0)::bigint AS input_tokens,
+           COALESCE(SUM(r.cached_input_tokens), 0)::bigint AS cached_input_tokens,
+           COALESCE(SUM(r.output_tokens), 0)::bigint AS output_tokens,
+           SUM(r.cost_batch) AS cost_batch,
+           SUM(r.cost_realtime) AS cost_realtime,
+           COUNT(*) FILTER (WHERE r.cost_batch IS NULL AND r.input_tokens IS NOT NULL) AS unpriced
+    FROM results r JOIN files f ON f.id = r.file_id
+    WHERE r.created_at >= $1
+    GROUP BY 1
+    UNION ALL
+    SELECT CASE $2::text
+               WHEN 'model' THEN COALESCE(t.model, '(invalid)')
+               WHEN 'provider' THEN COALESCE(t.profile, '(invalid)')
+               WHEN 'day' THEN to_char(to_timestamp(t.hour) AT TIME ZONE 'UTC', 'YYYY-MM-DD')
+               ELSE t.file_name
+           END,
+           SUM(t.requests), COALESCE(SUM(t.requests) FILTER (WHERE t.status = 'succeeded'), 0), SUM(t.input_tokens),
+           SUM(t.cached_input_tokens), SUM(t.output_tokens), SUM(t.cost_batch), SUM(t.cost_realtime),
+           SUM(t.unpriced)
+    FROM result_totals t
+    WHERE t.hour >= $1
+    GROUP BY 1
+) u
+GROUP BY key ORDER BY key
 
 -- name: query_results
 SELECT f.name AS file, r.line, r.status, r.payload FROM results r JOIN files f ON f.id = r.file_id
@@ -433,3 +454,107 @@ FROM sink_cursors c ORDER BY c.sink
 
 -- name: status_nodes
 SELECT id, host, pid, started_at, lease_until, stopped_at FROM nodes ORDER BY id
+
+-- Read models for /metrics (batchd/metrics.py): database-wide, cheap aggregates.
+
+-- name: metrics_queue
+SELECT profile, endpoint, model, COUNT(*) AS queued, MIN(queued_at) AS oldest FROM items
+WHERE state = 'queued' GROUP BY profile, endpoint, model
+
+-- name: metrics_batches
+SELECT profile, state, COALESCE(remote_status, state) AS status, COUNT(*) AS n FROM batches
+GROUP BY profile, state, COALESCE(remote_status, state)
+
+-- name: metrics_results
+SELECT COALESCE(profile, '') AS profile, COALESCE(model, '') AS model, status, SUM(requests) AS n,
+    SUM(collected) AS collected,
+    COALESCE(SUM(input_tokens), 0) AS input_tokens, COALESCE(SUM(output_tokens), 0) AS output_tokens,
+    COALESCE(SUM(cost_batch), 0.0) AS cost_batch, COALESCE(SUM(cost_realtime), 0.0) AS cost_realtime
+FROM (
+    SELECT profile, model, status, 1 AS requests, CASE WHEN batch_id IS NOT NULL THEN 1 ELSE 0 END AS collected,
+        input_tokens, output_tokens, cost_batch, cost_realtime
+    FROM results
+    UNION ALL
+    -- What retention pruned still counts: these are counters, and a counter never goes down.
+    SELECT profile, model, status, requests, CASE WHEN status = 'invalid' THEN 0 ELSE requests END,
+        input_tokens, output_tokens, cost_batch, cost_realtime
+    FROM result_totals
+) AS r GROUP BY COALESCE(profile, ''), COALESCE(model, ''), status
+
+-- name: metrics_retries
+SELECT profile, model, COALESCE(SUM(CASE WHEN attempts > 1 THEN attempts - 1 ELSE 0 END), 0) AS retries
+FROM items GROUP BY profile, model
+
+-- name: metrics_capacity
+SELECT profile, model, COUNT(*) AS batches, COALESCE(SUM(tokens), 0) AS tokens,
+    COALESCE(SUM(requests), 0) AS requests
+FROM batches WHERE state IN ('pending', 'unverified', 'submitted') GROUP BY profile, model
+
+-- name: metrics_turnaround
+SELECT profile, model, collected_at - submitted_at AS seconds FROM batches
+WHERE state = 'done' AND collected_at IS NOT NULL AND submitted_at IS NOT NULL
+
+-- name: metrics_ingested
+SELECT COUNT(*) AS files, COALESCE(SUM(lines_committed), 0) AS lines FROM files
+
+-- name: request_poll
+UPDATE batches SET poll_requested_at = $2 WHERE id = $1 AND state IN ('unverified', 'submitted')
+
+-- Issue 12: operator pauses, the batch listing, retention.
+
+-- name: pause
+INSERT INTO pauses (profile, model, paused_at, reason) VALUES ($1, $2, $3, $4)
+ON CONFLICT (profile, model) DO UPDATE SET reason = COALESCE(EXCLUDED.reason, pauses.reason)
+
+-- name: resume_route
+DELETE FROM pauses WHERE profile = $1 AND model = $2
+
+-- name: resume_all
+DELETE FROM pauses
+
+-- name: pauses
+SELECT profile, model, paused_at, reason FROM pauses ORDER BY profile, model
+
+-- name: recent_batches
+SELECT * FROM batches ORDER BY id DESC LIMIT $1
+
+-- name: prunable_files
+SELECT f.id FROM files f
+WHERE f.state = 'complete' AND f.completed_at < $1
+    AND NOT EXISTS (SELECT 1 FROM items i WHERE i.file_id = f.id AND i.state IN ('queued', 'batched', 'submitted'))
+    AND NOT EXISTS (SELECT 1 FROM results r JOIN parked p ON p.result_id = r.id WHERE r.file_id = f.id)
+ORDER BY f.id LIMIT $2
+FOR UPDATE OF f SKIP LOCKED
+
+-- name: fold_totals
+INSERT INTO result_totals (hour, profile, model, file_name, status, requests, input_tokens, cached_input_tokens,
+    output_tokens, cost_batch, cost_realtime, unpriced)
+SELECT floor(r.created_at / 3600) * 3600, r.profile, r.model, f.name, r.status, COUNT(*),
+    COALESCE(SUM(r.input_tokens), 0), COALESCE(SUM(r.cached_input_tokens), 0), COALESCE(SUM(r.output_tokens), 0),
+    SUM(r.cost_batch), SUM(r.cost_realtime),
+    COUNT(*) FILTER (WHERE r.cost_batch IS NULL AND r.input_tokens IS NOT NULL)
+FROM results r JOIN files f ON f.id = r.file_id
+WHERE r.file_id = ANY($1::bigint[])
+GROUP BY 1, r.profile, r.model, f.name, r.status
+
+-- name: prune_results
+DELETE FROM results WHERE file_id = ANY($1::bigint[])
+
+-- name: prune_items
+DELETE FROM items WHERE file_id = ANY($1::bigint[])
+
+-- name: prune_files
+DELETE FROM files WHERE id = ANY($1::bigint[])
+
+-- name: prunable_batches
+SELECT b.id FROM batches b
+WHERE b.state = 'done' AND COALESCE(b.collected_at, b.ended_at, b.created_at) < $1
+    AND NOT EXISTS (SELECT 1 FROM items i WHERE i.batch_id = b.id)
+ORDER BY b.id LIMIT $2
+FOR UPDATE OF b SKIP LOCKED
+
+-- name: prune_batch_rejects
+DELETE FROM batch_rejects WHERE batch_id = ANY($1::bigint[])
+
+-- name: prune_batches
+DELETE FROM batches WHERE id = ANY($1::bigint[])

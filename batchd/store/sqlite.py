@@ -43,6 +43,8 @@ from ..formats import Status
 from . import queries
 from .contract import (
     LIVE_BATCH_STATES,
+    METRICS_READS,
+    PAUSE_UNTIL,
     ApplySummary,
     BatchRow,
     BatchState,
@@ -57,7 +59,9 @@ from .contract import (
     NewItem,
     NewResult,
     NotCreated,
+    Pause,
     PendingResult,
+    PruneSummary,
     Retry,
     SubmittedItem,
     Usage,
@@ -110,6 +114,7 @@ def _batch_from_row(row: sqlite3.Row) -> BatchRow:
         fate=Fate(fate) if fate in Fate.__members__.values() else None,
         owner=row["owner"],
         lease_until=row["lease_until"],
+        poll_requested_at=row["poll_requested_at"],
     )
 
 
@@ -639,7 +644,11 @@ class SQLiteStore:
 
     async def active_holds(self, now: float) -> dict[tuple[str, str], float]:
         rows = await self._rows(Q.active_holds, (now,))
-        return {(r["profile"], r["model"]): r["until"] for r in rows}
+        holds: dict[tuple[str, str], float] = {(r["profile"], r["model"]): r["until"] for r in rows}
+        # An operator's pause (`batchd pause`) outlasts any hold; '*' in its key matches any profile or model.
+        for row in await self._rows(Q.pauses):
+            holds[(row["profile"], row["model"])] = PAUSE_UNTIL
+        return holds
 
     @shielded
     async def hold(self, profile: str, model: str, until: float, failures: int, reason: str) -> None:
@@ -758,6 +767,11 @@ class SQLiteStore:
     async def rejected_remotes(self, batch_id: int) -> set[str]:
         rows = await self._rows(Q.rejected_remotes, (batch_id,))
         return {r["remote_id"] for r in rows}
+
+    @shielded
+    async def request_poll(self, batch_id: int, now: float) -> None:
+        async with self._tx() as db:
+            await db.execute(Q.request_poll, {"id": batch_id, "now": now})
 
     @shielded
     async def note_cancel_requested(self, batch_id: int, error: str) -> None:
@@ -985,7 +999,7 @@ class SQLiteStore:
 
     async def report(self, since: float, by: str) -> list[dict[str, Any]]:
         """Requests, tokens and cost per `by` (model, provider, day or file) for results since `since`."""
-        rows = await self._rows(getattr(Q, REPORT_QUERIES[by]), (since,))
+        rows = await self._rows(getattr(Q, REPORT_QUERIES[by]), {"since": since})
         return [dict(row) for row in rows]
 
     async def query_results(
@@ -996,6 +1010,51 @@ class SQLiteStore:
             Q.query_results, {"file": file, "custom_id": custom_id, "status": status, "limit": limit}
         )
         return [dict(row) for row in rows]
+
+    # -- operations (issue 12) ---------------------------------------------------------------
+
+    @shielded
+    async def pause(self, profile: str, model: str, reason: str | None = None) -> bool:
+        async with self._tx() as db:
+            before = list(await db.execute_fetchall(Q.pauses))
+            await db.execute(Q.pause, (profile, model, time.time(), reason))
+            return not any(r["profile"] == profile and r["model"] == model for r in before)
+
+    @shielded
+    async def resume(self, profile: str | None = None, model: str | None = None) -> int:
+        async with self._tx() as db:
+            if profile is None:
+                cursor = await db.execute(Q.resume_all)
+            else:
+                cursor = await db.execute(Q.resume_route, (profile, model or "*"))
+            return cursor.rowcount
+
+    async def pauses(self) -> list[Pause]:
+        rows = await self._rows(Q.pauses)
+        return [Pause(r["profile"], r["model"], r["paused_at"], r["reason"]) for r in rows]
+
+    async def recent_batches(self, limit: int) -> list[BatchRow]:
+        return [_batch_from_row(r) for r in await self._rows(Q.recent_batches, (limit,))]
+
+    @shielded
+    async def prune_finished(self, before: float, limit: int = 100) -> PruneSummary:
+        async with self._tx() as db:
+            files = [r["id"] for r in await db.execute_fetchall(Q.prunable_files, {"before": before, "limit": limit})]
+            results = 0
+            if files:
+                ids = _json(files)
+                # The report's totals first, in this transaction: pruned rows are never uncounted.
+                await db.execute(Q.fold_totals, (ids,))
+                results = (await db.execute(Q.prune_results, (ids,))).rowcount
+                await db.execute(Q.prune_item_bodies, (ids,))
+                await db.execute(Q.prune_items, (ids,))
+                await db.execute(Q.prune_files, (ids,))
+            rows = await db.execute_fetchall(Q.prunable_batches, {"before": before, "limit": limit})
+            batches = [r["id"] for r in rows]
+            if batches:
+                await db.execute(Q.prune_batch_rejects, (_json(batches),))
+                await db.execute(Q.prune_batches, (_json(batches),))
+        return PruneSummary(files=len(files), results=results, batches=len(batches))
 
     @staticmethod
     async def _add_error(db: aiosqlite.Connection, event: str, message: str) -> None:
@@ -1049,6 +1108,12 @@ class SQLiteStore:
             "sinks": [dict(row) for row in sinks],
             "errors": [dict(row) for row in recent],
         }
+
+    async def metrics(self) -> dict[str, list[dict[str, Any]]]:
+        """Database-wide aggregates for /metrics (see the contract), on the reader connection."""
+        reads = {name: await self._rows(getattr(Q, f"metrics_{name}")) for name in METRICS_READS}
+        reads["sinks"] = await self._rows(Q.status_sinks)
+        return {name: [dict(row) for row in rows] for name, rows in reads.items()}
 
 
 def _final_state(status: Status) -> str:

@@ -29,6 +29,7 @@ import pytest
 
 from batchd.store.contract import BatchRow, BatchState, Fate, Store
 
+from ..conftest import loop_ticks
 from .factories import (
     chunk,
     claim,
@@ -493,8 +494,7 @@ async def attempt(env: Env, case: Case, wait: Callable[[], Awaitable[None]], aft
 
 def ticks(k: int) -> Callable[[], Awaitable[None]]:
     async def wait() -> None:
-        for _ in range(k):
-            await asyncio.sleep(0)
+        await loop_ticks(k)
 
     return wait
 

@@ -20,6 +20,7 @@ from batchd.store.contract import (
     Store,
 )
 
+from ..conftest import loop_ticks
 from .factories import chunk as make_chunk
 from .factories import (
     claim,
@@ -603,7 +604,7 @@ async def test_a_cursor_following_results_after_never_skips_a_row(store: Store, 
             elif finished:
                 return
             else:
-                await asyncio.sleep(0)
+                await loop_ticks()  # a writer commits between reads; no condition to wait on
 
     async def writer(node: Store, batch_id: int) -> None:
         items = await node.submitted_items(batch_id)
@@ -617,3 +618,49 @@ async def test_a_cursor_following_results_after_never_skips_a_row(store: Store, 
     everything = [r.id for r in await store.results_after(0, 10_000)]
     assert len(everything) == files * 20
     assert seen == everything, "the cursor skipped or repeated a row"
+
+
+async def test_metrics_aggregates_queue_batches_results_and_capacity(store: Store) -> None:
+    """The /metrics read model: the same plain numbers from both engines."""
+    empty = await store.metrics()
+    assert set(empty) == {"queue", "batches", "results", "retries", "capacity", "turnaround", "ingested", "sinks"}
+    assert empty["ingested"] == [{"files": 0, "lines": 0}]
+    await ingest(store, "m.jsonl", 4, invalid_lines=[4], tokens=7)
+    batch = await submitted_batch(store, max_requests=2)
+    items = await store.submitted_items(batch.id)
+    # One request succeeds with a cost, one goes back to the queue for a retry.
+    await store.record_outcomes(batch.id, [final(items[0], tokens=10, cost=0.25)], [retry(items[1], 0.0)])
+    await store.finish_batch(batch.id)
+    metrics = await store.metrics()
+    assert [(r["profile"], r["model"], r["queued"]) for r in metrics["queue"]] == [("openai", "gpt-4o-mini", 2)]
+    assert isinstance(metrics["queue"][0]["oldest"], float)
+    results = {r["status"]: r for r in metrics["results"]}
+    assert set(results) == {"succeeded", "invalid"}
+    assert (results["succeeded"]["n"], results["succeeded"]["collected"]) == (1, 1)
+    assert results["succeeded"]["cost_batch"] == pytest.approx(0.25)
+    assert results["succeeded"]["cost_realtime"] == pytest.approx(0.5)
+    assert (results["succeeded"]["input_tokens"], results["succeeded"]["output_tokens"]) == (10, 10)
+    assert (results["invalid"]["n"], results["invalid"]["collected"]) == (1, 0)
+    assert [(r["state"], r["status"], r["n"]) for r in metrics["batches"]] == [("done", "validating", 1)]
+    assert len(metrics["turnaround"]) == 1 and metrics["turnaround"][0]["seconds"] >= 0
+    assert metrics["ingested"] == [{"files": 1, "lines": 4}]
+    assert metrics["capacity"] == []
+    await submitted_batch(store)  # the retried request goes out a second time, with the third
+    metrics = await store.metrics()
+    assert metrics["queue"] == []
+    assert [(r["batches"], r["requests"], r["tokens"]) for r in metrics["capacity"]] == [(1, 2, 14)]
+    assert sum(int(r["retries"]) for r in metrics["retries"]) == 1
+
+
+async def test_request_poll_marks_a_polled_batch_for_its_lease_holder(store: Store, second_node: Store) -> None:
+    await ingest(store, count=2)
+    batch = await submitted_batch(store)
+    await second_node.request_poll(batch.id, 1234.5)  # a webhook reached the node without the lease
+    [owned] = await store.owned_batches(BatchState.SUBMITTED)
+    assert owned.poll_requested_at == 1234.5
+    await second_node.request_poll(batch.id, 1300.0)
+    assert (await store.batch(batch.id)).poll_requested_at == 1300.0  # type: ignore[union-attr]
+    await succeed_all(store, batch)
+    await store.finish_batch(batch.id)
+    await second_node.request_poll(batch.id, 1400.0)  # done: nothing to poll any more
+    assert (await store.batch(batch.id)).poll_requested_at == 1300.0  # type: ignore[union-attr]

@@ -1,0 +1,122 @@
+"""Operators' store operations (issue 12), on every engine: pauses, the batch listing, retention.
+
+A pause is what `batchd pause` writes beside a running daemon; the batcher sees it through
+`active_holds`, the hold query it already consults. Pruning folds results into the report's totals
+in the transaction that deletes them, so `batchd report` is the same before and after.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from batchd.ops import held_until
+from batchd.store.contract import PAUSE_UNTIL, BatchState, PruneSummary, Store
+
+from .factories import MODEL, PROFILE, file_key, final, ingest, never_taken, submitted_batch, succeed_all
+from .factories import chunk as make_chunk
+
+
+async def test_a_pause_holds_every_route_it_matches_until_resumed(store: Store, second_node: Store) -> None:
+    now = time.time()
+    assert await store.active_holds(now) == {}
+
+    assert await store.pause(PROFILE, "*", "incident 42")
+    assert not await store.pause(PROFILE, "*")  # idempotent: already paused
+    # Any node sees it (the daemon is another process beside the command).
+    holds = await second_node.active_holds(now)
+    assert holds == {(PROFILE, "*"): PAUSE_UNTIL}
+    assert held_until(holds, PROFILE, MODEL) == held_until(holds, PROFILE, "other-model") == PAUSE_UNTIL
+    assert held_until(holds, "anthropic", MODEL) is None
+    [pause] = await second_node.pauses()
+    assert (pause.profile, pause.model, pause.reason) == (PROFILE, "*", "incident 42")
+    assert pause.paused_at == pytest.approx(now, abs=60)
+
+    assert await store.resume(PROFILE, "other-model") == 0  # not a pause of its own
+    assert await store.resume(PROFILE) == 1
+    assert await second_node.active_holds(now) == {}
+    assert await store.pauses() == []
+
+    await store.pause("*", "*")
+    await store.pause(PROFILE, MODEL)
+    assert held_until(await store.active_holds(now), "anthropic", "claude") == PAUSE_UNTIL
+    assert await store.resume() == 2
+    assert await store.active_holds(now) == {}
+
+
+async def test_a_pause_is_not_lifted_by_a_released_token_hold_and_outlasts_it(store: Store) -> None:
+    now = time.time()
+    await store.pause(PROFILE, "*")
+    await store.hold(PROFILE, MODEL, now + 60, 1, "token_limit_exceeded")
+    assert held_until(await store.active_holds(now), PROFILE, MODEL) == PAUSE_UNTIL
+    await store.release_hold(PROFILE, MODEL)  # what a successful batch does
+    assert held_until(await store.active_holds(now), PROFILE, MODEL) == PAUSE_UNTIL
+
+
+async def test_recent_batches_are_every_state_newest_first(store: Store, second_node: Store) -> None:
+    await ingest(store, "a.jsonl", 4)
+    first = await submitted_batch(store, max_requests=2)
+    second = await submitted_batch(store, max_requests=2)
+    await succeed_all(store, first)
+    await store.finish_batch(first.id)
+    listed = await second_node.recent_batches(10)
+    assert [b.id for b in listed] == [second.id, first.id]
+    assert [b.state for b in listed] == [BatchState.SUBMITTED, BatchState.DONE]
+    assert listed[0].owner == "n1"
+    assert [b.id for b in await store.recent_batches(1)] == [second.id]
+
+
+async def _finished_file(store: Store, name: str, count: int, cost: float = 0.25) -> int:
+    """A file whose lines all have results (one invalid), its batch done and the file complete."""
+    row = await store.begin_file(file_key(name), never_taken)
+    assert await store.add_chunk(row.id, make_chunk(1, count, invalid_lines=[count]))
+    await store.finish_file(row.id, count)
+    batch = await submitted_batch(store)
+    items = await store.submitted_items(batch.id)
+    await store.record_outcomes(batch.id, [final(i, tokens=10, cost=cost) for i in items], [])
+    await store.finish_batch(batch.id)
+    await store.complete_file(row.id)
+    return row.id
+
+
+async def test_pruning_removes_finished_rows_and_keeps_the_report_totals(store: Store) -> None:
+    file_id = await _finished_file(store, "old.jsonl", 5)
+    kept = await ingest(store, "queued.jsonl", 2)  # not complete: never pruned
+    reports = {by: await store.report(0, by) for by in ("model", "provider", "day", "file")}
+    assert sum(r["requests"] for r in reports["file"]) == 5
+    counted = (await store.metrics())["results"]  # /metrics counters: they must never go down
+
+    assert await store.prune_finished(time.time() - 3600) == PruneSummary()  # nothing that old yet
+    pruned = await store.prune_finished(time.time() + 1)
+    assert pruned == PruneSummary(files=1, results=5, batches=1)
+    assert await store.prune_finished(time.time() + 1) == PruneSummary()  # a repeat finds nothing
+
+    assert await store.file(file_id) is None
+    assert await store.query_results("old.jsonl", None, None, 100) == []
+    assert await store.file(kept.id) is not None
+    for by, before in reports.items():
+        assert await store.report(0, by) == before, by
+    assert (await store.metrics())["results"] == counted
+    # `--since` still applies to what was pruned (by the hour it was made).
+    assert await store.report(time.time() + 7200, "model") == []
+
+
+async def test_a_file_with_parked_results_is_not_pruned(store: Store) -> None:
+    file_id = await _finished_file(store, "parked.jsonl", 3)
+    pending = await store.results_after(0, 10)
+    await store.park("hook", [pending[0].id], "receiver down", None)
+    assert (await store.prune_finished(time.time() + 1)).files == 0
+    assert await store.file(file_id) is not None
+
+
+async def test_pruning_goes_a_chunk_of_files_per_transaction(store: Store) -> None:
+    for n in range(3):
+        await _finished_file(store, f"f{n}.jsonl", 2)
+    later = time.time() + 1
+    assert [await store.prune_finished(later, limit=2) for _ in range(3)] == [
+        PruneSummary(files=2, results=4, batches=2),
+        PruneSummary(files=1, results=2, batches=1),
+        PruneSummary(),
+    ]
+    assert sum(r["requests"] for r in await store.report(0, "file")) == 6

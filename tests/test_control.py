@@ -1,0 +1,185 @@
+"""Operators' commands against a running subprocess daemon (issue 12): `batchd pause`, `resume`,
+`batches`, what `status` says about the daemon, and retention pruning with the report unchanged.
+
+Every command runs as `python -m batchd ...`, as an operator would, beside `python -m batchd run`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from batchd.emulator import RunningEmulator
+
+from .conftest import wait_until
+from .harness import DaemonProcess, python_for, read_results, wait_for_file, write_config
+from .test_acceptance import chat_line, claude_line
+
+
+async def batchd(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    python, python_env = python_for(None)
+    proc = await asyncio.to_thread(
+        subprocess.run,
+        [*python, "-m", "batchd", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **python_env, **(env or {})},
+    )
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return proc
+
+
+async def ok_json(*args: str) -> Any:
+    proc = await batchd(*args, "--json")
+    assert proc.returncode == 0, proc.stderr
+    return orjson.loads(proc.stdout)
+
+
+def drop(root: Path, name: str, lines: list[dict[str, Any]]) -> Path:
+    """Write a file into the spool the safe way (tmp/ then rename into new/); its results path."""
+    staged = root / "spool" / "tmp" / name
+    staged.parent.mkdir(parents=True, exist_ok=True)
+    (root / "spool" / "new").mkdir(parents=True, exist_ok=True)
+    staged.write_bytes(b"".join(orjson.dumps(line) + b"\n" for line in lines))
+    staged.rename(root / "spool" / "new" / name)
+    return root / "spool" / "out" / f"{name.removesuffix('.jsonl')}.results.jsonl"
+
+
+async def ready(daemon: DaemonProcess) -> None:
+    await wait_until(lambda: any(e.get("event") == "daemon.ready" for e in daemon.log_events()) or None, 60)
+
+
+async def test_pause_holds_submission_across_a_restart_while_intake_and_other_routes_go_on(
+    tmp_path: Path, emulator: RunningEmulator
+) -> None:
+    config = str(write_config(tmp_path, emulator))
+    daemon = DaemonProcess(Path(config), tmp_path / "daemon.log").start()
+    try:
+        await ready(daemon)
+        paused = await batchd("pause", "openai", "--reason", "incident 7", "--config", config)
+        assert paused.returncode == 0 and "paused openai" in paused.stdout, paused.stderr
+
+        held = drop(tmp_path, "held.jsonl", [chat_line(n) for n in range(5)])
+        other = drop(tmp_path, "other.jsonl", [claude_line(n) for n in range(3)])
+        await wait_for_file(other, timeout=60, daemon=daemon)
+        # Intake went on (the file is in the store, queued and due) but no openai batch was made,
+        # while the anthropic route flushed and collected meanwhile.
+        status = await ok_json("status", "--config", config)
+        assert status["daemon"] == {"running": True, "pid": daemon.pid, "state_dir": str(tmp_path / "state")}
+        assert [(p["route"], p["reason"]) for p in status["paused"]] == [("openai", "incident 7")]
+        [flush] = status["next_flush"]
+        assert (flush["provider"], flush["queued"], flush["next_flush"]) == ("openai", 5, None)
+        assert flush["reason"] == "paused"
+        batches = await ok_json("batches", "--config", config)
+        assert {b["provider"] for b in batches} == {"anthropic"}
+        assert not held.exists()
+        text = await batchd("status", "--config", config)
+        assert f"Daemon: running (pid {daemon.pid})" in text.stdout and "Paused: openai" in text.stdout
+
+        # A restart keeps the pause: the next anthropic file goes through, the openai one still waits.
+        assert await daemon.stop() in (0, -15)
+        daemon = DaemonProcess(Path(config), tmp_path / "daemon.log").start()
+        await ready(daemon)
+        await wait_for_file(drop(tmp_path, "again.jsonl", [claude_line(n) for n in range(2)]), 60, daemon)
+        assert {b["provider"] for b in await ok_json("batches", "--config", config)} == {"anthropic"}
+
+        resumed = await batchd("resume", "openai", "--config", config)
+        assert resumed.returncode == 0 and "resumed openai" in resumed.stdout, resumed.stderr
+        await wait_for_file(held, timeout=60, daemon=daemon)
+        assert [r["status"] for r in read_results(held)] == ["succeeded"] * 5
+
+        async def none_live() -> bool:
+            return await ok_json("batches", "--live", "--config", config) == []
+
+        await wait_until(none_live, 30)
+        everything = await ok_json("batches", "--config", config)
+        assert {b["provider"] for b in everything} == {"anthropic", "openai"}
+        assert all(b["state"] == "done" and b["node"] for b in everything)
+        assert everything == sorted(everything, key=lambda b: -b["id"])
+        nothing = await batchd("resume", "--config", config)
+        assert nothing.returncode == 0 and "nothing was paused" in nothing.stdout
+    finally:
+        await daemon.stop()
+    stopped = await ok_json("status", "--config", config)
+    assert stopped["daemon"]["running"] is False and stopped["daemon"]["pid"] is None
+    assert stopped["paused"] == []
+
+
+async def test_pause_names_a_known_profile_and_needs_a_database(tmp_path: Path, emulator: RunningEmulator) -> None:
+    config = str(write_config(tmp_path, emulator))
+    unknown = await batchd("pause", "opneai", "--config", config)
+    assert unknown.returncode == 64 and "opneai" in unknown.stderr and "openai" in unknown.stderr
+    missing = await batchd("pause", "openai", "--config", config)
+    assert missing.returncode == 66 and "no database" in missing.stderr
+    assert not (tmp_path / "state" / "batchd.sqlite3").exists()
+
+
+async def test_retention_prunes_spool_files_and_rows_and_the_report_is_unchanged(
+    tmp_path: Path, emulator: RunningEmulator
+) -> None:
+    forever = {"done_retention": 0, "rejected_retention": 0, "out_retention": 0, "rows_retention": 0}
+    config = write_config(tmp_path, emulator, daemon=forever)
+    daemon = DaemonProcess(config, tmp_path / "daemon.log").start()
+    try:
+        results = drop(tmp_path, "kept.jsonl", [chat_line(n) for n in range(6)] + [claude_line(n) for n in range(4)])
+        # A symlink is refused: it goes to rejected/ with its .error.json.
+        os.symlink(results.parent.parent / "elsewhere.jsonl", tmp_path / "spool" / "new" / "link.jsonl")
+        await wait_for_file(results, timeout=60, daemon=daemon)
+        await wait_until(lambda: list((tmp_path / "spool" / "rejected").iterdir()), 30)
+    finally:
+        await daemon.stop()
+    reports = {by: await ok_json("report", "--by", by, "--config", str(config)) for by in ("model", "file", "day")}
+    assert reports["model"]["total"]["requests"] == 10
+    assert len(await ok_json_lines("results", "--file", "kept.jsonl", "--config", str(config))) == 10
+
+    short = {"done_retention": "1s", "rejected_retention": "1s", "out_retention": "1s", "rows_retention": "1s"}
+    config = write_config(tmp_path, emulator, daemon=short)
+    daemon = DaemonProcess(config, tmp_path / "daemon.log").start()
+    try:
+        spool = tmp_path / "spool"
+
+        def pruned() -> bool:
+            return not any([*(spool / "done").iterdir(), *(spool / "rejected").iterdir(), *(spool / "out").iterdir()])
+
+        await wait_until(pruned, 60)
+
+        async def rows_gone() -> bool:
+            return await ok_json_lines("results", "--file", "kept.jsonl", "--config", str(config)) == []
+
+        await wait_until(rows_gone, 60)
+        assert any(e.get("event") == "store.pruned" for e in daemon.log_events())
+    finally:
+        await daemon.stop()
+    for by, before in reports.items():
+        after = await ok_json("report", "--by", by, "--config", str(config))
+        assert after == before, by
+
+
+async def ok_json_lines(*args: str) -> list[Any]:
+    proc = await batchd(*args, "--json")
+    assert proc.returncode in (0, 1), proc.stderr  # 1: no results matched
+    return [orjson.loads(line) for line in proc.stdout.splitlines()]
+
+
+async def test_the_config_comes_from_batchd_config_when_not_given(tmp_path: Path, emulator: RunningEmulator) -> None:
+    config = write_config(tmp_path, emulator)
+    daemon = DaemonProcess(config, tmp_path / "daemon.log").start()
+    try:
+        await ready(daemon)
+        found = await batchd("status", "--json", env={"BATCHD_CONFIG": str(config)})
+        assert found.returncode == 0, found.stderr
+        assert orjson.loads(found.stdout)["daemon"]["pid"] == daemon.pid
+        # --config wins over $BATCHD_CONFIG.
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        other = write_config(elsewhere, emulator)
+        wins = await batchd("status", "--config", str(other), env={"BATCHD_CONFIG": str(config)})
+        assert wins.returncode == 66 and str(elsewhere / "state") in wins.stderr
+    finally:
+        await daemon.stop()
