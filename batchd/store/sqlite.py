@@ -877,8 +877,14 @@ class SQLiteStore:
                 ],
             )
             # The request body is no longer needed once an item has its final result.
-            await db.executemany(Q.item_final, [(_final_state(f.status), f.item_id) for f in applied_finals])
-            await db.executemany(Q.delete_item_body, [(f.item_id,) for f in applied_finals])
+            # Set-based, one statement per final state: a statement per row would take the GIL back
+            # once per row, and the thread deciding the next chunk holds it (each wait up to 5 ms).
+            by_state: dict[str, list[int]] = {}
+            for f in applied_finals:
+                by_state.setdefault(_final_state(f.status), []).append(f.item_id)
+            for state, ids in by_state.items():
+                await db.execute(Q.items_final, (state, _json(ids)))
+            await db.execute(Q.delete_item_bodies, (_json([f.item_id for f in applied_finals]),))
             # A retry's age counts from when it becomes due.
             await db.executemany(
                 Q.item_retry, [(r.not_before, max(now, r.not_before), r.error, r.item_id) for r in applied_retries]

@@ -285,11 +285,11 @@ INSERT INTO results (file_id, line, item_id, status, profile, model, batch_id, i
 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (file_id, line) DO NOTHING;
 
--- name: item_final
-UPDATE items SET state = ? WHERE id = ?;
+-- name: items_final
+UPDATE items SET state = ? WHERE id IN (SELECT value FROM json_each(?));
 
--- name: delete_item_body
-DELETE FROM item_bodies WHERE item_id = ?;
+-- name: delete_item_bodies
+DELETE FROM item_bodies WHERE item_id IN (SELECT value FROM json_each(?));
 
 -- name: item_retry
 -- Its age for max_wait starts when it may go again, not at its first ingest: retries becoming due
