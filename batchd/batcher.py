@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .aio import wait_any
 from .crashpoints import CrashPoints
-from .formats import anthropic_request, openai_request_line
+from .formats import Kind, request_pieces
 from .logs import get_logger
 from .ops import held_until
 from .providers import ProviderError, ProviderPool
@@ -201,12 +201,11 @@ class Batcher:
     async def _write_input(self, batch: BatchRow, path: Path) -> None:
         # Every custom_id carries this database's instance: the proof that a batch is ours.
         instance = self._instance
+        kind: Kind = "openai" if batch.kind == "openai" else "anthropic"
         with path.open("wb") as out:
             async for chunk in self.store.batch_bodies(batch.id):
-                if batch.kind == "openai":
-                    out.write(b"".join(openai_request_line(i, endpoint, body, instance) for i, endpoint, body in chunk))
-                else:
-                    out.write(b"".join(anthropic_request(i, body, instance) + b"\n" for i, _endpoint, body in chunk))
+                # One write per chunk; the bodies are copied once, into it.
+                out.write(b"".join(request_pieces(kind, chunk, instance)))
 
     async def _submit(self, listed: BatchRow) -> None:
         started = time.monotonic()

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from .formats import Outcome, Status, item_id_from_custom_id, result_line
+from .formats import Outcome, Status, item_id_reader, result_line
 from .pricing import UNPRICED, Cost
 from .store.contract import BatchRow, FinalResult, Retry, SubmittedItem
 
@@ -59,8 +59,9 @@ def index_outcomes(outcomes: Iterable[Outcome], instance: str) -> tuple[dict[int
     """
     by_item: dict[int, Outcome] = {}
     foreign = 0
+    read = item_id_reader(instance)
     for outcome in outcomes:
-        item_id = item_id_from_custom_id(outcome.provider_custom_id, instance)
+        item_id = read(outcome.provider_custom_id)
         if item_id is None:
             foreign += 1
         else:
@@ -92,6 +93,9 @@ def decide(
     retries: list[Retry] = []
     waiting = {item.id for item in items}
     ignored = sum(1 for item_id in outcomes_by_item if item_id not in waiting)
+    profile, model, remote_id = batch.profile, batch.model, batch.remote_id
+    no_tokens = (None, None, None, None)
+    # One pass per result line of a batch of up to 100,000: positional arguments, few lookups.
     for item in items:
         outcome = outcomes_by_item.get(item.id)
         if outcome is None:
@@ -101,34 +105,42 @@ def decide(
             not_before = retry_at(item.attempts) if callable(retry_at) else retry_at
             retries.append(Retry(item.id, not_before, error))
             continue
-        usage = outcome.usage or {}
-        cost = cost_of(outcome.usage) if cost_of is not None and outcome.usage else None
-        cost_json = cost.as_json() if cost else (UNPRICED if outcome.usage else None)
+        usage = outcome.usage
+        cost = None
+        if usage:
+            cost = cost_of(usage) if cost_of is not None else None
+            cost_json = cost.as_json() if cost else UNPRICED
+            get = usage.get
+            tokens = (
+                get("input_tokens"),
+                get("output_tokens"),
+                get("cached_input_tokens"),
+                get("cache_creation_input_tokens"),
+            )
+        else:
+            cost_json, tokens = None, no_tokens
         payload = result_line(
             custom_id=item.custom_id,
             status=outcome.status,
             line=item.line,
             response=outcome.response,
             error=outcome.error,
-            provider=batch.profile,
-            model=batch.model,
-            batch_id=batch.remote_id,
-            usage=outcome.usage,
+            provider=profile,
+            model=model,
+            batch_id=remote_id,
+            usage=usage,
             cost=cost_json,
         )
         finals.append(
             FinalResult(
-                item_id=item.id,
-                file_id=item.file_id,
-                line=item.line,
-                status=outcome.status,
-                payload=payload,
-                input_tokens=usage.get("input_tokens"),
-                output_tokens=usage.get("output_tokens"),
-                cached_input_tokens=usage.get("cached_input_tokens"),
-                cache_creation_input_tokens=usage.get("cache_creation_input_tokens"),
-                cost_batch=cost.batch if cost else None,
-                cost_realtime=cost.realtime if cost else None,
+                item.id,
+                item.file_id,
+                item.line,
+                outcome.status,
+                payload,
+                *tokens,
+                cost.batch if cost else None,
+                cost.realtime if cost else None,
             )
         )
     return finals, retries, ignored

@@ -18,9 +18,8 @@ import asyncio
 import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ from .policy import CostOf, RetryAt, decide, hold_pause, index_outcomes, overdue
 from .providers import ProviderError, ProviderPool
 from .providers.base import RemoteBatch, ResultsReport, WindowScan, backoff
 from .settings import Settings
-from .store.contract import POLLED_BATCH_STATES, ApplySummary, BatchRow, BatchState, Fate, Store
+from .store.contract import POLLED_BATCH_STATES, ApplySummary, BatchRow, BatchState, Fate, Store, SubmittedItem
 from .webhooks_in import poll_ceiling
 
 log = get_logger("batchd.poller")
@@ -89,6 +88,10 @@ class Watch:
         if listed is None or listed.ended or self.changed(listed):
             return None
         return listed
+
+# Result lines per store transaction while collecting: each commit is an fsync, so not too few
+# lines; each transaction holds the single writer, so not too many (well under a second).
+APPLY_CHUNK = 5000
 
 
 def output_lost(kind: str, remote: RemoteBatch, unavailable: set[str]) -> bool:
@@ -465,9 +468,9 @@ class Pollers:
         total = ApplySummary()
         fate: Fate | None = None
         fate_error: str | None = None
+        if not self._instance:  # results are matched to this database's own custom_ids
+            self._instance = await self.store.instance_id()
         if batch.state == BatchState.UNVERIFIED:
-            if not self._instance:
-                self._instance = await self.store.instance_id()
             reason = "its results are unavailable" if unavailable else await self._owned(batch, remote)
             if reason is not None:
                 await self._not_ours(batch, reason)
@@ -480,15 +483,13 @@ class Pollers:
         if remote.failed:
             total = await self._collect_failed(batch, remote)
         else:
-            prices = self.settings.price_table()
+            # One price lookup per batch, not one per result.
             discount = self.settings.providers[batch.profile].batch_discount
-            cost_of = partial(prices.cost, batch.model, discount=discount)
+            cost_of = self.settings.price_table().cost_of(batch.model, discount)
             report = ResultsReport(unavailable=set(unavailable))
             if not unavailable:
-                async for chunk in provider.results(remote, self.workdir, report):
-                    total += await self._apply(batch, chunk, self._retry_at, cost_of)
-                    self._crashpoints.reach("after-results-commit")
-                    self._on_results()
+                chunks = provider.results(remote, self.workdir, report, APPLY_CHUNK)
+                total += await self._apply_all(batch, chunks, cost_of)
             if report.unavailable and output_lost(batch.kind, remote, report.unavailable):
                 # What the provider finished is paid for: not sent again automatically (an operator may).
                 fate = Fate.OUTPUT_UNAVAILABLE
@@ -567,14 +568,58 @@ class Pollers:
         )
         return summary + rest
 
-    async def _apply(
-        self, batch: BatchRow, outcomes: list[Outcome], retry_at: RetryAt, cost_of: CostOf | None
+    async def _apply_all(
+        self, batch: BatchRow, chunks: AsyncIterator[list[Outcome]], cost_of: CostOf | None
     ) -> ApplySummary:
-        """Record one chunk of provider outcomes: policy decides, the store records in one transaction."""
-        by_item, foreign = index_outcomes(outcomes, self._instance)
-        if not by_item:
-            return ApplySummary(ignored=foreign)
-        return await self._record(batch, by_item, retry_at, cost_of) + ApplySummary(ignored=foreign)
+        """Record every chunk of provider outcomes, in order, one store transaction each.
+
+        Each chunk is parsed and decided while the one before it commits (the store works in its
+        own thread), and the batch's waiting items are read once, while the results download,
+        instead of once per chunk. Commits still happen one after the other, in chunk order.
+        """
+        loading = asyncio.ensure_future(self.store.submitted_items(batch.id))
+        committing: asyncio.Future[ApplySummary] | None = None
+        total = ApplySummary()
+        try:
+            waiting: dict[int, SubmittedItem] | None = None
+            async for outcomes in chunks:
+                if waiting is None:
+                    waiting = {item.id: item for item in await loading}
+                by_item, foreign = index_outcomes(outcomes, self._instance)
+                # An item decided by an earlier chunk is not waiting any more: a repeat of it is ignored,
+                # as the store would ignore it (and still does, should the item have changed meanwhile).
+                items = [waiting.pop(item_id) for item_id in sorted(by_item) if item_id in waiting]
+                finals, retries, ignored = decide(
+                    batch,
+                    items,
+                    by_item,
+                    max_attempts=self.settings.batching.max_attempts,
+                    retry_at=self._retry_at,
+                    cost_of=cost_of,
+                )
+                total += ApplySummary(ignored=foreign + ignored)
+                if committing is not None:
+                    total += await self._committed(committing)
+                committing = asyncio.ensure_future(self.store.record_outcomes(batch.id, finals, retries))
+            if committing is not None:
+                total += await self._committed(committing)
+                committing = None
+        finally:
+            if not loading.cancel() and not loading.cancelled():
+                loading.exception()  # a failed read is not left unretrieved (the error that matters is raised)
+            if committing is not None:
+                # Leaving early (a failed download, a cancellation): the transaction in flight still
+                # ends whole before we go, and its own failure, if any, is not left unretrieved.
+                await asyncio.wait([committing])
+                if not committing.cancelled():
+                    committing.exception()
+        return total
+
+    async def _committed(self, committing: asyncio.Future[ApplySummary]) -> ApplySummary:
+        summary = await committing
+        self._crashpoints.reach("after-results-commit")
+        self._on_results()
+        return summary
 
     async def _record(
         self, batch: BatchRow, by_item: dict[int, Outcome], retry_at: RetryAt, cost_of: CostOf | None

@@ -8,11 +8,14 @@ import pytest
 from batchd.formats import (
     LineError,
     anthropic_outcome,
+    anthropic_request,
     item_id_from_custom_id,
+    item_id_reader,
     openai_outcome,
     openai_request_line,
     parse_line,
     provider_custom_id,
+    request_pieces,
 )
 
 
@@ -170,3 +173,35 @@ def test_anthropic_outcomes_are_classified() -> None:
     for kind in ("expired", "canceled"):
         outcome = anthropic_outcome({"custom_id": "i4", "result": {"type": kind}})
         assert (outcome.status, outcome.retryable) == (kind, True)
+
+
+@pytest.mark.parametrize("instance", ["", "0123456789ABCDEF0123456789abcdef"])
+def test_request_pieces_are_the_request_lines_byte_for_byte(instance: str) -> None:
+    rows = [
+        (1, "/v1/chat/completions", b'{"model":"m","messages":[]}'),
+        (0xABC, "/v1/embeddings", b'{"model":"e","input":"x"}'),
+        (2**40, "/v1/chat/completions", b"{}"),
+    ]
+    openai = b"".join(request_pieces("openai", rows, instance))
+    assert openai == b"".join(openai_request_line(i, endpoint, body, instance) for i, endpoint, body in rows)
+    anthropic = b"".join(request_pieces("anthropic", rows, instance))
+    assert anthropic == b"".join(anthropic_request(i, body, instance) + b"\n" for i, _, body in rows)
+
+
+def test_item_id_reader_reads_as_item_id_from_custom_id() -> None:
+    instance, other = "ab" * 16, "cd" * 16
+    ids = [
+        provider_custom_id(7, instance),
+        provider_custom_id(2**63, instance),
+        provider_custom_id(7, other),
+        provider_custom_id(9),  # legacy: no instance, accepted
+        provider_custom_id(7, instance).upper(),
+        provider_custom_id(7, instance) + "_1",
+        "b" + "ab" * 8 + "_",
+        "b" + "ab" * 8 + "_1_0",
+        "someone-elses-id",
+    ]
+    for read_with in (instance, ""):
+        read = item_id_reader(read_with)
+        assert [read(c) for c in ids] == [item_id_from_custom_id(c, read_with) for c in ids]
+    assert item_id_reader(instance)(provider_custom_id(7, other)) is None

@@ -291,7 +291,13 @@ async def test_the_final_rename_never_replaces_a_file_already_at_the_results_nam
             part = spool / "out" / f"{out_name}.part"
             assert len(part.read_bytes().splitlines()) == len(lines)
             assert database_rows(database, "SELECT state FROM files") == [("open",)]
-            assert any(event == "outbox.name_taken" for (event,) in database_rows(database, "SELECT event FROM errors"))
+            # Logged first, then recorded: on a loaded machine the row may come a moment after the event.
+            await wait_until(
+                lambda: any(
+                    event == "outbox.name_taken" for (event,) in database_rows(database, "SELECT event FROM errors")
+                ),
+                timeout=10,
+            )
             # Once the other file is gone, the results file completes on a later round.
             final.unlink()
             await wait_until(lambda: final.exists() or task.done(), timeout=30)

@@ -140,7 +140,8 @@ def _file_from_row(row: sqlite3.Row) -> FileRow:
 
 
 def _pending_from_row(row: sqlite3.Row) -> PendingResult:
-    return PendingResult(row["id"], row["file_id"], row["out_name"], bytes(row["payload"]), row["created_at"])
+    # By position (the columns of results_after and to_redeliver): one is made per result line.
+    return PendingResult(row[0], row[1], row[2], bytes(row[3]), row[4])
 
 
 def _migrations() -> list[tuple[int, str]]:
@@ -741,8 +742,9 @@ class SQLiteStore:
             rows = await self._rows(Q.batch_bodies, (batch_id, last, chunk))
             if not rows:
                 return
-            yield [(r["id"], r["endpoint"], bytes(r["body"])) for r in rows]
-            last = rows[-1]["id"]
+            # By position: one tuple per request of a batch of up to 100,000.
+            yield [(r[0], r[1], r[2]) for r in rows]
+            last = rows[-1][0]
 
     async def usage(self, profile: str, model: str | None = None, now: float | None = None) -> Usage:
         """Live batches (intents included) of the profile (and model), over every node."""
@@ -961,8 +963,8 @@ class SQLiteStore:
         now = time.time()
         async with self._tx() as db:
             wanted = [f.item_id for f in finals] + [r.item_id for r in retries]
-            rows = await db.execute_fetchall(Q.submitted_items_among, (batch_id, _json(wanted)))
-            waiting = {int(r["id"]) for r in rows}
+            rows = await db.execute_fetchall(Q.waiting_among, (batch_id, _json(wanted)))
+            waiting = {int(r[0]) for r in rows}
             route = list(await db.execute_fetchall(Q.batch_route, (batch_id,)))
             profile, model = (route[0]["profile"], route[0]["model"]) if route else (None, None)
             applied_finals = [f for f in finals if f.item_id in waiting]
@@ -992,8 +994,14 @@ class SQLiteStore:
                 ],
             )
             # The request body is no longer needed once an item has its final result.
-            await db.executemany(Q.item_final, [(_final_state(f.status), f.item_id) for f in applied_finals])
-            await db.executemany(Q.delete_item_body, [(f.item_id,) for f in applied_finals])
+            # Set-based, one statement per final state: a statement per row would take the GIL back
+            # once per row, and the thread deciding the next chunk holds it (each wait up to 5 ms).
+            by_state: dict[str, list[int]] = {}
+            for f in applied_finals:
+                by_state.setdefault(_final_state(f.status), []).append(f.item_id)
+            for state, ids in by_state.items():
+                await db.execute(Q.items_final, (state, _json(ids)))
+            await db.execute(Q.delete_item_bodies, (_json([f.item_id for f in applied_finals]),))
             # A retry's age counts from when it becomes due.
             await db.executemany(
                 Q.item_retry, [(r.not_before, max(now, r.not_before), r.error, r.item_id) for r in applied_retries]

@@ -325,6 +325,10 @@ WHERE batch_id = ? AND state = 'submitted' ORDER BY id;
 SELECT id, file_id, line, custom_id, attempts FROM items
 WHERE batch_id = ? AND state = 'submitted' AND id IN (SELECT value FROM json_each(?)) ORDER BY id;
 
+-- name: waiting_among
+-- The CAS of record_outcomes: which of these items are still waiting in this batch.
+SELECT id FROM items WHERE batch_id = ? AND state = 'submitted' AND id IN (SELECT value FROM json_each(?));
+
 -- name: batch_route
 SELECT profile, model FROM batches WHERE id = ?;
 
@@ -334,11 +338,11 @@ INSERT INTO results (file_id, line, item_id, status, profile, model, batch_id, i
 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (file_id, line) DO NOTHING;
 
--- name: item_final
-UPDATE items SET state = ? WHERE id = ?;
+-- name: items_final
+UPDATE items SET state = ? WHERE id IN (SELECT value FROM json_each(?));
 
--- name: delete_item_body
-DELETE FROM item_bodies WHERE item_id = ?;
+-- name: delete_item_bodies
+DELETE FROM item_bodies WHERE item_id IN (SELECT value FROM json_each(?));
 
 -- name: item_retry
 -- Its age for max_wait starts when it may go again, not at its first ingest: retries becoming due
