@@ -1,8 +1,8 @@
-"""The command line: `batchd run | submit | status | batches | pause | resume | report | results | …`.
+"""The command line: `batchd run | submit | status | batches | pause | resume | cancel | report | results | …`.
 
 The configuration is found at --config, else $BATCHD_CONFIG, else /etc/batchd/batchd.toml (when it
 exists), else the built-in defaults. Commands that only read (status, batches, report, results,
-estimate) open the database read-only and never create or migrate it; pause, resume and redeliver
+estimate) open the database read-only and never create or migrate it; pause, resume, cancel and redeliver
 write beside the running daemon, but never create or migrate either.
 
 An operator's mistake never ends in a Python traceback: every command reports it in one line on
@@ -220,6 +220,12 @@ def cmd_resume(args: argparse.Namespace) -> int:
     return run_loop(resume(_settings(args), args.route))
 
 
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from .control import cancel
+
+    return run_loop(cancel(_settings(args), args.batch, args.file))
+
+
 def cmd_init_service(args: argparse.Namespace) -> int:
     from .service import SERVICE_FILES, print_service_files, write_service_files
 
@@ -366,6 +372,25 @@ def build_parser(command_hint: str | None = None) -> argparse.ArgumentParser:
         "route", nargs="?", metavar="ROUTE", help="the ROUTE as it was paused (default: lift every pause)"
     )
     resume.set_defaults(handler=cmd_resume)
+
+    cancel = command(
+        "cancel",
+        "cancel a batch, or every batch holding a file's requests, at the provider, through the store with the"
+        " daemon running (it makes the call); cancelled requests end `canceled` and are not retried",
+    )
+    cancel.add_argument(
+        "batch",
+        nargs="?",
+        metavar="BATCH",
+        help="our batch id or the provider's batch id, as `batchd batches` shows them (default: none; or --file)",
+    )
+    cancel.add_argument(
+        "--file",
+        metavar="NAME",
+        help="an input file name, e.g. tickets.jsonl: its queued requests end canceled at once, the batches"
+        " holding its other requests are cancelled, and other files' requests in them are requeued",
+    )
+    cancel.set_defaults(handler=cmd_cancel)
 
     init_service = commands.add_parser(
         "init-service",
