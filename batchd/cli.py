@@ -1,8 +1,8 @@
-"""The command line: `batchd run | submit | status | batches | pause | resume | cancel | report | results | …`.
+"""The command line: `batchd run | submit | status | batches | pause | resume | cancel | retry | report | results | …`.
 
 The configuration is found at --config, else $BATCHD_CONFIG, else /etc/batchd/batchd.toml (when it
 exists), else the built-in defaults. Commands that only read (status, batches, report, results,
-estimate) open the database read-only and never create or migrate it; pause, resume, cancel and redeliver
+estimate) open the database read-only and never create or migrate it; pause, resume, cancel, retry and redeliver
 write beside the running daemon, but never create or migrate either.
 
 An operator's mistake never ends in a Python traceback: every command reports it in one line on
@@ -226,6 +226,21 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return run_loop(cancel(_settings(args), args.batch, args.file))
 
 
+def cmd_retry(args: argparse.Namespace) -> int:
+    from .retry import retry
+
+    return run_loop(retry(_settings(args), args.file, args.status))
+
+
+def _statuses(text: str) -> list[str]:
+    allowed = ("errored", "expired", "canceled")
+    words = [word.strip() for word in text.split(",") if word.strip()]
+    wrong = [word for word in words if word not in allowed]
+    if not words or wrong:
+        raise argparse.ArgumentTypeError(f"not among {', '.join(allowed)}: {text!r}")
+    return words
+
+
 def cmd_init_service(args: argparse.Namespace) -> int:
     from .service import SERVICE_FILES, print_service_files, write_service_files
 
@@ -391,6 +406,20 @@ def build_parser(command_hint: str | None = None) -> argparse.ArgumentParser:
         " holding its other requests are cancelled, and other files' requests in them are requeued",
     )
     cancel.set_defaults(handler=cmd_cancel)
+
+    retry = command(
+        "retry",
+        "send a file's failed requests again, through the store with the daemon running; their new results"
+        " go to out/NAME.retryN.results.jsonl (exactly the retried lines), the original results are not touched",
+    )
+    retry.add_argument("--file", metavar="NAME", required=True, help="the input file name, e.g. tickets.jsonl")
+    retry.add_argument(
+        "--status",
+        type=_statuses,
+        default="errored,expired",
+        help="retry the requests whose latest outcome is one of these, comma-separated (default: errored,expired)",
+    )
+    retry.set_defaults(handler=cmd_retry)
 
     init_service = commands.add_parser(
         "init-service",

@@ -17,7 +17,7 @@ import orjson
 
 from .formats import Outcome, Status, item_id_reader, result_line
 from .pricing import UNPRICED, Cost
-from .store.contract import BatchRow, FinalResult, Retry, SubmittedItem
+from .store.contract import BatchRow, FileItem, FinalResult, Retry, SubmittedItem
 
 
 def retry_delay(attempt: int, base: float, ceiling: float, rng: random.Random | None = None) -> float:
@@ -229,3 +229,20 @@ def canceled_results(items: Iterable[SubmittedItem]) -> list[FinalResult]:
         )
         for item in items
     ]
+
+
+# -- operators' retries (`batchd retry --file NAME`) ---------------------------------------------
+
+
+def lines_to_retry(generations: Sequence[Sequence[FileItem]], statuses: Collection[str]) -> list[FileItem]:
+    """The requests `batchd retry` sends again, by line: those whose latest outcome is in `statuses`.
+
+    `generations` are the requests of a file, then of each earlier retry of it, in order; a line's
+    latest outcome is that of the last generation holding it (a request still on its way is not final,
+    so never retried).
+    """
+    latest: dict[int, FileItem] = {}
+    for items in generations:
+        for item in items:
+            latest[item.line] = item
+    return [item for _line, item in sorted(latest.items()) if item.state.value in statuses]

@@ -283,3 +283,50 @@ def _equals(read: Any, config: str, value: int) -> Any:
         return bool(await read(config) == value)
 
     return check
+
+
+async def test_retry_sends_failed_lines_again_into_a_results_file_of_their_own(
+    tmp_path: Path, emulator: RunningEmulator
+) -> None:
+    # One attempt: an injected server error is final at once, as after a provider's last retry.
+    config = str(write_config(tmp_path, emulator, batching={"max_attempts": 1}))
+    faults = "/_emulator/faults"
+    assert (await admin(emulator, "PUT", faults, {"request_error_rate": 1.0}))[0] == 200
+    daemon = DaemonProcess(Path(config), tmp_path / "daemon.log").start()
+    try:
+        await ready(daemon)
+        first = drop(tmp_path, "tickets.jsonl", [chat_line(n) for n in range(3)])
+        await wait_for_file(first, timeout=60, daemon=daemon)
+        assert [r["status"] for r in read_results(first)] == ["errored"] * 3
+        original = first.read_bytes()
+
+        # Still failing: retry1 holds the three lines again, errored again.
+        again = await batchd("retry", "--file", "tickets.jsonl", "--config", config)
+        assert again.returncode == 0, again.stderr
+        assert "3 requests (3 errored) queued again as tickets.retry1.jsonl" in again.stdout
+        retry1 = first.with_name("tickets.retry1.results.jsonl")
+        assert str(retry1) in again.stdout
+        await wait_for_file(retry1, timeout=60, daemon=daemon)
+        assert [r["status"] for r in read_results(retry1)] == ["errored"] * 3
+
+        # Fixed: retry2 takes each line's latest outcome (retry1's) and succeeds.
+        assert (await admin(emulator, "PUT", faults, {"request_error_rate": 0.0}))[0] == 200
+        fixed = await batchd("retry", "--file", "tickets.jsonl", "--status", "errored", "--config", config)
+        assert fixed.returncode == 0, fixed.stderr
+        retry2 = first.with_name("tickets.retry2.results.jsonl")
+        await wait_for_file(retry2, timeout=60, daemon=daemon)
+        results = read_results(retry2)
+        assert [(r["custom_id"], r["line"], r["status"]) for r in results] == [
+            (f"chat-{n}", n + 1, "succeeded") for n in range(3)
+        ]
+        # Every results file keeps one line per line it covers; the original is never rewritten.
+        assert first.read_bytes() == original and len(read_results(retry1)) == 3
+
+        nothing = await batchd("retry", "--file", "tickets.jsonl", "--config", config)
+        assert nothing.returncode == 1 and "nothing to retry" in nothing.stdout
+        missing = await batchd("retry", "--file", "nope.jsonl", "--config", config)
+        assert missing.returncode == 66 and "no input file 'nope.jsonl'" in missing.stderr
+        wrong = await batchd("retry", "--file", "tickets.jsonl", "--status", "succeeded", "--config", config)
+        assert wrong.returncode == 64 and "succeeded" in wrong.stderr
+    finally:
+        await daemon.stop()

@@ -18,11 +18,12 @@ from batchd.policy import (
     decide,
     hold_pause,
     index_outcomes,
+    lines_to_retry,
     refund_error,
     unanswered,
 )
 from batchd.pricing import UNPRICED, PriceTable
-from batchd.store.contract import BatchRow, BatchState, SubmittedItem
+from batchd.store.contract import BatchRow, BatchState, FileItem, ItemState, SubmittedItem
 
 INSTANCE = "0123456789abcdef0123456789abcdef"
 USAGE = {"input_tokens": 1000, "output_tokens": 200}
@@ -196,3 +197,20 @@ def test_queued_requests_of_a_cancelled_file_get_canceled_result_lines() -> None
         15,
         "batch_cancelled",
     )
+
+
+def test_a_retry_takes_each_lines_latest_outcome_and_never_a_request_on_its_way() -> None:
+    def at(line: int, state: ItemState) -> FileItem:
+        return FileItem(line * 10 + len(state), line, f"req-{line}", state, "openai", "/v1/chat/completions", "m")
+
+    original = [
+        at(1, ItemState.ERRORED),
+        at(2, ItemState.EXPIRED),
+        at(3, ItemState.SUCCEEDED),
+        at(4, ItemState.ERRORED),
+    ]
+    retry1 = [at(1, ItemState.SUCCEEDED), at(4, ItemState.SUBMITTED)]
+    assert [i.line for i in lines_to_retry([original], ("errored", "expired"))] == [1, 2, 4]
+    assert [i.line for i in lines_to_retry([original], ("expired",))] == [2]
+    # Line 1 succeeded in retry1, line 4 is still on its way there: only line 2 goes again.
+    assert lines_to_retry([original, retry1], ("errored", "expired")) == [original[1]]

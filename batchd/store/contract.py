@@ -243,6 +243,19 @@ class FinalResult:
 
 
 @dataclass(frozen=True, slots=True)
+class FileItem:
+    """One request of a file and where it stands (`batchd retry` reads them)."""
+
+    id: int
+    line: int
+    custom_id: str
+    state: ItemState
+    profile: str
+    endpoint: str
+    model: str
+
+
+@dataclass(frozen=True, slots=True)
 class Retry:
     """An item going back to the queue after a retryable outcome."""
 
@@ -605,6 +618,9 @@ class Operations(Protocol):
 
     async def queued_items(self, file_id: int) -> list[SubmittedItem]:
         """The file's items still queued (not in any batch), by id."""
+
+    async def file_items(self, file_id: int) -> list[FileItem]:
+        """Every request of the file (not its invalid lines), by line."""
 
     async def cancel_file(self, file_id: int, finals: Sequence[FinalResult], now: float) -> tuple[int, list[int]]:
         """`batchd cancel --file`, in one transaction: mark the file cancelled, record `finals` (canceled

@@ -47,11 +47,13 @@ from .contract import (
     Chunk,
     DuplicateCustomId,
     Fate,
+    FileItem,
     FileKey,
     FileRow,
     FileState,
     FinalResult,
     Group,
+    ItemState,
     NewItem,
     NewResult,
     NotCreated,
@@ -982,6 +984,13 @@ class PostgresStore:
     async def queued_items(self, file_id: int) -> list[SubmittedItem]:
         rows = await self._fetch(Q.queued_items, file_id)
         return [SubmittedItem(r["id"], r["file_id"], r["line"], r["custom_id"], r["attempts"]) for r in rows]
+
+    async def file_items(self, file_id: int) -> list[FileItem]:
+        rows = await self._fetch(Q.file_items, file_id)
+        return [
+            FileItem(r["id"], r["line"], r["custom_id"], ItemState(r["state"]), r["profile"], r["endpoint"], r["model"])
+            for r in rows
+        ]
 
     async def cancel_file(self, file_id: int, finals: Sequence[FinalResult], now: float) -> tuple[int, list[int]]:
         mine = list({f.item_id: f for f in finals if f.file_id == file_id}.values())

@@ -611,3 +611,6 @@ SELECT COUNT(*) FROM done
 -- name: file_live_batches
 SELECT DISTINCT batch_id FROM items
 WHERE file_id = $1 AND state IN ('batched', 'submitted') AND batch_id IS NOT NULL ORDER BY batch_id
+
+-- name: file_items
+SELECT id, line, custom_id, state, profile, endpoint, model FROM items WHERE file_id = $1 ORDER BY line

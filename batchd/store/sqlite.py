@@ -55,6 +55,7 @@ from .contract import (
     Chunk,
     DuplicateCustomId,
     Fate,
+    FileItem,
     FileKey,
     FileRow,
     FileState,
@@ -1181,6 +1182,10 @@ class SQLiteStore:
     async def queued_items(self, file_id: int) -> list[SubmittedItem]:
         rows = await self._rows(Q.queued_items, (file_id,))
         return [SubmittedItem(r[0], r[1], r[2], r[3], r[4]) for r in rows]
+
+    async def file_items(self, file_id: int) -> list[FileItem]:
+        rows = await self._rows(Q.file_items, (file_id,))
+        return [FileItem(r[0], r[1], r[2], ItemState(r[3]), r[4], r[5], r[6]) for r in rows]
 
     @shielded
     async def cancel_file(self, file_id: int, finals: Sequence[FinalResult], now: float) -> tuple[int, list[int]]:

@@ -701,3 +701,6 @@ ON CONFLICT (file_id, line) DO NOTHING;
 -- name: file_live_batches
 SELECT DISTINCT batch_id FROM items
 WHERE file_id = ? AND state IN ('batched', 'submitted') AND batch_id IS NOT NULL ORDER BY batch_id;
+
+-- name: file_items
+SELECT id, line, custom_id, state, profile, endpoint, model FROM items WHERE file_id = ? ORDER BY line;

@@ -14,7 +14,7 @@ import pytest
 
 from batchd.ops import held_until
 from batchd.policy import canceled_results
-from batchd.store.contract import PAUSE_UNTIL, BatchState, CancelReason, PruneSummary, Store
+from batchd.store.contract import PAUSE_UNTIL, BatchState, CancelReason, ItemState, PruneSummary, Store
 
 from .factories import MODEL, PROFILE, file_key, final, ingest, never_taken, submitted_batch, succeed_all
 from .factories import chunk as make_chunk
@@ -200,3 +200,18 @@ async def test_cancel_file_ends_its_queued_requests_and_marks_only_the_batches_h
     # Idempotent: a repeat records nothing twice.
     assert await second_node.cancel_file(extra.id, canceled_results(queued), time.time()) == (0, [])
     assert len([r for r in await store.results_after(0, 100) if r.file_id == extra.id]) == 2
+
+
+async def test_file_items_are_a_files_requests_by_line_with_their_state(store: Store, second_node: Store) -> None:
+    row = await ingest(store, "r.jsonl", 3, invalid_lines=[2])
+    batch = await submitted_batch(store, max_requests=1)
+    [first] = await store.submitted_items(batch.id)
+    await store.record_outcomes(batch.id, [final(first, "errored")], [])
+    items = await second_node.file_items(row.id)
+    assert [(i.line, i.state) for i in items] == [(1, ItemState.ERRORED), (3, ItemState.QUEUED)]
+    assert (items[0].id, items[0].custom_id, items[0].profile, items[0].model) == (
+        first.id,
+        first.custom_id,
+        PROFILE,
+        MODEL,
+    )
