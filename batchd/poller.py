@@ -544,7 +544,7 @@ class Pollers:
         elif reason == CancelReason.FILE:
             cancelled = Cancelled(files=frozenset(await self.store.canceled_files(batch.id)))
         if remote.failed:
-            total = await self._collect_failed(batch, remote)
+            total = await self._collect_failed(batch, remote, cancelled)
         else:
             # One price lookup per batch, not one per result.
             discount = self.settings.providers[batch.profile].batch_discount
@@ -604,7 +604,9 @@ class Pollers:
             seconds=round(time.monotonic() - started, 3),
         )
 
-    async def _collect_failed(self, batch: BatchRow, remote: RemoteBatch) -> ApplySummary:
+    async def _collect_failed(
+        self, batch: BatchRow, remote: RemoteBatch, cancelled: Cancelled | None = None
+    ) -> ApplySummary:
         """A batch the provider refused as a whole (validation, enqueued-token limit)."""
         batching = self.settings.batching
         now = time.time()
@@ -631,7 +633,7 @@ class Pollers:
             }
             summary = await self._record(batch, bad, now, None)
         rest = await self._end_unanswered(
-            batch, "errored", {"message": f"batch {remote.id} failed", "errors": remote.errors[:5]}
+            batch, "errored", {"message": f"batch {remote.id} failed", "errors": remote.errors[:5]}, cancelled=cancelled
         )
         return summary + rest
 
