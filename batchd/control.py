@@ -49,6 +49,8 @@ def batch_view(batch: BatchRow) -> dict[str, Any]:
         "ended_at": batch.ended_at,
         "node": batch.owner,
         "last_error": batch.last_error,
+        # Why it was (or is to be) cancelled: operator, file or deadline; None if it never was.
+        "cancel_reason": batch.cancel_reason.value if batch.cancel_reason else None,
     }
 
 

@@ -262,6 +262,7 @@ async def test_cancel_a_batch_or_a_file_through_the_store_with_the_daemon_runnin
 
         batches = {b["id"]: b for b in await ok_json("batches", "--config", config)}
         assert batches[shared["id"]]["fate"] == batches[alone["id"]]["fate"] == "cancelled"
+        assert (batches[shared["id"]]["cancel_reason"], batches[alone["id"]]["cancel_reason"]) == ("file", "operator")
         answered = await batchd("results", "--file", "theirs.jsonl", "--status", "canceled", "--config", config)
         assert answered.returncode == 1  # nothing of theirs.jsonl was cancelled
 
