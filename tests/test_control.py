@@ -331,3 +331,29 @@ async def test_retry_sends_failed_lines_again_into_a_results_file_of_their_own(
         assert wrong.returncode == 64 and "succeeded" in wrong.stderr
     finally:
         await daemon.stop()
+
+
+async def test_cancel_an_anthropic_batch_by_its_remote_id(tmp_path: Path, emulator: RunningEmulator) -> None:
+    config = str(write_config(tmp_path, emulator, store={"lease": 3}))
+    assert (await admin(emulator, "PUT", "/_emulator/config", {"processing_seconds": 3600}))[0] == 200
+    daemon = DaemonProcess(Path(config), tmp_path / "daemon.log").start()
+    try:
+        await ready(daemon)
+        results = drop(tmp_path, "claude.jsonl", [claude_line(n) for n in range(3)])
+
+        async def live() -> dict[str, Any] | None:
+            batches = await ok_json("batches", "--live", "--config", config)
+            return next((b for b in batches if b["state"] == "submitted" and b["remote_id"]), None)
+
+        batch = await wait_until(live, 60, interval=0.5)
+        assert batch["provider"] == "anthropic"
+        done = await batchd("cancel", batch["remote_id"], "--config", config)
+        assert done.returncode == 0 and f"cancel requested for batch {batch['id']} " in done.stdout, done.stderr
+        await wait_for_file(results, timeout=60, daemon=daemon)
+        assert [(r["custom_id"], r["status"]) for r in read_results(results)] == [
+            (f"claude-{n}", "canceled") for n in range(3)
+        ]
+        [ended] = [b for b in await ok_json("batches", "--config", config) if b["id"] == batch["id"]]
+        assert (ended["fate"], ended["cancel_reason"]) == ("cancelled", "operator")
+    finally:
+        await daemon.stop()
