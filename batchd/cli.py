@@ -1,8 +1,8 @@
-"""The command line: `batchd run | submit | status | batches | pause | resume | report | results | …`.
+"""The command line: `batchd run | submit | status | batches | pause | resume | cancel | retry | report | results | …`.
 
 The configuration is found at --config, else $BATCHD_CONFIG, else /etc/batchd/batchd.toml (when it
 exists), else the built-in defaults. Commands that only read (status, batches, report, results,
-estimate) open the database read-only and never create or migrate it; pause, resume and redeliver
+estimate) open the database read-only and never create or migrate it; pause, resume, cancel, retry and redeliver
 write beside the running daemon, but never create or migrate either.
 
 An operator's mistake never ends in a Python traceback: every command reports it in one line on
@@ -220,6 +220,27 @@ def cmd_resume(args: argparse.Namespace) -> int:
     return run_loop(resume(_settings(args), args.route))
 
 
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from .control import cancel
+
+    return run_loop(cancel(_settings(args), args.batch, args.file))
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    from .retry import retry
+
+    return run_loop(retry(_settings(args), args.file, args.status))
+
+
+def _statuses(text: str) -> list[str]:
+    allowed = ("errored", "expired", "canceled")
+    words = [word.strip() for word in text.split(",") if word.strip()]
+    wrong = [word for word in words if word not in allowed]
+    if not words or wrong:
+        raise argparse.ArgumentTypeError(f"not among {', '.join(allowed)}: {text!r}")
+    return words
+
+
 def cmd_init_service(args: argparse.Namespace) -> int:
     from .service import SERVICE_FILES, print_service_files, write_service_files
 
@@ -366,6 +387,39 @@ def build_parser(command_hint: str | None = None) -> argparse.ArgumentParser:
         "route", nargs="?", metavar="ROUTE", help="the ROUTE as it was paused (default: lift every pause)"
     )
     resume.set_defaults(handler=cmd_resume)
+
+    cancel = command(
+        "cancel",
+        "cancel a batch, or every batch holding a file's requests, at the provider, through the store with the"
+        " daemon running (it makes the call); cancelled requests end `canceled` and are not retried",
+    )
+    cancel.add_argument(
+        "batch",
+        nargs="?",
+        metavar="BATCH",
+        help="our batch id or the provider's batch id, as `batchd batches` shows them (default: none; or --file)",
+    )
+    cancel.add_argument(
+        "--file",
+        metavar="NAME",
+        help="an input file name, e.g. tickets.jsonl: its queued requests end canceled at once, the batches"
+        " holding its other requests are cancelled, and other files' requests in them are requeued",
+    )
+    cancel.set_defaults(handler=cmd_cancel)
+
+    retry = command(
+        "retry",
+        "send a file's failed requests again, through the store with the daemon running; their new results"
+        " go to out/NAME.retryN.results.jsonl (exactly the retried lines), the original results are not touched",
+    )
+    retry.add_argument("--file", metavar="NAME", required=True, help="the input file name, e.g. tickets.jsonl")
+    retry.add_argument(
+        "--status",
+        type=_statuses,
+        default="errored,expired",
+        help="retry the requests whose latest outcome is one of these, comma-separated (default: errored,expired)",
+    )
+    retry.set_defaults(handler=cmd_retry)
 
     init_service = commands.add_parser(
         "init-service",

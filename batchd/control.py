@@ -1,8 +1,10 @@
-"""Operators' commands beside a running daemon: `batchd batches`, `pause`, `resume`, and what
-`batchd status` adds about the daemon itself (is one running, its pid, pauses, next flushes).
+"""Operators' commands beside a running daemon: `batchd batches`, `pause`, `resume`, `cancel`, and
+what `batchd status` adds about the daemon itself (is one running, its pid, pauses, next flushes).
 
 They act through the store only, so they work with the daemon running (or not): a pause is a row
-the batcher sees through its hold query on its next flush, and survives restarts.
+the batcher sees through its hold query on its next flush, and survives restarts. A cancel is an
+intent on the batch (and the file) that the node holding the batch's lease carries out at its next
+lease renewal: the daemon alone holds the API keys.
 """
 
 from __future__ import annotations
@@ -16,11 +18,12 @@ import orjson
 from rich.table import Table
 
 from .deadlines import FlushRules, QueueView, plan_flush
-from .exits import EX_USAGE, OperatorError
+from .exits import EX_NOINPUT, EX_USAGE, OperatorError
 from .ops import ANY, daemon_pid, held_until, parse_route, route_name, shown_flush
+from .policy import canceled_results
 from .settings import Settings
 from .status import existing_store, no_store, terminal
-from .store.contract import LIVE_BATCH_STATES, BatchRow, Store
+from .store.contract import LIVE_BATCH_STATES, BatchRow, BatchState, CancelReason, FileState, Store
 
 
 def _when(timestamp: float | None) -> str:
@@ -46,6 +49,8 @@ def batch_view(batch: BatchRow) -> dict[str, Any]:
         "ended_at": batch.ended_at,
         "node": batch.owner,
         "last_error": batch.last_error,
+        # Why it was (or is to be) cancelled: operator, file or deadline; None if it never was.
+        "cancel_reason": batch.cancel_reason.value if batch.cancel_reason else None,
     }
 
 
@@ -143,6 +148,77 @@ async def resume(settings: Settings, route: str | None) -> int:
     if remaining:
         print(f"still paused: {', '.join(remaining)}")
     return 0 if lifted or not remaining else 1
+
+
+def _batch_name(batch: BatchRow) -> str:
+    remote = batch.remote_id or "not yet submitted"
+    return f"batch {batch.id} ({batch.profile}/{batch.model}, {remote})"
+
+
+async def _find_batch(store: Store, ref: str) -> BatchRow | None:
+    """A batch by our id or the provider's remote id."""
+    remote = await store.remote_owner(ref)
+    if remote is not None:
+        return await store.batch(remote)
+    return await store.batch(int(ref)) if ref.isdigit() else None
+
+
+# A queued request the poller requeued meanwhile is caught by another pass; a few are plenty.
+CANCEL_PASSES = 3
+
+
+async def cancel(settings: Settings, ref: str | None, file: str | None) -> int:
+    """`batchd cancel BATCH` or `batchd cancel --file NAME`: intents in the store; the daemon calls the provider."""
+    if (ref is None) == (file is None):
+        raise OperatorError("name a BATCH or give --file NAME (one of them)", EX_USAGE)
+
+    async def by_batch(store: Store) -> int:
+        assert ref is not None
+        batch = await _find_batch(store, ref)
+        if batch is None:
+            raise OperatorError(f"no batch {ref!r} (our id or the provider's batch id; see batchd batches)", EX_NOINPUT)
+        if batch.state == BatchState.DONE or not await store.request_cancel(
+            batch.id, CancelReason.OPERATOR, time.time()
+        ):
+            how = batch.fate.value if batch.fate else (batch.remote_status or "done")
+            print(f"{_batch_name(batch)} has already ended ({how}): nothing to cancel")
+            return 1
+        print(
+            f"cancel requested for {_batch_name(batch)}, {batch.requests} requests: the daemon cancels it at the"
+            " provider; its unfinished requests end canceled"
+        )
+        return 0
+
+    async def by_file(store: Store) -> int:
+        assert file is not None
+        rows = await store.files_named(file)
+        if not rows:
+            raise OperatorError(f"no input file {file!r} in the store (see batchd status)", EX_NOINPUT)
+        open_rows = [row for row in rows if row.state != FileState.COMPLETE]
+        if not open_rows:
+            print(f"{file}: every result is delivered already: nothing to cancel")
+            return 1
+        canceled, batches = 0, set()
+        for row in open_rows:
+            for _ in range(CANCEL_PASSES):
+                queued = await store.queued_items(row.id)
+                recorded, holding = await store.cancel_file(row.id, canceled_results(queued), time.time())
+                canceled += recorded
+                batches.update(holding)
+                if not queued:
+                    break
+        print(f"{file}: {canceled} queued requests canceled")
+        for batch_id in sorted(batches):
+            batch = await store.batch(batch_id)
+            if batch is not None:
+                print(
+                    f"cancel requested for {_batch_name(batch)}: the daemon cancels it at the provider; this file's"
+                    " requests in it end canceled, other files' requests are requeued"
+                )
+        return 0
+
+    result: int = await _writable(settings, by_batch if ref is not None else by_file)
+    return result
 
 
 async def daemon_section(settings: Settings, store: Store, now: float) -> dict[str, Any]:

@@ -246,10 +246,14 @@ class Daemon:
                 self.pollers.start(batch.id)
 
     def _polls_requested(self, owned: list[BatchRow]) -> None:
-        """Poll now the batches another node asked for (a webhook reached it: store.request_poll)."""
+        """Poll now the batches another node asked for (a webhook reached it: store.request_poll), and
+        cancel those an operator cancelled (store.request_cancel)."""
         seen = self._poll_requests_seen
         self._poll_requests_seen = {b.id: seen[b.id] for b in owned if b.id in seen}
         for batch in owned:
+            if batch.cancel_wanted_at and batch.cancel_requested_at is None and batch.cancel_reason is not None:
+                # An operator's `batchd cancel`: this node holds the lease, so it makes the call.
+                self.pollers.cancel_wanted(batch.id, batch.cancel_reason)
             if batch.poll_requested_at and batch.poll_requested_at > self._poll_requests_seen.get(batch.id, 0.0):
                 self._poll_requests_seen[batch.id] = batch.poll_requested_at
                 if self.pollers.poll_now(batch.id):

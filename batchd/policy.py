@@ -8,7 +8,8 @@ records what these decide.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -16,7 +17,7 @@ import orjson
 
 from .formats import Outcome, Status, item_id_reader, result_line
 from .pricing import UNPRICED, Cost
-from .store.contract import BatchRow, FinalResult, Retry, SubmittedItem
+from .store.contract import BatchRow, FileItem, FinalResult, Retry, SubmittedItem
 
 
 def retry_delay(attempt: int, base: float, ceiling: float, rng: random.Random | None = None) -> float:
@@ -78,6 +79,7 @@ def decide(
     retry_at: RetryAt,
     cost_of: CostOf | None = None,
     instance: str = "",
+    always_retry: Collection[int] = (),
 ) -> tuple[list[FinalResult], list[Retry], int]:
     """(finals, retries, ignored) for the outcomes of `items`, the batch's items still waiting.
 
@@ -86,7 +88,8 @@ def decide(
     line composed here (formats.result_line) and its cost priced by `cost_of` (usage without a
     price is marked unpriced). Outcomes of items not among `items` (already decided, or no longer
     in this batch) are counted as ignored. `instance` is accepted for symmetry with
-    index_outcomes; the items are already this database's.
+    index_outcomes; the items are already this database's. Items in `always_retry` go back on a
+    retryable outcome whatever their attempts (bystanders of an operator's cancel, see cancel_outcomes).
     """
     del instance  # the ids were resolved by index_outcomes
     finals: list[FinalResult] = []
@@ -100,7 +103,7 @@ def decide(
         outcome = outcomes_by_item.get(item.id)
         if outcome is None:
             continue
-        if outcome.retryable and item.attempts < max_attempts:
+        if outcome.retryable and (item.attempts < max_attempts or item.id in always_retry):
             error = orjson.dumps(outcome.error).decode() if outcome.error else outcome.status
             not_before = retry_at(item.attempts) if callable(retry_at) else retry_at
             retries.append(Retry(item.id, not_before, error))
@@ -169,3 +172,77 @@ def hold_pause(failures: int, base: float, ceiling: float) -> float:
     """
     exponent = min(max(failures - 1, 0), 62)
     return float(min(base * float(2**exponent), ceiling))
+
+
+# -- operators' cancels (`batchd cancel BATCH|--file NAME`) -------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Cancelled:
+    """Which requests of a batch an operator cancelled: all of them (`whole`), or those of `files`."""
+
+    whole: bool = False
+    files: frozenset[int] = frozenset()
+
+    def covers(self, item: SubmittedItem) -> bool:
+        return self.whole or item.file_id in self.files
+
+
+def cancel_outcomes(
+    outcomes_by_item: Mapping[int, Outcome], items: Iterable[SubmittedItem], cancelled: Cancelled | None
+) -> tuple[Mapping[int, Outcome], set[int]]:
+    """What an operator's cancel makes of a batch's outcomes: (outcomes, bystanders).
+
+    A request the operator cancelled ends `canceled` for good: its retryable outcome (the provider
+    stopped it) becomes final. Its answers that were final already (succeeded before the cancel
+    reached it, or a request's own error) stand. Any other request in the batch is a bystander: a
+    retryable outcome sends it back to the queue whatever its attempts (pass `always_retry` to decide).
+    """
+    if cancelled is None:
+        return outcomes_by_item, set()
+    outcomes = dict(outcomes_by_item)
+    bystanders: set[int] = set()
+    for item in items:
+        outcome = outcomes.get(item.id)
+        if outcome is None or not outcome.retryable:
+            continue
+        if cancelled.covers(item):
+            error = outcome.error or OPERATOR_CANCEL_ERROR
+            outcomes[item.id] = Outcome(outcome.provider_custom_id, "canceled", None, error, None, retryable=False)
+        else:
+            bystanders.add(item.id)
+    return outcomes, bystanders
+
+
+OPERATOR_CANCEL_ERROR = {"code": "batch_cancelled", "message": "cancelled by an operator (batchd cancel)"}
+
+
+def canceled_results(items: Iterable[SubmittedItem]) -> list[FinalResult]:
+    """The final `canceled` results of a cancelled file's requests that never left the queue."""
+    return [
+        FinalResult(
+            item.id,
+            item.file_id,
+            item.line,
+            "canceled",
+            result_line(custom_id=item.custom_id, status="canceled", line=item.line, error=OPERATOR_CANCEL_ERROR),
+        )
+        for item in items
+    ]
+
+
+# -- operators' retries (`batchd retry --file NAME`) ---------------------------------------------
+
+
+def lines_to_retry(generations: Sequence[Sequence[FileItem]], statuses: Collection[str]) -> list[FileItem]:
+    """The requests `batchd retry` sends again, by line: those whose latest outcome is in `statuses`.
+
+    `generations` are the requests of a file, then of each earlier retry of it, in order; a line's
+    latest outcome is that of the last generation holding it (a request still on its way is not final,
+    so never retried).
+    """
+    latest: dict[int, FileItem] = {}
+    for items in generations:
+        for item in items:
+            latest[item.line] = item
+    return [item for _line, item in sorted(latest.items()) if item.state.value in statuses]

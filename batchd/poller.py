@@ -27,11 +27,32 @@ from .aio import wait_any
 from .crashpoints import CrashPoints
 from .formats import Outcome, Status, owned_by
 from .logs import get_logger
-from .policy import CostOf, RetryAt, decide, hold_pause, index_outcomes, overdue, refund_error, retry_delay, unanswered
+from .policy import (
+    Cancelled,
+    CostOf,
+    RetryAt,
+    cancel_outcomes,
+    decide,
+    hold_pause,
+    index_outcomes,
+    overdue,
+    refund_error,
+    retry_delay,
+    unanswered,
+)
 from .providers import ProviderError, ProviderPool
 from .providers.base import RemoteBatch, ResultsReport, WindowScan, backoff
 from .settings import Settings
-from .store.contract import POLLED_BATCH_STATES, ApplySummary, BatchRow, BatchState, Fate, Store, SubmittedItem
+from .store.contract import (
+    POLLED_BATCH_STATES,
+    ApplySummary,
+    BatchRow,
+    BatchState,
+    CancelReason,
+    Fate,
+    Store,
+    SubmittedItem,
+)
 from .webhooks_in import poll_ceiling
 
 log = get_logger("batchd.poller")
@@ -69,6 +90,8 @@ class Watch:
     answer: asyncio.Future[RemoteBatch | None] | None = None
     # Retrieve at once, without waiting for a sweep (a webhook said the batch changed).
     urgent: bool = False
+    # An operator asked to cancel the batch (`batchd cancel`), seen at a lease renewal.
+    cancel: CancelReason | None = None
 
     def waiting(self) -> bool:
         return self.answer is not None and not self.answer.done()
@@ -262,6 +285,7 @@ class Pollers:
             else:
                 interval = min(interval * 1.5, self._ceiling(batch))
             if not remote.ended:
+                cancel_sent = await self._cancel_if_wanted(batch, remote, watch, cancel_sent)
                 cancel_sent = await self._cancel_if_overdue(batch, remote, cancel_sent)
             else:
                 now = time.time()
@@ -396,6 +420,36 @@ class Pollers:
             missing.add("error")
         return missing
 
+    def cancel_wanted(self, batch_id: int, reason: CancelReason) -> bool:
+        """An operator asked to cancel this batch (store.request_cancel): its poller cancels it now.
+        False when no poller watches it (a pending batch's poller reads the wish when it starts)."""
+        watch = self._watches.get(batch_id)
+        if watch is None:
+            return False
+        watch.cancel = reason
+        return self._wake(batch_id)
+
+    async def _cancel_if_wanted(self, batch: BatchRow, remote: RemoteBatch, watch: Watch, cancel_sent: bool) -> bool:
+        """Cancel at the provider a batch an operator cancelled (`batchd cancel`); what its requests
+        become is decided when it is collected (_collect reads the reason again)."""
+        reason = watch.cancel or (batch.cancel_reason if batch.cancel_wanted_at is not None else None)
+        if cancel_sent or reason is None or reason == CancelReason.DEADLINE:
+            return cancel_sent
+        if batch.state == BatchState.UNVERIFIED:
+            return False  # maybe a stranger's batch: never cancel what is not proven ours
+        try:
+            await self.providers.get(batch.profile).cancel(remote.id)
+        except ProviderError as exc:
+            log.warning("batch.cancel_failed", batch=batch.id, remote_id=remote.id, error=str(exc))
+            await self.store.note_batch_error(batch.id, "batch.cancel_failed", str(exc))
+            return False
+        what = "the batch" if reason == CancelReason.OPERATOR else "a file of the batch (batchd cancel --file)"
+        message = f"an operator cancelled {what}: cancel requested while {remote.status!r}"
+        log.warning("batch.operator_cancelled", batch=batch.id, remote_id=remote.id, reason=reason.value)
+        await self.store.note_cancel_requested(batch.id, message, reason)
+        batch.cancel_requested_at = time.time()
+        return True
+
     async def _cancel_if_overdue(self, batch: BatchRow, remote: RemoteBatch, cancel_sent: bool) -> bool:
         """Cancel a batch still running past its window plus grace; its requests come back once it has ended."""
         batching = self.settings.batching
@@ -480,8 +534,17 @@ class Pollers:
             confirmed = await self.store.batch(batch.id)
             assert confirmed is not None
             batch = confirmed
+        # Read again: an operator may have cancelled the batch, or a file of it, since the poll began.
+        fresh = await self.store.batch(batch.id)
+        reason = fresh.cancel_reason if fresh is not None else batch.cancel_reason
+        cancel_sent = (fresh.cancel_requested_at if fresh is not None else None) or batch.cancel_requested_at
+        cancelled: Cancelled | None = None
+        if reason == CancelReason.OPERATOR:
+            cancelled = Cancelled(whole=True)
+        elif reason == CancelReason.FILE:
+            cancelled = Cancelled(files=frozenset(await self.store.canceled_files(batch.id)))
         if remote.failed:
-            total = await self._collect_failed(batch, remote)
+            total = await self._collect_failed(batch, remote, cancelled)
         else:
             # One price lookup per batch, not one per result.
             discount = self.settings.providers[batch.profile].batch_discount
@@ -489,7 +552,7 @@ class Pollers:
             report = ResultsReport(unavailable=set(unavailable))
             if not unavailable:
                 chunks = provider.results(remote, self.workdir, report, APPLY_CHUNK)
-                total += await self._apply_all(batch, chunks, cost_of)
+                total += await self._apply_all(batch, chunks, cost_of, cancelled)
             if report.unavailable and output_lost(batch.kind, remote, report.unavailable):
                 # What the provider finished is paid for: not sent again automatically (an operator may).
                 fate = Fate.OUTPUT_UNAVAILABLE
@@ -511,11 +574,15 @@ class Pollers:
                     batch,
                     remote.unanswered_status,
                     {"message": f"no result for this request in batch {remote.id} ({remote.status})"},
+                    cancelled=cancelled,
                 )
             total += leftover
             await self.store.release_hold(batch.profile, batch.model)
-        recorded = fate is None and batch.cancel_requested_at is not None  # logged when the cancel went out
-        if recorded:
+        recorded = fate is None and cancel_sent is not None  # logged when the cancel went out
+        if fate is None and cancelled is not None:
+            by = "batchd cancel" if cancelled.whole else "batchd cancel --file"
+            fate, fate_error = Fate.CANCELLED, f"cancelled by an operator ({by}); {total.requeued} requests requeued"
+        elif recorded:
             fate, fate_error = Fate.OVERDUE_CANCELLED, f"cancelled past its window; {total.requeued} requests requeued"
         await self.store.finish_batch(batch.id, fate, fate_error, record=not recorded)
         if batch.kind == "openai" and batch.input_file_id:
@@ -537,7 +604,9 @@ class Pollers:
             seconds=round(time.monotonic() - started, 3),
         )
 
-    async def _collect_failed(self, batch: BatchRow, remote: RemoteBatch) -> ApplySummary:
+    async def _collect_failed(
+        self, batch: BatchRow, remote: RemoteBatch, cancelled: Cancelled | None = None
+    ) -> ApplySummary:
         """A batch the provider refused as a whole (validation, enqueued-token limit)."""
         batching = self.settings.batching
         now = time.time()
@@ -564,12 +633,16 @@ class Pollers:
             }
             summary = await self._record(batch, bad, now, None)
         rest = await self._end_unanswered(
-            batch, "errored", {"message": f"batch {remote.id} failed", "errors": remote.errors[:5]}
+            batch, "errored", {"message": f"batch {remote.id} failed", "errors": remote.errors[:5]}, cancelled=cancelled
         )
         return summary + rest
 
     async def _apply_all(
-        self, batch: BatchRow, chunks: AsyncIterator[list[Outcome]], cost_of: CostOf | None
+        self,
+        batch: BatchRow,
+        chunks: AsyncIterator[list[Outcome]],
+        cost_of: CostOf | None,
+        cancelled: Cancelled | None = None,
     ) -> ApplySummary:
         """Record every chunk of provider outcomes, in order, one store transaction each.
 
@@ -589,13 +662,15 @@ class Pollers:
                 # An item decided by an earlier chunk is not waiting any more: a repeat of it is ignored,
                 # as the store would ignore it (and still does, should the item have changed meanwhile).
                 items = [waiting.pop(item_id) for item_id in sorted(by_item) if item_id in waiting]
+                decided, bystanders = cancel_outcomes(by_item, items, cancelled)
                 finals, retries, ignored = decide(
                     batch,
                     items,
-                    by_item,
+                    decided,
                     max_attempts=self.settings.batching.max_attempts,
                     retry_at=self._retry_at,
                     cost_of=cost_of,
+                    always_retry=bystanders,
                 )
                 total += ApplySummary(ignored=foreign + ignored)
                 if committing is not None:
@@ -622,23 +697,30 @@ class Pollers:
         return summary
 
     async def _record(
-        self, batch: BatchRow, by_item: dict[int, Outcome], retry_at: RetryAt, cost_of: CostOf | None
+        self,
+        batch: BatchRow,
+        by_item: dict[int, Outcome],
+        retry_at: RetryAt,
+        cost_of: CostOf | None,
+        cancelled: Cancelled | None = None,
     ) -> ApplySummary:
         items = await self.store.submitted_items(batch.id, list(by_item))
+        outcomes, bystanders = cancel_outcomes(by_item, items, cancelled)
         finals, retries, ignored = decide(
             batch,
             items,
-            by_item,
+            outcomes,
             max_attempts=self.settings.batching.max_attempts,
             retry_at=retry_at,
             cost_of=cost_of,
             instance=self._instance,
+            always_retry=bystanders,
         )
         summary = await self.store.record_outcomes(batch.id, finals, retries)
         return summary + ApplySummary(ignored=ignored)
 
     async def _end_unanswered(
-        self, batch: BatchRow, status: Status, error: object, retryable: bool = True
+        self, batch: BatchRow, status: Status, error: object, retryable: bool = True, cancelled: Cancelled | None = None
     ) -> ApplySummary:
         """Items of an ended batch that no result line mentioned: retried (with their own backoff) or
         finished as `status`, in short transactions (each chunk idempotent)."""
@@ -646,7 +728,8 @@ class Pollers:
         waiting = await self.store.submitted_items(batch.id)
         for start in range(0, len(waiting), DECIDE_CHUNK):
             chunk = waiting[start : start + DECIDE_CHUNK]
-            total += await self._record(batch, unanswered(chunk, status, error, retryable), self._retry_at, None)
+            outcomes = unanswered(chunk, status, error, retryable)
+            total += await self._record(batch, outcomes, self._retry_at, None, cancelled)
         return total
 
     # -- webhooks in (issue 12): an event wakes the batch's poller; polling stays the fallback --

@@ -17,6 +17,7 @@ import orjson
 from batchd.emulator import RunningEmulator
 
 from .conftest import wait_until
+from .emulator_helpers import admin
 from .harness import DaemonProcess, python_for, read_results, wait_for_file, write_config
 from .test_acceptance import chat_line, claude_line
 
@@ -181,5 +182,178 @@ async def test_the_config_comes_from_batchd_config_when_not_given(tmp_path: Path
         other = write_config(elsewhere, emulator)
         wins = await batchd("status", "--config", str(other), env={"BATCHD_CONFIG": str(config)})
         assert wins.returncode == 66 and str(elsewhere / "state") in wins.stderr
+    finally:
+        await daemon.stop()
+
+
+async def live_openai(config: str, requests: int) -> dict[str, Any] | None:
+    """The live openai batch of `requests` requests once it is at the provider, else None."""
+    for batch in await ok_json("batches", "--live", "--config", config):
+        if batch["provider"] == "openai" and batch["requests"] == requests and batch["state"] == "submitted":
+            return dict(batch)
+    return None
+
+
+async def queued_openai(config: str) -> int:
+    return sum(f["queued"] for f in (await ok_json("status", "--config", config))["next_flush"])
+
+
+async def test_cancel_a_batch_or_a_file_through_the_store_with_the_daemon_running(
+    tmp_path: Path, emulator: RunningEmulator
+) -> None:
+    # Leases of 3 s: the daemon sees an operator's intent at its next renewal, within a second.
+    config = str(write_config(tmp_path, emulator, store={"lease": 3}))
+    daemon = DaemonProcess(Path(config), tmp_path / "daemon.log").start()
+    try:
+        await ready(daemon)
+        # Batches stay in progress until cancelled; the route is paused so that files queue up.
+        assert (await admin(emulator, "PUT", "/_emulator/config", {"processing_seconds": 3600}))[0] == 200
+        assert (await batchd("pause", "openai", "--config", config)).returncode == 0
+
+        # Queued requests of a cancelled file end canceled at once, with no batch at all.
+        queued = drop(tmp_path, "queued.jsonl", [chat_line(n) for n in range(3)])
+        await wait_until(_equals(queued_openai, config, 3), 60, interval=0.5)
+        done = await batchd("cancel", "--file", "queued.jsonl", "--config", config)
+        assert done.returncode == 0, done.stderr
+        assert "queued.jsonl: 3 queued requests canceled" in done.stdout and "batch" not in done.stdout
+        await wait_for_file(queued, timeout=60, daemon=daemon)
+        assert [(r["custom_id"], r["status"]) for r in read_results(queued)] == [
+            (f"chat-{n}", "canceled") for n in range(3)
+        ]
+
+        # Two files in one batch: cancelling one of them cancels the batch at the provider; its
+        # requests end canceled, the other file's are requeued and answered by a later batch.
+        mine = drop(tmp_path, "mine.jsonl", [chat_line(n) for n in range(3)])
+        theirs = drop(tmp_path, "theirs.jsonl", [chat_line(n) for n in range(10, 12)])
+        await wait_until(_equals(queued_openai, config, 5), 60, interval=0.5)
+        assert (await batchd("resume", "--config", config)).returncode == 0
+        shared = await wait_until(lambda: live_openai(config, 5), 60, interval=0.5)
+        solo = drop(tmp_path, "solo.jsonl", [chat_line(n) for n in range(20, 22)])
+        alone = await wait_until(lambda: live_openai(config, 2), 60, interval=0.5)
+
+        by_file = await batchd("cancel", "--file", "mine.jsonl", "--config", config)
+        assert by_file.returncode == 0, by_file.stderr
+        assert "mine.jsonl: 0 queued requests canceled" in by_file.stdout
+        assert f"cancel requested for batch {shared['id']} " in by_file.stdout
+        by_batch = await batchd("cancel", alone["remote_id"], "--config", config)  # the provider's id
+        assert by_batch.returncode == 0, by_batch.stderr
+        assert f"cancel requested for batch {alone['id']} " in by_batch.stdout
+
+        async def cancelled_at_provider() -> bool:
+            statuses = []
+            for batch in (shared, alone):
+                status, remote = await admin(emulator, "PATCH", f"/_emulator/batches/{batch['remote_id']}", {})
+                statuses.append(remote["status"] if status == 200 else None)
+            return statuses == ["cancelled", "cancelled"]
+
+        await wait_until(cancelled_at_provider, 60, interval=0.5)
+        # The requeued requests of theirs.jsonl go out again, to a provider that answers now.
+        assert (await admin(emulator, "PUT", "/_emulator/config", {"processing_seconds": 0.2}))[0] == 200
+        for path in (mine, theirs, solo):
+            await wait_for_file(path, timeout=60, daemon=daemon)
+        assert [(r["custom_id"], r["status"]) for r in read_results(mine)] == [
+            (f"chat-{n}", "canceled") for n in range(3)
+        ]
+        assert [(r["custom_id"], r["status"]) for r in read_results(theirs)] == [
+            (f"chat-{n}", "succeeded") for n in range(10, 12)
+        ]
+        assert [r["status"] for r in read_results(solo)] == ["canceled", "canceled"]
+        assert all(r["batch_id"] != shared["remote_id"] for r in read_results(theirs))
+
+        batches = {b["id"]: b for b in await ok_json("batches", "--config", config)}
+        assert batches[shared["id"]]["fate"] == batches[alone["id"]]["fate"] == "cancelled"
+        assert (batches[shared["id"]]["cancel_reason"], batches[alone["id"]]["cancel_reason"]) == ("file", "operator")
+        answered = await batchd("results", "--file", "theirs.jsonl", "--status", "canceled", "--config", config)
+        assert answered.returncode == 1  # nothing of theirs.jsonl was cancelled
+
+        ended = await batchd("cancel", str(alone["id"]), "--config", config)
+        assert ended.returncode == 1 and "has already ended" in ended.stdout, ended.stdout
+        unknown = await batchd("cancel", "batch_nope", "--config", config)
+        assert unknown.returncode == 66 and "no batch 'batch_nope'" in unknown.stderr
+        assert len(unknown.stderr.strip().splitlines()) == 1
+        missing = await batchd("cancel", "--file", "nope.jsonl", "--config", config)
+        assert missing.returncode == 66 and "no input file 'nope.jsonl'" in missing.stderr
+        neither = await batchd("cancel", "--config", config)
+        assert neither.returncode == 64, neither.stderr
+    finally:
+        await daemon.stop()
+
+
+def _equals(read: Any, config: str, value: int) -> Any:
+    async def check() -> bool:
+        return bool(await read(config) == value)
+
+    return check
+
+
+async def test_retry_sends_failed_lines_again_into_a_results_file_of_their_own(
+    tmp_path: Path, emulator: RunningEmulator
+) -> None:
+    # One attempt: an injected server error is final at once, as after a provider's last retry.
+    config = str(write_config(tmp_path, emulator, batching={"max_attempts": 1}))
+    faults = "/_emulator/faults"
+    assert (await admin(emulator, "PUT", faults, {"request_error_rate": 1.0}))[0] == 200
+    daemon = DaemonProcess(Path(config), tmp_path / "daemon.log").start()
+    try:
+        await ready(daemon)
+        first = drop(tmp_path, "tickets.jsonl", [chat_line(n) for n in range(3)])
+        await wait_for_file(first, timeout=60, daemon=daemon)
+        assert [r["status"] for r in read_results(first)] == ["errored"] * 3
+        original = first.read_bytes()
+
+        # Still failing: retry1 holds the three lines again, errored again.
+        again = await batchd("retry", "--file", "tickets.jsonl", "--config", config)
+        assert again.returncode == 0, again.stderr
+        assert "3 requests (3 errored) queued again as tickets.retry1.jsonl" in again.stdout
+        retry1 = first.with_name("tickets.retry1.results.jsonl")
+        assert str(retry1) in again.stdout
+        await wait_for_file(retry1, timeout=60, daemon=daemon)
+        assert [r["status"] for r in read_results(retry1)] == ["errored"] * 3
+
+        # Fixed: retry2 takes each line's latest outcome (retry1's) and succeeds.
+        assert (await admin(emulator, "PUT", faults, {"request_error_rate": 0.0}))[0] == 200
+        fixed = await batchd("retry", "--file", "tickets.jsonl", "--status", "errored", "--config", config)
+        assert fixed.returncode == 0, fixed.stderr
+        retry2 = first.with_name("tickets.retry2.results.jsonl")
+        await wait_for_file(retry2, timeout=60, daemon=daemon)
+        results = read_results(retry2)
+        assert [(r["custom_id"], r["line"], r["status"]) for r in results] == [
+            (f"chat-{n}", n + 1, "succeeded") for n in range(3)
+        ]
+        # Every results file keeps one line per line it covers; the original is never rewritten.
+        assert first.read_bytes() == original and len(read_results(retry1)) == 3
+
+        nothing = await batchd("retry", "--file", "tickets.jsonl", "--config", config)
+        assert nothing.returncode == 1 and "nothing to retry" in nothing.stdout
+        missing = await batchd("retry", "--file", "nope.jsonl", "--config", config)
+        assert missing.returncode == 66 and "no input file 'nope.jsonl'" in missing.stderr
+        wrong = await batchd("retry", "--file", "tickets.jsonl", "--status", "succeeded", "--config", config)
+        assert wrong.returncode == 64 and "succeeded" in wrong.stderr
+    finally:
+        await daemon.stop()
+
+
+async def test_cancel_an_anthropic_batch_by_its_remote_id(tmp_path: Path, emulator: RunningEmulator) -> None:
+    config = str(write_config(tmp_path, emulator, store={"lease": 3}))
+    assert (await admin(emulator, "PUT", "/_emulator/config", {"processing_seconds": 3600}))[0] == 200
+    daemon = DaemonProcess(Path(config), tmp_path / "daemon.log").start()
+    try:
+        await ready(daemon)
+        results = drop(tmp_path, "claude.jsonl", [claude_line(n) for n in range(3)])
+
+        async def live() -> dict[str, Any] | None:
+            batches = await ok_json("batches", "--live", "--config", config)
+            return next((b for b in batches if b["state"] == "submitted" and b["remote_id"]), None)
+
+        batch = await wait_until(live, 60, interval=0.5)
+        assert batch["provider"] == "anthropic"
+        done = await batchd("cancel", batch["remote_id"], "--config", config)
+        assert done.returncode == 0 and f"cancel requested for batch {batch['id']} " in done.stdout, done.stderr
+        await wait_for_file(results, timeout=60, daemon=daemon)
+        assert [(r["custom_id"], r["status"]) for r in read_results(results)] == [
+            (f"claude-{n}", "canceled") for n in range(3)
+        ]
+        [ended] = [b for b in await ok_json("batches", "--config", config) if b["id"] == batch["id"]]
+        assert (ended["fate"], ended["cancel_reason"]) == ("cancelled", "operator")
     finally:
         await daemon.stop()

@@ -31,8 +31,9 @@ import pytest
 from batchd.emulator import Faults, RunningEmulator
 
 from .conftest import wait_until
-from .harness import DaemonProcess, NotifySocket, wait_for_file, write_config
+from .harness import DaemonProcess, NotifySocket, read_results, wait_for_file, write_config
 from .store.pgtier import fresh_schema, pg_fetch
+from .test_control import batchd
 from .test_crash import assert_answers_are_their_own
 from .test_faults import (
     all_custom_ids,
@@ -243,3 +244,34 @@ async def test_two_daemons_share_one_postgresql_queue_through_kills_and_takeover
     assert {row["state"]: row["n"] for row in items} == {"succeeded": a_total + b_total}
     takeovers = Counter(str(e.get("previous_owner")) for e in b.events("batch.taken_over"))
     assert takeovers[a.node_id] >= len(taken_from_a), (takeovers, taken_from_a, taken_from_b)
+
+
+@pytest.mark.timeout(300)
+async def test_a_cancel_given_beside_another_daemon_is_carried_out_by_the_batchs_lease_holder(tmp_path: Path) -> None:
+    # Batches stay in progress until cancelled.
+    async with fresh_schema("mc") as (url, schema), emulator_with(processing_seconds=3600) as emu:
+        a = Node("A", tmp_path / "a", emu, url)
+        b = Node("B", tmp_path / "b", emu, url)
+        with closing(a, b):
+            try:
+                await a.start()
+                await b.start()
+                drop(a.spool, "mine.jsonl", [chat_line(n) for n in range(3)])
+
+                async def a_holds_one() -> set[int]:
+                    return await live_batches_of(schema, a.node_id)
+
+                [batch_id] = await wait_until(a_holds_one, timeout=60, interval=0.25)
+                # The command runs beside B, with B's configuration: it only writes the intent.
+                done = await batchd("cancel", str(batch_id), "--config", str(b.daemon.config))
+                assert done.returncode == 0, done.stderr
+                results = out_path(a.spool, "mine")
+                await wait_for_file(results, timeout=60, daemon=a.daemon)
+                assert [line["status"] for line in read_results(results)] == ["canceled"] * 3
+                assert [e["batch"] for e in a.events("batch.operator_cancelled")] == [batch_id]
+                assert b.events("batch.operator_cancelled") == []
+                [row] = await pg_fetch(schema, "SELECT fate, cancel_reason FROM batches WHERE id = $1", batch_id)
+                assert (row["fate"], row["cancel_reason"]) == ("cancelled", "operator")
+            finally:
+                await a.daemon.stop()
+                await b.daemon.stop()

@@ -11,9 +11,19 @@ from functools import partial
 import orjson
 
 from batchd.formats import Outcome, provider_custom_id, result_line
-from batchd.policy import decide, hold_pause, index_outcomes, refund_error, unanswered
+from batchd.policy import (
+    Cancelled,
+    cancel_outcomes,
+    canceled_results,
+    decide,
+    hold_pause,
+    index_outcomes,
+    lines_to_retry,
+    refund_error,
+    unanswered,
+)
 from batchd.pricing import UNPRICED, PriceTable
-from batchd.store.contract import BatchRow, BatchState, SubmittedItem
+from batchd.store.contract import BatchRow, BatchState, FileItem, ItemState, SubmittedItem
 
 INSTANCE = "0123456789abcdef0123456789abcdef"
 USAGE = {"input_tokens": 1000, "output_tokens": 200}
@@ -137,3 +147,70 @@ def test_hold_pause_doubles_per_consecutive_failure_up_to_the_ceiling() -> None:
     assert [hold_pause(n, 60.0, 900.0) for n in range(1, 7)] == [60.0, 120.0, 240.0, 480.0, 900.0, 900.0]
     assert hold_pause(10_000, 1.0, 50.0) == 50.0
     assert hold_pause(0, 60.0, 900.0) == 60.0
+
+
+# -- operators' cancels ----------------------------------------------------------------------------
+
+
+def canceled_by_provider(item_id: int) -> Outcome:
+    return Outcome(f"x-{item_id}", "canceled", None, {"code": "batch_cancelled"}, None, retryable=True)
+
+
+def test_a_cancelled_batch_ends_every_stopped_request_canceled_for_good_and_keeps_finished_answers() -> None:
+    items = [item(1), item(2), item(3, attempts=1)]
+    answered = Outcome("x-1", "succeeded", {"id": "r"}, None, {"input_tokens": 1, "output_tokens": 1}, False)
+    outcomes = {1: answered, 2: canceled_by_provider(2), 3: canceled_by_provider(3)}
+    changed, bystanders = cancel_outcomes(outcomes, items, Cancelled(whole=True))
+    assert bystanders == set()
+    assert changed[1] is answered
+    assert [(changed[n].status, changed[n].retryable) for n in (2, 3)] == [("canceled", False)] * 2
+    finals, retries, _ = decide(batch(), items, changed, max_attempts=5, retry_at=0.0, always_retry=bystanders)
+    assert retries == []
+    assert [orjson.loads(f.payload)["status"] for f in finals] == ["succeeded", "canceled", "canceled"]
+    # Unanswered requests (no result line at all) are stopped requests too.
+    stopped, _ = cancel_outcomes(unanswered([item(4)], "canceled", {"message": "none"}), [item(4)], Cancelled(True))
+    assert (stopped[4].status, stopped[4].retryable, stopped[4].error) == ("canceled", False, {"message": "none"})
+
+
+def test_a_cancelled_file_ends_only_its_requests_and_requeues_the_others_whatever_their_attempts() -> None:
+    mine, theirs, spent = item(1), SubmittedItem(2, 9, 1, "t-2", 1), SubmittedItem(3, 9, 2, "t-3", 5)
+    outcomes = {n: canceled_by_provider(n) for n in (1, 2, 3)}
+    changed, bystanders = cancel_outcomes(outcomes, [mine, theirs, spent], Cancelled(files=frozenset({3})))
+    assert bystanders == {2, 3}
+    finals, retries, _ = decide(
+        batch(), [mine, theirs, spent], changed, max_attempts=5, retry_at=7.0, always_retry=bystanders
+    )
+    assert [(f.item_id, f.status) for f in finals] == [(1, "canceled")]
+    assert sorted(r.item_id for r in retries) == [2, 3]  # 3 has used its 5 attempts and goes back all the same
+    # Without an operator's cancel nothing changes: the spent request ends as the provider said.
+    same, none = cancel_outcomes(outcomes, [spent], None)
+    assert same is outcomes and none == set()
+
+
+def test_queued_requests_of_a_cancelled_file_get_canceled_result_lines() -> None:
+    [result] = canceled_results([item(5)])
+    line = orjson.loads(result.payload)
+    assert (result.item_id, result.file_id, result.line, result.status) == (5, 3, 15, "canceled")
+    assert (line["custom_id"], line["status"], line["line"], line["error"]["code"]) == (
+        "req-5",
+        "canceled",
+        15,
+        "batch_cancelled",
+    )
+
+
+def test_a_retry_takes_each_lines_latest_outcome_and_never_a_request_on_its_way() -> None:
+    def at(line: int, state: ItemState) -> FileItem:
+        return FileItem(line * 10 + len(state), line, f"req-{line}", state, "openai", "/v1/chat/completions", "m")
+
+    original = [
+        at(1, ItemState.ERRORED),
+        at(2, ItemState.EXPIRED),
+        at(3, ItemState.SUCCEEDED),
+        at(4, ItemState.ERRORED),
+    ]
+    retry1 = [at(1, ItemState.SUCCEEDED), at(4, ItemState.SUBMITTED)]
+    assert [i.line for i in lines_to_retry([original], ("errored", "expired"))] == [1, 2, 4]
+    assert [i.line for i in lines_to_retry([original], ("expired",))] == [2]
+    # Line 1 succeeded in retry1, line 4 is still on its way there: only line 2 goes again.
+    assert lines_to_retry([original, retry1], ("errored", "expired")) == [original[1]]

@@ -69,6 +69,15 @@ class Fate(enum.StrEnum):
     VANISHED = "vanished"
     OUTPUT_UNAVAILABLE = "output_unavailable"
     OVERDUE_CANCELLED = "overdue_cancelled"
+    CANCELLED = "cancelled"  # by an operator (`batchd cancel`)
+
+
+class CancelReason(enum.StrEnum):
+    """Why a batch is (to be) cancelled at the provider, and so what its unfinished requests become."""
+
+    OPERATOR = "operator"  # `batchd cancel BATCH`: every request of the batch ends canceled
+    FILE = "file"  # `batchd cancel --file`: the cancelled files' requests end canceled, others are requeued
+    DEADLINE = "deadline"  # still running past its window + grace: its unfinished requests are requeued
 
 
 class DuplicateCustomId(Exception):
@@ -110,6 +119,7 @@ class FileRow:
     delivered: int  # result lines durably in the outbox
     out_bytes: int  # durable length of the outbox .part
     moved: bool  # the file has left new/
+    canceled_at: float | None = None  # an operator cancelled it (`batchd cancel --file`)
 
 
 @dataclass(slots=True)
@@ -198,6 +208,8 @@ class BatchRow:
     owner: str | None = None  # node holding the lease
     lease_until: float = 0.0
     poll_requested_at: float | None = None  # another node got a webhook for it: the lease holder polls now
+    cancel_reason: CancelReason | None = None
+    cancel_wanted_at: float | None = None  # an operator asked (`batchd cancel`): the lease holder cancels it
 
 
 # Not frozen: one is made per result line, and a frozen dataclass takes about 5x as long to make.
@@ -228,6 +240,19 @@ class FinalResult:
     cache_creation_input_tokens: int | None = None
     cost_batch: float | None = None
     cost_realtime: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FileItem:
+    """One request of a file and where it stands (`batchd retry` reads them)."""
+
+    id: int
+    line: int
+    custom_id: str
+    state: ItemState
+    profile: str
+    endpoint: str
+    model: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -455,7 +480,13 @@ class Batches(Protocol):
 
     async def rejected_remotes(self, batch_id: int) -> set[str]: ...
 
-    async def note_cancel_requested(self, batch_id: int, error: str) -> None: ...
+    async def note_cancel_requested(
+        self, batch_id: int, error: str, reason: CancelReason = CancelReason.DEADLINE
+    ) -> None:
+        """The provider was asked to cancel the batch (cancel_requested_at, once), and why."""
+
+    async def canceled_files(self, batch_id: int) -> set[int]:
+        """The files with requests in this batch that an operator cancelled (`batchd cancel --file`)."""
 
     async def record_poll(
         self,
@@ -576,6 +607,26 @@ class Operations(Protocol):
 
     async def recent_batches(self, limit: int) -> list[BatchRow]:
         """The newest `limit` batches in any state, newest first, whoever owns them."""
+
+    async def request_cancel(self, batch_id: int, reason: CancelReason, now: float) -> bool:
+        """Record an operator's wish to cancel a live batch (the lease holder acts on it at its next lease
+        renewal, through poll_requested_at). OPERATOR outranks FILE. False if the batch is not live.
+        Idempotent."""
+
+    async def files_named(self, name: str) -> list[FileRow]:
+        """Every file row of this input file name (any node, any state), oldest first."""
+
+    async def queued_items(self, file_id: int) -> list[SubmittedItem]:
+        """The file's items still queued (not in any batch), by id."""
+
+    async def file_items(self, file_id: int) -> list[FileItem]:
+        """Every request of the file (not its invalid lines), by line."""
+
+    async def cancel_file(self, file_id: int, finals: Sequence[FinalResult], now: float) -> tuple[int, list[int]]:
+        """`batchd cancel --file`, in one transaction: mark the file cancelled, record `finals` (canceled
+        results composed by policy) for those of its items still QUEUED (others are skipped), and
+        request_cancel(FILE) every live batch holding its requests. Returns (finals recorded, those
+        batches' ids by id). Idempotent."""
 
     async def prune_finished(self, before: float, limit: int = 100) -> PruneSummary:
         """Delete up to `limit` files completed before `before` (with their items and results; never a

@@ -43,14 +43,17 @@ from .contract import (
     ApplySummary,
     BatchRow,
     BatchState,
+    CancelReason,
     Chunk,
     DuplicateCustomId,
     Fate,
+    FileItem,
     FileKey,
     FileRow,
     FileState,
     FinalResult,
     Group,
+    ItemState,
     NewItem,
     NewResult,
     NotCreated,
@@ -158,6 +161,8 @@ def _batch(row: asyncpg.Record) -> BatchRow:
         owner=row["owner"],
         lease_until=row["lease_until"],
         poll_requested_at=row["poll_requested_at"],
+        cancel_reason=CancelReason(row["cancel_reason"]) if row["cancel_reason"] else None,
+        cancel_wanted_at=row["cancel_wanted_at"],
     )
 
 
@@ -174,6 +179,7 @@ def _file(row: asyncpg.Record) -> FileRow:
         delivered=row["delivered"],
         out_bytes=row["out_bytes"],
         moved=row["moved_at"] is not None,
+        canceled_at=row["canceled_at"],
     )
 
 
@@ -721,12 +727,19 @@ class PostgresStore:
     async def request_poll(self, batch_id: int, now: float) -> None:
         await self._execute(Q.request_poll, batch_id, now)
 
-    async def note_cancel_requested(self, batch_id: int, error: str) -> None:
+    async def note_cancel_requested(
+        self, batch_id: int, error: str, reason: CancelReason = CancelReason.DEADLINE
+    ) -> None:
         async def work(conn: Connection) -> None:
             await conn.execute(Q.note_cancel_requested, batch_id, time.time(), error)
-            await self._add_error(conn, "batch.overdue_cancelled", f"batch {batch_id}: {error}")
+            await conn.execute(Q.note_cancel_reason, batch_id, reason.value)
+            event = "batch.overdue_cancelled" if reason == CancelReason.DEADLINE else "batch.operator_cancelled"
+            await self._add_error(conn, event, f"batch {batch_id}: {error}")
 
         await self._tx(work)
+
+    async def canceled_files(self, batch_id: int) -> set[int]:
+        return {int(r["file_id"]) for r in await self._fetch(Q.canceled_files, batch_id)}
 
     async def record_poll(
         self,
@@ -961,6 +974,46 @@ class PostgresStore:
 
     async def recent_batches(self, limit: int) -> list[BatchRow]:
         return [_batch(r) for r in await self._fetch(Q.recent_batches, limit)]
+
+    async def request_cancel(self, batch_id: int, reason: CancelReason, now: float) -> bool:
+        return _count(await self._execute(Q.request_cancel, batch_id, reason.value, now)) > 0
+
+    async def files_named(self, name: str) -> list[FileRow]:
+        return [_file(r) for r in await self._fetch(Q.files_named, name)]
+
+    async def queued_items(self, file_id: int) -> list[SubmittedItem]:
+        rows = await self._fetch(Q.queued_items, file_id)
+        return [SubmittedItem(r["id"], r["file_id"], r["line"], r["custom_id"], r["attempts"]) for r in rows]
+
+    async def file_items(self, file_id: int) -> list[FileItem]:
+        rows = await self._fetch(Q.file_items, file_id)
+        return [
+            FileItem(r["id"], r["line"], r["custom_id"], ItemState(r["state"]), r["profile"], r["endpoint"], r["model"])
+            for r in rows
+        ]
+
+    async def cancel_file(self, file_id: int, finals: Sequence[FinalResult], now: float) -> tuple[int, list[int]]:
+        mine = list({f.item_id: f for f in finals if f.file_id == file_id}.values())
+
+        async def work(conn: Connection) -> tuple[int, list[int]]:
+            await conn.execute(Q.mark_file_canceled, file_id, now)
+            applied = 0
+            if mine:
+                await conn.execute(Q.results_lock)
+                applied = await conn.fetchval(
+                    Q.cancel_queued,
+                    file_id,
+                    [f.item_id for f in mine],
+                    [str(f.status) for f in mine],
+                    [f.payload for f in mine],
+                    now,
+                )
+            batches = [int(r["batch_id"]) for r in await conn.fetch(Q.file_live_batches, file_id)]
+            for batch_id in batches:
+                await conn.execute(Q.request_cancel, batch_id, CancelReason.FILE.value, now)
+            return int(applied), batches
+
+        return await self._tx(work)
 
     async def prune_finished(self, before: float, limit: int = 100) -> PruneSummary:
         async def work(conn: Connection) -> PruneSummary:

@@ -561,3 +561,56 @@ DELETE FROM batch_rejects WHERE batch_id = ANY($1::bigint[])
 
 -- name: prune_batches
 DELETE FROM batches WHERE id = ANY($1::bigint[])
+
+-- Issue 12: `batchd cancel`: intents written by the command, carried out by the batch's lease holder.
+
+-- name: note_cancel_reason
+UPDATE batches SET cancel_reason = COALESCE(cancel_reason, $2) WHERE id = $1
+
+-- name: request_cancel
+-- OPERATOR (every request ends canceled) outranks FILE (only a cancelled file's requests do).
+-- poll_requested_at wakes the lease holder's poller at its next lease renewal.
+UPDATE batches SET cancel_wanted_at = COALESCE(cancel_wanted_at, $3),
+    cancel_reason = CASE WHEN cancel_reason = 'operator' THEN 'operator' ELSE $2 END,
+    poll_requested_at = $3
+WHERE id = $1 AND state IN ('pending', 'unverified', 'submitted')
+
+-- name: canceled_files
+SELECT DISTINCT i.file_id FROM items i JOIN files f ON f.id = i.file_id
+WHERE i.batch_id = $1 AND f.canceled_at IS NOT NULL
+
+-- name: files_named
+SELECT * FROM files WHERE name = $1 ORDER BY id
+
+-- name: queued_items
+SELECT id, file_id, line, custom_id, attempts FROM items WHERE file_id = $1 AND state = 'queued' ORDER BY id
+
+-- name: mark_file_canceled
+UPDATE files SET canceled_at = COALESCE(canceled_at, $2) WHERE id = $1
+
+-- name: cancel_queued
+-- The file's items still queued among these take their canceled result; their bodies go. The
+-- caller holds results_lock.
+WITH f AS (
+    SELECT * FROM unnest($2::bigint[], $3::text[], $4::bytea[]) AS f (item_id, status, payload)
+), done AS (
+    UPDATE items i SET state = 'canceled' FROM f
+    WHERE i.id = f.item_id AND i.file_id = $1 AND i.state = 'queued'
+    RETURNING i.id, i.file_id, i.line, i.profile, i.model
+), bodies AS (
+    DELETE FROM item_bodies WHERE item_id IN (SELECT id FROM done)
+), inserted AS (
+    INSERT INTO results (file_id, line, item_id, status, profile, model, batch_id, payload, created_at)
+    SELECT done.file_id, done.line, done.id, f.status, done.profile, done.model, NULL, f.payload, $5
+    FROM done JOIN f ON f.item_id = done.id
+    ORDER BY done.id
+    ON CONFLICT (file_id, line) DO NOTHING
+)
+SELECT COUNT(*) FROM done
+
+-- name: file_live_batches
+SELECT DISTINCT batch_id FROM items
+WHERE file_id = $1 AND state IN ('batched', 'submitted') AND batch_id IS NOT NULL ORDER BY batch_id
+
+-- name: file_items
+SELECT id, line, custom_id, state, profile, endpoint, model FROM items WHERE file_id = $1 ORDER BY line

@@ -51,9 +51,11 @@ from .contract import (
     ApplySummary,
     BatchRow,
     BatchState,
+    CancelReason,
     Chunk,
     DuplicateCustomId,
     Fate,
+    FileItem,
     FileKey,
     FileRow,
     FileState,
@@ -120,6 +122,8 @@ def _batch_from_row(row: sqlite3.Row) -> BatchRow:
         owner=row["owner"],
         lease_until=row["lease_until"],
         poll_requested_at=row["poll_requested_at"],
+        cancel_reason=CancelReason(row["cancel_reason"]) if row["cancel_reason"] else None,
+        cancel_wanted_at=row["cancel_wanted_at"],
     )
 
 
@@ -136,6 +140,7 @@ def _file_from_row(row: sqlite3.Row) -> FileRow:
         delivered=row["delivered"],
         out_bytes=row["out_bytes"],
         moved=row["moved_at"] is not None,
+        canceled_at=row["canceled_at"],
     )
 
 
@@ -891,10 +896,16 @@ class SQLiteStore:
             await db.execute(Q.request_poll, {"id": batch_id, "now": now})
 
     @shielded
-    async def note_cancel_requested(self, batch_id: int, error: str) -> None:
+    async def note_cancel_requested(
+        self, batch_id: int, error: str, reason: CancelReason = CancelReason.DEADLINE
+    ) -> None:
         async with self._tx() as db:
             await db.execute(Q.note_cancel_requested, (time.time(), error, batch_id))
-            await self._add_error(db, "batch.overdue_cancelled", f"batch {batch_id}: {error}")
+            await db.execute(Q.note_cancel_reason, (reason.value, batch_id))
+            await self._add_error(db, _CANCEL_EVENTS[reason], f"batch {batch_id}: {error}")
+
+    async def canceled_files(self, batch_id: int) -> set[int]:
+        return {int(r[0]) for r in await self._rows(Q.canceled_files, (batch_id,))}
 
     @shielded
     async def record_poll(
@@ -1160,6 +1171,43 @@ class SQLiteStore:
         return [_batch_from_row(r) for r in await self._rows(Q.recent_batches, (limit,))]
 
     @shielded
+    async def request_cancel(self, batch_id: int, reason: CancelReason, now: float) -> bool:
+        async with self._tx() as db:
+            cursor = await db.execute(Q.request_cancel, {"id": batch_id, "reason": reason.value, "now": now})
+            return cursor.rowcount > 0
+
+    async def files_named(self, name: str) -> list[FileRow]:
+        return [_file_from_row(r) for r in await self._rows(Q.files_named, (name,))]
+
+    async def queued_items(self, file_id: int) -> list[SubmittedItem]:
+        rows = await self._rows(Q.queued_items, (file_id,))
+        return [SubmittedItem(r[0], r[1], r[2], r[3], r[4]) for r in rows]
+
+    async def file_items(self, file_id: int) -> list[FileItem]:
+        rows = await self._rows(Q.file_items, (file_id,))
+        return [FileItem(r[0], r[1], r[2], ItemState(r[3]), r[4], r[5], r[6]) for r in rows]
+
+    @shielded
+    async def cancel_file(self, file_id: int, finals: Sequence[FinalResult], now: float) -> tuple[int, list[int]]:
+        async with self._tx() as db:
+            await db.execute(Q.mark_file_canceled, (now, file_id))
+            by_item = {f.item_id: f for f in finals if f.file_id == file_id}
+            rows = await db.execute_fetchall(Q.queued_among, (file_id, _json(by_item)))
+            route = {int(r[0]): (r[1], r[2]) for r in rows}
+            applied = [f for item_id, f in by_item.items() if item_id in route]
+            await db.executemany(
+                Q.insert_canceled_result,
+                [(f.file_id, f.line, f.item_id, f.status, *route[f.item_id], f.payload, now) for f in applied],
+            )
+            ids = _json(f.item_id for f in applied)
+            await db.execute(Q.items_final, (ItemState.CANCELED.value, ids))
+            await db.execute(Q.delete_item_bodies, (ids,))
+            batches = [int(r[0]) for r in await db.execute_fetchall(Q.file_live_batches, (file_id,))]
+            for batch_id in batches:
+                await db.execute(Q.request_cancel, {"id": batch_id, "reason": CancelReason.FILE.value, "now": now})
+            return len(applied), batches
+
+    @shielded
     async def prune_finished(self, before: float, limit: int = 100) -> PruneSummary:
         async with self._tx() as db:
             files = [r["id"] for r in await db.execute_fetchall(Q.prunable_files, {"before": before, "limit": limit})]
@@ -1237,6 +1285,14 @@ class SQLiteStore:
         reads = {name: await self._rows(getattr(Q, f"metrics_{name}")) for name in METRICS_READS}
         reads["sinks"] = await self._rows(Q.status_sinks)
         return {name: [dict(row) for row in rows] for name, rows in reads.items()}
+
+
+# The error event a cancel request at the provider leaves, by why it was made.
+_CANCEL_EVENTS = {
+    CancelReason.DEADLINE: "batch.overdue_cancelled",
+    CancelReason.OPERATOR: "batch.operator_cancelled",
+    CancelReason.FILE: "batch.operator_cancelled",
+}
 
 
 def _final_state(status: Status) -> str:

@@ -661,3 +661,46 @@ DELETE FROM batch_rejects WHERE batch_id IN (SELECT value FROM json_each(?));
 
 -- name: prune_batches
 DELETE FROM batches WHERE id IN (SELECT value FROM json_each(?));
+
+-- Issue 12: `batchd cancel`: intents written by the command, carried out by the batch's lease holder.
+
+-- name: note_cancel_reason
+UPDATE batches SET cancel_reason = COALESCE(cancel_reason, ?) WHERE id = ?;
+
+-- name: request_cancel
+-- OPERATOR (every request ends canceled) outranks FILE (only a cancelled file's requests do).
+-- poll_requested_at wakes the lease holder's poller at its next lease renewal.
+UPDATE batches SET cancel_wanted_at = COALESCE(cancel_wanted_at, :now),
+    cancel_reason = CASE WHEN cancel_reason = 'operator' THEN 'operator' ELSE :reason END,
+    poll_requested_at = :now
+WHERE id = :id AND state IN ('pending', 'unverified', 'submitted');
+
+-- name: canceled_files
+SELECT DISTINCT i.file_id FROM items i JOIN files f ON f.id = i.file_id
+WHERE i.batch_id = ? AND f.canceled_at IS NOT NULL;
+
+-- name: files_named
+SELECT * FROM files WHERE name = ? ORDER BY id;
+
+-- name: queued_items
+SELECT id, file_id, line, custom_id, attempts FROM items WHERE file_id = ? AND state = 'queued' ORDER BY id;
+
+-- name: mark_file_canceled
+UPDATE files SET canceled_at = COALESCE(canceled_at, ?) WHERE id = ?;
+
+-- name: queued_among
+-- The CAS of cancel_file: which of these items of the file are still queued, and their route.
+SELECT id, profile, model FROM items
+WHERE file_id = ? AND state = 'queued' AND id IN (SELECT value FROM json_each(?));
+
+-- name: insert_canceled_result
+INSERT INTO results (file_id, line, item_id, status, profile, model, batch_id, payload, created_at)
+VALUES (?, ?, ?, ?, ?, ?, NULL, ?, ?)
+ON CONFLICT (file_id, line) DO NOTHING;
+
+-- name: file_live_batches
+SELECT DISTINCT batch_id FROM items
+WHERE file_id = ? AND state IN ('batched', 'submitted') AND batch_id IS NOT NULL ORDER BY batch_id;
+
+-- name: file_items
+SELECT id, line, custom_id, state, profile, endpoint, model FROM items WHERE file_id = ? ORDER BY line;

@@ -27,7 +27,8 @@ from typing import Any
 
 import pytest
 
-from batchd.store.contract import BatchRow, BatchState, Fate, Store
+from batchd.policy import canceled_results
+from batchd.store.contract import BatchRow, BatchState, CancelReason, Fate, Store
 
 from ..conftest import loop_ticks
 from .factories import (
@@ -293,6 +294,35 @@ async def _record_outcomes(env: Env, target: Target) -> Any:
     return await env.store.record_outcomes(target["batch"], [final(first)], [retry(second, time.time())])
 
 
+async def half_batched_file(env: Env) -> Target:
+    """A file of 4 lines: 2 in a live batch, 2 still queued (what `batchd cancel --file` finds)."""
+    name = model()
+    row = await ingest(env.store, f"{name}.jsonl", 4, model=name)
+    batch = await submitted_batch(env.store, model=name, max_requests=2)
+    return {"file": row.id, "batch": batch.id, "model": name}
+
+
+async def cancel_state(env: Env, target: Target) -> Hashable:
+    row = await batch_row(env, target)
+    return (await batch_state(env, target), row.cancel_reason, row.cancel_wanted_at is not None)
+
+
+async def canceled_file_state(env: Env, target: Target) -> Hashable:
+    row = await env.store.file(target["file"])
+    assert row is not None
+    return (
+        row.canceled_at is not None,
+        await queued(env, target["model"]),
+        await file_results(env, target["file"]),
+        await cancel_state(env, target),
+    )
+
+
+async def _cancel_file(env: Env, target: Target) -> Any:
+    items = await env.store.queued_items(target["file"])
+    return await env.store.cancel_file(target["file"], canceled_results(items), time.time())
+
+
 CASES = [
     Case(
         "begin_file",
@@ -368,6 +398,20 @@ CASES = [
         lambda env, t: env.store.note_cancel_requested(t["batch"], "overdue"),
         batch_state,
     ),
+    Case(
+        "note_cancel_requested by an operator",
+        live_batch,
+        lambda env, t: env.store.note_cancel_requested(t["batch"], "batchd cancel", CancelReason.OPERATOR),
+        cancel_state,
+    ),
+    Case(
+        "request_cancel",
+        live_batch,
+        lambda env, t: env.store.request_cancel(t["batch"], CancelReason.OPERATOR, time.time()),
+        cancel_state,
+        idempotent=True,
+    ),
+    Case("cancel_file", half_batched_file, _cancel_file, canceled_file_state, idempotent=True),
     Case(
         "record_poll",
         live_batch,

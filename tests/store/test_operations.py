@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import time
 
+import orjson
 import pytest
 
 from batchd.ops import held_until
-from batchd.store.contract import PAUSE_UNTIL, BatchState, PruneSummary, Store
+from batchd.policy import canceled_results
+from batchd.store.contract import PAUSE_UNTIL, BatchState, CancelReason, ItemState, PruneSummary, Store
 
 from .factories import MODEL, PROFILE, file_key, final, ingest, never_taken, submitted_batch, succeed_all
 from .factories import chunk as make_chunk
@@ -120,3 +122,96 @@ async def test_pruning_goes_a_chunk_of_files_per_transaction(store: Store) -> No
         PruneSummary(),
     ]
     assert sum(r["requests"] for r in await store.report(0, "file")) == 6
+
+
+# -- `batchd cancel`: intents the lease holder carries out -------------------------------------------
+
+
+async def test_request_cancel_marks_a_live_batch_for_its_lease_holder_and_operator_outranks_file(
+    store: Store, second_node: Store
+) -> None:
+    await ingest(store, "c.jsonl", 2)
+    batch = await submitted_batch(store)
+    now = time.time()
+    # The command runs as another process (here: another node) beside the daemon holding the lease.
+    assert await second_node.request_cancel(batch.id, CancelReason.FILE, now)
+    row = await store.batch(batch.id)
+    assert row is not None and row.cancel_requested_at is None  # nothing was sent to the provider yet
+    assert (row.cancel_reason, row.cancel_wanted_at, row.poll_requested_at) == (CancelReason.FILE, now, now)
+    assert [b.id for b in await store.owned_batches(BatchState.SUBMITTED) if b.cancel_wanted_at] == [batch.id]
+
+    assert await second_node.request_cancel(batch.id, CancelReason.OPERATOR, now + 1)
+    assert await second_node.request_cancel(batch.id, CancelReason.FILE, now + 2)  # does not narrow it again
+    row = await store.batch(batch.id)
+    assert row is not None and (row.cancel_reason, row.cancel_wanted_at) == (CancelReason.OPERATOR, now)
+
+    await store.note_cancel_requested(batch.id, "cancelled by an operator", CancelReason.OPERATOR)
+    row = await store.batch(batch.id)
+    assert row is not None and row.cancel_requested_at is not None
+    await succeed_all(store, batch)
+    await store.finish_batch(batch.id)
+    assert not await second_node.request_cancel(batch.id, CancelReason.OPERATOR, now)  # ended: nothing to do
+
+
+async def test_an_overdue_cancel_records_the_deadline_as_its_reason(store: Store) -> None:
+    await ingest(store, "d.jsonl", 1)
+    batch = await submitted_batch(store)
+    await store.note_cancel_requested(batch.id, "past its window")
+    row = await store.batch(batch.id)
+    assert row is not None and (row.cancel_reason, row.cancel_wanted_at) == (CancelReason.DEADLINE, None)
+    assert row.cancel_requested_at is not None
+
+
+async def test_cancel_file_ends_its_queued_requests_and_marks_only_the_batches_holding_its_requests(
+    store: Store, second_node: Store
+) -> None:
+    mine = await ingest(store, "mine.jsonl", 5)
+    other = await ingest(store, "other.jsonl", 2)
+    # One batch with 3 of mine, one with 2 of mine and 1 of the other file, one with the other's last.
+    shared_first = await submitted_batch(store, max_requests=3)
+    shared = await submitted_batch(store, max_requests=3)
+    alone = await submitted_batch(store, max_requests=1)
+    assert [i.file_id for i in await store.submitted_items(shared.id)] == [mine.id, mine.id, other.id]
+    assert [i.file_id for i in await store.submitted_items(alone.id)] == [other.id]
+    # Two more lines of mine still queued.
+    extra = await ingest(store, "mine.jsonl", 2, key=file_key("mine.jsonl", sha256="b" * 64, ino=99))
+    assert [f.id for f in await second_node.files_named("mine.jsonl")] == [mine.id, extra.id]
+    assert await second_node.files_named("nope.jsonl") == []
+
+    queued = await second_node.queued_items(extra.id)
+    assert [(i.file_id, i.line) for i in queued] == [(extra.id, 1), (extra.id, 2)]
+    recorded, batches = await second_node.cancel_file(extra.id, canceled_results(queued), time.time())
+    assert (recorded, batches) == (2, [])
+    assert await store.queued_items(extra.id) == []
+    results = [r for r in await store.results_after(0, 100) if r.file_id == extra.id]
+    assert [orjson.loads(r.payload)["status"] for r in results] == ["canceled", "canceled"]
+
+    recorded, batches = await second_node.cancel_file(mine.id, canceled_results([]), time.time())
+    assert (recorded, batches) == (0, [shared_first.id, shared.id])
+    for batch_id in (shared_first.id, shared.id):
+        row = await store.batch(batch_id)
+        assert row is not None and row.cancel_reason == CancelReason.FILE and row.cancel_wanted_at
+    untouched = await store.batch(alone.id)
+    assert untouched is not None and untouched.cancel_wanted_at is None
+    assert await store.canceled_files(shared.id) == {mine.id}
+    assert await store.canceled_files(alone.id) == set()
+    row = await store.file(mine.id)
+    assert row is not None and row.canceled_at is not None
+    # Idempotent: a repeat records nothing twice.
+    assert await second_node.cancel_file(extra.id, canceled_results(queued), time.time()) == (0, [])
+    assert len([r for r in await store.results_after(0, 100) if r.file_id == extra.id]) == 2
+
+
+async def test_file_items_are_a_files_requests_by_line_with_their_state(store: Store, second_node: Store) -> None:
+    row = await ingest(store, "r.jsonl", 3, invalid_lines=[2])
+    batch = await submitted_batch(store, max_requests=1)
+    [first] = await store.submitted_items(batch.id)
+    await store.record_outcomes(batch.id, [final(first, "errored")], [])
+    items = await second_node.file_items(row.id)
+    assert [(i.line, i.state) for i in items] == [(1, ItemState.ERRORED), (3, ItemState.QUEUED)]
+    assert (items[0].id, items[0].custom_id, items[0].profile, items[0].model) == (
+        first.id,
+        first.custom_id,
+        PROFILE,
+        MODEL,
+    )
