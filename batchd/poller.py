@@ -112,6 +112,7 @@ class Watch:
             return None
         return listed
 
+
 # Result lines per store transaction while collecting: each commit is an fsync, so not too few
 # lines; each transaction holds the single writer, so not too many (well under a second).
 APPLY_CHUNK = 5000
@@ -435,13 +436,7 @@ class Pollers:
         reason = watch.cancel or (batch.cancel_reason if batch.cancel_wanted_at is not None else None)
         if cancel_sent or reason is None or reason == CancelReason.DEADLINE:
             return cancel_sent
-        if batch.state == BatchState.UNVERIFIED:
-            return False  # maybe a stranger's batch: never cancel what is not proven ours
-        try:
-            await self.providers.get(batch.profile).cancel(remote.id)
-        except ProviderError as exc:
-            log.warning("batch.cancel_failed", batch=batch.id, remote_id=remote.id, error=str(exc))
-            await self.store.note_batch_error(batch.id, "batch.cancel_failed", str(exc))
+        if not await self._send_cancel(batch, remote):
             return False
         what = "the batch" if reason == CancelReason.OPERATOR else "a file of the batch (batchd cancel --file)"
         message = f"an operator cancelled {what}: cancel requested while {remote.status!r}"
@@ -450,12 +445,8 @@ class Pollers:
         batch.cancel_requested_at = time.time()
         return True
 
-    async def _cancel_if_overdue(self, batch: BatchRow, remote: RemoteBatch, cancel_sent: bool) -> bool:
-        """Cancel a batch still running past its window plus grace; its requests come back once it has ended."""
-        batching = self.settings.batching
-        created = batch.remote_created_at or remote.created_at or batch.submitted_at or batch.created_at
-        if cancel_sent or not overdue(created, time.time(), batching.completion_window, batching.expiry_grace):
-            return cancel_sent
+    async def _send_cancel(self, batch: BatchRow, remote: RemoteBatch) -> bool:
+        """Ask the provider to cancel; False (logged, noted on the batch) when it could not be asked."""
         if batch.state == BatchState.UNVERIFIED:
             return False  # maybe a stranger's batch: never cancel what is not proven ours
         try:
@@ -463,6 +454,16 @@ class Pollers:
         except ProviderError as exc:
             log.warning("batch.cancel_failed", batch=batch.id, remote_id=remote.id, error=str(exc))
             await self.store.note_batch_error(batch.id, "batch.cancel_failed", str(exc))
+            return False
+        return True
+
+    async def _cancel_if_overdue(self, batch: BatchRow, remote: RemoteBatch, cancel_sent: bool) -> bool:
+        """Cancel a batch still running past its window plus grace; its requests come back once it has ended."""
+        batching = self.settings.batching
+        created = batch.remote_created_at or remote.created_at or batch.submitted_at or batch.created_at
+        if cancel_sent or not overdue(created, time.time(), batching.completion_window, batching.expiry_grace):
+            return cancel_sent
+        if not await self._send_cancel(batch, remote):
             return False
         message = (
             f"still {remote.status!r} {round(time.time() - created)} s after creation (window"
