@@ -263,7 +263,10 @@ async def test_http_errors_on_every_path_still_give_one_success_per_line_and_no_
         stats = await emulator_stats(emu)
     by_id = assert_one_result_per_line(read_results(results_path), lines)
     assert Counter(r["status"] for r in by_id.values()) == {"succeeded": len(lines)}
-    assert stats["faults_injected"]["http_errors"] > 10
+    # How many calls the daemon makes depends on timing (polls, retries), so the number of injected
+    # errors is a binomial draw: CI once saw 9 of about 40. The check is that faults did fire, often.
+    injected = stats["faults_injected"]["http_errors"]
+    assert injected >= 3 and injected >= 0.1 * stats["http_calls"], (injected, stats["http_calls"])
     ids = all_custom_ids(stats)
     assert len(ids) == len(lines)
     assert all(len(batches) == 1 for batches in ids.values()), "a request was sent in two batches"
