@@ -360,8 +360,13 @@ def result_line(
     batch_id: str | None = None,
     usage: dict[str, int] | None = None,
     cost: Any = None,
+    via: str | None = None,
 ) -> bytes:
-    """One line of a results file (without newline), fields as documented in the README."""
+    """One line of a results file (without newline), fields as documented in the README.
+
+    `via` is how the answer was served ("batch", or "realtime" for the deadline fallback); None
+    for a result no provider gave (an invalid line, a request cancelled before it was sent).
+    """
     return orjson.dumps(
         {
             "custom_id": custom_id,
@@ -373,6 +378,7 @@ def result_line(
             "batch_id": batch_id,
             "usage": usage,
             "cost": cost,
+            "via": via,
             "line": line,
         }
     )

@@ -133,6 +133,7 @@ def decide(
             batch_id=remote_id,
             usage=usage,
             cost=cost_json,
+            via="batch",
         )
         finals.append(
             FinalResult(
@@ -144,6 +145,8 @@ def decide(
                 *tokens,
                 cost.batch if cost else None,
                 cost.realtime if cost else None,
+                "batch",
+                cost.batch if cost else None,
             )
         )
     return finals, retries, ignored

@@ -434,7 +434,7 @@ class Pollers:
         """Cancel at the provider a batch an operator cancelled (`batchd cancel`); what its requests
         become is decided when it is collected (_collect reads the reason again)."""
         reason = watch.cancel or (batch.cancel_reason if batch.cancel_wanted_at is not None else None)
-        if cancel_sent or reason is None or reason == CancelReason.DEADLINE:
+        if cancel_sent or reason is None or reason == CancelReason.EXPIRY:
             return cancel_sent
         if not await self._send_cancel(batch, remote):
             return False

@@ -70,12 +70,19 @@ class Cost:
 
     batch: float
     realtime: float
+    # What was actually paid: the batch price for a batch answer (None), the real-time (or flex)
+    # price for the deadline fallback's answer.
+    paid_price: float | None = None
+
+    @property
+    def paid(self) -> float:
+        return self.batch if self.paid_price is None else self.paid_price
 
     def as_json(self) -> dict[str, Any]:
-        return {"currency": "USD", "batch": self.batch, "realtime": self.realtime}
+        return {"currency": "USD", "batch": self.batch, "realtime": self.realtime, "paid": self.paid}
 
 
-UNPRICED: dict[str, Any] = {"currency": "USD", "batch": None, "realtime": None, "unpriced": True}
+UNPRICED: dict[str, Any] = {"currency": "USD", "batch": None, "realtime": None, "paid": None, "unpriced": True}
 
 
 class PriceTable:

@@ -12,14 +12,16 @@ import re
 import secrets
 import tomllib
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     SecretStr,
     ValidationError,
     ValidationInfo,
@@ -30,6 +32,9 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from .exits import EX_CONFIG, OperatorError
 from .pricing import ModelPrice, PriceTable
+
+if TYPE_CHECKING:
+    from .schedule import Window
 
 ProviderKind = Literal["openai", "anthropic"]
 
@@ -127,6 +132,15 @@ class BatchingSettings(_Section):
     # ended counts as unavailable.
     completion_window: Duration = 86400.0
     expiry_grace: Duration = 3600.0
+    # Deadlines (issue 11), defaults for every route and profile that sets none. From a request's
+    # deadline less deadline_lead on, a request still without a result leaves its batch (cancelled
+    # at the provider) for the real-time API; the fallback waits cancel_wait_fraction of the lead
+    # for the cancelled batch to end, then sends the rest anyway. expected_turnaround is how long a
+    # batch is planned to take: work with a deadline flushes once waiting longer would leave less
+    # than lead + turnaround.
+    deadline_lead: Duration = 3600.0
+    cancel_wait_fraction: float = Field(default=0.25, ge=0, le=1)
+    expected_turnaround: Duration = 3600.0
 
     @model_validator(mode="after")
     def _intervals_ordered(self) -> BatchingSettings:
@@ -154,6 +168,59 @@ class ProviderProfile(_Section):
     max_in_flight: int = Field(default=20, ge=1)
     request_timeout: Duration = 600.0
     batch_discount: float = Field(default=0.5, ge=0, le=1)
+    # The batch window sent on create; OpenAI itself accepts only "24h", some OpenAI-compatible
+    # hosts offer others. Its length is the window after which an unfinished batch is overdue.
+    completion_window: str = Field(default="24h", pattern=r"^\d+[smhd]$")
+    # Submission window, deadline lead and turnaround for this profile's routes (a route's own win).
+    window: list[str] = Field(default_factory=list)  # e.g. ["22:00-06:00"]
+    window_cron: str | None = None  # e.g. "0 22 * * *" with window_duration "8h"
+    window_duration: Duration | None = None
+    timezone: str = "UTC"
+    deadline_lead: Duration | None = None  # None: [batching] deadline_lead
+    expected_turnaround: Duration | None = None  # None: [batching] expected_turnaround
+    # The organisation's limits at the provider (None: not declared). enqueued_tokens is per model
+    # (OpenAI): one number for every model, or a table {"gpt-4o-mini" = 2000000, "*" = 90000}.
+    enqueued_tokens: int | dict[str, int] | None = None
+    queued_requests: int | None = Field(default=None, ge=1)  # Anthropic: requests in live batches
+    batches_per_hour: int | None = Field(default=None, ge=1)
+    # Kept free below each declared limit: batchd's token estimate is not the provider's count.
+    capacity_margin: float = Field(default=0.1, ge=0, lt=1)
+    # The real-time fallback's pacing (realtime.RealtimeLimits); flex: OpenAI's flex tier first.
+    realtime_concurrency: int = Field(default=8, ge=1)
+    requests_per_minute: int | None = Field(default=None, ge=1)
+    tokens_per_minute: int | None = Field(default=None, ge=1)
+    flex: bool = False
+
+    @field_validator("window")
+    @classmethod
+    def _window_ranges(cls, value: list[str]) -> list[str]:
+        from .schedule import DailyRange
+
+        for text in value:
+            DailyRange.parse(text)  # a ScheduleError (ValueError) names what is wrong
+        return value
+
+    @model_validator(mode="after")
+    def _window_cron_duration(self) -> ProviderProfile:
+        _check_window(self.window, self.window_cron, self.window_duration, self.timezone)
+        return self
+
+    @property
+    def completion_seconds(self) -> float:
+        value = parse_duration(self.completion_window)
+        return float(value)
+
+    def token_limit(self, model: str) -> int | None:
+        """The declared enqueued-token limit for `model` (exact name, then globs, then "*")."""
+        limits = self.enqueued_tokens
+        if limits is None or isinstance(limits, int):
+            return limits
+        if model in limits:
+            return limits[model]
+        for pattern, limit in limits.items():
+            if pattern != "*" and fnmatch.fnmatchcase(model, pattern):
+                return limit
+        return limits.get("*")
 
     @model_validator(mode="after")
     def _fill_limits(self) -> ProviderProfile:
@@ -173,11 +240,74 @@ class ProviderProfile(_Section):
         return self.max_bytes
 
 
+def _check_window(window: list[str], cron: str | None, duration: float | None, timezone: str) -> None:
+    from .schedule import zone
+
+    zone(timezone)  # a ScheduleError names an unknown zone
+    if window and cron:
+        raise ValueError("give window or window_cron, not both")
+    if (cron is None) != (duration is None):
+        raise ValueError("window_cron and window_duration go together")
+    if cron is not None:
+        from datetime import timedelta
+
+        from .schedule import Window
+
+        Window.from_cron(cron, timedelta(seconds=duration or 0), timezone)
+
+
 class Route(_Section):
-    """`[[routes]]`: requests whose model matches `model` (a glob) go to profile `provider`."""
+    """`[[routes]]`: requests whose model matches `model` (a glob) go to profile `provider`.
+
+    `name` (default: the profile's name) is what `batchd pause|resume|flush ROUTE` address; several
+    routes may share a name. A route's window, deadline default and lead win over its profile's.
+    """
 
     model: str
     provider: str
+    name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    window: list[str] = Field(default_factory=list)
+    window_cron: str | None = None
+    window_duration: Duration | None = None
+    timezone: str | None = None  # None: the profile's
+    # The deadline of a file that gives none: relative to its arrival ("8h") or a fixed ISO time.
+    deadline: str | None = None
+    deadline_lead: Duration | None = None
+
+    @field_validator("window")
+    @classmethod
+    def _window_ranges(cls, value: list[str]) -> list[str]:
+        from .schedule import DailyRange
+
+        for text in value:
+            DailyRange.parse(text)
+        return value
+
+    @field_validator("deadline")
+    @classmethod
+    def _deadline_readable(cls, value: str | None) -> str | None:
+        if value is not None:
+            from .deadlines import parse_deadline
+
+            parse_deadline(value, 0.0)  # a DeadlineError (ValueError) names what is wrong
+        return value
+
+    @model_validator(mode="after")
+    def _window_cron_duration(self) -> Route:
+        _check_window(self.window, self.window_cron, self.window_duration, self.timezone or "UTC")
+        return self
+
+
+@dataclass(frozen=True)
+class RoutePlan:
+    """What one (profile, model) is submitted under: its route's name, window, deadline rules."""
+
+    name: str
+    profile: str
+    window: Window | None
+    deadline: str | None  # the default deadline of a file that gives none
+    deadline_lead: float
+    expected_turnaround: float
 
 
 class WebhookSink(_Section):
@@ -306,6 +436,7 @@ class Settings(BaseSettings):
     sinks: list[WebhookSink] = Field(default_factory=list)
     prices: dict[str, ModelPrice] = Field(default_factory=dict)
     http: HttpSettings | None = None  # no [http]: no listener
+    _plans: dict[tuple[str, str], RoutePlan] = PrivateAttr(default_factory=dict)
 
     @classmethod
     def settings_customise_sources(
@@ -336,6 +467,53 @@ class Settings(BaseSettings):
                     f" (known: {', '.join(sorted(self.providers))})"
                 )
         return self
+
+    def route_plan(self, profile: str, model: str) -> RoutePlan:
+        """The route (profile, model) falls under, resolved: the first [[routes]] entry of this profile
+        whose glob matches, else the profile itself (name = the profile's name)."""
+        key = (profile, model)
+        cached = self._plans.get(key)
+        if cached is not None:
+            return cached
+        from datetime import timedelta
+
+        from .schedule import Window
+
+        prof = self.providers[profile]
+        route = next(
+            (r for r in self.routes if r.provider == profile and fnmatch.fnmatchcase(model, r.model)), None
+        )
+        tz = (route.timezone if route is not None and route.timezone else None) or prof.timezone
+        source: Route | ProviderProfile = route if route is not None and (route.window or route.window_cron) else prof
+        window: Window | None = None
+        if source.window:
+            window = Window.daily(source.window, tz)
+        elif source.window_cron is not None:
+            window = Window.from_cron(source.window_cron, timedelta(seconds=source.window_duration or 0), tz)
+        lead = route.deadline_lead if route is not None and route.deadline_lead is not None else None
+        plan = RoutePlan(
+            name=(route.name if route is not None and route.name else profile),
+            profile=profile,
+            window=window,
+            deadline=route.deadline if route is not None else None,
+            deadline_lead=lead if lead is not None else (
+                prof.deadline_lead if prof.deadline_lead is not None else self.batching.deadline_lead
+            ),
+            expected_turnaround=(
+                prof.expected_turnaround if prof.expected_turnaround is not None else self.batching.expected_turnaround
+            ),
+        )  # fmt: skip
+        self._plans[key] = plan
+        return plan
+
+    def route_names(self) -> list[str]:
+        """Every route name commands may address: each [[routes]] name (or its profile's), and each profile."""
+        names = {route.name or route.provider for route in self.routes} | set(self.providers)
+        return sorted(names)
+
+    def route_matches(self, name: str, profile: str, model: str) -> bool:
+        """Whether (profile, model) falls under the route called `name` ('*': every route)."""
+        return name == "*" or self.route_plan(profile, model).name == name
 
     def profile_for(self, kind: ProviderKind, model: str) -> str | None:
         """The profile that takes `model` for a line of the API family `kind`, or None."""

@@ -94,10 +94,12 @@ def test_a_final_outcome_gets_the_result_line_and_cost_of_the_old_store() -> Non
         batch_id="batch_abc",
         usage=USAGE,
         cost=cost.as_json(),
+        via="batch",
     )
     assert (final.item_id, final.file_id, final.line, final.status) == (1, 3, 11, "succeeded")
     assert (final.input_tokens, final.output_tokens, final.cached_input_tokens) == (1000, 200, None)
     assert (final.cost_batch, final.cost_realtime) == (cost.batch, cost.realtime)
+    assert (final.via, final.cost_paid, cost.as_json()["paid"]) == ("batch", cost.batch, cost.batch)
 
 
 def test_usage_without_a_price_is_marked_unpriced_and_no_usage_has_no_cost() -> None:

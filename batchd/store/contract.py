@@ -39,6 +39,10 @@ class ItemState(enum.StrEnum):
     ERRORED = "errored"
     EXPIRED = "expired"
     CANCELED = "canceled"
+    # Handed to the real-time fallback (its deadline came, see deadlines.py): no final result yet.
+    # The first final answer wins, from the real-time API or a late batch result; a second one is
+    # recorded as a duplicate cost, not as a result.
+    REALTIME = "realtime"
 
 
 class BatchState(enum.StrEnum):
@@ -77,7 +81,17 @@ class CancelReason(enum.StrEnum):
 
     OPERATOR = "operator"  # `batchd cancel BATCH`: every request of the batch ends canceled
     FILE = "file"  # `batchd cancel --file`: the cancelled files' requests end canceled, others are requeued
-    DEADLINE = "deadline"  # still running past its window + grace: its unfinished requests are requeued
+    # A request's deadline (less its lead) came: unfinished requests with a deadline go to the
+    # real-time fallback; those without one are requeued.
+    DEADLINE = "deadline"
+    EXPIRY = "expiry"  # still running past its window + grace: its unfinished requests are requeued
+
+
+class Via(enum.StrEnum):
+    """How a result was served (the result line's `via`)."""
+
+    BATCH = "batch"
+    REALTIME = "realtime"
 
 
 class DuplicateCustomId(Exception):
@@ -134,6 +148,9 @@ class NewItem:
     body: bytes
     size: int
     tokens: int = 0  # estimated enqueued tokens (capacity counters); 0 = unknown
+    deadline: float | None = None  # unix time its result must exist by
+    fallback_at: float | None = None  # deadline less the route's deadline_lead: real time from then on
+    inputs: int = 1  # inputs an embeddings request carries (capacity.embedding_inputs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,6 +257,8 @@ class FinalResult:
     cache_creation_input_tokens: int | None = None
     cost_batch: float | None = None
     cost_realtime: float | None = None
+    via: str = "batch"  # Via: how it was served
+    cost_paid: float | None = None  # what was actually paid (cost_batch for a batch answer)
 
 
 @dataclass(frozen=True, slots=True)
@@ -481,7 +500,7 @@ class Batches(Protocol):
     async def rejected_remotes(self, batch_id: int) -> set[str]: ...
 
     async def note_cancel_requested(
-        self, batch_id: int, error: str, reason: CancelReason = CancelReason.DEADLINE
+        self, batch_id: int, error: str, reason: CancelReason = CancelReason.EXPIRY
     ) -> None:
         """The provider was asked to cancel the batch (cancel_requested_at, once), and why."""
 

@@ -728,12 +728,12 @@ class PostgresStore:
         await self._execute(Q.request_poll, batch_id, now)
 
     async def note_cancel_requested(
-        self, batch_id: int, error: str, reason: CancelReason = CancelReason.DEADLINE
+        self, batch_id: int, error: str, reason: CancelReason = CancelReason.EXPIRY
     ) -> None:
         async def work(conn: Connection) -> None:
             await conn.execute(Q.note_cancel_requested, batch_id, time.time(), error)
             await conn.execute(Q.note_cancel_reason, batch_id, reason.value)
-            event = "batch.overdue_cancelled" if reason == CancelReason.DEADLINE else "batch.operator_cancelled"
+            event = _CANCEL_EVENTS.get(reason, "batch.operator_cancelled")
             await self._add_error(conn, event, f"batch {batch_id}: {error}")
 
         await self._tx(work)
@@ -1110,3 +1110,10 @@ if TYPE_CHECKING:
     def _is_a_store(store: PostgresStore) -> contract.Store:
         """mypy proves here that PostgresStore satisfies the whole contract."""
         return store
+
+
+# The error event a cancel request at the provider leaves, by why it was made.
+_CANCEL_EVENTS = {
+    CancelReason.EXPIRY: "batch.overdue_cancelled",
+    CancelReason.DEADLINE: "batch.deadline_cancelled",
+}

@@ -897,7 +897,7 @@ class SQLiteStore:
 
     @shielded
     async def note_cancel_requested(
-        self, batch_id: int, error: str, reason: CancelReason = CancelReason.DEADLINE
+        self, batch_id: int, error: str, reason: CancelReason = CancelReason.EXPIRY
     ) -> None:
         async with self._tx() as db:
             await db.execute(Q.note_cancel_requested, (time.time(), error, batch_id))
@@ -1289,9 +1289,10 @@ class SQLiteStore:
 
 # The error event a cancel request at the provider leaves, by why it was made.
 _CANCEL_EVENTS = {
-    CancelReason.DEADLINE: "batch.overdue_cancelled",
+    CancelReason.EXPIRY: "batch.overdue_cancelled",
     CancelReason.OPERATOR: "batch.operator_cancelled",
     CancelReason.FILE: "batch.operator_cancelled",
+    CancelReason.DEADLINE: "batch.deadline_cancelled",
 }
 
 

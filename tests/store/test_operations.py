@@ -158,7 +158,7 @@ async def test_an_overdue_cancel_records_the_deadline_as_its_reason(store: Store
     batch = await submitted_batch(store)
     await store.note_cancel_requested(batch.id, "past its window")
     row = await store.batch(batch.id)
-    assert row is not None and (row.cancel_reason, row.cancel_wanted_at) == (CancelReason.DEADLINE, None)
+    assert row is not None and (row.cancel_reason, row.cancel_wanted_at) == (CancelReason.EXPIRY, None)
     assert row.cancel_requested_at is not None
 
 
