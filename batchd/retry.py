@@ -19,7 +19,7 @@ from .exits import EX_DATAERR, EX_NOINPUT, EX_TEMPFAIL, OperatorError, reading_s
 from .formats import LineError, parse_line
 from .policy import lines_to_retry
 from .settings import Settings
-from .spool import LINE_OVERHEAD, RESULTS_SUFFIX
+from .spool import LINE_OVERHEAD, RESULTS_SUFFIX, request_capacity
 from .status import existing_store, no_store
 from .store.contract import FileItem, FileKey, FileRow, FileState, NewItem, Store, WholeFile
 
@@ -57,7 +57,13 @@ def _requests(path: Path, items: list[FileItem]) -> list[NewItem]:
                 EX_DATAERR,
             )
         size = len(parsed.body) + len(item.endpoint) + LINE_OVERHEAD
-        requests.append(NewItem(item.line, item.custom_id, item.profile, item.endpoint, item.model, parsed.body, size))
+        tokens, inputs = request_capacity(item.endpoint, parsed.body)
+        requests.append(
+            NewItem(
+                item.line, item.custom_id, item.profile, item.endpoint, item.model, parsed.body, size, tokens,
+                inputs=inputs,
+            )
+        )  # fmt: skip
     return requests
 
 

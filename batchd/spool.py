@@ -52,7 +52,9 @@ import watchfiles
 
 from . import retention, safefs
 from .aio import wait_any
+from .capacity import embedding_inputs, estimate_tokens
 from .crashpoints import CrashPoints
+from .deadlines import parse_deadline
 from .formats import LineError, invalid_result, parse_line
 from .logs import get_logger
 from .settings import ProviderKind, Settings
@@ -671,7 +673,9 @@ class Spool:
             raise _FileChanged(name)
         if data.count(b"\n") + (not data.endswith(b"\n")) > CHUNK_LINES:
             return None
-        chunk = await self._parse_chunk(_read_lines(io.BytesIO(data), self.settings.max_line_bytes))
+        chunk = await self._parse_chunk(
+            _read_lines(io.BytesIO(data), self.settings.max_line_bytes), self._deadlines(info, None)
+        )
         assert chunk is not None  # a file of at least one byte has a line
         chunk = _drop_duplicates(chunk, set())
         key = FileKey(name, hashlib.sha256(data).hexdigest(), info.st_size, info.st_dev, info.st_ino)
@@ -813,7 +817,8 @@ class Spool:
                 lines = _read_lines(
                     handle, self.settings.max_line_bytes, digest, row.lines_committed + 1, row.offset_committed
                 )
-                while (chunk := await self._parse_chunk(lines)) is not None:
+                deadlines = self._deadlines(info, None)
+                while (chunk := await self._parse_chunk(lines, deadlines)) is not None:
                     if pending is not None and not await asyncio.shield(pending):
                         return False, committed.lines
                     pending = asyncio.ensure_future(self._commit_chunk(fd, info, row.id, chunk, report, committed))
@@ -876,7 +881,14 @@ class Spool:
         report.out_name = row.out_name
         return report
 
-    async def _parse_chunk(self, lines: Iterator[tuple[int, bytes | None, int, int]]) -> Chunk | None:
+    def _deadlines(self, info: os.stat_result, given: float | None) -> _Deadlines:
+        """How a file's requests get their deadlines: `given` by the file, else their route's default
+        counted from the file's arrival (its mtime: the same after a crash and a resumed ingest)."""
+        return _Deadlines(self.settings, min(info.st_mtime, time.time()), given)
+
+    async def _parse_chunk(
+        self, lines: Iterator[tuple[int, bytes | None, int, int]], deadlines: _Deadlines
+    ) -> Chunk | None:
         """The next chunk of lines, bounded by CHUNK_LINES and CHUNK_BYTES (at least one line); None at the end.
 
         Yields to the event loop every PARSE_SLICE seconds, so pollers and sinks run during a long ingest.
@@ -895,7 +907,7 @@ class Spool:
             size += length
             last, end = number, offset
             try:
-                items.append(item(number, content, length))
+                items.append(item(number, content, length, deadlines))
             except LineError as exc:
                 custom_id = exc.custom_id or f"line-{number}"
                 invalid.append(NewResult(number, "invalid", invalid_result(custom_id, number, str(exc))))
@@ -908,7 +920,7 @@ class Spool:
             return None
         return Chunk(first, last, end, items, invalid)
 
-    def _item(self, number: int, content: bytes | None, length: int) -> NewItem:
+    def _item(self, number: int, content: bytes | None, length: int, deadlines: _Deadlines) -> NewItem:
         if content is None:
             raise LineError(f"line is {length} bytes, over the largest batch any provider accepts")
         try:
@@ -932,7 +944,21 @@ class Spool:
                 f"request is {size} bytes, over provider {profile_name!r}'s batch limit of {limit} bytes",
                 parsed.custom_id,
             )
-        return NewItem(number, parsed.custom_id, profile_name, parsed.endpoint, parsed.model, parsed.body, size)
+        tokens, inputs = request_capacity(parsed.endpoint, parsed.body)
+        deadline, fallback_at = deadlines.of(profile_name, parsed.model)
+        return NewItem(
+            number,
+            parsed.custom_id,
+            profile_name,
+            parsed.endpoint,
+            parsed.model,
+            parsed.body,
+            size,
+            tokens,
+            deadline,
+            fallback_at,
+            inputs,
+        )
 
     def _route(self, kind: ProviderKind, model: str) -> tuple[str, int]:
         """(profile, its byte limit) for lines of `kind` and `model`, ("", 0) for none; remembered."""
@@ -940,6 +966,43 @@ class Spool:
         route = (profile_name, self.settings.providers[profile_name].byte_limit) if profile_name else ("", 0)
         self._routes[(kind, model)] = route
         return route
+
+
+class _Deadlines:
+    """A file's deadline per route: the one it gave (NAME.meta.json), else its route's default."""
+
+    def __init__(self, settings: Settings, arrival: float, given: float | None) -> None:
+        self.settings = settings
+        self.arrival = arrival
+        self.given = given
+        self._by_route: dict[tuple[str, str], tuple[float | None, float | None]] = {}
+
+    def of(self, profile: str, model: str) -> tuple[float | None, float | None]:
+        """(deadline, fallback_at) of a request of this file routed to (profile, model)."""
+        key = (profile, model)
+        known = self._by_route.get(key)
+        if known is None:
+            plan = self.settings.route_plan(profile, model)
+            deadline = self.given
+            if deadline is None and plan.deadline is not None:
+                deadline = parse_deadline(plan.deadline, self.arrival)
+            known = (deadline, None if deadline is None else deadline - plan.deadline_lead)
+            self._by_route[key] = known
+        return known
+
+
+def request_capacity(endpoint: str, body: bytes) -> tuple[int, int]:
+    """(estimated enqueued tokens, embedding inputs) of one request body (capacity.py's estimate).
+
+    Only the endpoints whose input may be token ids or a list of inputs are parsed again; every
+    other request is estimated from its size alone.
+    """
+    if endpoint in ("/v1/embeddings", "/v1/completions"):
+        parsed = orjson.loads(body)
+        if isinstance(parsed, dict):
+            inputs = embedding_inputs(parsed) if endpoint == "/v1/embeddings" else 1
+            return estimate_tokens(endpoint, parsed, len(body)), inputs
+    return estimate_tokens(endpoint, {}, len(body)), 1
 
 
 def _encode(request: Any) -> bytes:

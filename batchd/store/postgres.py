@@ -488,6 +488,9 @@ class PostgresStore:
                 [i.tokens for i in items],
                 [i.body for i in items],
                 now,
+                [i.deadline for i in items],
+                [i.fallback_at for i in items],
+                [i.inputs for i in items],
             )
         if invalid:
             await conn.execute(

@@ -70,11 +70,13 @@ RETURNING id
 -- Items and their bodies in one statement; ids follow line order.
 WITH new AS (
     SELECT * FROM unnest($2::integer[], $3::text[], $4::text[], $5::text[], $6::text[], $7::integer[],
-                         $8::bigint[], $9::bytea[])
-        AS n (line, custom_id, profile, endpoint, model, size, tokens, body)
+                         $8::bigint[], $9::bytea[], $11::double precision[], $12::double precision[], $13::integer[])
+        AS n (line, custom_id, profile, endpoint, model, size, tokens, body, deadline, fallback_at, inputs)
 ), inserted AS (
-    INSERT INTO items (file_id, line, custom_id, profile, endpoint, model, size, tokens, queued_at)
-    SELECT $1, line, custom_id, profile, endpoint, model, size, tokens, $10 FROM new ORDER BY line
+    INSERT INTO items (file_id, line, custom_id, profile, endpoint, model, size, tokens, deadline, fallback_at,
+                       inputs, queued_at)
+    SELECT $1, line, custom_id, profile, endpoint, model, size, tokens, deadline, fallback_at, inputs, $10
+    FROM new ORDER BY line
     RETURNING id, line
 )
 INSERT INTO item_bodies (item_id, body) SELECT inserted.id, new.body FROM inserted JOIN new USING (line)

@@ -586,7 +586,22 @@ class SQLiteStore:
         """
         if not items:
             return None
-        rows = [(f, i.line, i.custom_id, i.profile, i.endpoint, i.model, i.size, i.tokens) for f, i in items]
+        rows = [
+            (
+                f,
+                i.line,
+                i.custom_id,
+                i.profile,
+                i.endpoint,
+                i.model,
+                i.size,
+                i.tokens,
+                i.deadline,
+                i.fallback_at,
+                i.inputs,
+            )
+            for f, i in items
+        ]
         return {
             "now": now,
             "rows": orjson.dumps(rows).decode(),

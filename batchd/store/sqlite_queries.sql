@@ -125,12 +125,13 @@ SELECT custom_id FROM items WHERE file_id = ? AND custom_id IN (SELECT value FRO
 SELECT COALESCE(MAX(id), 0) + 1 AS next FROM items;
 
 -- name: insert_items
--- Items as one JSON array of [file_id, line, custom_id, profile, endpoint, model, size, tokens]:
--- one statement (no per-row binding in Python, which would hold the GIL on the writer's thread),
--- ids :first, :first + 1, ... in array order.
-INSERT INTO items (id, file_id, line, custom_id, profile, endpoint, model, size, tokens, queued_at)
+-- Items as one JSON array of [file_id, line, custom_id, profile, endpoint, model, size, tokens,
+-- deadline, fallback_at, inputs]: one statement (no per-row binding in Python, which would hold the
+-- GIL on the writer's thread), ids :first, :first + 1, ... in array order.
+INSERT INTO items (id, file_id, line, custom_id, profile, endpoint, model, size, tokens, deadline, fallback_at,
+    inputs, queued_at)
 SELECT :first + key, value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6,
-    value ->> 7, :now
+    value ->> 7, value ->> 8, value ->> 9, value ->> 10, :now
 FROM json_each(:rows);
 
 -- name: insert_item_bodies
