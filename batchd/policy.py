@@ -16,8 +16,8 @@ from urllib.parse import urlsplit
 import orjson
 
 from .formats import Outcome, Status, item_id_reader, result_line
-from .pricing import UNPRICED, Cost
-from .store.contract import BatchRow, FileItem, FinalResult, Retry, SubmittedItem
+from .pricing import UNPRICED, Cost, served_cost
+from .store.contract import BatchRow, FileItem, FinalResult, ItemState, RealtimeItem, Retry, SubmittedItem, Via
 
 
 def retry_delay(attempt: int, base: float, ceiling: float, rng: random.Random | None = None) -> float:
@@ -90,6 +90,12 @@ def decide(
     in this batch) are counted as ignored. `instance` is accepted for symmetry with
     index_outcomes; the items are already this database's. Items in `always_retry` go back on a
     retryable outcome whatever their attempts (bystanders of an operator's cancel, see cancel_outcomes).
+
+    The first final answer wins (the real-time fallback, issue 11): an item REALTIME (handed to the
+    fallback) takes a final batch answer, but its retryable one (cancelled, expired, a 5xx) is
+    ignored: the fallback has it. An item already final (the fallback answered it first, see
+    Outcomes.fallback_answered) gets a final for a billed answer only, which the store records as
+    a duplicate cost, never as a second result.
     """
     del instance  # the ids were resolved by index_outcomes
     finals: list[FinalResult] = []
@@ -98,12 +104,19 @@ def decide(
     ignored = sum(1 for item_id in outcomes_by_item if item_id not in waiting)
     profile, model, remote_id = batch.profile, batch.model, batch.remote_id
     no_tokens = (None, None, None, None)
+    submitted, realtime = ItemState.SUBMITTED, ItemState.REALTIME
     # One pass per result line of a batch of up to 100,000: positional arguments, few lookups.
     for item in items:
         outcome = outcomes_by_item.get(item.id)
         if outcome is None:
             continue
-        if outcome.retryable and (item.attempts < max_attempts or item.id in always_retry):
+        state = item.state
+        if state is not submitted:
+            # REALTIME: only a final batch answer counts. Final already: only a billed one (a duplicate).
+            if outcome.retryable if state is realtime else not outcome.usage:
+                ignored += 1
+                continue
+        elif outcome.retryable and (item.attempts < max_attempts or item.id in always_retry):
             error = orjson.dumps(outcome.error).decode() if outcome.error else outcome.status
             not_before = retry_at(item.attempts) if callable(retry_at) else retry_at
             retries.append(Retry(item.id, not_before, error))
@@ -133,7 +146,7 @@ def decide(
             batch_id=remote_id,
             usage=usage,
             cost=cost_json,
-            via="batch",
+            via=Via.BATCH,
         )
         finals.append(
             FinalResult(
@@ -145,11 +158,107 @@ def decide(
                 *tokens,
                 cost.batch if cost else None,
                 cost.realtime if cost else None,
-                "batch",
+                Via.BATCH,
                 cost.batch if cost else None,
             )
         )
     return finals, retries, ignored
+
+
+# -- deadlines: the real-time fallback (issue 11) ----------------------------------------------
+
+
+@dataclass(slots=True)
+class Handover:
+    """What a deadline cancel makes of a batch's retryable outcomes (see deadline_outcomes)."""
+
+    outcomes: Mapping[int, Outcome]  # the rest, for decide()
+    realtime: list[int]  # items with a deadline: to the real-time fallback
+    requeue: list[Retry]  # bystanders without one: back to the queue, attempt given back
+
+
+DEADLINE_CANCEL_ERROR = {"code": "batch_cancelled", "message": "batch cancelled for the real-time fallback"}
+
+
+def deadline_outcomes(outcomes_by_item: Mapping[int, Outcome], items: Iterable[SubmittedItem], now: float) -> Handover:
+    """A batch cancelled because a request's deadline came (CancelReason.DEADLINE), at its collection.
+
+    What it finished stands (its answers, and each request's own final error). A request it did not
+    finish (a retryable outcome: cancelled, expired, a 5xx, no line at all) goes to the real-time
+    fallback when it has a deadline; one without a deadline was only a bystander of the cancel: it
+    goes back to the queue at once with its attempt given back (the batch was cut short for others).
+    Items already REALTIME are left to decide(), which ignores their retryable outcomes.
+    """
+    outcomes = dict(outcomes_by_item)
+    realtime: list[int] = []
+    requeue: list[Retry] = []
+    for item in items:
+        outcome = outcomes.get(item.id)
+        if outcome is None or not outcome.retryable or item.state is not ItemState.SUBMITTED:
+            continue
+        del outcomes[item.id]
+        if item.deadline is not None:
+            realtime.append(item.id)
+        else:
+            error = orjson.dumps(outcome.error or DEADLINE_CANCEL_ERROR).decode()
+            requeue.append(Retry(item.id, now, error, refund=True))
+    return Handover(outcomes, realtime, requeue)
+
+
+def realtime_final(item: RealtimeItem, outcome: Outcome, tier: str, cost_of: CostOf | None) -> FinalResult:
+    """The final result of a request the real-time fallback sent: its result line (via "realtime",
+    no batch id) priced at what was paid for the tier that answered (pricing.served_cost)."""
+    usage = outcome.usage
+    priced = cost_of(usage) if usage and cost_of is not None else None
+    cost = served_cost(priced, tier) if priced is not None else None
+    cost_json = cost.as_json() if cost else (UNPRICED if usage else None)
+    tokens = (
+        (usage.get("input_tokens"), usage.get("output_tokens"), usage.get("cached_input_tokens"),
+         usage.get("cache_creation_input_tokens"))
+        if usage else (None, None, None, None)
+    )  # fmt: skip
+    payload = result_line(
+        custom_id=item.custom_id,
+        status=outcome.status,
+        line=item.line,
+        response=outcome.response,
+        error=outcome.error,
+        provider=item.profile,
+        model=item.model,
+        batch_id=None,
+        usage=usage,
+        cost=cost_json,
+        via=Via.REALTIME,
+    )
+    return FinalResult(
+        item.id,
+        item.file_id,
+        item.line,
+        outcome.status,
+        payload,
+        *tokens,
+        cost.batch if cost else None,
+        cost.realtime if cost else None,
+        Via.REALTIME,
+        cost.paid if cost else None,
+    )
+
+
+# Without a deadline (not expected: the fallback only takes requests that have one) a request is
+# tried this many times before its error is final.
+FALLBACK_TRIES_WITHOUT_DEADLINE = 5
+
+
+def fallback_retry_at(
+    deadline: float | None, now: float, failures: int, base: float, ceiling: float, rng: random.Random | None = None
+) -> float | None:
+    """When the fallback sends a request again after its `failures`-th retryable failure (each one
+    after send_all's own retries), or None: its error is final, because the next try would come
+    after its deadline (a late answer is no longer what the fallback is for)."""
+    at = now + retry_delay(failures, base, ceiling, rng)
+    if deadline is None:
+        return at if failures < FALLBACK_TRIES_WITHOUT_DEADLINE else None
+    return at if at < deadline else None
 
 
 def unanswered(

@@ -10,6 +10,14 @@ sweep reads), retrieves it, so nothing is missed. A provider that cannot list is
 retrieve per batch. A poll error is logged and retried; it never fails a batch. When the batch
 has ended, its result files are downloaded to disk and applied to SQLite in chunks; requests with
 a retryable outcome go back to the queue, and requests that no result line mentions are retried too.
+
+Deadlines (issue 11): a batch holding a request whose deadline (less its lead) has come is cancelled
+for the real-time fallback (CancelReason.DEADLINE, wished by fallback.py, sent here by the lease
+holder). Its poller waits at most cancel_wait for it to end; past that, its still-waiting requests
+with a deadline are handed to the fallback anyway and the batch is still polled and collected when
+it ends. At collection what it finished stands (via "batch"), what it did not goes to the fallback
+(with a deadline) or back to the queue (without one, its attempt given back); a batch answer for a
+request the fallback answered first is a duplicate cost, never a second result.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from typing import Any
 
 from .aio import wait_any
 from .crashpoints import CrashPoints
+from .deadlines import cancel_wait
 from .formats import Outcome, Status, owned_by
 from .logs import get_logger
 from .policy import (
@@ -32,6 +41,7 @@ from .policy import (
     CostOf,
     RetryAt,
     cancel_outcomes,
+    deadline_outcomes,
     decide,
     hold_pause,
     index_outcomes,
@@ -50,6 +60,9 @@ from .store.contract import (
     BatchState,
     CancelReason,
     Fate,
+    FinalResult,
+    ItemState,
+    Retry,
     Store,
     SubmittedItem,
 )
@@ -143,6 +156,7 @@ class Pollers:
         on_requeued: Callable[[], None],
         crashpoints: CrashPoints,
         hold_base: float = HOLD_BASE,
+        on_realtime: Callable[[], None] = lambda: None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -150,6 +164,7 @@ class Pollers:
         self.workdir = workdir
         self._on_results = on_results
         self._on_requeued = on_requeued
+        self._on_realtime = on_realtime  # requests were handed to the real-time fallback
         self._crashpoints = crashpoints
         self._hold_base = hold_base
         self._tasks: dict[int, asyncio.Task[None]] = {}
@@ -242,6 +257,7 @@ class Pollers:
         failures = missing = 0
         seen = watch.seen
         cancel_sent = batch.cancel_requested_at is not None
+        handed_over = False  # a deadline-cancelled batch's requests went to the fallback past cancel_wait
         ended_seen_at = batch.ended_at
         delay = 0.0  # the first look at once: the sweep that takes it takes every poller due then
         while not self._stopping.is_set():
@@ -288,6 +304,7 @@ class Pollers:
             if not remote.ended:
                 cancel_sent = await self._cancel_if_wanted(batch, remote, watch, cancel_sent)
                 cancel_sent = await self._cancel_if_overdue(batch, remote, cancel_sent)
+                handed_over = handed_over or await self._hand_over_if_waited(batch)
             else:
                 now = time.time()
                 ended_seen_at = ended_seen_at or now
@@ -303,6 +320,8 @@ class Pollers:
                         log.warning("batch.collect_failed", batch=batch_id, remote_id=remote.id, error=str(exc))
                         await self.store.note_batch_error(batch_id, "batch.collect_failed", str(exc))
             delay = interval
+            if not handed_over and (due := self._handover_at(batch)) is not None:
+                delay = min(delay, max(due - time.time(), 0.0))  # look again when cancel_wait runs out
 
     def _wake(self, batch_id: int) -> bool:
         """Poll this batch now: its poller retrieves it at once, without waiting for a sweep.
@@ -438,11 +457,44 @@ class Pollers:
             return cancel_sent
         if not await self._send_cancel(batch, remote):
             return False
-        what = "the batch" if reason == CancelReason.OPERATOR else "a file of the batch (batchd cancel --file)"
-        message = f"an operator cancelled {what}: cancel requested while {remote.status!r}"
-        log.warning("batch.operator_cancelled", batch=batch.id, remote_id=remote.id, reason=reason.value)
+        if reason == CancelReason.DEADLINE:
+            wait = self._cancel_wait(batch)
+            message = (
+                f"a request's deadline came: cancel requested while {remote.status!r}; what it has not finished"
+                f" within {wait:g} s goes to the real-time API"
+            )
+            log.warning("batch.deadline_cancelled", batch=batch.id, remote_id=remote.id, cancel_wait=wait)
+        else:
+            what = "the batch" if reason == CancelReason.OPERATOR else "a file of the batch (batchd cancel --file)"
+            message = f"an operator cancelled {what}: cancel requested while {remote.status!r}"
+            log.warning("batch.operator_cancelled", batch=batch.id, remote_id=remote.id, reason=reason.value)
         await self.store.note_cancel_requested(batch.id, message, reason)
         batch.cancel_requested_at = time.time()
+        batch.cancel_reason = batch.cancel_reason or reason
+        return True
+
+    def _cancel_wait(self, batch: BatchRow) -> float:
+        """How long a deadline-cancelled batch may take to end before its requests go anyway."""
+        lead = self.settings.route_plan(batch.profile, batch.model).deadline_lead
+        return cancel_wait(lead, self.settings.batching.cancel_wait_fraction)
+
+    def _handover_at(self, batch: BatchRow) -> float | None:
+        """When a deadline-cancelled batch's waiting requests go to the fallback anyway (None: not one)."""
+        if batch.cancel_reason != CancelReason.DEADLINE or batch.cancel_requested_at is None:
+            return None
+        return batch.cancel_requested_at + self._cancel_wait(batch)
+
+    async def _hand_over_if_waited(self, batch: BatchRow) -> bool:
+        """Past cancel_wait, a deadline-cancelled batch that has not ended gives its still-waiting
+        requests with a deadline to the fallback; it is still polled and collected when it ends
+        (a late answer of one of them is the first final, or a duplicate cost)."""
+        due = self._handover_at(batch)
+        if due is None or time.time() < due:
+            return False
+        handed = await self.store.hand_over(batch.id)
+        log.warning("fallback.handed_over", batch=batch.id, requests=handed, when="cancel_wait")
+        if handed:
+            self._on_realtime()
         return True
 
     async def _send_cancel(self, batch: BatchRow, remote: RemoteBatch) -> bool:
@@ -539,6 +591,7 @@ class Pollers:
         fresh = await self.store.batch(batch.id)
         reason = fresh.cancel_reason if fresh is not None else batch.cancel_reason
         cancel_sent = (fresh.cancel_requested_at if fresh is not None else None) or batch.cancel_requested_at
+        batch.cancel_reason = reason  # what _apply_all and _record decide by (a deadline cancel's rule)
         cancelled: Cancelled | None = None
         if reason == CancelReason.OPERATOR:
             cancelled = Cancelled(whole=True)
@@ -583,6 +636,12 @@ class Pollers:
         if fate is None and cancelled is not None:
             by = "batchd cancel" if cancelled.whole else "batchd cancel --file"
             fate, fate_error = Fate.CANCELLED, f"cancelled by an operator ({by}); {total.requeued} requests requeued"
+        elif recorded and reason == CancelReason.DEADLINE:
+            fate, fate_error = (
+                Fate.DEADLINE_CANCELLED,
+                f"cancelled for the real-time fallback; {total.handed_over} requests handed over,"
+                f" {total.requeued} requeued",
+            )
         elif recorded:
             fate, fate_error = Fate.OVERDUE_CANCELLED, f"cancelled past its window; {total.requeued} requests requeued"
         await self.store.finish_batch(batch.id, fate, fate_error, record=not recorded)
@@ -592,6 +651,11 @@ class Pollers:
         self._on_results()
         if total.requeued:
             self._on_requeued()
+        if total.handed_over:
+            log.warning("fallback.handed_over", batch=batch.id, requests=total.handed_over, when="collected")
+            self._on_realtime()
+        if total.duplicates:
+            log.warning("result.duplicate", batch=batch.id, requests=total.duplicates, via="batch")
         log.info(
             "batch.collected",
             batch=batch.id,
@@ -602,6 +666,8 @@ class Pollers:
             requests=batch.requests,
             final=total.final,
             requeued=total.requeued,
+            handed_over=total.handed_over,
+            duplicates=total.duplicates,
             seconds=round(time.monotonic() - started, 3),
         )
 
@@ -651,7 +717,7 @@ class Pollers:
         own thread), and the batch's waiting items are read once, while the results download,
         instead of once per chunk. Commits still happen one after the other, in chunk order.
         """
-        loading = asyncio.ensure_future(self.store.submitted_items(batch.id))
+        loading = asyncio.ensure_future(self._waiting_items(batch))
         committing: asyncio.Future[ApplySummary] | None = None
         total = ApplySummary()
         try:
@@ -663,20 +729,13 @@ class Pollers:
                 # An item decided by an earlier chunk is not waiting any more: a repeat of it is ignored,
                 # as the store would ignore it (and still does, should the item have changed meanwhile).
                 items = [waiting.pop(item_id) for item_id in sorted(by_item) if item_id in waiting]
-                decided, bystanders = cancel_outcomes(by_item, items, cancelled)
-                finals, retries, ignored = decide(
-                    batch,
-                    items,
-                    decided,
-                    max_attempts=self.settings.batching.max_attempts,
-                    retry_at=self._retry_at,
-                    cost_of=cost_of,
-                    always_retry=bystanders,
+                finals, retries, handovers, ignored = self._decide(
+                    batch, items, by_item, self._retry_at, cost_of, cancelled
                 )
                 total += ApplySummary(ignored=foreign + ignored)
                 if committing is not None:
                     total += await self._committed(committing)
-                committing = asyncio.ensure_future(self.store.record_outcomes(batch.id, finals, retries))
+                committing = asyncio.ensure_future(self.store.record_outcomes(batch.id, finals, retries, handovers))
             if committing is not None:
                 total += await self._committed(committing)
                 committing = None
@@ -706,7 +765,26 @@ class Pollers:
         cancelled: Cancelled | None = None,
     ) -> ApplySummary:
         items = await self.store.submitted_items(batch.id, list(by_item))
+        finals, retries, handovers, ignored = self._decide(batch, items, by_item, retry_at, cost_of, cancelled)
+        summary = await self.store.record_outcomes(batch.id, finals, retries, handovers)
+        return summary + ApplySummary(ignored=ignored)
+
+    def _decide(
+        self,
+        batch: BatchRow,
+        items: list[SubmittedItem],
+        by_item: dict[int, Outcome],
+        retry_at: RetryAt,
+        cost_of: CostOf | None,
+        cancelled: Cancelled | None,
+    ) -> tuple[list[FinalResult], list[Retry], list[int], int]:
+        """(finals, retries, handovers to the fallback, ignored) for outcomes of the batch's `items`."""
         outcomes, bystanders = cancel_outcomes(by_item, items, cancelled)
+        handovers: list[int] = []
+        refunds: list[Retry] = []
+        if batch.cancel_reason == CancelReason.DEADLINE:
+            split = deadline_outcomes(outcomes, items, time.time())
+            outcomes, handovers, refunds = split.outcomes, split.realtime, split.requeue
         finals, retries, ignored = decide(
             batch,
             items,
@@ -717,8 +795,15 @@ class Pollers:
             instance=self._instance,
             always_retry=bystanders,
         )
-        summary = await self.store.record_outcomes(batch.id, finals, retries)
-        return summary + ApplySummary(ignored=ignored)
+        return finals, retries + refunds, handovers, ignored
+
+    async def _waiting_items(self, batch: BatchRow) -> list[SubmittedItem]:
+        """The batch's items waiting for an outcome, and, for a cancelled batch, those the real-time
+        fallback answered first (a billed answer of theirs is a duplicate cost)."""
+        items = await self.store.submitted_items(batch.id)
+        if batch.cancel_reason is not None:
+            items += await self.store.fallback_answered(batch.id)
+        return items
 
     async def _end_unanswered(
         self, batch: BatchRow, status: Status, error: object, retryable: bool = True, cancelled: Cancelled | None = None
@@ -726,7 +811,8 @@ class Pollers:
         """Items of an ended batch that no result line mentioned: retried (with their own backoff) or
         finished as `status`, in short transactions (each chunk idempotent)."""
         total = ApplySummary()
-        waiting = await self.store.submitted_items(batch.id)
+        # A request handed to the fallback is not the batch's to end: only an answer may still win.
+        waiting = [i for i in await self.store.submitted_items(batch.id) if i.state is ItemState.SUBMITTED]
         for start in range(0, len(waiting), DECIDE_CHUNK):
             chunk = waiting[start : start + DECIDE_CHUNK]
             outcomes = unanswered(chunk, status, error, retryable)

@@ -82,6 +82,18 @@ class Cost:
         return {"currency": "USD", "batch": self.batch, "realtime": self.realtime, "paid": self.paid}
 
 
+FLEX = "flex"
+
+
+def served_cost(cost: Cost, tier: str) -> Cost:
+    """A real-time answer priced at what was paid for it: the real-time price on the standard tier;
+    the batch price when OpenAI's flex tier answered (OpenAI bills flex processing at its Batch API
+    rates, so the profile's batch_discount applies). `batch` and `realtime` keep their meaning
+    (what a batch would have cost, what real time costs), whatever the tier."""
+    paid = cost.batch if tier == FLEX else cost.realtime
+    return Cost(batch=cost.batch, realtime=cost.realtime, paid_price=paid)
+
+
 UNPRICED: dict[str, Any] = {"currency": "USD", "batch": None, "realtime": None, "paid": None, "unpriced": True}
 
 

@@ -67,7 +67,10 @@ class Sent:
 
 @dataclass
 class Pacer:
-    """Sliding-window pacing of requests and tokens, and a shared pause after a 429."""
+    """Sliding-window pacing of requests and tokens, the concurrency gate, and a shared pause after a 429.
+
+    One per profile: every send_all given the same pacer shares its limits, concurrency included.
+    """
 
     limits: RealtimeLimits
     clock: Callable[[], float] = time.monotonic
@@ -76,6 +79,13 @@ class Pacer:
     _tokens: int = 0
     _paused_until: float = 0.0
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _gate: asyncio.Semaphore | None = None
+
+    def gate(self) -> asyncio.Semaphore:
+        """At most `limits.concurrency` calls in flight, over every sender sharing this pacer."""
+        if self._gate is None:
+            self._gate = asyncio.Semaphore(max(1, self.limits.concurrency))
+        return self._gate
 
     def wait_for(self, tokens: int, now: float) -> float:
         """Seconds until a request of `tokens` may go (0: now)."""
@@ -136,7 +146,7 @@ async def send_all(
     what was already paid for). Pass a shared `pacer` when several calls share one profile's limits.
     """
     pacer = pacer or Pacer(limits)
-    gate = asyncio.Semaphore(max(1, limits.concurrency))
+    gate = pacer.gate()
     results: list[Sent | None] = [None] * len(requests)
     rng = random.Random()
 

@@ -74,6 +74,7 @@ class Fate(enum.StrEnum):
     OUTPUT_UNAVAILABLE = "output_unavailable"
     OVERDUE_CANCELLED = "overdue_cancelled"
     CANCELLED = "cancelled"  # by an operator (`batchd cancel`)
+    DEADLINE_CANCELLED = "deadline_cancelled"  # for the real-time fallback (its requests' deadlines came)
 
 
 class CancelReason(enum.StrEnum):
@@ -239,6 +240,10 @@ class SubmittedItem:
     line: int
     custom_id: str
     attempts: int
+    # SUBMITTED, or REALTIME: handed to the fallback, whose answer or the batch's, first, wins;
+    # a final state: the fallback answered it (its billed batch answer is a duplicate cost).
+    state: ItemState = ItemState.SUBMITTED
+    deadline: float | None = None
 
 
 # Not frozen: one is made per result line, and a frozen dataclass takes about 5x as long to make.
@@ -281,6 +286,7 @@ class Retry:
     item_id: int
     not_before: float
     error: str
+    refund: bool = False  # its attempt is given back (a bystander of a deadline cancel)
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,9 +296,43 @@ class ApplySummary:
     final: int = 0
     requeued: int = 0
     ignored: int = 0
+    handed_over: int = 0  # to the real-time fallback
+    duplicates: int = 0  # second answers recorded as duplicate costs
 
     def __add__(self, other: ApplySummary) -> ApplySummary:
-        return ApplySummary(self.final + other.final, self.requeued + other.requeued, self.ignored + other.ignored)
+        return ApplySummary(
+            self.final + other.final,
+            self.requeued + other.requeued,
+            self.ignored + other.ignored,
+            self.handed_over + other.handed_over,
+            self.duplicates + other.duplicates,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RealtimeItem:
+    """A request handed to the real-time fallback (state REALTIME), with its body, to send."""
+
+    id: int
+    file_id: int
+    line: int
+    custom_id: str
+    profile: str
+    endpoint: str
+    model: str
+    body: bytes
+    tokens: int
+    deadline: float | None
+    batch_id: int | None  # the batch it left, if any (its late answer may still come)
+
+
+@dataclass(frozen=True, slots=True)
+class FallbackDue:
+    """What one pass of Fallback.fallback_due changed: queued requests taken into REALTIME, and the
+    live batches newly marked for a DEADLINE cancel."""
+
+    realtime: int = 0
+    batches: tuple[int, ...] = ()
 
 
 # Not frozen: one is made per result line, and a frozen dataclass takes about 5x as long to make.
@@ -535,11 +575,26 @@ class Outcomes(Protocol):
         """The batch's items still waiting for an outcome (all of them, or those among `item_ids`), by id."""
 
     async def record_outcomes(
-        self, batch_id: int, finals: Sequence[FinalResult], retries: Sequence[Retry]
+        self,
+        batch_id: int,
+        finals: Sequence[FinalResult],
+        retries: Sequence[Retry],
+        handovers: Collection[int] = (),
     ) -> ApplySummary:
-        """Finals become results (their bodies are dropped) and retries go back to the queue, in one
-        transaction. Idempotent: an item no longer SUBMITTED in this batch is skipped (counted ignored).
-        A retry's age counts from when it becomes due (queued_at = max(now, not_before))."""
+        """Finals become results (their bodies are dropped), retries go back to the queue (with their
+        attempt given back when `refund`), and `handovers` (item ids) go to the real-time fallback
+        (REALTIME, bodies kept), in one transaction.
+
+        An item waits in this batch while SUBMITTED or REALTIME in it (the first final answer wins):
+        a final applies to either; a retry or a handover only to a SUBMITTED one. A final for an item
+        whose result was already served the other way (`via` differs: the fallback answered first)
+        is no result but a duplicate_costs row (its tokens and cost_paid), once per (item, via,
+        batch). Idempotent: anything else is skipped (counted ignored). A retry's age counts from
+        when it becomes due (queued_at = max(now, not_before))."""
+
+    async def fallback_answered(self, batch_id: int) -> list[SubmittedItem]:
+        """The batch's items whose final result the real-time fallback made (state is their final
+        state), by id: a billed batch answer for one of them is a duplicate cost."""
 
     async def refund_batch(self, batch_id: int, not_before: float, error: str) -> int:
         """Every SUBMITTED item of the batch back to the queue with its attempt given back (the provider
@@ -547,6 +602,35 @@ class Outcomes(Protocol):
 
     async def batch_item_ids(self, batch_id: int) -> list[int]:
         """The batch's items in the order of its input file."""
+
+
+class Fallback(Protocol):
+    """The real-time fallback's view: requests whose deadline (less its lead) has come."""
+
+    node: str
+
+    async def fallback_due(self, now: float) -> FallbackDue:
+        """One transaction: this node's files' QUEUED items with fallback_at <= now become REALTIME;
+        every live batch (any node's) holding a BATCHED or SUBMITTED item with fallback_at <= now
+        and no cancel reason yet (or only EXPIRY) is marked for a DEADLINE cancel (cancel_wanted_at,
+        poll_requested_at, as request_cancel does; OPERATOR and FILE are never overridden).
+        Idempotent: a repeat changes nothing and returns only what it changed."""
+
+    async def next_fallback_at(self, now: float) -> float | None:
+        """The earliest fallback_at after `now` of an item not yet final nor REALTIME (None: none)."""
+
+    async def hand_over(self, batch_id: int) -> int:
+        """Every SUBMITTED item of the batch with a deadline becomes REALTIME (its batch kept, its body
+        too): the cancelled batch did not end within cancel_wait. One statement; how many."""
+
+    async def realtime_items(self, limit: int, exclude: Collection[int] = ()) -> list[RealtimeItem]:
+        """Up to `limit` REALTIME items of this node's files, not among `exclude`, earliest deadline first."""
+
+    async def record_realtime(self, finals: Sequence[FinalResult]) -> ApplySummary:
+        """The fallback's answers, in one transaction: a final applies to an item still REALTIME (it
+        becomes final, its body goes, its result is written with `via`, `cost_paid` and the item's
+        deadline); for an item whose result a batch answer already made, it is a duplicate_costs
+        row (once per item and via); anything else is ignored. Idempotent."""
 
 
 class Delivery(Protocol):
@@ -654,7 +738,7 @@ class Operations(Protocol):
         still). Call again while it returns a non-empty summary."""
 
 
-class Store(Intake, Queue, Batches, Outcomes, Delivery, Reporting, Operations, Protocol):
+class Store(Intake, Queue, Batches, Outcomes, Fallback, Delivery, Reporting, Operations, Protocol):
     """Everything, plus the lifecycle. Engines: SQLiteStore (store/sqlite.py), PostgresStore (store/postgres.py)."""
 
     url: str

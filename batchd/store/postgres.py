@@ -46,6 +46,7 @@ from .contract import (
     CancelReason,
     Chunk,
     DuplicateCustomId,
+    FallbackDue,
     Fate,
     FileItem,
     FileKey,
@@ -60,6 +61,7 @@ from .contract import (
     Pause,
     PendingResult,
     PruneSummary,
+    RealtimeItem,
     Retry,
     SubmittedItem,
     Usage,
@@ -126,6 +128,48 @@ def redact(url: str) -> str:
         return redacted
     query = [(k, "***" if k == "password" else v) for k, v in parse_qsl(parts.query, keep_blank_values=True)]
     return urlunsplit(parts._replace(query=urlencode(query, safe="*")))
+
+
+def _submitted(r: asyncpg.Record) -> SubmittedItem:
+    return SubmittedItem(
+        r["id"], r["file_id"], r["line"], r["custom_id"], r["attempts"], ItemState(r["state"]), r["deadline"]
+    )
+
+
+def _final_arrays(finals: Sequence[FinalResult]) -> list[list[Any]]:
+    """The array columns of record_finals ($2-$12) and record_realtime ($1-$11), in their order."""
+    return [
+        [f.item_id for f in finals],
+        [str(f.status) for f in finals],
+        [f.payload for f in finals],
+        [f.input_tokens for f in finals],
+        [f.output_tokens for f in finals],
+        [f.cached_input_tokens for f in finals],
+        [f.cache_creation_input_tokens for f in finals],
+        [f.cost_batch for f in finals],
+        [f.cost_realtime for f in finals],
+        [f.via for f in finals],
+        [f.cost_paid for f in finals],
+    ]
+
+
+async def _record_duplicates(conn: Connection, batch_id: int | None, finals: Sequence[FinalResult], now: float) -> int:
+    """Billed answers for items already answered the other way, as duplicate costs (after the finals)."""
+    billed = [f for f in finals if f.input_tokens is not None]
+    if not billed:
+        return 0
+    return _count(
+        await conn.execute(
+            Q.record_duplicates,
+            batch_id,
+            [f.item_id for f in billed],
+            [f.via for f in billed],
+            [f.input_tokens for f in billed],
+            [f.output_tokens for f in billed],
+            [f.cost_paid for f in billed],
+            now,
+        )
+    )
 
 
 def _count(status: str) -> int:
@@ -786,41 +830,36 @@ class PostgresStore:
     async def submitted_items(self, batch_id: int, item_ids: Collection[int] | None = None) -> list[SubmittedItem]:
         ids = None if item_ids is None else list(item_ids)
         rows = await self._fetch(Q.submitted_items, batch_id, ids)
-        return [SubmittedItem(r["id"], r["file_id"], r["line"], r["custom_id"], r["attempts"]) for r in rows]
+        return [_submitted(r) for r in rows]
+
+    async def fallback_answered(self, batch_id: int) -> list[SubmittedItem]:
+        return [_submitted(r) for r in await self._fetch(Q.fallback_answered, batch_id)]
 
     async def record_outcomes(
-        self, batch_id: int, finals: Sequence[FinalResult], retries: Sequence[Retry]
+        self,
+        batch_id: int,
+        finals: Sequence[FinalResult],
+        retries: Sequence[Retry],
+        handovers: Collection[int] = (),
     ) -> ApplySummary:
         # One decision per item (the last one given wins), so no statement touches a row twice.
         final_by_item = {f.item_id: f for f in finals}
         retry_by_item = {r.item_id: r for r in retries if r.item_id not in final_by_item}
         decided = list(final_by_item.values())
         requeue = list(retry_by_item.values())
+        handed = [i for i in dict.fromkeys(handovers) if i not in final_by_item and i not in retry_by_item]
         now = time.time()
 
-        async def work(conn: Connection) -> tuple[int, int]:
+        async def work(conn: Connection) -> tuple[int, int, int, int]:
             applied = 0
             # asyncpg prepares statements; after five runs PostgreSQL may use a generic plan, which
             # for these array statements was 3-8x slower (for add_chunk and claims it is faster).
             await conn.execute(Q.custom_plans)
+            duplicates = 0
             if decided:
                 await conn.execute(Q.results_lock)
-                applied = int(
-                    await conn.fetchval(
-                        Q.record_finals,
-                        batch_id,
-                        [f.item_id for f in decided],
-                        [str(f.status) for f in decided],
-                        [f.payload for f in decided],
-                        [f.input_tokens for f in decided],
-                        [f.output_tokens for f in decided],
-                        [f.cached_input_tokens for f in decided],
-                        [f.cache_creation_input_tokens for f in decided],
-                        [f.cost_batch for f in decided],
-                        [f.cost_realtime for f in decided],
-                        now,
-                    )
-                )
+                applied = int(await conn.fetchval(Q.record_finals, batch_id, *_final_arrays(decided), now))
+                duplicates = await _record_duplicates(conn, batch_id, decided, now)
             requeued = 0
             if requeue:
                 requeued = _count(
@@ -831,14 +870,66 @@ class PostgresStore:
                         [r.item_id for r in requeue],
                         [r.not_before for r in requeue],
                         [r.error for r in requeue],
+                        [r.refund for r in requeue],
                     )
                 )
-            return applied, requeued
+            handed_over = 0
+            if handed:
+                handed_over = _count(await conn.execute(Q.record_handovers, batch_id, handed))
+            return applied, requeued, handed_over, duplicates
 
-        if not finals and not retries:
+        if not finals and not retries and not handovers:
             return ApplySummary()
-        final, requeued = await self._tx(work)
-        return ApplySummary(final=final, requeued=requeued, ignored=len(finals) + len(retries) - final - requeued)
+        final, requeued, handed_over, duplicates = await self._tx(work)
+        return ApplySummary(
+            final=final,
+            requeued=requeued,
+            ignored=len(finals) + len(retries) + len(handovers) - final - requeued - handed_over - duplicates,
+            handed_over=handed_over,
+            duplicates=duplicates,
+        )
+
+    # -- the real-time fallback ------------------------------------------------------------
+
+    async def fallback_due(self, now: float) -> FallbackDue:
+        async def work(conn: Connection) -> FallbackDue:
+            taken = _count(await conn.execute(Q.fallback_take_queued, now, self.node))
+            rows = await conn.fetch(Q.fallback_cancel_batches, now)
+            return FallbackDue(realtime=taken, batches=tuple(sorted(int(r["id"]) for r in rows)))
+
+        return await self._tx(work)
+
+    async def next_fallback_at(self, now: float) -> float | None:
+        value = await self._fetchval(Q.next_fallback_at, now)
+        return None if value is None else float(value)
+
+    async def hand_over(self, batch_id: int) -> int:
+        return _count(await self._execute(Q.hand_over, batch_id))
+
+    async def realtime_items(self, limit: int, exclude: Collection[int] = ()) -> list[RealtimeItem]:
+        rows = await self._fetch(Q.realtime_items, self.node, list(exclude), limit)
+        return [
+            RealtimeItem(
+                r["id"], r["file_id"], r["line"], r["custom_id"], r["profile"], r["endpoint"], r["model"],
+                bytes(r["body"]), r["tokens"], r["deadline"], r["batch_id"],
+            )
+            for r in rows
+        ]  # fmt: skip
+
+    async def record_realtime(self, finals: Sequence[FinalResult]) -> ApplySummary:
+        decided = list({f.item_id: f for f in finals}.values())
+        if not decided:
+            return ApplySummary()
+        now = time.time()
+
+        async def work(conn: Connection) -> tuple[int, int]:
+            await conn.execute(Q.custom_plans)
+            await conn.execute(Q.results_lock)
+            applied = int(await conn.fetchval(Q.record_realtime, *_final_arrays(decided), now))
+            return applied, await _record_duplicates(conn, None, decided, now)
+
+        final, duplicates = await self._tx(work)
+        return ApplySummary(final=final, ignored=len(finals) - final - duplicates, duplicates=duplicates)
 
     async def refund_batch(self, batch_id: int, not_before: float, error: str) -> int:
         return _count(await self._execute(Q.refund_batch, batch_id, not_before, time.time(), error))
@@ -944,6 +1035,13 @@ class PostgresStore:
                 "cost_batch": r["cost_batch"],
                 "cost_realtime": r["cost_realtime"],
                 "unpriced": int(r["unpriced"]),
+                "cost_paid": r["cost_paid"],
+                "fallback_requests": int(r["fallback_requests"]),
+                "fallback_cost": r["fallback_cost"],
+                "deadlines_met": int(r["deadlines_met"]),
+                "deadlines_missed": int(r["deadlines_missed"]),
+                "duplicate_requests": int(r["duplicate_requests"]),
+                "duplicate_cost": r["duplicate_cost"],
             }
             for r in rows
         ]
@@ -1025,6 +1123,8 @@ class PostgresStore:
             if files:
                 # The report's totals first, in this transaction: pruned rows are never uncounted.
                 await conn.execute(Q.fold_totals, files)
+                await conn.execute(Q.fold_duplicates, files)
+                await conn.execute(Q.prune_duplicates, files)
                 results = _count(await conn.execute(Q.prune_results, files))
                 await conn.execute(Q.prune_items, files)  # their bodies go by ON DELETE CASCADE
                 await conn.execute(Q.prune_files, files)

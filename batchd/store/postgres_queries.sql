@@ -256,48 +256,77 @@ WHERE id = $1
 -- == outcomes ===================================================================================
 
 -- name: submitted_items
-SELECT id, file_id, line, custom_id, attempts FROM items
-WHERE batch_id = $1 AND state = 'submitted' AND ($2::bigint[] IS NULL OR id = ANY($2::bigint[]))
+-- Waiting: SUBMITTED, or REALTIME (handed to the fallback; the first final answer wins).
+SELECT id, file_id, line, custom_id, attempts, state, deadline FROM items
+WHERE batch_id = $1 AND state IN ('submitted', 'realtime') AND ($2::bigint[] IS NULL OR id = ANY($2::bigint[]))
 ORDER BY id
+
+-- name: fallback_answered
+SELECT i.id, i.file_id, i.line, i.custom_id, i.attempts, i.state, i.deadline
+FROM items i JOIN results r ON r.file_id = i.file_id AND r.line = i.line
+WHERE i.batch_id = $1 AND i.state IN ('succeeded', 'errored', 'expired', 'canceled') AND r.via = 'realtime'
+ORDER BY i.id
 
 -- name: custom_plans
 -- For the rest of this transaction: plan each statement for its actual arrays.
 SET LOCAL plan_cache_mode = force_custom_plan
 
 -- name: record_finals
--- Items still SUBMITTED in this batch take their final state and result; their bodies go. The
--- caller holds results_lock.
+-- Items still waiting in this batch (SUBMITTED, or REALTIME: the first final answer wins) take
+-- their final state and result; their bodies go. The caller holds results_lock.
 WITH f AS (
     SELECT * FROM unnest($2::bigint[], $3::text[], $4::bytea[], $5::bigint[], $6::bigint[], $7::bigint[],
-                         $8::bigint[], $9::double precision[], $10::double precision[])
+                         $8::bigint[], $9::double precision[], $10::double precision[], $11::text[],
+                         $12::double precision[])
         AS f (item_id, status, payload, input_tokens, output_tokens, cached_input_tokens,
-              cache_creation_input_tokens, cost_batch, cost_realtime)
+              cache_creation_input_tokens, cost_batch, cost_realtime, via, cost_paid)
 ), done AS (
     -- An item's own result can only be a provider outcome; anything else leaves it errored.
     UPDATE items i SET state = CASE WHEN f.status IN ('succeeded', 'errored', 'expired', 'canceled')
                                     THEN f.status ELSE 'errored' END
     FROM f
-    WHERE i.id = f.item_id AND i.batch_id = $1 AND i.state = 'submitted'
-    RETURNING i.id, i.file_id, i.line
+    WHERE i.id = f.item_id AND i.batch_id = $1 AND i.state IN ('submitted', 'realtime')
+    RETURNING i.id, i.file_id, i.line, i.deadline
 ), bodies AS (
     DELETE FROM item_bodies WHERE item_id IN (SELECT id FROM done)
 ), inserted AS (
     INSERT INTO results (file_id, line, item_id, status, profile, model, batch_id, input_tokens, output_tokens,
                          cached_input_tokens, cache_creation_input_tokens, cost_batch, cost_realtime, payload,
-                         created_at)
+                         created_at, via, cost_paid, deadline)
     SELECT done.file_id, done.line, done.id, f.status, b.profile, b.model, b.id, f.input_tokens, f.output_tokens,
-           f.cached_input_tokens, f.cache_creation_input_tokens, f.cost_batch, f.cost_realtime, f.payload, $11
+           f.cached_input_tokens, f.cache_creation_input_tokens, f.cost_batch, f.cost_realtime, f.payload, $13,
+           f.via, f.cost_paid, done.deadline
     FROM done JOIN f ON f.item_id = done.id JOIN batches b ON b.id = $1
     ORDER BY done.id
     ON CONFLICT (file_id, line) DO NOTHING
 )
 SELECT COUNT(*) FROM done
 
+-- name: record_duplicates
+-- Billed answers for items whose result was served the other way: costs, not results (once per
+-- item, via and batch). Run after the finals of the same transaction: an answer just recorded as
+-- the result has the result's own via and is no duplicate.
+INSERT INTO duplicate_costs (item_id, file_id, line, profile, model, batch_id, via, input_tokens, output_tokens,
+                             cost, created_at)
+SELECT i.id, i.file_id, i.line, i.profile, i.model, $1, d.via, d.input_tokens, d.output_tokens, d.cost, $7
+FROM unnest($2::bigint[], $3::text[], $4::bigint[], $5::bigint[], $6::double precision[])
+    AS d (item_id, via, input_tokens, output_tokens, cost)
+JOIN items i ON i.id = d.item_id
+JOIN results r ON r.file_id = i.file_id AND r.line = i.line
+WHERE r.via <> d.via
+ON CONFLICT DO NOTHING
+
+-- name: record_handovers
+-- To the real-time fallback: the body stays, and so does the batch (its late answer may still win).
+UPDATE items SET state = 'realtime' WHERE batch_id = $1 AND state = 'submitted' AND id = ANY($2::bigint[])
+
 -- name: record_retries
--- A retry's age counts from when it becomes due.
+-- A retry's age counts from when it becomes due; a refunded one (a bystander of a deadline cancel)
+-- gets its attempt back.
 UPDATE items i SET state = 'queued', batch_id = NULL, not_before = r.not_before,
-    queued_at = GREATEST($2::double precision, r.not_before), last_error = r.error
-FROM unnest($3::bigint[], $4::double precision[], $5::text[]) AS r (item_id, not_before, error)
+    queued_at = GREATEST($2::double precision, r.not_before), last_error = r.error,
+    attempts = CASE WHEN r.refund THEN GREATEST(i.attempts - 1, 0) ELSE i.attempts END
+FROM unnest($3::bigint[], $4::double precision[], $5::text[], $6::boolean[]) AS r (item_id, not_before, error, refund)
 WHERE i.id = r.item_id AND i.batch_id = $1 AND i.state = 'submitted'
 
 -- name: refund_batch
@@ -383,11 +412,15 @@ INSERT INTO errors (at, node, event, message) VALUES ($1, $2, $3, $4)
 DELETE FROM errors WHERE id <= (SELECT MAX(id) FROM errors) - $1
 
 -- name: report
--- Stored results since $1, and the totals of those retention pruned (by the hour they were made).
+-- Stored results since $1 and the totals of those retention pruned (by the hour they were made),
+-- plus the duplicate costs (second answers, paid for, not results), stored and pruned, per $2.
 SELECT key, SUM(requests)::bigint AS requests, SUM(succeeded)::bigint AS succeeded,
        SUM(input_tokens)::bigint AS input_tokens, SUM(cached_input_tokens)::bigint AS cached_input_tokens,
        SUM(output_tokens)::bigint AS output_tokens, SUM(cost_batch) AS cost_batch,
-       SUM(cost_realtime) AS cost_realtime, SUM(unpriced)::bigint AS unpriced
+       SUM(cost_realtime) AS cost_realtime, SUM(unpriced)::bigint AS unpriced, SUM(cost_paid) AS cost_paid,
+       SUM(fallback_requests)::bigint AS fallback_requests, SUM(fallback_cost) AS fallback_cost,
+       SUM(deadlines_met)::bigint AS deadlines_met, SUM(deadlines_missed)::bigint AS deadlines_missed,
+       SUM(duplicate_requests)::bigint AS duplicate_requests, SUM(duplicate_cost) AS duplicate_cost
 FROM (
     SELECT CASE $2::text
                WHEN 'model' THEN COALESCE(r.model, '(invalid)')
@@ -402,7 +435,14 @@ FROM (
            COALESCE(SUM(r.output_tokens), 0)::bigint AS output_tokens,
            SUM(r.cost_batch) AS cost_batch,
            SUM(r.cost_realtime) AS cost_realtime,
-           COUNT(*) FILTER (WHERE r.cost_batch IS NULL AND r.input_tokens IS NOT NULL) AS unpriced
+           COUNT(*) FILTER (WHERE r.cost_batch IS NULL AND r.input_tokens IS NOT NULL) AS unpriced,
+           SUM(r.cost_paid) AS cost_paid,
+           COUNT(*) FILTER (WHERE r.via = 'realtime') AS fallback_requests,
+           SUM(r.cost_paid) FILTER (WHERE r.via = 'realtime') AS fallback_cost,
+           COUNT(*) FILTER (WHERE r.created_at <= r.deadline) AS deadlines_met,
+           COUNT(*) FILTER (WHERE r.created_at > r.deadline) AS deadlines_missed,
+           0::bigint AS duplicate_requests,
+           NULL::double precision AS duplicate_cost
     FROM results r JOIN files f ON f.id = r.file_id
     WHERE r.created_at >= $1
     GROUP BY 1
@@ -415,9 +455,32 @@ FROM (
            END,
            SUM(t.requests), COALESCE(SUM(t.requests) FILTER (WHERE t.status = 'succeeded'), 0), SUM(t.input_tokens),
            SUM(t.cached_input_tokens), SUM(t.output_tokens), SUM(t.cost_batch), SUM(t.cost_realtime),
-           SUM(t.unpriced)
+           SUM(t.unpriced), SUM(t.cost_paid), SUM(t.fallback_requests), SUM(t.fallback_cost), SUM(t.deadlines_met),
+           SUM(t.deadlines_missed), 0, NULL
     FROM result_totals t
     WHERE t.hour >= $1
+    GROUP BY 1
+    UNION ALL
+    SELECT CASE $2::text
+               WHEN 'model' THEN COALESCE(d.model, '(invalid)')
+               WHEN 'provider' THEN COALESCE(d.profile, '(invalid)')
+               WHEN 'day' THEN to_char(to_timestamp(d.created_at) AT TIME ZONE 'UTC', 'YYYY-MM-DD')
+               ELSE f.name
+           END,
+           0, 0, 0, 0, 0, NULL, NULL, 0, NULL, 0, NULL, 0, 0, COUNT(*), SUM(d.cost)
+    FROM duplicate_costs d JOIN files f ON f.id = d.file_id
+    WHERE d.created_at >= $1
+    GROUP BY 1
+    UNION ALL
+    SELECT CASE $2::text
+               WHEN 'model' THEN COALESCE(u.model, '(invalid)')
+               WHEN 'provider' THEN COALESCE(u.profile, '(invalid)')
+               WHEN 'day' THEN to_char(to_timestamp(u.hour) AT TIME ZONE 'UTC', 'YYYY-MM-DD')
+               ELSE u.file_name
+           END,
+           0, 0, 0, 0, 0, NULL, NULL, 0, NULL, 0, NULL, 0, 0, SUM(u.requests), SUM(u.cost)
+    FROM duplicate_totals u
+    WHERE u.hour >= $1
     GROUP BY 1
 ) u
 GROUP BY key ORDER BY key
@@ -526,21 +589,36 @@ SELECT * FROM batches ORDER BY id DESC LIMIT $1
 -- name: prunable_files
 SELECT f.id FROM files f
 WHERE f.state = 'complete' AND f.completed_at < $1
-    AND NOT EXISTS (SELECT 1 FROM items i WHERE i.file_id = f.id AND i.state IN ('queued', 'batched', 'submitted'))
+    AND NOT EXISTS (SELECT 1 FROM items i WHERE i.file_id = f.id
+                    AND i.state IN ('queued', 'batched', 'submitted', 'realtime'))
     AND NOT EXISTS (SELECT 1 FROM results r JOIN parked p ON p.result_id = r.id WHERE r.file_id = f.id)
 ORDER BY f.id LIMIT $2
 FOR UPDATE OF f SKIP LOCKED
 
 -- name: fold_totals
 INSERT INTO result_totals (hour, profile, model, file_name, status, requests, input_tokens, cached_input_tokens,
-    output_tokens, cost_batch, cost_realtime, unpriced)
+    output_tokens, cost_batch, cost_realtime, unpriced, cost_paid, fallback_requests, fallback_cost, deadlines_met,
+    deadlines_missed)
 SELECT floor(r.created_at / 3600) * 3600, r.profile, r.model, f.name, r.status, COUNT(*),
     COALESCE(SUM(r.input_tokens), 0), COALESCE(SUM(r.cached_input_tokens), 0), COALESCE(SUM(r.output_tokens), 0),
     SUM(r.cost_batch), SUM(r.cost_realtime),
-    COUNT(*) FILTER (WHERE r.cost_batch IS NULL AND r.input_tokens IS NOT NULL)
+    COUNT(*) FILTER (WHERE r.cost_batch IS NULL AND r.input_tokens IS NOT NULL),
+    SUM(r.cost_paid), COUNT(*) FILTER (WHERE r.via = 'realtime'), SUM(r.cost_paid) FILTER (WHERE r.via = 'realtime'),
+    COUNT(*) FILTER (WHERE r.created_at <= r.deadline), COUNT(*) FILTER (WHERE r.created_at > r.deadline)
 FROM results r JOIN files f ON f.id = r.file_id
 WHERE r.file_id = ANY($1::bigint[])
 GROUP BY 1, r.profile, r.model, f.name, r.status
+
+-- name: fold_duplicates
+INSERT INTO duplicate_totals (hour, profile, model, file_name, requests, input_tokens, output_tokens, cost)
+SELECT floor(d.created_at / 3600) * 3600, d.profile, d.model, f.name, COUNT(*),
+    COALESCE(SUM(d.input_tokens), 0), COALESCE(SUM(d.output_tokens), 0), SUM(d.cost)
+FROM duplicate_costs d JOIN files f ON f.id = d.file_id
+WHERE d.file_id = ANY($1::bigint[])
+GROUP BY 1, d.profile, d.model, f.name
+
+-- name: prune_duplicates
+DELETE FROM duplicate_costs WHERE file_id = ANY($1::bigint[])
 
 -- name: prune_results
 DELETE FROM results WHERE file_id = ANY($1::bigint[])
@@ -616,3 +694,61 @@ WHERE file_id = $1 AND state IN ('batched', 'submitted') AND batch_id IS NOT NUL
 
 -- name: file_items
 SELECT id, line, custom_id, state, profile, endpoint, model FROM items WHERE file_id = $1 ORDER BY line
+
+-- Issue 11: the real-time fallback. Due items are found through the partial index items_fallback
+-- (each WHERE implies its predicate), never by a scan of the queue.
+
+-- name: fallback_take_queued
+-- This node's queued requests whose deadline (less its lead) has come go to the fallback.
+UPDATE items SET state = 'realtime'
+WHERE fallback_at <= $1 AND state = 'queued' AND file_id IN (SELECT id FROM files WHERE node = $2)
+
+-- name: fallback_cancel_batches
+-- Live batches holding a due request, not cancelled for any reason yet: cancel them for the fallback.
+UPDATE batches SET cancel_wanted_at = COALESCE(cancel_wanted_at, $1), cancel_reason = 'deadline',
+    poll_requested_at = $1
+WHERE state IN ('pending', 'unverified', 'submitted') AND cancel_reason IS NULL
+    AND id IN (SELECT i.batch_id FROM items i WHERE i.fallback_at <= $1 AND i.state IN ('batched', 'submitted'))
+RETURNING id
+
+-- name: next_fallback_at
+SELECT MIN(fallback_at) FROM items WHERE fallback_at > $1 AND state IN ('queued', 'batched', 'submitted')
+
+-- name: hand_over
+UPDATE items SET state = 'realtime' WHERE batch_id = $1 AND state = 'submitted' AND deadline IS NOT NULL
+
+-- name: realtime_items
+SELECT i.id, i.file_id, i.line, i.custom_id, i.profile, i.endpoint, i.model, b.body, i.tokens, i.deadline, i.batch_id
+FROM items i JOIN files f ON f.id = i.file_id JOIN item_bodies b ON b.item_id = i.id
+WHERE i.state = 'realtime' AND f.node = $1 AND NOT (i.id = ANY($2::bigint[]))
+ORDER BY i.deadline, i.id LIMIT $3
+
+-- name: record_realtime
+-- The fallback's answers for items still REALTIME: final state, result (no batch), bodies gone. The
+-- caller holds results_lock.
+WITH f AS (
+    SELECT * FROM unnest($1::bigint[], $2::text[], $3::bytea[], $4::bigint[], $5::bigint[], $6::bigint[],
+                         $7::bigint[], $8::double precision[], $9::double precision[], $10::text[],
+                         $11::double precision[])
+        AS f (item_id, status, payload, input_tokens, output_tokens, cached_input_tokens,
+              cache_creation_input_tokens, cost_batch, cost_realtime, via, cost_paid)
+), done AS (
+    UPDATE items i SET state = CASE WHEN f.status IN ('succeeded', 'errored', 'expired', 'canceled')
+                                    THEN f.status ELSE 'errored' END
+    FROM f
+    WHERE i.id = f.item_id AND i.state = 'realtime'
+    RETURNING i.id, i.file_id, i.line, i.deadline, i.profile, i.model
+), bodies AS (
+    DELETE FROM item_bodies WHERE item_id IN (SELECT id FROM done)
+), inserted AS (
+    INSERT INTO results (file_id, line, item_id, status, profile, model, batch_id, input_tokens, output_tokens,
+                         cached_input_tokens, cache_creation_input_tokens, cost_batch, cost_realtime, payload,
+                         created_at, via, cost_paid, deadline)
+    SELECT done.file_id, done.line, done.id, f.status, done.profile, done.model, NULL, f.input_tokens,
+           f.output_tokens, f.cached_input_tokens, f.cache_creation_input_tokens, f.cost_batch, f.cost_realtime,
+           f.payload, $12, f.via, f.cost_paid, done.deadline
+    FROM done JOIN f ON f.item_id = done.id
+    ORDER BY done.id
+    ON CONFLICT (file_id, line) DO NOTHING
+)
+SELECT COUNT(*) FROM done

@@ -54,6 +54,7 @@ from .contract import (
     CancelReason,
     Chunk,
     DuplicateCustomId,
+    FallbackDue,
     Fate,
     FileItem,
     FileKey,
@@ -67,6 +68,7 @@ from .contract import (
     Pause,
     PendingResult,
     PruneSummary,
+    RealtimeItem,
     Retry,
     SubmittedItem,
     Usage,
@@ -79,12 +81,7 @@ Q = queries.load("sqlite_queries.sql")
 FINAL_ITEM_STATES = (ItemState.SUCCEEDED, ItemState.ERRORED, ItemState.EXPIRED, ItemState.CANCELED)
 ERRORS_KEPT = 200
 RESULTS_SUFFIX = ".results.jsonl"
-REPORT_QUERIES = {
-    "model": "report_by_model",
-    "provider": "report_by_provider",
-    "day": "report_by_day",
-    "file": "report_by_file",
-}
+REPORT_KEYS = ("model", "provider", "day", "file")
 
 
 def _json(values: Iterable[Any]) -> str:
@@ -974,28 +971,37 @@ class SQLiteStore:
             return []
         else:
             rows = await self._rows(Q.submitted_items_among, (batch_id, _json(item_ids)))
-        return [SubmittedItem(r["id"], r["file_id"], r["line"], r["custom_id"], r["attempts"]) for r in rows]
+        return [_submitted(r) for r in rows]
+
+    async def fallback_answered(self, batch_id: int) -> list[SubmittedItem]:
+        return [_submitted(r) for r in await self._rows(Q.fallback_answered, (batch_id,))]
 
     @shielded
     async def record_outcomes(
-        self, batch_id: int, finals: Sequence[FinalResult], retries: Sequence[Retry]
+        self,
+        batch_id: int,
+        finals: Sequence[FinalResult],
+        retries: Sequence[Retry],
+        handovers: Collection[int] = (),
     ) -> ApplySummary:
-        """Finals become results (bodies dropped), retries go back to the queue, in one transaction.
-
-        An item no longer SUBMITTED in this batch is skipped and counted ignored (idempotent).
-        """
-        if not finals and not retries:
+        """Finals become results (bodies dropped), retries go back to the queue, handovers to the
+        fallback, in one transaction (see the contract: first final wins, duplicates)."""
+        if not finals and not retries and not handovers:
             return ApplySummary()
         now = time.time()
         async with self._tx() as db:
-            wanted = [f.item_id for f in finals] + [r.item_id for r in retries]
+            wanted = [f.item_id for f in finals] + [r.item_id for r in retries] + list(handovers)
             rows = await db.execute_fetchall(Q.waiting_among, (batch_id, _json(wanted)))
             waiting = {int(r[0]) for r in rows}
+            submitted = {int(r[0]) for r in rows if r[1] == ItemState.SUBMITTED.value}
             route = list(await db.execute_fetchall(Q.batch_route, (batch_id,)))
             profile, model = (route[0]["profile"], route[0]["model"]) if route else (None, None)
             applied_finals = [f for f in finals if f.item_id in waiting]
-            waiting -= {f.item_id for f in applied_finals}
-            applied_retries = [r for r in retries if r.item_id in waiting]
+            late = [f for f in finals if f.item_id not in waiting and f.input_tokens is not None]
+            submitted -= {f.item_id for f in applied_finals}
+            applied_retries = [r for r in retries if r.item_id in submitted]
+            submitted -= {r.item_id for r in applied_retries}
+            applied_handovers = [item_id for item_id in dict.fromkeys(handovers) if item_id in submitted]
             await db.executemany(
                 Q.insert_final_result,
                 [
@@ -1015,6 +1021,9 @@ class SQLiteStore:
                         f.cost_realtime,
                         f.payload,
                         now,
+                        f.via,
+                        f.cost_paid,
+                        f.item_id,
                     )
                     for f in applied_finals
                 ],
@@ -1030,13 +1039,46 @@ class SQLiteStore:
             await db.execute(Q.delete_item_bodies, (_json([f.item_id for f in applied_finals]),))
             # A retry's age counts from when it becomes due.
             await db.executemany(
-                Q.item_retry, [(r.not_before, max(now, r.not_before), r.error, r.item_id) for r in applied_retries]
+                Q.item_retry,
+                [(r.not_before, max(now, r.not_before), r.error, r.item_id) for r in applied_retries if not r.refund],
             )
+            await db.executemany(
+                Q.item_retry_refund,
+                [(r.not_before, max(now, r.not_before), r.error, r.item_id) for r in applied_retries if r.refund],
+            )
+            if applied_handovers:
+                await db.execute(Q.item_handover, (batch_id, _json(applied_handovers)))
+            duplicates = await self._duplicates(db, late, batch_id, now)
+        applied = len(applied_finals) + len(applied_retries) + len(applied_handovers)
         return ApplySummary(
             final=len(applied_finals),
             requeued=len(applied_retries),
-            ignored=len(finals) + len(retries) - len(applied_finals) - len(applied_retries),
+            ignored=len(finals) + len(retries) + len(handovers) - applied - duplicates,
+            handed_over=len(applied_handovers),
+            duplicates=duplicates,
         )
+
+    @staticmethod
+    async def _duplicates(
+        db: aiosqlite.Connection, late: Sequence[FinalResult], batch_id: int | None, now: float
+    ) -> int:
+        """Record billed answers for items already answered the other way as duplicate costs."""
+        recorded = 0
+        for f in late:
+            cursor = await db.execute(
+                Q.insert_duplicate,
+                {
+                    "batch_id": batch_id,
+                    "via": f.via,
+                    "input_tokens": f.input_tokens,
+                    "output_tokens": f.output_tokens,
+                    "cost": f.cost_paid,
+                    "now": now,
+                    "item_id": f.item_id,
+                },
+            )
+            recorded += cursor.rowcount
+        return recorded
 
     @shielded
     async def refund_batch(self, batch_id: int, not_before: float, error: str) -> int:
@@ -1049,6 +1091,73 @@ class SQLiteStore:
         """The batch's items in the order of its input file."""
         rows = await self._rows(Q.batch_item_ids, (batch_id,))
         return [row["id"] for row in rows]
+
+    # -- the real-time fallback ------------------------------------------------------------
+
+    @shielded
+    async def fallback_due(self, now: float) -> FallbackDue:
+        async with self._tx() as db:
+            taken = (await db.execute(Q.fallback_take_queued, {"now": now, "node": self.node})).rowcount
+            rows = await db.execute_fetchall(Q.fallback_cancel_batches, {"now": now})
+        return FallbackDue(realtime=taken, batches=tuple(sorted(int(r[0]) for r in rows)))
+
+    async def next_fallback_at(self, now: float) -> float | None:
+        row = await self._row(Q.next_fallback_at, (now,))
+        return None if row is None or row["at"] is None else float(row["at"])
+
+    @shielded
+    async def hand_over(self, batch_id: int) -> int:
+        async with self._tx() as db:
+            return (await db.execute(Q.hand_over, (batch_id,))).rowcount
+
+    async def realtime_items(self, limit: int, exclude: Collection[int] = ()) -> list[RealtimeItem]:
+        rows = await self._rows(Q.realtime_items, {"node": self.node, "exclude": _json(exclude), "limit": limit})
+        return [
+            RealtimeItem(
+                r["id"], r["file_id"], r["line"], r["custom_id"], r["profile"], r["endpoint"], r["model"],
+                bytes(r["body"]), r["tokens"], r["deadline"], r["batch_id"],
+            )
+            for r in rows
+        ]  # fmt: skip
+
+    @shielded
+    async def record_realtime(self, finals: Sequence[FinalResult]) -> ApplySummary:
+        if not finals:
+            return ApplySummary()
+        now = time.time()
+        async with self._tx() as db:
+            rows = await db.execute_fetchall(Q.realtime_among, (_json(f.item_id for f in finals),))
+            waiting = {int(r[0]) for r in rows}
+            applied = [f for f in finals if f.item_id in waiting]
+            late = [f for f in finals if f.item_id not in waiting and f.input_tokens is not None]
+            await db.executemany(
+                Q.insert_realtime_result,
+                [
+                    {
+                        "status": f.status,
+                        "input_tokens": f.input_tokens,
+                        "output_tokens": f.output_tokens,
+                        "cached_input_tokens": f.cached_input_tokens,
+                        "cache_creation_input_tokens": f.cache_creation_input_tokens,
+                        "cost_batch": f.cost_batch,
+                        "cost_realtime": f.cost_realtime,
+                        "payload": f.payload,
+                        "now": now,
+                        "via": f.via,
+                        "cost_paid": f.cost_paid,
+                        "item_id": f.item_id,
+                    }
+                    for f in applied
+                ],
+            )
+            by_state: dict[str, list[int]] = {}
+            for f in applied:
+                by_state.setdefault(_final_state(f.status), []).append(f.item_id)
+            for state, ids in by_state.items():
+                await db.execute(Q.items_final, (state, _json(ids)))
+            await db.execute(Q.delete_item_bodies, (_json([f.item_id for f in applied]),))
+            duplicates = await self._duplicates(db, late, None, now)
+        return ApplySummary(final=len(applied), ignored=len(finals) - len(applied) - duplicates, duplicates=duplicates)
 
     # -- delivery --------------------------------------------------------------------------
 
@@ -1144,11 +1253,14 @@ class SQLiteStore:
 
     # -- reporting -------------------------------------------------------------------------
 
-    REPORT_KEYS = tuple(REPORT_QUERIES)
+    REPORT_KEYS = REPORT_KEYS
 
     async def report(self, since: float, by: str) -> list[dict[str, Any]]:
-        """Requests, tokens and cost per `by` (model, provider, day or file) for results since `since`."""
-        rows = await self._rows(getattr(Q, REPORT_QUERIES[by]), {"since": since})
+        """Requests, tokens, costs, the fallback's share, deadlines and duplicates per `by` (model,
+        provider, day or file) for results since `since`."""
+        if by not in REPORT_KEYS:
+            raise KeyError(by)
+        rows = await self._rows(Q.report, {"since": since, "by": by})
         return [dict(row) for row in rows]
 
     async def query_results(
@@ -1231,6 +1343,8 @@ class SQLiteStore:
                 ids = _json(files)
                 # The report's totals first, in this transaction: pruned rows are never uncounted.
                 await db.execute(Q.fold_totals, (ids,))
+                await db.execute(Q.fold_duplicates, (ids,))
+                await db.execute(Q.prune_duplicates, (ids,))
                 results = (await db.execute(Q.prune_results, (ids,))).rowcount
                 await db.execute(Q.prune_item_bodies, (ids,))
                 await db.execute(Q.prune_items, (ids,))
@@ -1309,6 +1423,12 @@ _CANCEL_EVENTS = {
     CancelReason.FILE: "batch.operator_cancelled",
     CancelReason.DEADLINE: "batch.deadline_cancelled",
 }
+
+
+def _submitted(r: sqlite3.Row) -> SubmittedItem:
+    return SubmittedItem(
+        r["id"], r["file_id"], r["line"], r["custom_id"], r["attempts"], ItemState(r["state"]), r["deadline"]
+    )
 
 
 def _final_state(status: Status) -> str:

@@ -319,25 +319,48 @@ WHERE id = :id;
 -- == outcomes ===================================================================================
 
 -- name: submitted_items
-SELECT id, file_id, line, custom_id, attempts FROM items
-WHERE batch_id = ? AND state = 'submitted' ORDER BY id;
+-- Waiting: SUBMITTED, or REALTIME (handed to the fallback; the first final answer wins).
+SELECT id, file_id, line, custom_id, attempts, state, deadline FROM items
+WHERE batch_id = ? AND state IN ('submitted', 'realtime') ORDER BY id;
 
 -- name: submitted_items_among
-SELECT id, file_id, line, custom_id, attempts FROM items
-WHERE batch_id = ? AND state = 'submitted' AND id IN (SELECT value FROM json_each(?)) ORDER BY id;
+SELECT id, file_id, line, custom_id, attempts, state, deadline FROM items
+WHERE batch_id = ? AND state IN ('submitted', 'realtime') AND id IN (SELECT value FROM json_each(?)) ORDER BY id;
 
 -- name: waiting_among
--- The CAS of record_outcomes: which of these items are still waiting in this batch.
-SELECT id FROM items WHERE batch_id = ? AND state = 'submitted' AND id IN (SELECT value FROM json_each(?));
+-- The CAS of record_outcomes: which of these items are still waiting in this batch, and how.
+SELECT id, state FROM items
+WHERE batch_id = ? AND state IN ('submitted', 'realtime') AND id IN (SELECT value FROM json_each(?));
+
+-- name: fallback_answered
+SELECT i.id, i.file_id, i.line, i.custom_id, i.attempts, i.state, i.deadline
+FROM items i JOIN results r ON r.file_id = i.file_id AND r.line = i.line
+WHERE i.batch_id = ? AND i.state IN ('succeeded', 'errored', 'expired', 'canceled') AND r.via = 'realtime'
+ORDER BY i.id;
 
 -- name: batch_route
 SELECT profile, model FROM batches WHERE id = ?;
 
 -- name: insert_final_result
 INSERT INTO results (file_id, line, item_id, status, profile, model, batch_id, input_tokens, output_tokens,
-    cached_input_tokens, cache_creation_input_tokens, cost_batch, cost_realtime, payload, created_at)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+    cached_input_tokens, cache_creation_input_tokens, cost_batch, cost_realtime, payload, created_at, via,
+    cost_paid, deadline)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, (SELECT deadline FROM items WHERE id = ?))
 ON CONFLICT (file_id, line) DO NOTHING;
+
+-- name: insert_duplicate
+-- A second answer for an item whose result was served the other way: a cost, not a result.
+INSERT INTO duplicate_costs (item_id, file_id, line, profile, model, batch_id, via, input_tokens, output_tokens,
+    cost, created_at)
+SELECT i.id, i.file_id, i.line, i.profile, i.model, :batch_id, :via, :input_tokens, :output_tokens, :cost, :now
+FROM items i JOIN results r ON r.file_id = i.file_id AND r.line = i.line
+WHERE i.id = :item_id AND r.via <> :via
+ON CONFLICT DO NOTHING;
+
+-- name: item_handover
+-- To the real-time fallback: the body stays, and so does the batch (its late answer may still win).
+UPDATE items SET state = 'realtime'
+WHERE batch_id = ? AND state = 'submitted' AND id IN (SELECT value FROM json_each(?));
 
 -- name: items_final
 UPDATE items SET state = ? WHERE id IN (SELECT value FROM json_each(?));
@@ -349,6 +372,12 @@ DELETE FROM item_bodies WHERE item_id IN (SELECT value FROM json_each(?));
 -- Its age for max_wait starts when it may go again, not at its first ingest: retries becoming due
 -- within one max_wait leave together, not one by one.
 UPDATE items SET state = 'queued', batch_id = NULL, not_before = ?, queued_at = ?, last_error = ? WHERE id = ?;
+
+-- name: item_retry_refund
+-- A bystander of a deadline cancel: back to the queue with its attempt given back.
+UPDATE items SET state = 'queued', batch_id = NULL, attempts = MAX(attempts - 1, 0), not_before = ?, queued_at = ?,
+    last_error = ?
+WHERE id = ?;
 
 -- name: refund_batch
 -- One statement, so that a repeat cannot give an attempt back twice.
@@ -428,86 +457,49 @@ INSERT INTO errors (at, event, message) VALUES (?, ?, ?);
 -- name: trim_errors
 DELETE FROM errors WHERE id <= (SELECT MAX(id) FROM errors) - ?;
 
--- name: report_by_model
--- Stored results since :since, and the totals of those retention pruned (by the hour they were made).
+-- name: report
+-- Stored results since :since and the totals of those retention pruned (by the hour they were made),
+-- plus the duplicate costs (second answers, paid for, not results), stored and pruned, per :by.
 SELECT key, SUM(requests) AS requests, SUM(succeeded) AS succeeded, SUM(input_tokens) AS input_tokens,
     SUM(cached_input_tokens) AS cached_input_tokens, SUM(output_tokens) AS output_tokens,
-    SUM(cost_batch) AS cost_batch, SUM(cost_realtime) AS cost_realtime, SUM(unpriced) AS unpriced
+    SUM(cost_batch) AS cost_batch, SUM(cost_realtime) AS cost_realtime, SUM(unpriced) AS unpriced,
+    SUM(cost_paid) AS cost_paid, SUM(fallback_requests) AS fallback_requests, SUM(fallback_cost) AS fallback_cost,
+    SUM(deadlines_met) AS deadlines_met, SUM(deadlines_missed) AS deadlines_missed,
+    SUM(duplicate_requests) AS duplicate_requests, SUM(duplicate_cost) AS duplicate_cost
 FROM (
-    SELECT COALESCE(r.model, '(invalid)') AS key, COUNT(*) AS requests, SUM(r.status = 'succeeded') AS succeeded,
+    SELECT CASE :by WHEN 'model' THEN COALESCE(r.model, '(invalid)') WHEN 'provider' THEN COALESCE(r.profile, '(invalid)')
+               WHEN 'day' THEN date(r.created_at, 'unixepoch') ELSE f.name END AS key,
+        COUNT(*) AS requests, SUM(r.status = 'succeeded') AS succeeded,
         COALESCE(SUM(r.input_tokens), 0) AS input_tokens, COALESCE(SUM(r.cached_input_tokens), 0) AS cached_input_tokens,
         COALESCE(SUM(r.output_tokens), 0) AS output_tokens, SUM(r.cost_batch) AS cost_batch,
-        SUM(r.cost_realtime) AS cost_realtime, SUM(r.cost_batch IS NULL AND r.input_tokens IS NOT NULL) AS unpriced
+        SUM(r.cost_realtime) AS cost_realtime, SUM(r.cost_batch IS NULL AND r.input_tokens IS NOT NULL) AS unpriced,
+        SUM(r.cost_paid) AS cost_paid, SUM(r.via = 'realtime') AS fallback_requests,
+        SUM(CASE WHEN r.via = 'realtime' THEN r.cost_paid END) AS fallback_cost,
+        COALESCE(SUM(r.created_at <= r.deadline), 0) AS deadlines_met,
+        COALESCE(SUM(r.created_at > r.deadline), 0) AS deadlines_missed,
+        0 AS duplicate_requests, NULL AS duplicate_cost
     FROM results r JOIN files f ON f.id = r.file_id WHERE r.created_at >= :since
     GROUP BY key
     UNION ALL
-    SELECT COALESCE(t.model, '(invalid)') AS key, SUM(t.requests), SUM(CASE WHEN t.status = 'succeeded' THEN t.requests ELSE 0 END),
+    SELECT CASE :by WHEN 'model' THEN COALESCE(t.model, '(invalid)') WHEN 'provider' THEN COALESCE(t.profile, '(invalid)')
+               WHEN 'day' THEN date(t.hour, 'unixepoch') ELSE t.file_name END AS key,
+        SUM(t.requests), SUM(CASE WHEN t.status = 'succeeded' THEN t.requests ELSE 0 END),
         SUM(t.input_tokens), SUM(t.cached_input_tokens), SUM(t.output_tokens), SUM(t.cost_batch),
-        SUM(t.cost_realtime), SUM(t.unpriced)
+        SUM(t.cost_realtime), SUM(t.unpriced), SUM(t.cost_paid), SUM(t.fallback_requests), SUM(t.fallback_cost),
+        SUM(t.deadlines_met), SUM(t.deadlines_missed), 0, NULL
     FROM result_totals t WHERE t.hour >= :since
-    GROUP BY key
-)
-GROUP BY key ORDER BY key;
-
--- name: report_by_provider
--- Stored results since :since, and the totals of those retention pruned (by the hour they were made).
-SELECT key, SUM(requests) AS requests, SUM(succeeded) AS succeeded, SUM(input_tokens) AS input_tokens,
-    SUM(cached_input_tokens) AS cached_input_tokens, SUM(output_tokens) AS output_tokens,
-    SUM(cost_batch) AS cost_batch, SUM(cost_realtime) AS cost_realtime, SUM(unpriced) AS unpriced
-FROM (
-    SELECT COALESCE(r.profile, '(invalid)') AS key, COUNT(*) AS requests, SUM(r.status = 'succeeded') AS succeeded,
-        COALESCE(SUM(r.input_tokens), 0) AS input_tokens, COALESCE(SUM(r.cached_input_tokens), 0) AS cached_input_tokens,
-        COALESCE(SUM(r.output_tokens), 0) AS output_tokens, SUM(r.cost_batch) AS cost_batch,
-        SUM(r.cost_realtime) AS cost_realtime, SUM(r.cost_batch IS NULL AND r.input_tokens IS NOT NULL) AS unpriced
-    FROM results r JOIN files f ON f.id = r.file_id WHERE r.created_at >= :since
     GROUP BY key
     UNION ALL
-    SELECT COALESCE(t.profile, '(invalid)') AS key, SUM(t.requests), SUM(CASE WHEN t.status = 'succeeded' THEN t.requests ELSE 0 END),
-        SUM(t.input_tokens), SUM(t.cached_input_tokens), SUM(t.output_tokens), SUM(t.cost_batch),
-        SUM(t.cost_realtime), SUM(t.unpriced)
-    FROM result_totals t WHERE t.hour >= :since
-    GROUP BY key
-)
-GROUP BY key ORDER BY key;
-
--- name: report_by_day
--- Stored results since :since, and the totals of those retention pruned (by the hour they were made).
-SELECT key, SUM(requests) AS requests, SUM(succeeded) AS succeeded, SUM(input_tokens) AS input_tokens,
-    SUM(cached_input_tokens) AS cached_input_tokens, SUM(output_tokens) AS output_tokens,
-    SUM(cost_batch) AS cost_batch, SUM(cost_realtime) AS cost_realtime, SUM(unpriced) AS unpriced
-FROM (
-    SELECT date(r.created_at, 'unixepoch') AS key, COUNT(*) AS requests, SUM(r.status = 'succeeded') AS succeeded,
-        COALESCE(SUM(r.input_tokens), 0) AS input_tokens, COALESCE(SUM(r.cached_input_tokens), 0) AS cached_input_tokens,
-        COALESCE(SUM(r.output_tokens), 0) AS output_tokens, SUM(r.cost_batch) AS cost_batch,
-        SUM(r.cost_realtime) AS cost_realtime, SUM(r.cost_batch IS NULL AND r.input_tokens IS NOT NULL) AS unpriced
-    FROM results r JOIN files f ON f.id = r.file_id WHERE r.created_at >= :since
+    SELECT CASE :by WHEN 'model' THEN COALESCE(d.model, '(invalid)') WHEN 'provider' THEN COALESCE(d.profile, '(invalid)')
+               WHEN 'day' THEN date(d.created_at, 'unixepoch') ELSE f.name END AS key,
+        0, 0, 0, 0, 0, NULL, NULL, 0, NULL, 0, NULL, 0, 0, COUNT(*), SUM(d.cost)
+    FROM duplicate_costs d JOIN files f ON f.id = d.file_id WHERE d.created_at >= :since
     GROUP BY key
     UNION ALL
-    SELECT date(t.hour, 'unixepoch') AS key, SUM(t.requests), SUM(CASE WHEN t.status = 'succeeded' THEN t.requests ELSE 0 END),
-        SUM(t.input_tokens), SUM(t.cached_input_tokens), SUM(t.output_tokens), SUM(t.cost_batch),
-        SUM(t.cost_realtime), SUM(t.unpriced)
-    FROM result_totals t WHERE t.hour >= :since
-    GROUP BY key
-)
-GROUP BY key ORDER BY key;
-
--- name: report_by_file
--- Stored results since :since, and the totals of those retention pruned (by the hour they were made).
-SELECT key, SUM(requests) AS requests, SUM(succeeded) AS succeeded, SUM(input_tokens) AS input_tokens,
-    SUM(cached_input_tokens) AS cached_input_tokens, SUM(output_tokens) AS output_tokens,
-    SUM(cost_batch) AS cost_batch, SUM(cost_realtime) AS cost_realtime, SUM(unpriced) AS unpriced
-FROM (
-    SELECT f.name AS key, COUNT(*) AS requests, SUM(r.status = 'succeeded') AS succeeded,
-        COALESCE(SUM(r.input_tokens), 0) AS input_tokens, COALESCE(SUM(r.cached_input_tokens), 0) AS cached_input_tokens,
-        COALESCE(SUM(r.output_tokens), 0) AS output_tokens, SUM(r.cost_batch) AS cost_batch,
-        SUM(r.cost_realtime) AS cost_realtime, SUM(r.cost_batch IS NULL AND r.input_tokens IS NOT NULL) AS unpriced
-    FROM results r JOIN files f ON f.id = r.file_id WHERE r.created_at >= :since
-    GROUP BY key
-    UNION ALL
-    SELECT t.file_name AS key, SUM(t.requests), SUM(CASE WHEN t.status = 'succeeded' THEN t.requests ELSE 0 END),
-        SUM(t.input_tokens), SUM(t.cached_input_tokens), SUM(t.output_tokens), SUM(t.cost_batch),
-        SUM(t.cost_realtime), SUM(t.unpriced)
-    FROM result_totals t WHERE t.hour >= :since
+    SELECT CASE :by WHEN 'model' THEN COALESCE(u.model, '(invalid)') WHEN 'provider' THEN COALESCE(u.profile, '(invalid)')
+               WHEN 'day' THEN date(u.hour, 'unixepoch') ELSE u.file_name END AS key,
+        0, 0, 0, 0, 0, NULL, NULL, 0, NULL, 0, NULL, 0, 0, SUM(u.requests), SUM(u.cost)
+    FROM duplicate_totals u WHERE u.hour >= :since
     GROUP BY key
 )
 GROUP BY key ORDER BY key;
@@ -625,19 +617,34 @@ SELECT * FROM batches ORDER BY id DESC LIMIT ?;
 -- name: prunable_files
 SELECT f.id FROM files f
 WHERE f.state = 'complete' AND f.completed_at < :before
-    AND NOT EXISTS (SELECT 1 FROM items i WHERE i.file_id = f.id AND i.state IN ('queued', 'batched', 'submitted'))
+    AND NOT EXISTS (SELECT 1 FROM items i WHERE i.file_id = f.id
+                    AND i.state IN ('queued', 'batched', 'submitted', 'realtime'))
     AND NOT EXISTS (SELECT 1 FROM results r JOIN parked p ON p.result_id = r.id WHERE r.file_id = f.id)
 ORDER BY f.id LIMIT :limit;
 
 -- name: fold_totals
 INSERT INTO result_totals (hour, profile, model, file_name, status, requests, input_tokens, cached_input_tokens,
-    output_tokens, cost_batch, cost_realtime, unpriced)
+    output_tokens, cost_batch, cost_realtime, unpriced, cost_paid, fallback_requests, fallback_cost, deadlines_met,
+    deadlines_missed)
 SELECT CAST(r.created_at / 3600 AS INTEGER) * 3600.0, r.profile, r.model, f.name, r.status, COUNT(*),
     COALESCE(SUM(r.input_tokens), 0), COALESCE(SUM(r.cached_input_tokens), 0), COALESCE(SUM(r.output_tokens), 0),
-    SUM(r.cost_batch), SUM(r.cost_realtime), SUM(r.cost_batch IS NULL AND r.input_tokens IS NOT NULL)
+    SUM(r.cost_batch), SUM(r.cost_realtime), SUM(r.cost_batch IS NULL AND r.input_tokens IS NOT NULL),
+    SUM(r.cost_paid), SUM(r.via = 'realtime'), SUM(CASE WHEN r.via = 'realtime' THEN r.cost_paid END),
+    COALESCE(SUM(r.created_at <= r.deadline), 0), COALESCE(SUM(r.created_at > r.deadline), 0)
 FROM results r JOIN files f ON f.id = r.file_id
 WHERE r.file_id IN (SELECT value FROM json_each(?))
 GROUP BY 1, r.profile, r.model, f.name, r.status;
+
+-- name: fold_duplicates
+INSERT INTO duplicate_totals (hour, profile, model, file_name, requests, input_tokens, output_tokens, cost)
+SELECT CAST(d.created_at / 3600 AS INTEGER) * 3600.0, d.profile, d.model, f.name, COUNT(*),
+    COALESCE(SUM(d.input_tokens), 0), COALESCE(SUM(d.output_tokens), 0), SUM(d.cost)
+FROM duplicate_costs d JOIN files f ON f.id = d.file_id
+WHERE d.file_id IN (SELECT value FROM json_each(?))
+GROUP BY 1, d.profile, d.model, f.name;
+
+-- name: prune_duplicates
+DELETE FROM duplicate_costs WHERE file_id IN (SELECT value FROM json_each(?));
 
 -- name: prune_results
 DELETE FROM results WHERE file_id IN (SELECT value FROM json_each(?));
@@ -705,3 +712,50 @@ WHERE file_id = ? AND state IN ('batched', 'submitted') AND batch_id IS NOT NULL
 
 -- name: file_items
 SELECT id, line, custom_id, state, profile, endpoint, model FROM items WHERE file_id = ? ORDER BY line;
+
+-- Issue 11: the real-time fallback. Due items are found through the partial index items_fallback
+-- (its WHERE repeated word for word, so the planner may use it), never by a scan of the queue.
+
+-- name: fallback_take_queued
+-- This node's queued requests whose deadline (less its lead) has come go to the fallback.
+UPDATE items INDEXED BY items_fallback SET state = 'realtime'
+WHERE fallback_at <= :now AND fallback_at IS NOT NULL AND state IN ('queued', 'batched', 'submitted', 'realtime')
+    AND state = 'queued' AND file_id IN (SELECT id FROM files WHERE node = :node);
+
+-- name: fallback_cancel_batches
+-- Live batches holding a due request, not cancelled for any reason yet: cancel them for the fallback.
+UPDATE batches SET cancel_wanted_at = COALESCE(cancel_wanted_at, :now), cancel_reason = 'deadline',
+    poll_requested_at = :now
+WHERE state IN ('pending', 'unverified', 'submitted') AND cancel_reason IS NULL
+    AND id IN (SELECT i.batch_id FROM items i INDEXED BY items_fallback
+               WHERE i.fallback_at <= :now AND i.fallback_at IS NOT NULL
+                   AND i.state IN ('queued', 'batched', 'submitted', 'realtime') AND i.state IN ('batched', 'submitted'))
+RETURNING id;
+
+-- name: next_fallback_at
+SELECT MIN(fallback_at) AS at FROM items INDEXED BY items_fallback
+WHERE fallback_at > ? AND fallback_at IS NOT NULL AND state IN ('queued', 'batched', 'submitted', 'realtime')
+    AND state <> 'realtime';
+
+-- name: hand_over
+UPDATE items SET state = 'realtime' WHERE batch_id = ? AND state = 'submitted' AND deadline IS NOT NULL;
+
+-- name: realtime_items
+SELECT i.id, i.file_id, i.line, i.custom_id, i.profile, i.endpoint, i.model, b.body, i.tokens, i.deadline, i.batch_id
+FROM items i JOIN files f ON f.id = i.file_id JOIN item_bodies b ON b.item_id = i.id
+WHERE i.state = 'realtime' AND f.node = :node AND i.id NOT IN (SELECT value FROM json_each(:exclude))
+ORDER BY i.deadline, i.id LIMIT :limit;
+
+-- name: realtime_among
+-- The CAS of record_realtime: which of these items still wait for the fallback's answer.
+SELECT id FROM items WHERE state = 'realtime' AND id IN (SELECT value FROM json_each(?));
+
+-- name: insert_realtime_result
+INSERT INTO results (file_id, line, item_id, status, profile, model, batch_id, input_tokens, output_tokens,
+    cached_input_tokens, cache_creation_input_tokens, cost_batch, cost_realtime, payload, created_at, via,
+    cost_paid, deadline)
+SELECT i.file_id, i.line, i.id, :status, i.profile, i.model, NULL, :input_tokens, :output_tokens,
+    :cached_input_tokens, :cache_creation_input_tokens, :cost_batch, :cost_realtime, :payload, :now, :via,
+    :cost_paid, i.deadline
+FROM items i WHERE i.id = :item_id
+ON CONFLICT (file_id, line) DO NOTHING;
