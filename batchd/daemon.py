@@ -1,6 +1,7 @@
 """The daemon: opens the store, recovers, runs the side tasks, and stops gracefully.
 
-Side tasks: the spool watcher, the batcher, the pollers, the sinks, the leases and the watchdog. If
+Side tasks: the spool watcher, the batcher, the pollers, the real-time fallback, the sinks, the leases
+and the watchdog. If
 any of them dies, the daemon stops (and systemd restarts it) instead of limping on.
 
 Leases (several daemons on one PostgreSQL store): each live batch is submitted, polled and
@@ -36,6 +37,7 @@ from .aio import wait_any
 from .batcher import Batcher
 from .crashpoints import CrashPoints
 from .exits import EX_NOPERM, EX_TEMPFAIL, OperatorError, creating_status, reason
+from .fallback import Fallback
 from .http import HttpServer
 from .logs import get_logger
 from .poller import HOLD_BASE, Pollers
@@ -48,7 +50,7 @@ from .sinks.outbox import OutboxSink
 from .sinks.webhook import WebhookSink
 from .spool import Spool
 from .store import open_store
-from .store.contract import LIVE_BATCH_STATES, POLLED_BATCH_STATES, BatchRow, BatchState, Store
+from .store.contract import LIVE_BATCH_STATES, POLLED_BATCH_STATES, BatchRow, BatchState, CancelReason, Store
 from .store.url import parse_store_url
 
 log = get_logger("batchd.daemon")
@@ -185,6 +187,14 @@ class Daemon:
             on_requeued=self.batcher.wake,
             crashpoints=self.crashpoints,
             hold_base=hold_base,
+            on_realtime=lambda: self.fallback.wake(),
+        )
+        self.fallback = Fallback(
+            settings,
+            self.store,
+            self.providers,
+            on_results=self.sinks.wake,
+            on_cancel=lambda batch_id: self.pollers.cancel_wanted(batch_id, CancelReason.DEADLINE),
         )
         self.spool = Spool(settings, self.store, on_ingest=self._on_ingest, crashpoints=self.crashpoints)
         self.http = (
@@ -267,6 +277,7 @@ class Daemon:
 
     def _on_ingest(self) -> None:
         self.batcher.wake()
+        self.fallback.wake()
         self.sinks.ingested()
 
     def request_stop(self, reason: str) -> None:
@@ -383,6 +394,7 @@ class Daemon:
             asyncio.create_task(self.spool.run(self.stopping), name="spool"),
             asyncio.create_task(self.batcher.run(self.stopping), name="batcher"),
             asyncio.create_task(self.pollers.run(self.stopping), name="pollers"),
+            asyncio.create_task(self.fallback.run(self.stopping), name="fallback"),
             asyncio.create_task(self.sinks.run(self.stopping), name="sinks"),
             asyncio.create_task(self._leases(), name="leases"),
             asyncio.create_task(self._watchdog(), name="watchdog"),

@@ -1,5 +1,14 @@
 """What the batches cost and saved (`batchd report`), and what a file will cost (`batchd estimate`).
 
+Report keys per row and in `total` (README, "Costs"): `cost_batch` (the results at batch price),
+`cost_realtime` (what real time would have cost), `cost_paid` (the results at the price each was
+actually paid: batch, or the fallback's real-time or flex price), `fallback_requests` and
+`fallback_cost` (the results the real-time fallback served, and what it paid for them),
+`duplicate_requests` and `duplicate_cost` (second answers paid for but not results: a cancelled
+batch's late answer after the fallback's), `paid` (cost_paid + duplicate_cost: everything paid),
+`saving` (cost_realtime - paid), `deadlines_met` / `deadlines_missed` (results with a deadline, made
+at or before it / after it).
+
 Estimate heuristic (documented in the README): input tokens are ceil(characters / 4) of every
 text in the request plus 4 per message; output tokens are the request's own ceiling
 (max_tokens, max_completion_tokens or max_output_tokens), or 256 when it sets none, and 0 for
@@ -38,34 +47,59 @@ async def build_report(settings: Settings, since_seconds: float, by: str) -> dic
             return None
         rows = await store.report(time.time() - since_seconds, by)
     for row in rows:
+        for key in ("cost_paid", "fallback_cost", "duplicate_cost"):
+            row.setdefault(key, None)
         if row["cost_batch"] is None and not row["unpriced"]:
-            row["cost_batch"] = row["cost_realtime"] = 0.0  # nothing billed (invalid or failed requests)
-        priced = row["cost_batch"] is not None
-        row["saving"] = (row["cost_realtime"] - row["cost_batch"]) if priced else None
-    totals: dict[str, Any] = {
-        key: sum(row[key] for row in rows)
-        for key in ("requests", "succeeded", "input_tokens", "cached_input_tokens", "output_tokens", "unpriced")
-    }
-    for key in ("cost_batch", "cost_realtime", "saving"):
+            # Nothing billed (invalid or failed requests, or only duplicates in this row).
+            row["cost_batch"] = row["cost_realtime"] = 0.0
+            row["cost_paid"] = row["cost_paid"] or 0.0
+        row["fallback_cost"] = row["fallback_cost"] or 0.0
+        row["duplicate_cost"] = row["duplicate_cost"] or 0.0
+        priced = row["cost_batch"] is not None and row["cost_paid"] is not None
+        row["paid"] = row["cost_paid"] + row["duplicate_cost"] if priced else None
+        row["saving"] = (row["cost_realtime"] - row["paid"]) if priced else None
+    totals: dict[str, Any] = {key: sum(int(row.get(key) or 0) for row in rows) for key in COUNTS}
+    for key in MONEY:
         values = [row[key] for row in rows if row[key] is not None]
         totals[key] = sum(values) if values else None
     return {"since_seconds": since_seconds, "by": by, "rows": rows, "total": totals}
 
 
+COUNTS = (
+    "requests",
+    "succeeded",
+    "input_tokens",
+    "cached_input_tokens",
+    "output_tokens",
+    "unpriced",
+    "fallback_requests",
+    "deadlines_met",
+    "deadlines_missed",
+    "duplicate_requests",
+)
+MONEY = ("cost_batch", "cost_realtime", "cost_paid", "fallback_cost", "duplicate_cost", "paid", "saving")
+
+
 def render_report(report: dict[str, Any], console: Console) -> None:
     table = Table(title=f"batchd savings, last {report['since_seconds'] / 86400:g} days, by {report['by']}")
-    for column in (report["by"], "requests", "input tok", "output tok", "paid (batch)", "real-time", "saved"):
+    columns = (report["by"], "requests", "input tok", "output tok", "paid", "real-time", "saved", "real-time fallback")
+    for column in (*columns, "deadlines met/missed", "duplicates"):
         table.add_column(column, justify="left" if column == report["by"] else "right")
     for row in [*report["rows"], {"key": "total", **report["total"]}]:
-        note = f" (+{row['unpriced']} unpriced)" if row["unpriced"] and row["cost_batch"] is not None else ""
+        note = f" (+{row['unpriced']} unpriced)" if row["unpriced"] and row["paid"] is not None else ""
         table.add_row(
             str(row["key"]),
             f"{row['requests']:,}",
             f"{row['input_tokens']:,}",
             f"{row['output_tokens']:,}",
-            _money(row["cost_batch"]) + note,
+            _money(row["paid"]) + note,
             _money(row["cost_realtime"]),
             _money(row["saving"]),
+            f"{row['fallback_requests']:,} / {_money(row['fallback_cost'])}" if row["fallback_requests"] else "-",
+            f"{row['deadlines_met']:,} / {row['deadlines_missed']:,}"
+            if row["deadlines_met"] or row["deadlines_missed"]
+            else "-",
+            f"{row['duplicate_requests']:,} / {_money(row['duplicate_cost'])}" if row["duplicate_requests"] else "-",
         )
     console.print(table)
 

@@ -22,7 +22,7 @@ async def show_results(
         sys.stdout.buffer.write(b"".join(bytes(row["payload"]) + b"\n" for row in rows))
         return 0 if rows else 1
     table = Table()
-    for column in ("file", "line", "custom_id", "status", "model", "tokens in/out", "detail"):
+    for column in ("file", "line", "custom_id", "status", "via", "model", "tokens in/out", "detail"):
         table.add_column(column)
     for row in rows:
         result = orjson.loads(row["payload"])
@@ -34,6 +34,7 @@ async def show_results(
             str(row["line"]),
             str(result["custom_id"]),
             row["status"],
+            result.get("via") or "-",  # batch, realtime (the deadline fallback), or none (invalid, cancelled)
             result.get("model") or "-",
             f"{usage.get('input_tokens', '-')}/{usage.get('output_tokens', '-')}",
             str(detail)[:80],

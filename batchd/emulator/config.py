@@ -44,6 +44,9 @@ class Faults:
     # Anthropic: most requests queued in processing batches at once (0: no limit); past it a
     # create answers 429, as the real API's queue limit does.
     anthropic_queue_limit: int = 0
+    # OpenAI: a cancel answers "cancelling" at once, but the batch keeps working this many seconds
+    # before it stops (a slow cancel: answers finished meanwhile arrive late).
+    cancel_delay: float = 0.0
 
     def merged(self, changes: dict[str, Any]) -> Faults:
         """Return a copy with ``changes`` applied (JSON values coerced); unknown keys raise ValueError."""

@@ -318,11 +318,25 @@ async def cancel_batch(request: web.Request) -> web.Response:
     if batch.status in ("validating", "in_progress", "finalizing"):
         batch.status = "cancelling"
         batch.times["cancelling"] = int(state.now())
-        batch.job.cancel_requested = True
-        batch.job.poke()
+        if state.faults.cancel_delay > 0:
+            _cancel_later(batch, state.faults.cancel_delay)
+        else:
+            batch.job.cancel_requested = True
+            batch.job.poke()
     elif batch.status != "cancelling":
         raise ApiError(409, f"Cannot cancel a batch with status '{batch.status}'.")
     return json_response(batch.to_json())
+
+
+def _cancel_later(batch: OpenAIBatch, delay: float) -> None:
+    """Fault cancel_delay: the batch says "cancelling" at once but keeps working for `delay` seconds
+    (a slow cancel), so answers it finishes meanwhile come after the client gave up waiting."""
+
+    def cancel() -> None:
+        batch.job.cancel_requested = True
+        batch.job.poke()
+
+    asyncio.get_running_loop().call_later(delay, cancel)
 
 
 def expire_batch(state: EmulatorState, batch: OpenAIBatch, fraction: float) -> dict[str, Any]:
