@@ -49,6 +49,8 @@ def new_item(
     size: int = 100,
     tokens: int = 0,
     body: bytes = BODY,
+    deadline: float | None = None,
+    fallback_at: float | None = None,
 ) -> NewItem:
     return NewItem(
         line=line,
@@ -59,6 +61,8 @@ def new_item(
         body=body,
         size=size,
         tokens=tokens,
+        deadline=deadline,
+        fallback_at=fallback_at,
     )
 
 
@@ -153,6 +157,7 @@ def final(
         output_tokens=tokens,
         cost_batch=cost,
         cost_realtime=None if cost is None else cost * 2,
+        cost_paid=cost,  # a batch answer is paid at the batch price
     )
 
 
