@@ -368,6 +368,10 @@ def _unchanged(fd: int, info: os.stat_result) -> bool:
     return (now.st_size, now.st_mtime_ns) == (info.st_size, info.st_mtime_ns)
 
 
+def _identity(info: os.stat_result) -> tuple[int, int, int, int, int]:
+    return (info.st_dev, info.st_ino, info.st_mode, info.st_size, info.st_ctime_ns)
+
+
 def _arrival(info: os.stat_result) -> float:
     """When a spool file arrived: its mtime (the same after a crash and a resumed ingest), never in the future."""
     return min(info.st_mtime, time.time())
@@ -540,8 +544,7 @@ class Spool:
                 info = os.stat(name, dir_fd=dirs.fd("new"), follow_symlinks=False)
             except FileNotFoundError:
                 continue
-            # Anything not a regular file was rejected by _take in this pass already.
-            if stat.S_ISREG(info.st_mode) and now - info.st_ctime >= self.orphan_sidecar_age:
+            if now - info.st_ctime >= self.orphan_sidecar_age:
                 alone = f"a sidecar without its input file {sidecar.input_name(name)}"
                 self._reject(dirs, name, info, f"{alone} for over {self.orphan_sidecar_age:g} s")
 
@@ -639,12 +642,15 @@ class Spool:
         alone: an entry that cannot be moved stays for the orphan sweep.
         """
         name_of = sidecar.sidecar_name(name)
-        if side is None:
-            try:
-                info = os.stat(name_of, dir_fd=dirs.fd("new"), follow_symlinks=False)
-            except FileNotFoundError:
+        try:
+            info = os.stat(name_of, dir_fd=dirs.fd("new"), follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        if side is not None:
+            # Its descriptor is closed: a replacement may have its inode number already. What was
+            # read also kept its type and change time (a rename in or out changes the latter).
+            if _identity(info) != _identity(side.info):
                 return None
-        else:
             info = side.info
         try:
             return self._move_out(dirs, name_of, info, sub, sidecar.sidecar_name(preferred), sync=sync)
@@ -653,6 +659,22 @@ class Spool:
         except OSError as exc:
             log.error("spool.sidecar_move_failed", sidecar=safefs.display_name(name_of), error=exc.strerror or str(exc))
             return None
+
+    def _sidecar_to_done(self, dirs: _Dirs, name: str, preferred: str, side: _Sidecar | None, row: FileRow) -> None:
+        """The sidecar read with new/NAME goes to done/ beside it, unless it says other than the row.
+
+        It can only differ for a file committed before a crash, whose sidecar was replaced since:
+        the row's options stand, and a sidecar in done/ must not claim otherwise.
+        """
+        if side is None:
+            return
+        said = side.options.text if side.options is not None else None
+        if said != row.options:
+            reason = f"{safefs.display_name(name)} was committed before with other options ({row.options or 'none'})"
+            log.warning("spool.sidecar_ignored", file=name, sidecar=side.name, reason=reason)
+            self._reject(dirs, side.name, side.info, reason)
+            return
+        self._carry_sidecar(dirs, name, "done", preferred, side, sync=False)
 
     def _give_back(self, dirs: _Dirs, sub: str, moved: str, name: str) -> None:
         new = dirs.fd("new")
@@ -707,6 +729,10 @@ class Spool:
         except FileNotFoundError:
             return False
         if (name, info.st_ino) in self._stuck:
+            return False
+        if name.endswith(sidecar.SUFFIX) and _valid_utf8(name):
+            # Whatever it is (a FIFO, a symlink), a sidecar goes with its input, which it refuses
+            # then; alone for too long, the orphan sweep moves it.
             return False
         if not _valid_utf8(name):
             return self._reject(dirs, name, info, "file name is not valid UTF-8")
@@ -871,8 +897,7 @@ class Spool:
                 resume.append(name)  # chunks of it were committed before a crash: resume them
                 continue
             preferred = row.out_name[: -len(RESULTS_SUFFIX)] + ".jsonl"
-            if side is not None:
-                self._carry_sidecar(dirs, name, "done", preferred, side, sync=False)
+            self._sidecar_to_done(dirs, name, preferred, side, row)
             if self._move_out(dirs, name, info, "done", preferred, sync=False) is None:
                 # Renamed over (or away) while it was read: what has the name now is new work.
                 log.warning("spool.replaced_during_ingest", file=name)
@@ -962,9 +987,8 @@ class Spool:
                 return await self._changed_mid_ingest(dirs, name, info, row, report)
         report.out_name = row.out_name
         preferred = report.out_name[: -len(RESULTS_SUFFIX)] + ".jsonl"
-        if side is not None:
-            # Durable with the input's rename: the same two directories are fsynced after it.
-            self._carry_sidecar(dirs, name, "done", preferred, side, sync=False)
+        # Durable with the input's rename: the same two directories are fsynced after it.
+        self._sidecar_to_done(dirs, name, preferred, side, row)
         moved = self._move_out(dirs, name, info, "done", preferred)
         if moved is None:
             # Renamed over (or away) while it was read: what has the name now is new work.
