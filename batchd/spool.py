@@ -28,6 +28,14 @@ transaction (`Intake.add_files`), are renamed to done/ with one fsync of done/ a
 the group, and their moves are recorded with the next group's transaction. Each file is still
 committed before it leaves new/; a crash between the commit and the moves leaves the files in new/
 with their rows, and the next pass moves them without queueing a line twice.
+
+A file's per-file options (its deadline) come from the sidecar NAME.meta.json (sidecar.py), which
+a producer renames into new/ before NAME.jsonl. It is read once, when the file is taken, with the
+same care as the file (one O_NOFOLLOW | O_NONBLOCK descriptor, fstat, a size cap); what it says is
+recorded with the file's row, which is the truth from then on (a resumed ingest never reads a
+sidecar again). It leaves new/ just before its input, to done/ or rejected/ beside it; one that
+cannot be used rejects its input with it; one of another uid than its input is not the input's;
+one left alone past ORPHAN_SIDECAR_SECONDS goes to rejected/.
 """
 
 from __future__ import annotations
