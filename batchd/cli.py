@@ -93,14 +93,27 @@ def _input_file(name: str) -> Path:
     return path
 
 
+def _deadline(text: str | None) -> str | None:
+    """A --deadline as its sidecar will say it, checked before anything is written (exit 64 if unreadable)."""
+    if text is None:
+        return None
+    from .sidecar import deadline_text
+
+    try:
+        return deadline_text(text)
+    except ValueError as exc:
+        raise OperatorError(f"--deadline: {exc}", EX_USAGE) from None
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     from .spool import submit_file
 
+    deadline = _deadline(args.deadline)
     spool_dir = args.spool_dir or _settings(args).daemon.spool_dir
     sources = [_input_file(name) for name in args.files]
     for source in sources:
         try:
-            target = submit_file(source, spool_dir, name=args.name if len(sources) == 1 else None)
+            target = submit_file(source, spool_dir, name=args.name if len(sources) == 1 else None, deadline=deadline)
         except ValueError as exc:  # a --name that is not a plain file name
             raise OperatorError(str(exc), EX_USAGE) from None
         except OSError as exc:
@@ -229,7 +242,8 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 def cmd_retry(args: argparse.Namespace) -> int:
     from .retry import retry
 
-    return run_loop(retry(_settings(args), args.file, args.status))
+    deadline = _deadline(args.deadline)
+    return run_loop(retry(_settings(args), args.file, args.status, deadline))
 
 
 def _statuses(text: str) -> list[str]:
@@ -314,6 +328,12 @@ def build_parser(command_hint: str | None = None) -> argparse.ArgumentParser:
     submit.add_argument("files", nargs="+", help="JSONL files of OpenAI batch lines or Anthropic batch requests")
     submit.add_argument("--name", help="file name in the spool, one file only (default: the file's own name)")
     submit.add_argument("--spool-dir", help="spool directory (default: daemon.spool_dir of the config)")
+    submit.add_argument(
+        "--deadline",
+        metavar="WHEN",
+        help="when every result must exist: ISO 8601 with a UTC offset (2026-12-01T07:00+01:00) or relative to"
+        " the file's arrival (8h, 90m); written as NAME.meta.json beside each file (default: its route's deadline)",
+    )
     submit.set_defaults(handler=cmd_submit)
 
     status = command("status", "queue depth per route, live batches, recent errors")
@@ -418,6 +438,12 @@ def build_parser(command_hint: str | None = None) -> argparse.ArgumentParser:
         type=_statuses,
         default="errored,expired",
         help="retry the requests whose latest outcome is one of these, comma-separated (default: errored,expired)",
+    )
+    retry.add_argument(
+        "--deadline",
+        metavar="WHEN",
+        help="a deadline for the retried requests, as for submit (relative: from now); default: none (the"
+        " original deadline is not carried over)",
     )
     retry.set_defaults(handler=cmd_retry)
 

@@ -28,6 +28,14 @@ transaction (`Intake.add_files`), are renamed to done/ with one fsync of done/ a
 the group, and their moves are recorded with the next group's transaction. Each file is still
 committed before it leaves new/; a crash between the commit and the moves leaves the files in new/
 with their rows, and the next pass moves them without queueing a line twice.
+
+A file's per-file options (its deadline) come from the sidecar NAME.meta.json (sidecar.py), which
+a producer renames into new/ before NAME.jsonl. It is read once, when the file is taken, with the
+same care as the file (one O_NOFOLLOW | O_NONBLOCK descriptor, fstat, a size cap); what it says is
+recorded with the file's row, which is the truth from then on (a resumed ingest never reads a
+sidecar again). It leaves new/ just before its input, to done/ or rejected/ beside it; one that
+cannot be used rejects its input with it; one of another uid than its input is not the input's;
+one left alone past ORPHAN_SIDECAR_SECONDS goes to rejected/.
 """
 
 from __future__ import annotations
@@ -50,7 +58,7 @@ from typing import IO, Any
 import orjson
 import watchfiles
 
-from . import retention, safefs
+from . import retention, safefs, sidecar
 from .aio import wait_any
 from .capacity import embedding_inputs, estimate_tokens
 from .crashpoints import CrashPoints
@@ -58,6 +66,7 @@ from .deadlines import parse_deadline
 from .formats import LineError, invalid_result, parse_line
 from .logs import get_logger
 from .settings import ProviderKind, Settings
+from .sidecar import FileOptions, SidecarError
 from .store.contract import Chunk, DuplicateCustomId, FileKey, FileRow, FileState, Intake, NewItem, NewResult, WholeFile
 
 SUBDIRS = ("tmp", "new", "done", "rejected", "out")
@@ -94,6 +103,10 @@ DIR_MODES: tuple[tuple[str, int], ...] = (
 )
 SHARED = frozenset({"tmp", "new"})
 MAX_SUFFIX = 10_000
+# A NAME.meta.json in new/ without NAME.jsonl waits for it (a producer renames the sidecar in
+# first, then writes and renames the input, which may take a while); after this long (since it
+# was renamed in: its ctime, which a producer cannot set back) it goes to rejected/ with a report.
+ORPHAN_SIDECAR_SECONDS = 86_400.0
 
 log = get_logger("batchd.spool")
 
@@ -253,9 +266,10 @@ def _valid_utf8(name: str) -> bool:
 
 
 def _variants(name: str) -> Iterator[str]:
-    """`name`, then NAME.1.jsonl, NAME.2.jsonl, … (or name.1, name.2 for other names)."""
+    """`name`, then NAME.1.jsonl, NAME.2.jsonl, … (NAME.1.meta.json, … for a sidecar; else name.1, name.2)."""
     yield name
-    stem, suffix = (name[: -len(".jsonl")], ".jsonl") if name.endswith(".jsonl") else (name, "")
+    suffix = next((end for end in (".jsonl", sidecar.SUFFIX) if name.endswith(end)), "")
+    stem = name[: len(name) - len(suffix)]
     for number in range(1, MAX_SUFFIX):
         yield f"{stem}.{number}{suffix}"
     yield f"{stem}.{secrets.token_hex(6)}{suffix}"
@@ -362,6 +376,20 @@ def _unchanged(fd: int, info: os.stat_result) -> bool:
     return (now.st_size, now.st_mtime_ns) == (info.st_size, info.st_mtime_ns)
 
 
+def _identity(info: os.stat_result) -> tuple[int, int, int, int, int]:
+    return (info.st_dev, info.st_ino, info.st_mode, info.st_size, info.st_ctime_ns)
+
+
+def _arrival(info: os.stat_result) -> float:
+    """When a spool file arrived: its mtime (the same after a crash and a resumed ingest), never in the future."""
+    return min(info.st_mtime, time.time())
+
+
+def _deadline_field(deadline: float | None) -> dict[str, str]:
+    """A log line's `deadline` (ISO 8601, UTC) when the file gave one."""
+    return {} if deadline is None else {"deadline": datetime.fromtimestamp(deadline, UTC).isoformat()}
+
+
 def _out_taken(out_fd: int, out_name: str) -> bool:
     return safefs.exists(out_fd, out_name) or safefs.exists(out_fd, out_name + ".part")
 
@@ -383,23 +411,45 @@ def _drop_duplicates(chunk: Chunk, seen: set[str]) -> Chunk:
     return Chunk(chunk.first_line, chunk.last_line, chunk.end_offset, items, invalid)
 
 
+@dataclass(frozen=True, slots=True)
+class _Sidecar:
+    """new/NAME.meta.json as found for new/NAME.jsonl: the entry seen (moved only while the name is
+    still it) and what it said, or why it cannot be used."""
+
+    name: str
+    info: os.stat_result
+    options: FileOptions | None = None
+    error: str | None = None  # set: the input file is rejected with it (unless its row exists)
+    foreign: bool = False  # another user's: not this file's sidecar at all
+
+
+class _Rejected(Exception):
+    """The input file went to rejected/ (or could not) because of its sidecar; `taken` as _reject said."""
+
+    def __init__(self, taken: bool) -> None:
+        self.taken = taken
+
+
+_Entry = tuple[str, os.stat_result, WholeFile, _Sidecar | None]
+
+
 class _Group:
     """Small files read whole, waiting to be committed together."""
 
     def __init__(self) -> None:
-        self.entries: list[tuple[str, os.stat_result, WholeFile]] = []
+        self.entries: list[_Entry] = []
         self.lines = 0
         self.bytes = 0
 
-    def add(self, name: str, info: os.stat_result, whole: WholeFile) -> None:
-        self.entries.append((name, info, whole))
+    def add(self, name: str, info: os.stat_result, whole: WholeFile, side: _Sidecar | None) -> None:
+        self.entries.append((name, info, whole, side))
         self.lines += whole.lines
         self.bytes += whole.key.size
 
     def full(self) -> bool:
         return len(self.entries) >= GROUP_FILES or self.lines >= CHUNK_LINES or self.bytes >= CHUNK_BYTES
 
-    def take(self) -> list[tuple[str, os.stat_result, WholeFile]]:
+    def take(self) -> list[_Entry]:
         entries, self.entries = self.entries, []
         self.lines = self.bytes = 0
         return entries
@@ -431,6 +481,7 @@ class Spool:
         self._routes: dict[tuple[str, str], tuple[str, int]] = {}  # (kind, model) -> (profile, byte limit)
         # True while a file is being committed chunk by chunk (the batcher holds back partial groups).
         self.busy = False
+        self.orphan_sidecar_age = ORPHAN_SIDECAR_SECONDS
 
     def wake(self) -> None:
         self._wake.set()
@@ -471,6 +522,7 @@ class Spool:
                     log.info("spool.resuming", file=name)
                     if await self._take(dirs, name):
                         taken += 1
+                self._sweep_sidecars(dirs, names)
             except SpoolDirectoryError as exc:
                 # done/, rejected/ or out/ was swapped for something else: touch nothing through
                 # it; start-up refuses such a spool (check_modes).
@@ -483,6 +535,26 @@ class Spool:
                 if pending is not None and not pending.done():
                     await asyncio.wait({pending})  # its transaction runs whole; nothing outlives the pass
         return taken
+
+    def _sweep_sidecars(self, dirs: _Dirs, names: list[str]) -> None:
+        """Move sidecars that waited longer than orphan_sidecar_age without their input to rejected/.
+
+        A sidecar whose NAME.jsonl is in new/ waits with it (it goes wherever the input goes); one
+        left alone (its input never came, or was renamed in before it) would otherwise sit in new/
+        for ever, and would give its deadline to a later file of the same name.
+        """
+        present = set(names)
+        now = time.time()
+        for name in names:
+            if not name.endswith(sidecar.SUFFIX) or name.startswith(".") or sidecar.input_name(name) in present:
+                continue
+            try:
+                info = os.stat(name, dir_fd=dirs.fd("new"), follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if now - info.st_ctime >= self.orphan_sidecar_age:
+                alone = f"a sidecar without its input file {sidecar.input_name(name)}"
+                self._reject(dirs, name, info, f"{alone} for over {self.orphan_sidecar_age:g} s")
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Ingest until `stopping` is set: on inotify events, and every rescan_interval anyway."""
@@ -567,6 +639,51 @@ class Spool:
             safefs.fsync_dir(new)
         return candidate
 
+    def _carry_sidecar(
+        self, dirs: _Dirs, name: str, sub: str, preferred: str, side: _Sidecar | None = None, sync: bool = True
+    ) -> str | None:
+        """Move new/NAME.meta.json of the input new/NAME to SUB/ as the sidecar of `preferred`; its new name.
+
+        `side`: only that entry (the one read); without it, whatever has the name now. Moved before
+        its input, so that a crash between the two renames never leaves a sidecar for a later file
+        of the same name: the input's row holds the options already. Never raises for the sidecar
+        alone: an entry that cannot be moved stays for the orphan sweep.
+        """
+        name_of = sidecar.sidecar_name(name)
+        try:
+            info = os.stat(name_of, dir_fd=dirs.fd("new"), follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        if side is not None:
+            # Its descriptor is closed: a replacement may have its inode number already. What was
+            # read also kept its type and change time (a rename in or out changes the latter).
+            if _identity(info) != _identity(side.info):
+                return None
+            info = side.info
+        try:
+            return self._move_out(dirs, name_of, info, sub, sidecar.sidecar_name(preferred), sync=sync)
+        except SpoolDirectoryError:
+            raise
+        except OSError as exc:
+            log.error("spool.sidecar_move_failed", sidecar=safefs.display_name(name_of), error=exc.strerror or str(exc))
+            return None
+
+    def _sidecar_to_done(self, dirs: _Dirs, name: str, preferred: str, side: _Sidecar | None, row: FileRow) -> None:
+        """The sidecar read with new/NAME goes to done/ beside it, unless it says other than the row.
+
+        It can only differ for a file committed before a crash, whose sidecar was replaced since:
+        the row's options stand, and a sidecar in done/ must not claim otherwise.
+        """
+        if side is None:
+            return
+        said = side.options.text if side.options is not None else None
+        if said != row.options:
+            reason = f"{safefs.display_name(name)} was committed before with other options ({row.options or 'none'})"
+            log.warning("spool.sidecar_ignored", file=name, sidecar=side.name, reason=reason)
+            self._reject(dirs, side.name, side.info, reason)
+            return
+        self._carry_sidecar(dirs, name, "done", preferred, side, sync=False)
+
     def _give_back(self, dirs: _Dirs, sub: str, moved: str, name: str) -> None:
         new = dirs.fd("new")
         for candidate in _variants(name):
@@ -579,8 +696,13 @@ class Spool:
             return
 
     def _reject(self, dirs: _Dirs, name: str, info: os.stat_result, reason: str) -> bool:
-        """Move new/NAME to rejected/ with NAME.error.json beside it; False if it could not be moved."""
+        """Move new/NAME to rejected/ with NAME.error.json beside it; False if it could not be moved.
+
+        An input's sidecar (new/NAME.meta.json, whatever it is) goes first, beside it: left behind,
+        it would give its options to the next file of that name.
+        """
         shown = safefs.display_name(name)
+        side = self._carry_sidecar(dirs, name, "rejected", shown) if name.endswith(".jsonl") else None
         try:
             target = self._move_out(dirs, name, info, "rejected", shown)
         except SpoolDirectoryError:
@@ -596,6 +718,8 @@ class Spool:
         report = {"file": shown, "error": reason, "at": datetime.now(UTC).isoformat()}
         if target != shown:
             report["moved_to"] = target
+        if side is not None:
+            report["sidecar"] = side
         rejected = dirs.fd("rejected")
         try:
             safefs.write_new(rejected, target + ".error.json", orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n")
@@ -613,6 +737,10 @@ class Spool:
         except FileNotFoundError:
             return False
         if (name, info.st_ino) in self._stuck:
+            return False
+        if name.endswith(sidecar.SUFFIX) and _valid_utf8(name):
+            # Whatever it is (a FIFO, a symlink), a sidecar goes with its input, which it refuses
+            # then; alone for too long, the orphan sweep moves it.
             return False
         if not _valid_utf8(name):
             return self._reject(dirs, name, info, "file name is not valid UTF-8")
@@ -645,12 +773,15 @@ class Spool:
                 return False
             self._waiting.pop(name, None)
             try:
+                side = await self._sidecar_of(dirs, name, fd, info)
                 if group is not None and info.st_size <= SMALL_FILE_BYTES:
-                    whole = await self._read_whole(fd, info, name)
+                    whole = await self._read_whole(fd, info, name, side)
                     if whole is not None:
-                        group.add(name, info, whole)
+                        group.add(name, info, whole, side)
                         return False
-                report = await self._ingest_fd(dirs, name, fd, info)
+                report = await self._ingest_fd(dirs, name, fd, info, side)
+            except _Rejected as rejected:
+                return rejected.taken
             except SpoolDirectoryError:
                 raise
             except _FileChanged:
@@ -666,24 +797,93 @@ class Spool:
         self._on_ingest()
         return True
 
-    async def _read_whole(self, fd: int, info: os.stat_result, name: str) -> WholeFile | None:
+    def _read_sidecar(self, new: int, name: str, info: os.stat_result) -> _Sidecar | None:
+        """new/NAME.meta.json of the input new/NAME (`info`: the input's), read once; None if there is none.
+
+        Read as carefully as an input: one O_NOFOLLOW | O_NONBLOCK descriptor, a regular file proven
+        by fstat, a size checked before reading (a FIFO, a symlink or a huge file never blocks or
+        fills the loop). A sidecar of another uid than the input's is not this file's.
+        """
+        name_of = sidecar.sidecar_name(name)
+        try:
+            fd, found = safefs.open_regular(new, name_of)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            try:
+                found = os.stat(name_of, dir_fd=new, follow_symlinks=False)
+            except FileNotFoundError:
+                return None
+            what = "not a regular file" if isinstance(exc, safefs.UnsafeFileError) else "cannot read it"
+            error = f"{what} ({exc.strerror or exc})"
+            return _Sidecar(name_of, found, error=error, foreign=found.st_uid != info.st_uid)
+        try:
+            if found.st_uid != info.st_uid:
+                return _Sidecar(name_of, found, foreign=True)
+            if found.st_size > sidecar.MAX_BYTES:
+                return _Sidecar(name_of, found, error=f"{found.st_size} bytes, over the limit of {sidecar.MAX_BYTES}")
+            data = os.pread(fd, sidecar.MAX_BYTES + 1, 0)
+            return _Sidecar(name_of, found, sidecar.parse_options(data, _arrival(info)))
+        except SidecarError as exc:
+            return _Sidecar(name_of, found, error=str(exc))
+        except OSError as exc:
+            return _Sidecar(name_of, found, error=f"cannot read it ({exc.strerror or exc})")
+        finally:
+            os.close(fd)
+
+    async def _sidecar_of(self, dirs: _Dirs, name: str, fd: int, info: os.stat_result) -> _Sidecar | None:
+        """The sidecar whose options apply to new/NAME (open on `fd`), or None.
+
+        Raises _Rejected once a sidecar that cannot be used has taken the input to rejected/ with
+        it: a producer that asked for a deadline must not have its file queued without one. Not
+        so for a file this node already has a row for (committed, wholly or in part, before a
+        crash): its row holds the options it was taken with, and a sidecar found now changes
+        nothing. Another user's sidecar is not the file's: it goes to rejected/ alone.
+        """
+        side = self._read_sidecar(dirs.fd("new"), name, info)
+        if side is None:
+            return None
+        if side.foreign:
+            reason = (
+                f"a sidecar of uid {side.info.st_uid} for {safefs.display_name(name)}, a file of uid {info.st_uid}:"
+                " only a file's own producer gives it options"
+            )
+            self._reject(dirs, side.name, side.info, reason)
+            return None
+        if side.error is None:
+            return side
+        if await self._has_row(fd, info, name):
+            log.warning("spool.sidecar_ignored", file=name, sidecar=side.name, reason=side.error)
+            self._reject(dirs, side.name, side.info, f"{side.error}; its file was committed before, without it")
+            return None
+        raise _Rejected(self._reject(dirs, name, info, f"its sidecar {side.name}: {side.error}"))
+
+    async def _has_row(self, fd: int, info: os.stat_result, name: str) -> bool:
+        """Whether this node has a row for exactly this file (see Intake.find_file)."""
+        sha256, size = await asyncio.to_thread(_sha256_fd, fd)
+        return await self.store.find_file(FileKey(name, sha256, size, info.st_dev, info.st_ino)) is not None
+
+    async def _read_whole(
+        self, fd: int, info: os.stat_result, name: str, side: _Sidecar | None = None
+    ) -> WholeFile | None:
         """The small file on `fd` read, hashed and parsed at once; None if its lines do not fit one chunk."""
         data = os.pread(fd, info.st_size + 1, 0)
         if len(data) != info.st_size or not _unchanged(fd, info):
             raise _FileChanged(name)
         if data.count(b"\n") + (not data.endswith(b"\n")) > CHUNK_LINES:
             return None
+        options = side.options if side is not None else None
+        given = options.deadline if options is not None else None
         chunk = await self._parse_chunk(
-            _read_lines(io.BytesIO(data), self.settings.max_line_bytes), self._deadlines(info, None)
+            _read_lines(io.BytesIO(data), self.settings.max_line_bytes), self._deadlines(info, given)
         )
         assert chunk is not None  # a file of at least one byte has a line
         chunk = _drop_duplicates(chunk, set())
         key = FileKey(name, hashlib.sha256(data).hexdigest(), info.st_size, info.st_dev, info.st_ino)
-        return WholeFile(key, chunk.last_line, chunk.items, chunk.invalid)
+        text = options.text if options is not None else None
+        return WholeFile(key, chunk.last_line, chunk.items, chunk.invalid, text, given)
 
-    async def _commit_group(
-        self, dirs: _Dirs, entries: list[tuple[str, os.stat_result, WholeFile]], moved_before: list[int]
-    ) -> _GroupDone:
+    async def _commit_group(self, dirs: _Dirs, entries: list[_Entry], moved_before: list[int]) -> _GroupDone:
         """Commit small files in one transaction, then move them to done/.
 
         Each file is committed before it leaves new/, as alone: a crash after the commit leaves the
@@ -695,16 +895,17 @@ class Spool:
             return _GroupDone(moved=moved_before)
         out = dirs.fd("out")
         rows = await self.store.add_files(
-            [whole for _, _, whole in entries], out_taken=lambda o: _out_taken(out, o), moved=moved_before
+            [whole for _, _, whole, _ in entries], out_taken=lambda o: _out_taken(out, o), moved=moved_before
         )
         self._crashpoints.reach("mid-ingest")
         moved: list[tuple[str, WholeFile, FileRow]] = []
         resume: list[str] = []
-        for (name, info, whole), row in zip(entries, rows, strict=True):
+        for (name, info, whole, side), row in zip(entries, rows, strict=True):
             if row.state == FileState.INGESTING:
                 resume.append(name)  # chunks of it were committed before a crash: resume them
                 continue
             preferred = row.out_name[: -len(RESULTS_SUFFIX)] + ".jsonl"
+            self._sidecar_to_done(dirs, name, preferred, side, row)
             if self._move_out(dirs, name, info, "done", preferred, sync=False) is None:
                 # Renamed over (or away) while it was read: what has the name now is new work.
                 log.warning("spool.replaced_during_ingest", file=name)
@@ -728,6 +929,7 @@ class Spool:
                 bytes=whole.key.size,
                 results=row.out_name,
                 group=len(entries),
+                **_deadline_field(row.deadline),
             )
         return _GroupDone(len(moved), [row.id for _, _, row in moved], resume)
 
@@ -742,12 +944,22 @@ class Spool:
         with _Dirs(self.paths.root) as dirs:
             fd, info = safefs.open_regular(dirs.fd("new"), name)
             try:
-                return await self._ingest_fd(dirs, name, fd, info)
+                try:
+                    side = await self._sidecar_of(dirs, name, fd, info)
+                except _Rejected:
+                    return None
+                return await self._ingest_fd(dirs, name, fd, info, side)
             finally:
                 os.close(fd)
 
-    async def _ingest_fd(self, dirs: _Dirs, name: str, fd: int, info: os.stat_result) -> IngestReport | None:
-        """Ingest the file open on `fd` (new/NAME when opened) and move it to done/ if NAME is still it."""
+    async def _ingest_fd(
+        self, dirs: _Dirs, name: str, fd: int, info: os.stat_result, side: _Sidecar | None = None
+    ) -> IngestReport | None:
+        """Ingest the file open on `fd` (new/NAME when opened) and move it to done/ if NAME is still it.
+
+        `side`: its sidecar, whose options go into a new row (a row found is resumed with its own)
+        and which moves to done/ just before it.
+        """
         started = time.monotonic()
         sha256, size = await asyncio.to_thread(_sha256_fd, fd)
         report = IngestReport(name)
@@ -761,8 +973,14 @@ class Spool:
                 if size != info.st_size or not _unchanged(fd, info):
                     raise _FileChanged(name)
                 out = dirs.fd("out")
-                row = await self.store.begin_file(key, out_taken=lambda out_name: _out_taken(out, out_name))
-                log.info("spool.ingesting", file=name, bytes=size)
+                options = side.options if side is not None else None
+                row = await self.store.begin_file(
+                    key,
+                    out_taken=lambda out_name: _out_taken(out, out_name),
+                    options=options.text if options is not None else None,
+                    deadline=options.deadline if options is not None else None,
+                )
+                log.info("spool.ingesting", file=name, bytes=size, **_deadline_field(row.deadline))
                 if row.out_name != name[: -len(".jsonl")] + RESULTS_SUFFIX:
                     log.info("spool.results_renamed", file=name, results=row.out_name)
             else:
@@ -777,6 +995,8 @@ class Spool:
                 return await self._changed_mid_ingest(dirs, name, info, row, report)
         report.out_name = row.out_name
         preferred = report.out_name[: -len(RESULTS_SUFFIX)] + ".jsonl"
+        # Durable with the input's rename: the same two directories are fsynced after it.
+        self._sidecar_to_done(dirs, name, preferred, side, row)
         moved = self._move_out(dirs, name, info, "done", preferred)
         if moved is None:
             # Renamed over (or away) while it was read: what has the name now is new work.
@@ -795,6 +1015,7 @@ class Spool:
                 bytes=size,
                 results=report.out_name,
                 seconds=report.seconds,
+                **_deadline_field(row.deadline),
             )
         return report
 
@@ -817,7 +1038,8 @@ class Spool:
                 lines = _read_lines(
                     handle, self.settings.max_line_bytes, digest, row.lines_committed + 1, row.offset_committed
                 )
-                deadlines = self._deadlines(info, None)
+                # The row's own deadline (the sidecar's when it began), never a sidecar read again.
+                deadlines = self._deadlines(info, row.deadline)
                 while (chunk := await self._parse_chunk(lines, deadlines)) is not None:
                     if pending is not None and not await asyncio.shield(pending):
                         return False, committed.lines
@@ -884,7 +1106,7 @@ class Spool:
     def _deadlines(self, info: os.stat_result, given: float | None) -> _Deadlines:
         """How a file's requests get their deadlines: `given` by the file, else their route's default
         counted from the file's arrival (its mtime: the same after a crash and a resumed ingest)."""
-        return _Deadlines(self.settings, min(info.st_mtime, time.time()), given)
+        return _Deadlines(self.settings, _arrival(info), given)
 
     async def _parse_chunk(
         self, lines: Iterator[tuple[int, bytes | None, int, int]], deadlines: _Deadlines
@@ -1047,13 +1269,24 @@ def _open_optional(path: Path) -> int | None:
         return None
 
 
-def submit(requests: Iterable[Any], name: str | None = None, spool_dir: Path | str = "/var/spool/batchd") -> Submission:
+def submit(
+    requests: Iterable[Any],
+    name: str | None = None,
+    spool_dir: Path | str = "/var/spool/batchd",
+    deadline: str | datetime | float | None = None,
+) -> Submission:
     """Queue requests for batchd by writing them into the spool safely (tmp, fsync, rename).
 
     `requests` are dicts (OpenAI batch lines or Anthropic batch requests) or ready JSON lines.
     The file gets a name free in new/, done/ and out/ (NAME.jsonl, else NAME-1.jsonl, …), so its
     results will be out/NAME.results.jsonl; returns both paths. Works from any process on the host.
+
+    `deadline` (an ISO 8601 string with a UTC offset, a time relative to the file's arrival such
+    as "8h", a datetime with tzinfo, or a unix time) is checked before anything is written
+    (DeadlineError, a ValueError) and travels in the sidecar NAME.meta.json, renamed into new/
+    (and made durable there) before NAME.jsonl.
     """
+    options = None if deadline is None else sidecar.encode_options(sidecar.deadline_text(deadline))
     paths = SpoolPaths(Path(spool_dir))
     base = name or f"submit-{datetime.now(UTC):%Y%m%dT%H%M%S}-{secrets.token_hex(3)}"
     base = base if base.endswith(".jsonl") else f"{base}.jsonl"
@@ -1061,7 +1294,9 @@ def submit(requests: Iterable[Any], name: str | None = None, spool_dir: Path | s
         raise ValueError(f"not a plain file name: {base!r}")
     for directory in (paths.tmp, paths.new):
         directory.mkdir(parents=True, exist_ok=True)
-    temporary = f".{base}.{os.getpid()}.{secrets.token_hex(4)}"
+    token = f"{os.getpid()}.{secrets.token_hex(4)}"
+    temporary = f".{base}.{token}"
+    staged = f".{sidecar.sidecar_name(base)}.{token}"
     with safefs.directory(paths.tmp) as tmp, safefs.directory(paths.new) as new:
         fd = safefs.create_exclusive(tmp, temporary, 0o644)
         try:
@@ -1078,9 +1313,17 @@ def submit(requests: Iterable[Any], name: str | None = None, spool_dir: Path | s
                         continue
                     if out is not None and _out_taken(out, results):
                         continue
+                    # A sidecar present (another submit's, or one left behind) belongs to whatever
+                    # file takes this name: never this one's.
+                    if safefs.exists(new, sidecar.sidecar_name(candidate)):
+                        continue
+                    if options is not None and not _place_sidecar(tmp, new, staged, options, candidate):
+                        continue
                     try:
                         safefs.rename_noreplace(tmp, temporary, new, candidate)
                     except FileExistsError:
+                        if options is not None:
+                            _take_sidecar_back(tmp, new, staged, candidate)
                         continue
                     break
             finally:
@@ -1088,18 +1331,46 @@ def submit(requests: Iterable[Any], name: str | None = None, spool_dir: Path | s
                     if fd_ is not None:
                         os.close(fd_)
         except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temporary, dir_fd=tmp)
+            for leftover in (temporary, staged):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(leftover, dir_fd=tmp)
             raise
         safefs.fsync_dir(new)
     return Submission(paths.new / candidate, paths.out / results)
 
 
-def submit_file(source: Path, spool_dir: Path | str, name: str | None = None) -> Submission:
+def _place_sidecar(tmp: int, new: int, staged: str, options: bytes, candidate: str) -> bool:
+    """Put the sidecar of new/CANDIDATE in place, durably, before its input; False if the name is taken.
+
+    Written in tmp/ (once: it stays there between candidates) and renamed into new/ without
+    replacing anything; new/ is fsynced before the input is renamed in, so no crash leaves the
+    input in new/ without its sidecar.
+    """
+    if not safefs.exists(tmp, staged):
+        safefs.write_new(tmp, staged, options, 0o644)
+    if safefs.exists(new, candidate):
+        return False  # a sidecar must never join a file already in new/
+    try:
+        safefs.rename_noreplace(tmp, staged, new, sidecar.sidecar_name(candidate))
+    except FileExistsError:
+        return False
+    safefs.fsync_dir(new)
+    return True
+
+
+def _take_sidecar_back(tmp: int, new: int, staged: str, candidate: str) -> None:
+    """Another file took CANDIDATE between our sidecar's rename and the input's: the sidecar is not its own."""
+    with contextlib.suppress(FileNotFoundError):  # the daemon rejected it already (another user's file)
+        safefs.rename_noreplace(new, sidecar.sidecar_name(candidate), tmp, staged)
+
+
+def submit_file(
+    source: Path, spool_dir: Path | str, name: str | None = None, deadline: str | datetime | float | None = None
+) -> Submission:
     """Copy an existing JSONL file into the spool safely; lines are passed through unchanged."""
 
     def lines() -> Iterator[bytes]:
         with source.open("rb") as handle:
             yield from handle
 
-    return submit(lines(), name=name or source.name, spool_dir=spool_dir)
+    return submit(lines(), name=name or source.name, spool_dir=spool_dir, deadline=deadline)

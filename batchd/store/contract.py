@@ -135,6 +135,10 @@ class FileRow:
     out_bytes: int  # durable length of the outbox .part
     moved: bool  # the file has left new/
     canceled_at: float | None = None  # an operator cancelled it (`batchd cancel --file`)
+    # Its per-file options (the NAME.meta.json sidecar, a JSON object) and the deadline it gave
+    # (unix time), recorded with the row: a resumed ingest uses these, never a sidecar read again.
+    options: str | None = None
+    deadline: float | None = None
 
 
 @dataclass(slots=True)
@@ -182,6 +186,8 @@ class WholeFile:
     lines: int
     items: Sequence[NewItem]
     invalid: Sequence[NewResult]
+    options: str | None = None  # FileRow.options
+    deadline: float | None = None  # FileRow.deadline
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,6 +283,10 @@ class FileItem:
     profile: str
     endpoint: str
     model: str
+    deadline: float | None = None
+    fallback_at: float | None = None
+    tokens: int = 0
+    inputs: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -396,8 +406,11 @@ class Intake(Protocol):
     async def find_file(self, key: FileKey) -> FileRow | None:
         """This node's row for exactly this file (name, sha256, ino) not yet moved out of new/, if any."""
 
-    async def begin_file(self, key: FileKey, out_taken: Callable[[str], bool]) -> FileRow:
-        """Create the file's row (INGESTING, nothing committed) with its results name chosen once.
+    async def begin_file(
+        self, key: FileKey, out_taken: Callable[[str], bool], options: str | None = None, deadline: float | None = None
+    ) -> FileRow:
+        """Create the file's row (INGESTING, nothing committed) with its results name chosen once,
+        and its per-file `options` (JSON object text) and file-given `deadline`, in one transaction.
 
         NAME.results.jsonl unless `out_taken(name)` or an unfinished file of this node holds it,
         else NAME.N.results.jsonl with the first free N; a COMPLETE holder whose results are gone
@@ -409,7 +422,8 @@ class Intake(Protocol):
         """Which of these custom_ids committed chunks of this file already hold (first one wins)."""
 
     async def add_chunk(self, file_id: int, chunk: Chunk) -> bool:
-        """Queue the chunk's items (bodies included), record its invalid results and advance
+        """Queue the chunk's items (bodies, token estimates, inputs, deadlines and fallback times
+        included), record its invalid results and advance
         lines_committed/offset_committed, in one transaction.
 
         Compare-and-set on lines_committed == first_line - 1: a chunk already committed returns
@@ -432,8 +446,8 @@ class Intake(Protocol):
         out of new/) is left as it is and its row returned: OPEN when it was committed before a
         crash (move it now), INGESTING when chunks of it were (resume it chunk by chunk). Any other
         file gets its row with a results name chosen as begin_file does (never one another file of
-        the group took), its items and invalid results, and is OPEN with `lines` lines, all of them
-        committed.
+        the group took), its options and deadline, its items and invalid results, and is OPEN with
+        `lines` lines, all of them committed.
         """
 
     async def files_moved(self, file_ids: Collection[int]) -> None:
@@ -723,7 +737,8 @@ class Operations(Protocol):
         """The file's items still queued (not in any batch), by id."""
 
     async def file_items(self, file_id: int) -> list[FileItem]:
-        """Every request of the file (not its invalid lines), by line."""
+        """Every request of the file (not its invalid lines), by line, with its deadline, fallback time,
+        token estimate and inputs as queued."""
 
     async def cancel_file(self, file_id: int, finals: Sequence[FinalResult], now: float) -> tuple[int, list[int]]:
         """`batchd cancel --file`, in one transaction: mark the file cancelled, record `finals` (canceled

@@ -224,6 +224,8 @@ def _file(row: asyncpg.Record) -> FileRow:
         out_bytes=row["out_bytes"],
         moved=row["moved_at"] is not None,
         canceled_at=row["canceled_at"],
+        options=row["options"],
+        deadline=row["deadline"],
     )
 
 
@@ -439,11 +441,23 @@ class PostgresStore:
         row = await self._fetchrow(Q.find_file, self.node, key.name, key.sha256, key.ino)
         return _file(row) if row else None
 
-    async def begin_file(self, key: FileKey, out_taken: Callable[[str], bool]) -> FileRow:
+    async def begin_file(
+        self, key: FileKey, out_taken: Callable[[str], bool], options: str | None = None, deadline: float | None = None
+    ) -> FileRow:
         async def work(conn: Connection) -> FileRow:
             out_name = await self._choose_out_name(conn, key.name, out_taken)
             row = await conn.fetchrow(
-                Q.file_insert, self.node, key.name, key.sha256, key.size, key.dev, key.ino, out_name, time.time()
+                Q.file_insert,
+                self.node,
+                key.name,
+                key.sha256,
+                key.size,
+                key.dev,
+                key.ino,
+                out_name,
+                time.time(),
+                options,
+                deadline,
             )
             assert row is not None
             return _file(row)
@@ -490,7 +504,17 @@ class PostgresStore:
                 out_name = await self._choose_out_name(conn, key.name, lambda o: o in taken or out_taken(o))
                 taken.add(out_name)
                 row = await conn.fetchrow(
-                    Q.file_insert, self.node, key.name, key.sha256, key.size, key.dev, key.ino, out_name, now
+                    Q.file_insert,
+                    self.node,
+                    key.name,
+                    key.sha256,
+                    key.size,
+                    key.dev,
+                    key.ino,
+                    out_name,
+                    now,
+                    f.options,
+                    f.deadline,
                 )
                 assert row is not None
                 if f.invalid and not locked:
@@ -1089,7 +1113,10 @@ class PostgresStore:
     async def file_items(self, file_id: int) -> list[FileItem]:
         rows = await self._fetch(Q.file_items, file_id)
         return [
-            FileItem(r["id"], r["line"], r["custom_id"], ItemState(r["state"]), r["profile"], r["endpoint"], r["model"])
+            FileItem(
+                r["id"], r["line"], r["custom_id"], ItemState(r["state"]), r["profile"], r["endpoint"], r["model"],
+                r["deadline"], r["fallback_at"], r["tokens"], r["inputs"],
+            )
             for r in rows
         ]
 

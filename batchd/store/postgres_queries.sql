@@ -54,8 +54,8 @@ SELECT id, state FROM files WHERE node = $1 AND out_name = $2
 UPDATE files SET out_name = out_name || '~' || id WHERE id = $1
 
 -- name: file_insert
-INSERT INTO files (node, name, sha256, size, dev, ino, out_name, ingested_at)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING *
+INSERT INTO files (node, name, sha256, size, dev, ino, out_name, ingested_at, options, deadline)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING *
 
 -- name: seen_custom_ids
 SELECT custom_id FROM items WHERE file_id = $1 AND custom_id = ANY($2::text[])
@@ -693,7 +693,8 @@ SELECT DISTINCT batch_id FROM items
 WHERE file_id = $1 AND state IN ('batched', 'submitted') AND batch_id IS NOT NULL ORDER BY batch_id
 
 -- name: file_items
-SELECT id, line, custom_id, state, profile, endpoint, model FROM items WHERE file_id = $1 ORDER BY line
+SELECT id, line, custom_id, state, profile, endpoint, model, deadline, fallback_at, tokens, inputs FROM items
+WHERE file_id = $1 ORDER BY line
 
 -- Issue 11: the real-time fallback. Due items are found through the partial index items_fallback
 -- (each WHERE implies its predicate), never by a scan of the queue.

@@ -138,6 +138,8 @@ def _file_from_row(row: sqlite3.Row) -> FileRow:
         out_bytes=row["out_bytes"],
         moved=row["moved_at"] is not None,
         canceled_at=row["canceled_at"],
+        options=row["options"],
+        deadline=row["deadline"],
     )
 
 
@@ -490,7 +492,9 @@ class SQLiteStore:
         return _file_from_row(row) if row else None
 
     @shielded
-    async def begin_file(self, key: FileKey, out_taken: Callable[[str], bool]) -> FileRow:
+    async def begin_file(
+        self, key: FileKey, out_taken: Callable[[str], bool], options: str | None = None, deadline: float | None = None
+    ) -> FileRow:
         """The file's row (INGESTING), its results name chosen once (see contract.Intake.begin_file)."""
         async with self._tx() as db:
             out_name = await self._choose_out_name(db, key.name, out_taken)
@@ -507,6 +511,8 @@ class SQLiteStore:
                         "dev": key.dev,
                         "ino": key.ino,
                         "state": FileState.INGESTING.value,
+                        "options": options,
+                        "deadline": deadline,
                     },
                 )
             )
@@ -640,7 +646,10 @@ class SQLiteStore:
             inserted: dict[int, FileRow] = {}
             if fresh:
                 values = [
-                    (file_id, f.key.name, f.key.sha256, f.key.size, out_name, f.key.dev, f.key.ino, f.lines)
+                    (
+                        file_id, f.key.name, f.key.sha256, f.key.size, out_name, f.key.dev, f.key.ino, f.lines,
+                        f.options, f.deadline,
+                    )
                     for file_id, f, out_name in zip(ids, fresh, out_names, strict=True)
                 ]
                 params = {"node": self.node, "now": now, "files": orjson.dumps(values).decode()}
@@ -1312,7 +1321,7 @@ class SQLiteStore:
 
     async def file_items(self, file_id: int) -> list[FileItem]:
         rows = await self._rows(Q.file_items, (file_id,))
-        return [FileItem(r[0], r[1], r[2], ItemState(r[3]), r[4], r[5], r[6]) for r in rows]
+        return [FileItem(r[0], r[1], r[2], ItemState(r[3]), r[4], r[5], r[6], r[7], r[8], r[9], r[10]) for r in rows]
 
     @shielded
     async def cancel_file(self, file_id: int, finals: Sequence[FinalResult], now: float) -> tuple[int, list[int]]:

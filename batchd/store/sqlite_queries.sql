@@ -90,8 +90,8 @@ UPDATE files SET out_name = out_name || '~' || id WHERE id = ?;
 
 -- name: insert_file
 INSERT INTO files (node, name, sha256, size, out_name, ingested_at, dev, ino, state, lines, lines_committed,
-    offset_committed)
-VALUES (:node, :name, :sha256, :size, :out_name, :now, :dev, :ino, :state, 0, 0, 0)
+    offset_committed, options, deadline)
+VALUES (:node, :name, :sha256, :size, :out_name, :now, :dev, :ino, :state, 0, 0, 0, :options, :deadline)
 RETURNING *;
 
 -- name: find_files
@@ -109,11 +109,12 @@ SELECT out_name FROM files WHERE node = :node AND out_name IN (SELECT value FROM
 SELECT COALESCE(MAX(id), 0) + 1 AS next FROM files;
 
 -- name: insert_whole_files
--- Files committed whole (add_files), a JSON array of [id, name, sha256, size, out_name, dev, ino, lines].
+-- Files committed whole (add_files), a JSON array of [id, name, sha256, size, out_name, dev, ino, lines, options,
+-- deadline].
 INSERT INTO files (id, node, name, sha256, size, out_name, ingested_at, dev, ino, state, lines, lines_committed,
-    offset_committed)
+    offset_committed, options, deadline)
 SELECT value ->> 0, :node, value ->> 1, value ->> 2, value ->> 3, value ->> 4, :now, value ->> 5, value ->> 6, 'open',
-    value ->> 7, value ->> 7, value ->> 3
+    value ->> 7, value ->> 7, value ->> 3, value ->> 8, value ->> 9
 FROM json_each(:files)
 RETURNING *;
 
@@ -711,7 +712,8 @@ SELECT DISTINCT batch_id FROM items
 WHERE file_id = ? AND state IN ('batched', 'submitted') AND batch_id IS NOT NULL ORDER BY batch_id;
 
 -- name: file_items
-SELECT id, line, custom_id, state, profile, endpoint, model FROM items WHERE file_id = ? ORDER BY line;
+SELECT id, line, custom_id, state, profile, endpoint, model, deadline, fallback_at, tokens, inputs FROM items
+WHERE file_id = ? ORDER BY line;
 
 -- Issue 11: the real-time fallback. Due items are found through the partial index items_fallback
 -- (its WHERE repeated word for word, so the planner may use it), never by a scan of the queue.
