@@ -453,6 +453,7 @@ async def run_batch(state: EmulatorState, batch: OpenAIBatch, source: Path) -> N
         errors = batch.scan.errors or [e for e in (_token_limit_error(state, batch),) if e]
         if errors:
             batch.errors = errors
+            state.failed_batches.update({str(errors[0]["code"]): 1})
             stamp("failed")
             return
         stamp("in_progress")

@@ -227,6 +227,8 @@ class EmulatorState:
         self.realtime = RealtimeLedger()
         # Highest enqueued tokens per OpenAI model seen when a batch starts (the capacity tests' check).
         self.peak_enqueued: dict[str, int] = {}
+        # OpenAI batches failed at validation, by the first error's code (token_limit_exceeded, ...).
+        self.failed_batches: Counter[str] = Counter()
         # API calls by route ("GET /v1/batches/{batch_id}"): what a client asked for, and how often.
         self.routes: Counter[str] = Counter()
         self.create_index = 0
@@ -308,6 +310,8 @@ class EmulatorState:
             "http_calls": c["http_calls"],
             "realtime": self.realtime.summary(),
             "peak_enqueued": dict(self.peak_enqueued),
+            "failed_batches": dict(self.failed_batches),
+            "queue_limited": c["queue_limited"],
             "calls_by_route": dict(self.routes),
             "create_faults": c["create_faults"],
             "faults_injected": {
