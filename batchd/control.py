@@ -254,10 +254,21 @@ async def cancel(settings: Settings, ref: str | None, file: str | None) -> int:
 
 
 async def daemon_section(settings: Settings, store: Store, now: float) -> dict[str, Any]:
-    """What `batchd status` adds: this host's daemon (running, pid), pauses, each route's next flush
-    (planner.plan_groups: what the batcher itself acts on) and capacity per (profile, model)."""
+    """What `batchd status` adds: this host's daemon (running, pid), pauses, and route_section()."""
     pid = daemon_pid(settings.daemon.state_dir)
     pauses = await store.pauses()
+    return {
+        "daemon": {"running": pid is not None, "pid": pid, "state_dir": str(settings.daemon.state_dir)},
+        "paused": [
+            {"route": route_name(p.profile, p.model), "since": p.paused_at, "reason": p.reason} for p in pauses
+        ],
+        **await route_section(settings, store, now),
+    }
+
+
+async def route_section(settings: Settings, store: Store, now: float) -> dict[str, Any]:
+    """Each queued route's next flush and why (planner.plan_groups: what the batcher itself acts on),
+    pending `batchd flush` requests, and capacity per (profile, model): `batchd status` and the page."""
     flushes = []
     shown: dict[tuple[str, str], dict[str, Any]] = {}
     for planned in await plan_groups(settings, store, now):
@@ -283,10 +294,6 @@ async def daemon_section(settings: Settings, store: Store, now: float) -> dict[s
         if profile in settings.providers:
             shown[(profile, model)] = (await capacity(settings, store, profile, model, now, learned)).as_json(now)
     return {
-        "daemon": {"running": pid is not None, "pid": pid, "state_dir": str(settings.daemon.state_dir)},
-        "paused": [
-            {"route": route_name(p.profile, p.model), "since": p.paused_at, "reason": p.reason} for p in pauses
-        ],
         "flush_requests": [{"route": r, "requested_at": t} for r, t in sorted((await store.flush_requests()).items())],
         "next_flush": flushes,
         "capacity": [shown[key] for key in sorted(shown)],
