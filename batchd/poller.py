@@ -632,11 +632,9 @@ class Pollers:
             # The provider counted more than it allows: our estimate of what it refused (this batch and
             # every other live batch of the model, this one included in usage) bounds its real limit.
             refused = (await self.store.usage(batch.profile, batch.model, now)).enqueued_tokens
-            current = usable_tokens(
-                self.settings.providers[batch.profile],
-                batch.model,
-                (await self.store.learned_limits()).get((batch.profile, batch.model)),
-            )
+            profile = self.settings.providers.get(batch.profile)
+            learned_before = (await self.store.learned_limits()).get((batch.profile, batch.model))
+            current = usable_tokens(profile, batch.model, learned_before) if profile is not None else learned_before
             learned = await self.store.lower_learned_limit(
                 batch.profile, batch.model, lowered_limit(current if current is not None else refused, refused), now
             )

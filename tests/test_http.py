@@ -250,7 +250,7 @@ async def test_one_daemon_of_several_exports_the_database_wide_families(tmp_path
 
 def test_the_flush_column_shows_the_batchers_plan() -> None:
     flush: dict[str, Any] = {"next_flush": 700.0, "reason": "age", "blocked_by": None}
-    assert flush_text(flush, 200.0) == '<span class="flush">age</span> 1970-01-01 00:11:40 UTC (in 500 s)'
+    assert flush_text(flush, 200.0) == '<span class="flush">age</span> 1970-01-01 00:11:40 UTC (in 8 min)'
     assert flush_text({**flush, "next_flush": 200.0, "reason": "deadline"}, 200.0).endswith("deadline</span> now")
     assert flush_text({**flush, "next_flush": None, "reason": "paused"}, 200.0).endswith(": when resumed")
     waiting = {"next_flush": None, "reason": "capacity", "blocked_by": "enqueued_tokens"}
