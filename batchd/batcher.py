@@ -1,8 +1,9 @@
 """The batcher: groups queued requests into provider batches and submits them.
 
-A group is (provider profile, endpoint, model). It is flushed when it reaches the profile's
-`max_requests` or `max_bytes` (never exceeding either) or when its oldest request has waited
-`max_wait`. Each batch is committed as an intent row before the first provider call; a batch
+A group is (provider profile, endpoint, model). When it flushes is planner.plan_groups (full,
+age, deadline, the route's window, `batchd flush`, holds and pauses, capacity); a batch never
+exceeds the profile's `max_requests` or `max_bytes`, nor the capacity left under the profile's
+declared limits. Each batch is committed as an intent row before the first provider call; a batch
 whose create may have happened (a crash, a lost answer) is reconciled with the provider's list
 before it is ever created again.
 """
@@ -18,15 +19,17 @@ from pathlib import Path
 
 from .aio import wait_any
 from .crashpoints import CrashPoints
+from .deadlines import FlushReason
 from .formats import Kind, request_pieces
 from .logs import get_logger
-from .ops import held_until
+from .planner import UNTIL_A_BATCH_ENDS, Capacity, GroupPlan, plan_groups
 from .providers import ProviderError, ProviderPool
 from .providers.base import backoff
 from .settings import Settings
-from .store.contract import LIVE_BATCH_STATES, BatchRow, BatchState, Group, Store
+from .store.contract import BatchRow, BatchState, Store
 
 log = get_logger("batchd.batcher")
+EMBEDDINGS = "/v1/embeddings"
 
 
 class Batcher:
@@ -57,6 +60,9 @@ class Batcher:
         self._instance = ""
         self._reconciling: dict[str, asyncio.Lock] = {}
         self.failure: BaseException | None = None
+        # Groups (profile, endpoint, model) waiting for capacity: batch.capacity_wait is logged once per wait.
+        self._waiting_for_capacity: set[tuple[str, str, str]] = set()
+        self._anthropic = {name for name, profile in settings.providers.items() if profile.kind == "anthropic"}
 
     def wake(self) -> None:
         self._wake.set()
@@ -92,55 +98,86 @@ class Batcher:
             await self._stop_submissions()
 
     async def flush(self, now: float) -> float:
-        """Claim every group that is full or due; returns when the next group falls due."""
-        batching = self.settings.batching
+        """Claim every group whose plan says now; returns when the next group falls due.
+
+        The plan is planner.plan_groups, the computation `batchd status` shows: full, age,
+        deadline, schedule (window), forced (`batchd flush`), held, capacity. Each claim stays
+        within the capacity left (tokens, queued requests, batches per hour, in-flight batches),
+        counted over every node, so a group larger than the room goes out in batches that fit as
+        room frees up.
+        """
         next_due = float("inf")  # nothing queued: sleep until woken (or the loop's longest nap)
-        holds = await self.store.active_holds(now)
-        # Every node's live batches: in-flight limits are the organisation's, not this daemon's.
-        live = await self.store.batches_in_state(*LIVE_BATCH_STATES)
-        in_flight = self._in_flight(live)
+        plans = await plan_groups(self.settings, self.store, now)
         # Anthropic batches carry no metadata, so after a crash a pending batch is matched to the
         # provider's batches by request count: no two pending batches of a profile share one (an
         # unverified one may go back to pending).
         pending_counts: dict[str, set[int]] = {}
-        for row in live:
-            if row.state in (BatchState.PENDING, BatchState.UNVERIFIED) and row.kind == "anthropic":
-                pending_counts.setdefault(row.profile, set()).add(row.requests)
+        if any(plan.group.profile in self._anthropic for plan in plans):
+            for row in await self.store.batches_in_state(BatchState.PENDING, BatchState.UNVERIFIED):
+                if row.kind == "anthropic":
+                    pending_counts.setdefault(row.profile, set()).add(row.requests)
         # A file is committed in chunks: while one is being ingested, a group that is due but not full
         # waits for the rest of it (one file, as few batches as its size allows); full groups still go.
         holding = self._intake_busy()
-        for group in await self.store.queued_groups(now):
-            until = held_until(holds, group.profile, group.model)  # a hold, or an operator's pause
-            if until is not None:
-                next_due = min(next_due, until)
+        rooms = {(plan.group.profile, plan.group.model): plan.capacity for plan in plans}
+        waiting: set[tuple[str, str, str]] = set()
+        answered: dict[str, float] = {}
+        unanswered: set[str] = set()
+        for plan in plans:
+            group = plan.group
+            key = (group.profile, group.endpoint, group.model)
+            if not plan.due(now):
+                next_due = min(next_due, plan.plan.at)
+                if plan.plan.reason is FlushReason.CAPACITY:
+                    waiting.add(key)
+                    self._capacity_wait(plan, now)
+                if plan.forced_by and plan.plan.reason is not FlushReason.HELD:
+                    unanswered.update(plan.forced_by)  # still owed once capacity frees up
+                else:
+                    answered.update(plan.forced_by)  # a pause or hold wins over a forced flush
+                continue
+            if plan.plan.reason in (FlushReason.AGE, FlushReason.SCHEDULE) and holding:
+                next_due = min(next_due, now + self.settings.batching.tick)  # the end of the ingest wakes us
                 continue
             profile = self.settings.providers[group.profile]
-            while group.count > 0:
-                full = group.count >= profile.request_limit or group.bytes >= profile.byte_limit
-                due = now - group.oldest >= batching.max_wait
-                if not full and due and holding:
-                    next_due = min(next_due, now + batching.tick)  # look again soon; the end of the ingest wakes us
+            inputs = profile.max_embedding_inputs if profile.kind == "openai" and group.endpoint == EMBEDDINGS else None
+            left, left_bytes = group.count, group.bytes
+            while left > 0:
+                # Full batches only: the rest waits for its own reason (age, deadline, ...).
+                rest_full = left >= profile.request_limit or left_bytes >= profile.byte_limit
+                if plan.plan.reason is FlushReason.FULL and left < group.count and not rest_full:
                     break
-                if not (full or due):
-                    next_due = min(next_due, group.oldest + batching.max_wait)
-                    break
-                if in_flight.get(group.profile, 0) >= profile.max_in_flight:
+                room = rooms[(group.profile, group.model)]
+                if room.blocked_until(now) is not None:
+                    waiting.add(key)
+                    self._capacity_wait(plan, now, room)
                     break
                 avoid = frozenset(pending_counts.get(group.profile, ())) if profile.kind == "anthropic" else frozenset()
+                max_requests = profile.request_limit
+                if room.request_room is not None:
+                    max_requests = min(max_requests, room.request_room)
                 batch = await self.store.claim_batch(
                     group,
                     profile.kind,
-                    profile.request_limit,
+                    max_requests,
                     profile.byte_limit,
                     now,
                     avoid,
                     lease_seconds=self.settings.store.lease,
+                    budget=room.budget(inputs),
                 )
                 if batch is None:
+                    if room.token_room is not None and not room.budget(inputs).lone_oversize:
+                        # The oldest request does not fit in what is left: wait for a batch to end.
+                        waiting.add(key)
+                        self._capacity_wait(plan, now, room)
                     break
                 if batch.kind == "anthropic":
                     pending_counts.setdefault(batch.profile, set()).add(batch.requests)
-                in_flight[group.profile] = in_flight.get(group.profile, 0) + 1
+                for other in rooms:
+                    if other[0] == group.profile:
+                        tokens = batch.tokens if other[1] == group.model else 0
+                        rooms[other] = rooms[other].spent(tokens, batch.requests, now)
                 self._spawn(batch)  # upload this one while the next is being claimed
                 log.info(
                     "batch.flushed",
@@ -148,27 +185,51 @@ class Batcher:
                     provider=batch.profile,
                     model=batch.model,
                     endpoint=batch.endpoint,
+                    route=plan.route,
                     requests=batch.requests,
                     bytes=batch.bytes,
-                    reason="full" if full else "max_wait",
+                    tokens=batch.tokens,
+                    reason=plan.plan.reason.value,
                 )
-                group = Group(
-                    group.profile,
-                    group.endpoint,
-                    group.model,
-                    group.count - batch.requests,
-                    group.bytes - batch.bytes,
-                    group.oldest,
-                )
+                left -= batch.requests
+                left_bytes -= batch.bytes
+            if left > 0 and plan.forced_by:
+                unanswered.update(plan.forced_by)
+            else:
+                answered.update(plan.forced_by)
+        self._waiting_for_capacity = waiting
+        for route, requested_at in answered.items():
+            if route not in unanswered:
+                await self.store.clear_flush_request(route, requested_at)
+        if unanswered:
+            next_due = min(next_due, now + self.settings.batching.tick * 10)
         later = await self.store.next_not_before(now)
         return min(next_due, later) if later else next_due
 
-    @staticmethod
-    def _in_flight(batches: list[BatchRow]) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for batch in batches:
-            counts[batch.profile] = counts.get(batch.profile, 0) + 1
-        return counts
+    def _capacity_wait(self, plan: GroupPlan, now: float, room: Capacity | None = None) -> None:
+        """Log batch.capacity_wait once per wait, not per pass (a wait ends when a batch of the group goes)."""
+        key = (plan.group.profile, plan.group.endpoint, plan.group.model)
+        if key in self._waiting_for_capacity:
+            return
+        room = room or plan.capacity
+        log.info(
+            "batch.capacity_wait",
+            provider=plan.group.profile,
+            model=plan.group.model,
+            endpoint=plan.group.endpoint,
+            route=plan.route,
+            queued=plan.group.count,
+            limit=room.blocked_by(now) or "enqueued_tokens",
+            in_flight_batches=room.in_flight_batches,
+            enqueued_tokens=room.tokens,
+            token_room=room.token_room,
+            until=None if room.blocked_until(now) in (None, UNTIL_A_BATCH_ENDS) else room.blocked_until(now),
+        )
+
+    def capacity_freed(self) -> None:
+        """A batch ended (the pollers call this): wake the batcher if a route waits for capacity."""
+        if self._waiting_for_capacity:
+            self._wake.set()
 
     async def _start_pending(self) -> None:
         now = time.time()

@@ -1,8 +1,8 @@
-"""The command line: `batchd run | submit | status | batches | pause | resume | cancel | retry | report | results | …`.
+"""The command line: `batchd run | submit | status | batches | pause | resume | flush | cancel | retry | report | …`.
 
 The configuration is found at --config, else $BATCHD_CONFIG, else /etc/batchd/batchd.toml (when it
 exists), else the built-in defaults. Commands that only read (status, batches, report, results,
-estimate) open the database read-only and never create or migrate it; pause, resume, cancel, retry and redeliver
+estimate) open the database read-only and never create or migrate it; pause, resume, flush, cancel, retry and redeliver
 write beside the running daemon, but never create or migrate either.
 
 An operator's mistake never ends in a Python traceback: every command reports it in one line on
@@ -233,6 +233,12 @@ def cmd_resume(args: argparse.Namespace) -> int:
     return run_loop(resume(_settings(args), args.route))
 
 
+def cmd_flush(args: argparse.Namespace) -> int:
+    from .control import flush
+
+    return run_loop(flush(_settings(args), args.route))
+
+
 def cmd_cancel(args: argparse.Namespace) -> int:
     from .control import cancel
 
@@ -390,8 +396,8 @@ def build_parser(command_hint: str | None = None) -> argparse.ArgumentParser:
     batches.set_defaults(handler=cmd_batches)
 
     route_help = (
-        "PROFILE (every model of a provider profile) or PROFILE/MODEL; `*` or nothing means every route"
-        " (default: every route)"
+        "PROFILE (every model of a provider profile), PROFILE/MODEL, or a [[routes]] name; `*` or nothing"
+        " means every route (default: every route)"
     )
     pause = command(
         "pause",
@@ -407,6 +413,20 @@ def build_parser(command_hint: str | None = None) -> argparse.ArgumentParser:
         "route", nargs="?", metavar="ROUTE", help="the ROUTE as it was paused (default: lift every pause)"
     )
     resume.set_defaults(handler=cmd_resume)
+
+    flush = command(
+        "flush",
+        "submit a route's queued requests at the daemon's next pass, through the store: not waiting for max_wait,"
+        " a full batch or the route's window; a pause, a hold or a capacity limit still applies",
+    )
+    flush.add_argument(
+        "route",
+        nargs="?",
+        metavar="ROUTE",
+        help="a route name ([[routes]] name, or a provider profile); `*` or nothing means every route"
+        " (default: every route)",
+    )
+    flush.set_defaults(handler=cmd_flush)
 
     cancel = command(
         "cancel",

@@ -1,5 +1,6 @@
-"""Operators' commands beside a running daemon: `batchd batches`, `pause`, `resume`, `cancel`, and
-what `batchd status` adds about the daemon itself (is one running, its pid, pauses, next flushes).
+"""Operators' commands beside a running daemon: `batchd batches`, `pause`, `resume`, `flush`, `cancel`,
+and what `batchd status` adds about the daemon itself (is one running, its pid, pauses, next flushes
+and why, capacity per provider and model).
 
 They act through the store only, so they work with the daemon running (or not): a pause is a row
 the batcher sees through its hold query on its next flush, and survives restarts. A cancel is an
@@ -17,9 +18,9 @@ from typing import Any
 import orjson
 from rich.table import Table
 
-from .deadlines import FlushRules, QueueView, plan_flush
 from .exits import EX_NOINPUT, EX_USAGE, OperatorError
-from .ops import ANY, daemon_pid, held_until, parse_route, route_name, shown_flush
+from .ops import ANY, daemon_pid, held_until, parse_route, route_name, route_pause_key, shown_flush
+from .planner import capacity, plan_groups, route_covers
 from .policy import canceled_results
 from .settings import Settings
 from .status import existing_store, no_store, terminal
@@ -97,13 +98,16 @@ async def list_batches(settings: Settings, live: bool, limit: int, as_json: bool
 
 
 def _route(settings: Settings, text: str | None) -> tuple[str, str]:
+    """(profile, model) of a pause: PROFILE, PROFILE/MODEL, '*', or a [[routes]] name (route_pause_key)."""
     try:
         profile, model = parse_route(text)
     except ValueError as exc:
         raise OperatorError(str(exc), EX_USAGE) from None
     if profile != ANY and profile not in settings.providers:
-        known = ", ".join(sorted(settings.providers))
-        raise OperatorError(f"no provider profile {profile!r} in the configuration (known: {known})", EX_USAGE)
+        if model == ANY and profile in settings.route_names():
+            return route_pause_key(profile)
+        known = ", ".join(settings.route_names())
+        raise OperatorError(f"no provider profile or route {profile!r} in the configuration (known: {known})", EX_USAGE)
     return profile, model
 
 
@@ -113,6 +117,34 @@ async def _writable(settings: Settings, work: Any) -> Any:
         if store is None:
             raise no_store(settings)
         return await work(store)
+
+
+async def flush(settings: Settings, route: str | None) -> int:
+    """`batchd flush [ROUTE]`: an intent in the store; the batcher flushes the route's queue at its next
+    pass, whatever max_wait, batch size or window say, but never past a pause, hold or capacity limit."""
+    name = ANY if route is None or route.strip() in ("", ANY) else route.strip()
+    if name != ANY and name not in settings.route_names():
+        known = ", ".join(settings.route_names())
+        raise OperatorError(f"no route {name!r} in the configuration (known: {known})", EX_USAGE)
+
+    async def work(store: Store) -> list[str]:
+        await store.request_flush(name, time.time())
+        holds = await store.active_holds(time.time())
+        paused = []
+        for group in await store.queued_groups(time.time()):
+            if group.profile not in settings.providers or not route_covers(settings, name, group.profile, group.model):
+                continue
+            plan = settings.route_plan(group.profile, group.model)
+            if held_until(holds, group.profile, group.model, plan.name) is not None:
+                paused.append(f"{group.profile}/{group.model}")
+        return paused
+
+    held = await _writable(settings, work)
+    what = "every route" if name == ANY else f"route {name}"
+    print(f"flush requested for {what}: the daemon submits its queued requests at its next pass")
+    if held:
+        print(f"held or paused, so not flushed: {', '.join(sorted(set(held)))} (batchd resume)")
+    return 0
 
 
 async def pause(settings: Settings, route: str | None, reason: str | None) -> int:
@@ -222,44 +254,69 @@ async def cancel(settings: Settings, ref: str | None, file: str | None) -> int:
 
 
 async def daemon_section(settings: Settings, store: Store, now: float) -> dict[str, Any]:
-    """What `batchd status` adds: this host's daemon (running, pid), pauses, and each route's next flush."""
+    """What `batchd status` adds: this host's daemon (running, pid), pauses, and route_section()."""
     pid = daemon_pid(settings.daemon.state_dir)
     pauses = await store.pauses()
-    holds = await store.active_holds(now)
-    in_flight: dict[str, int] = {}
-    for batch in await store.batches_in_state(*LIVE_BATCH_STATES):
-        in_flight[batch.profile] = in_flight.get(batch.profile, 0) + 1
+    return {
+        "daemon": {"running": pid is not None, "pid": pid, "state_dir": str(settings.daemon.state_dir)},
+        "paused": [
+            {"route": route_name(p.profile, p.model), "since": p.paused_at, "reason": p.reason} for p in pauses
+        ],
+        **await route_section(settings, store, now),
+    }
+
+
+async def route_section(settings: Settings, store: Store, now: float) -> dict[str, Any]:
+    """Each queued route's next flush and why (planner.plan_groups: what the batcher itself acts on),
+    pending `batchd flush` requests, and capacity per (profile, model): `batchd status` and the page."""
     flushes = []
-    for group in await store.queued_groups(now):
-        profile = settings.providers.get(group.profile)
-        if profile is None:  # a profile since removed from the configuration
-            continue
-        plan = plan_flush(
-            QueueView(group.count, group.bytes, group.oldest),
-            FlushRules(profile.request_limit, profile.byte_limit, settings.batching.max_wait),
-            now,
-            held_until=held_until(holds, group.profile, group.model),
-        )
-        if plan is None:
-            continue
-        flush = shown_flush(plan, now, in_flight.get(group.profile, 0) >= profile.max_in_flight)
+    shown: dict[tuple[str, str], dict[str, Any]] = {}
+    for planned in await plan_groups(settings, store, now):
+        group = planned.group
+        flush = shown_flush(planned.plan, now)
         flushes.append(
             {
+                "route": planned.route,
                 "provider": group.profile,
                 "endpoint": group.endpoint,
                 "model": group.model,
                 "queued": group.count,
                 "next_flush": flush.at,
                 "reason": flush.reason,
+                "blocked_by": planned.capacity.blocked_by(now),
             }
         )
+        shown.setdefault((group.profile, group.model), planned.capacity.as_json(now))
+    # Every (profile, model) with something in flight or a limit learned, queued or not.
+    learned = await store.learned_limits()
+    keys = {(b.profile, b.model) for b in await store.batches_in_state(*LIVE_BATCH_STATES)} | set(learned)
+    for profile, model in sorted(keys - set(shown)):
+        if profile in settings.providers:
+            shown[(profile, model)] = (await capacity(settings, store, profile, model, now, learned)).as_json(now)
     return {
-        "daemon": {"running": pid is not None, "pid": pid, "state_dir": str(settings.daemon.state_dir)},
-        "paused": [
-            {"route": route_name(p.profile, p.model), "since": p.paused_at, "reason": p.reason} for p in pauses
-        ],
+        "flush_requests": [{"route": r, "requested_at": t} for r, t in sorted((await store.flush_requests()).items())],
         "next_flush": flushes,
+        "capacity": [shown[key] for key in sorted(shown)],
     }
+
+
+def _capacity_line(row: dict[str, Any]) -> str:
+    parts = []
+    slots = row["in_flight_batches"]
+    parts.append(f"batches {slots['used']}/{slots['limit']}")
+    tokens = row.get("enqueued_tokens")
+    if tokens:
+        limit = tokens["usable"] if tokens.get("usable") is not None else tokens["limit"]
+        learned = f", learned {tokens['learned']:,}" if tokens.get("learned") is not None else ""
+        parts.append(f"enqueued tokens {tokens['used']:,}/{limit:,} (free {tokens['free']:,}{learned})")
+    requests = row.get("queued_requests")
+    if requests:
+        parts.append(f"queued requests {requests['used']:,}/{requests['limit']:,} (free {requests['free']:,})")
+    hourly = row.get("batches_per_hour")
+    if hourly:
+        parts.append(f"created this hour {hourly['used']}/{hourly['limit']}")
+    blocked = f"; waiting: {row['blocked_by']}" if row.get("blocked_by") else ""
+    return f"Capacity {row['provider']}/{row['model']}: " + ", ".join(parts) + blocked
 
 
 def daemon_lines(data: dict[str, Any], now: float | None = None) -> list[str]:
@@ -273,14 +330,19 @@ def daemon_lines(data: dict[str, Any], now: float | None = None) -> list[str]:
     for pause in data.get("paused", []):
         why = f": {pause['reason']}" if pause.get("reason") else ""
         lines.append(f"Paused: {pause['route']} since {_when(pause['since'])}{why} (batchd resume)")
+    for request in data.get("flush_requests", []):
+        lines.append(f"Flush requested: {request['route']} at {_when(request['requested_at'])} (batchd flush)")
     for flush in data.get("next_flush", []):
-        if flush["next_flush"] is None and flush["reason"] == "in_flight":
-            when = f"when a batch of {flush['provider']} ends (max_in_flight reached)"
+        if flush["next_flush"] is None and flush["reason"] in ("in_flight", "capacity"):
+            limit = flush.get("blocked_by") or "max_in_flight"
+            when = f"when a batch of {flush['provider']}/{flush['model']} ends (capacity: {limit})"
         elif flush["next_flush"] is None:
             when = "when resumed"
         elif flush["next_flush"] <= now:
             when = f"now ({flush['reason']})"
         else:
             when = f"in {flush['next_flush'] - now:.0f}s, {_when(flush['next_flush'])} ({flush['reason']})"
-        lines.append(f"Next flush {flush['provider']}/{flush['model']}: {flush['queued']} queued, {when}")
+        route = flush.get("route") or flush["provider"]
+        lines.append(f"Next flush {route} {flush['provider']}/{flush['model']}: {flush['queued']} queued, {when}")
+    lines += [_capacity_line(row) for row in data.get("capacity", [])]
     return lines

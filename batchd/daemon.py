@@ -183,7 +183,7 @@ class Daemon:
             self.store,
             self.providers,
             self.workdir,
-            on_results=self.sinks.wake,
+            on_results=self._on_results,
             on_requeued=self.batcher.wake,
             crashpoints=self.crashpoints,
             hold_base=hold_base,
@@ -271,6 +271,11 @@ class Daemon:
 
     def _log_taken(self, batch: BatchRow, previous: str | None) -> None:
         log.warning("batch.taken_over", batch=batch.id, previous_owner=previous, state=str(batch.state))
+
+    def _on_results(self) -> None:
+        self.sinks.wake()
+        # A batch that ended frees capacity (in flight, enqueued tokens): a route waiting for it may go.
+        self.batcher.capacity_freed()
 
     def _on_submitted(self, batch_id: int) -> None:
         self.pollers.start(batch_id)

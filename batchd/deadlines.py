@@ -104,16 +104,23 @@ def plan_flush(
     """The next flush of one route's queue (None when nothing is queued).
 
     Order of precedence: a hold (operator pause or provider back-off) stops everything until it
-    lifts; a forced flush goes now; otherwise the queue goes when full, when its oldest request
-    has waited max_wait, or when a deadline demands it, whichever is first, but not outside the
-    submission window unless a deadline demands it; and not before capacity frees up.
+    lifts; a forced flush (`batchd flush`) goes now, whatever max_wait, size or window say;
+    otherwise the queue goes when full, when its oldest request has waited max_wait, or when a
+    deadline demands it, whichever is first, but not outside the submission window unless a
+    deadline demands it. Either way, not before capacity frees up (`capacity_at`; math.inf: when
+    a batch ends): a forced flush never overrides a limit.
     """
     if queue.count <= 0:
         return None
     if held_until is not None and held_until > now:
         return FlushPlan(held_until, FlushReason.HELD)
-    if forced:
-        return FlushPlan(now, FlushReason.FORCED)
+    plan = FlushPlan(now, FlushReason.FORCED) if forced else _unforced(queue, rules, now)
+    if capacity_at is not None and capacity_at > max(plan.at, now):
+        plan = FlushPlan(capacity_at, FlushReason.CAPACITY)
+    return plan
+
+
+def _unforced(queue: QueueView, rules: FlushRules, now: float) -> FlushPlan:
     full = queue.count >= rules.request_limit or queue.bytes >= rules.byte_limit
     candidates = [
         FlushPlan(now if full else float("inf"), FlushReason.FULL),
@@ -132,6 +139,4 @@ def plan_flush(
             plan = FlushPlan(opens_at, FlushReason.SCHEDULE)
             if deadline_at is not None and deadline_at < opens_at:
                 plan = FlushPlan(deadline_at, FlushReason.DEADLINE)  # never wait past a deadline
-    if capacity_at is not None and capacity_at > max(plan.at, now):
-        plan = FlushPlan(capacity_at, FlushReason.CAPACITY)
     return plan

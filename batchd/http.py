@@ -137,10 +137,13 @@ class HttpServer:
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
     async def status_page(self, _request: web.Request) -> web.Response:
+        from .control import route_section
+
+        now = time.time()
         status = await self.store.status()
         data = await self.store.metrics()
-        limits = {name: profile.max_in_flight for name, profile in self.settings.providers.items()}
-        html = page.render(status, data, self.settings.batching.max_wait, self.http.page_refresh, time.time(), limits)
+        routes = await route_section(self.settings, self.store, now)
+        html = page.render(status, data, routes, self.http.page_refresh, now)
         return web.Response(text=html, content_type="text/html", headers={"Cache-Control": "no-store"})
 
     async def openai_webhook(self, request: web.Request) -> web.Response:

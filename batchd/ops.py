@@ -15,10 +15,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from .deadlines import FlushPlan
+from .deadlines import FlushPlan, FlushReason
 from .store.contract import PAUSE_UNTIL
 
 ANY = "*"
+# A pause of a [[routes]] name (not a profile's) is kept under this prefix: profile names never hold ':'.
+ROUTE_PREFIX = "route:"
 LOCK_NAME = "batchd.lock"  # daemon.StateLock's file in the state directory
 PROC_LOCKS = Path("/proc/locks")
 
@@ -38,18 +40,30 @@ def parse_route(text: str | None) -> tuple[str, str]:
 
 
 def route_name(profile: str, model: str) -> str:
-    """The ROUTE an operator types for (profile, model): `*` for all, `PROFILE` for all its models."""
+    """The ROUTE an operator types for (profile, model): `*` for all, `PROFILE` for all its models,
+    a route's name for its pause key (route_pause_key)."""
     if profile == ANY and model == ANY:
         return ANY
+    if profile.startswith(ROUTE_PREFIX) and model == ANY:
+        return profile[len(ROUTE_PREFIX) :]
     return profile if model == ANY else f"{profile}/{model}"
 
 
-def held_until(holds: Mapping[tuple[str, str], float], profile: str, model: str) -> float | None:
-    """Until when submission for (profile, model) is held by `holds` (Store.active_holds, whose
-    operator pauses may name '*' for any profile or model), or None when it is not held."""
-    found = [
-        holds[key] for key in ((profile, model), (profile, ANY), (ANY, model), (ANY, ANY)) if key in holds
-    ]
+def route_pause_key(name: str) -> tuple[str, str]:
+    """How a pause of a [[routes]] name that is not a profile is stored: (ROUTE_PREFIX + name, '*')."""
+    return ROUTE_PREFIX + name, ANY
+
+
+def held_until(
+    holds: Mapping[tuple[str, str], float], profile: str, model: str, route: str | None = None
+) -> float | None:
+    """Until when submission for (profile, model), of the route named `route`, is held by `holds`
+    (Store.active_holds, whose operator pauses may name '*' for any profile or model, or a route
+    by route_pause_key), or None when it is not held."""
+    keys = [(profile, model), (profile, ANY), (ANY, model), (ANY, ANY)]
+    if route is not None:
+        keys.append(route_pause_key(route))
+    found = [holds[key] for key in keys if key in holds]
     return max(found) if found else None
 
 
@@ -63,11 +77,11 @@ class NextFlush:
 
 def shown_flush(plan: FlushPlan, now: float, in_flight_full: bool = False) -> NextFlush:
     """deadlines.plan_flush's answer as status shows it: a pause (a hold until PAUSE_UNTIL) has no
-    time, nor has a due flush of a profile at its max_in_flight (it waits for one of its batches
-    to end); a flush already due is now.
+    time, nor has a flush waiting for capacity until a batch ends, nor a due flush of a profile at
+    its max_in_flight (it waits for one of its batches to end); a flush already due is now.
     """
     if plan.at >= PAUSE_UNTIL:
-        return NextFlush(None, "paused")
+        return NextFlush(None, "paused" if plan.reason == FlushReason.HELD else plan.reason.value)
     if in_flight_full and plan.at <= now:
         return NextFlush(None, "in_flight")
     return NextFlush(max(plan.at, now), plan.reason.value)

@@ -1,6 +1,7 @@
 """The read-only status page at `/`: plain server-rendered HTML and a little script, no build step.
 
-What a person needs at a glance: the queue per route with when it flushes next, live batches with
+What a person needs at a glance: the queue per route with when it flushes next and why (the
+batcher's own plan, control.route_section), capacity per provider and model, live batches with
 a progress bar, sinks with their backlog and parked results, holds, recent errors, and the savings
 so far. The script re-fetches the page every `refresh` seconds and swaps its <main> in place (no
 flicker, no lost scroll position); without script the page is still complete, just static.
@@ -16,18 +17,55 @@ from typing import Any
 from .status import _progress
 
 
-def next_flush(
-    oldest: float, max_wait: float, hold_until: float | None, now: float, at_capacity: bool = False
-) -> tuple[float, str]:
-    """When a queued route's group goes out at the latest, and why (pure; the batcher's own rule:
-    a group flushes when full or once its oldest request has waited max_wait, unless held, and
-    only while its profile has a free batch slot: max_in_flight)."""
-    due = oldest + max_wait
-    if hold_until is not None and hold_until > max(due, now):
-        return hold_until, "held"
-    if due <= now:
-        return now, "due now, waiting for a free batch slot" if at_capacity else "due now"
-    return due, "max_wait"
+def flush_text(flush: dict[str, Any] | None, now: float) -> str:
+    """A route's next flush as the page shows it (from control.route_section: the batcher's own plan)."""
+    if flush is None:
+        return "-"
+    reason = escape(str(flush["reason"]))
+    at = flush["next_flush"]
+    if at is None:
+        if reason == "paused":
+            return f'<span class="flush">{reason}</span>: when resumed'
+        why = f" ({escape(flush['blocked_by'])})" if flush.get("blocked_by") else ""
+        return f'<span class="flush">{reason}</span>{why}: when a batch ends'
+    if at <= now:
+        return f'<span class="flush">{reason}</span> now'
+    return f'<span class="flush">{reason}</span> {escape(_when(at))} (in {_in(at - now)})'
+
+
+CAPACITY_COLUMNS = [
+    "provider",
+    "model",
+    "batches in flight",
+    "enqueued tokens",
+    "queued requests",
+    "batches this hour",
+    "waiting for",
+]
+
+
+def capacity_rows(capacity: list[dict[str, Any]]) -> list[list[str]]:
+    """One row per (profile, model): used / limit (free) for each declared limit."""
+
+    def cell(limit: dict[str, Any] | None) -> str:
+        if not limit:
+            return "-"
+        shown = limit.get("usable") or limit.get("limit")
+        learned = f", learned {limit['learned']:,}" if limit.get("learned") is not None else ""
+        return escape(f"{limit['used']:,} / {shown:,} (free {limit['free']:,}{learned})")
+
+    return [
+        [
+            escape(row["provider"]),
+            f'<span class="model">{escape(row["model"])}</span>',
+            cell(row["in_flight_batches"]),
+            cell(row.get("enqueued_tokens")),
+            cell(row.get("queued_requests")),
+            cell(row.get("batches_per_hour")),
+            escape(row.get("blocked_by") or "-"),
+        ]
+        for row in capacity
+    ]
 
 
 def _when(timestamp: float | None) -> str:
@@ -74,27 +112,15 @@ def savings(results: list[dict[str, Any]]) -> tuple[float, float]:
 def render(
     status: dict[str, Any],
     metrics: dict[str, list[dict[str, Any]]],
-    max_wait: float,
+    routes: dict[str, Any],
     refresh: float,
     now: float,
-    max_in_flight: dict[str, int] | None = None,
 ) -> str:
-    """The whole page from the store's status snapshot and its metrics read model."""
-    live: dict[str, int] = {}
-    for batch in status["batches"]:
-        live[batch["provider"]] = live.get(batch["provider"], 0) + 1
-    limits = max_in_flight or {}
-    holds = {(h["profile"], h["model"]): float(h["until"]) for h in status["holds"]}
-    oldest = {(q["profile"], q["endpoint"], q["model"]): float(q["oldest"]) for q in metrics["queue"]}
+    """The whole page from the store's status snapshot, its metrics read model and control.route_section."""
+    flushes = {(f["provider"], f["endpoint"], f["model"]): f for f in routes.get("next_flush", [])}
     queue_rows = []
     for route in status["queue"]:
-        key = (route["provider"], route["endpoint"], route["model"])
-        if key in oldest:
-            full = key[0] in limits and live.get(key[0], 0) >= limits[key[0]]
-            at, why = next_flush(oldest[key], max_wait, holds.get((key[0], key[2])), now, full)
-            flush = f'<span class="flush">{escape(why)}</span> {escape(_when(at))} (in {_in(at - now)})'
-        else:
-            flush = "-"
+        flush = flush_text(flushes.get((route["provider"], route["endpoint"], route["model"])), now)
         queue_rows.append(
             [
                 escape(route["provider"]),
@@ -158,6 +184,13 @@ def render(
                 batch_rows,
                 "no live batches",
                 "batches",
+            ),
+            _table(
+                "Capacity",
+                CAPACITY_COLUMNS,
+                capacity_rows(routes.get("capacity", [])),
+                "nothing in flight",
+                "capacity",
             ),
             _table("Sinks", ["sink", "backlog", "parked"], sink_rows, "no sinks yet", "sinks"),
             _table("Holds", ["provider", "model", "until", "reason"], hold_rows, "no holds", "holds"),

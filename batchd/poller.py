@@ -32,10 +32,12 @@ from pathlib import Path
 from typing import Any
 
 from .aio import wait_any
+from .capacity import lowered_limit
 from .crashpoints import CrashPoints
 from .deadlines import cancel_wait
 from .formats import Outcome, Status, owned_by
 from .logs import get_logger
+from .planner import usable_tokens
 from .policy import (
     Cancelled,
     CostOf,
@@ -510,16 +512,24 @@ class Pollers:
         return True
 
     async def _cancel_if_overdue(self, batch: BatchRow, remote: RemoteBatch, cancel_sent: bool) -> bool:
-        """Cancel a batch still running past its window plus grace; its requests come back once it has ended."""
+        """Cancel a batch still running past its window plus grace; its requests come back once it has ended.
+
+        The window is the profile's completion_window where it sets one (the window its batches are
+        created with), else [batching] completion_window.
+        """
         batching = self.settings.batching
+        profile = self.settings.providers.get(batch.profile)
+        window = batching.completion_window
+        if profile is not None and "completion_window" in profile.model_fields_set:
+            window = profile.completion_seconds
         created = batch.remote_created_at or remote.created_at or batch.submitted_at or batch.created_at
-        if cancel_sent or not overdue(created, time.time(), batching.completion_window, batching.expiry_grace):
+        if cancel_sent or not overdue(created, time.time(), window, batching.expiry_grace):
             return cancel_sent
         if not await self._send_cancel(batch, remote):
             return False
         message = (
             f"still {remote.status!r} {round(time.time() - created)} s after creation (window"
-            f" {batching.completion_window:g} s + grace {batching.expiry_grace:g} s): cancel requested;"
+            f" {window:g} s + grace {batching.expiry_grace:g} s): cancel requested;"
             " unfinished requests go back to the queue once it has ended"
         )
         log.warning("batch.overdue_cancelled", batch=batch.id, remote_id=remote.id, status=remote.status)
@@ -685,6 +695,23 @@ class Pollers:
             pause = hold_pause(failures, self._hold_base, batching.retry_backoff_max)
             await self.store.hold(batch.profile, batch.model, time.time() + pause, failures, TOKEN_LIMIT)
             log.warning("batch.held", provider=batch.profile, model=batch.model, seconds=round(pause, 1))
+            # The provider counted more than it allows: our estimate of what it refused (this batch and
+            # every other live batch of the model, this one included in usage) bounds its real limit.
+            refused = (await self.store.usage(batch.profile, batch.model, now)).enqueued_tokens
+            profile = self.settings.providers.get(batch.profile)
+            learned_before = (await self.store.learned_limits()).get((batch.profile, batch.model))
+            current = usable_tokens(profile, batch.model, learned_before) if profile is not None else learned_before
+            learned = await self.store.lower_learned_limit(
+                batch.profile, batch.model, lowered_limit(current if current is not None else refused, refused), now
+            )
+            log.warning(
+                "batch.limit_learned",
+                provider=batch.profile,
+                model=batch.model,
+                refused_tokens=refused,
+                batch_tokens=batch.tokens,
+                enqueued_tokens=learned,
+            )
             # The provider never ran them: every one goes back with its attempt given back.
             requeued = await self.store.refund_batch(batch.id, now, refund_error("errored", remote.errors[0]))
             return ApplySummary(requeued=requeued)

@@ -1,7 +1,8 @@
 """Submission windows: when a route may create batches (issue 11), as pure functions of time.
 
-A window is either a set of daily ranges in a time zone (``"22:00-06:00"``; a range whose end is
-not after its start runs past midnight; ``"00:00-24:00"`` is all day) or a cron expression plus a
+A window is either a set of daily ranges in a time zone (``"22:00-06:00"``, or to the second,
+``"22:00:30-06:00:00"``; a range whose end is not after its start runs past midnight;
+``"00:00-24:00"`` is all day) or a cron expression plus a
 duration (``cron = "0 22 * * 1-5"``, ``duration = 8 h``: opens at each firing, stays open for the
 duration). Times are computed in the window's zone, so a range keeps its wall-clock meaning across
 daylight-saving changes (a night with a 23- or 25-hour day is a shorter or longer window).
@@ -19,7 +20,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from cronsim import CronSim, CronSimError
 
-_RANGE = re.compile(r"^\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*$")
+# HH:MM[:SS]-HH:MM[:SS]: seconds are optional (a test opens a window a few seconds from now).
+_RANGE = re.compile(r"^\s*(\d{1,2}):(\d{2})(?::(\d{2}))?\s*-\s*(\d{1,2}):(\d{2})(?::(\d{2}))?\s*$")
 # How far to look for the next opening: a cron that fires less often than this is refused at parse.
 _HORIZON = timedelta(days=400)
 
@@ -45,16 +47,17 @@ class DailyRange:
 
     @classmethod
     def parse(cls, text: str) -> DailyRange:
+        """'HH:MM-HH:MM' or with seconds, 'HH:MM:SS-HH:MM:SS' (either end); '24:00' ends a day."""
         match = _RANGE.match(text)
         if not match:
-            raise ScheduleError(f"window {text!r}: expected HH:MM-HH:MM, e.g. '22:00-06:00'")
-        h1, m1, h2, m2 = (int(g) for g in match.groups())
-        if h1 > 23 or m1 > 59 or m2 > 59 or h2 > 24 or (h2 == 24 and m2 != 0):
+            raise ScheduleError(f"window {text!r}: expected HH:MM-HH:MM (or HH:MM:SS), e.g. '22:00-06:00'")
+        h1, m1, s1, h2, m2, s2 = (int(g) if g is not None else 0 for g in match.groups())
+        if h1 > 23 or m1 > 59 or m2 > 59 or s1 > 59 or s2 > 59 or h2 > 24 or (h2 == 24 and (m2, s2) != (0, 0)):
             raise ScheduleError(f"window {text!r}: not a time of day")
-        end = time.max if h2 == 24 else time(h2, m2)
-        if (h1, m1) == (h2 % 24, m2) and h2 != 24:
+        end = time.max if h2 == 24 else time(h2, m2, s2)
+        if (h1, m1, s1) == (h2 % 24, m2, s2) and h2 != 24:
             raise ScheduleError(f"window {text!r} is empty; use '00:00-24:00' for all day")
-        return cls(time(h1, m1), end)
+        return cls(time(h1, m1, s1), end)
 
     def spans(self, day: date, tz: tzinfo) -> tuple[datetime, datetime]:
         """The range that starts on `day`, as aware datetimes in UTC."""

@@ -182,6 +182,8 @@ class ProviderProfile(_Section):
     # (OpenAI): one number for every model, or a table {"gpt-4o-mini" = 2000000, "*" = 90000}.
     enqueued_tokens: int | dict[str, int] | None = None
     queued_requests: int | None = Field(default=None, ge=1)  # Anthropic: requests in live batches
+    # OpenAI: embedding inputs per /v1/embeddings batch (an embeddings request may carry many).
+    max_embedding_inputs: int = Field(default=50_000, ge=1, le=50_000)
     batches_per_hour: int | None = Field(default=None, ge=1)
     # Kept free below each declared limit: batchd's token estimate is not the provider's count.
     capacity_margin: float = Field(default=0.1, ge=0, lt=1)

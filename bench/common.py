@@ -80,6 +80,9 @@ class Scale:
     idle_interval: float
     idle_window: float
     idle_base_window: float
+    drain_lines: int = 20_000
+    drain_processing: float = 1.0
+    drain_rounds: int = 1
 
 
 @dataclass
@@ -326,7 +329,7 @@ class Zygotes:
 class EmulatorProcess:
     """`python -m batchd.emulator` in its own process, so its CPU and memory are not batchd's."""
 
-    def __init__(self, root: Path, processing_seconds: float) -> None:
+    def __init__(self, root: Path, processing_seconds: float, faults: dict[str, Any] | None = None) -> None:
         self.data_dir = root / "emulator-data"
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = root / "emulator.log"
@@ -344,6 +347,8 @@ class EmulatorProcess:
                 repr(processing_seconds),
                 "--data-dir",
                 str(self.data_dir),
+                "--faults",
+                json.dumps(faults or {}),
             ],
             stdout=subprocess.PIPE,
             stderr=self._log,

@@ -25,7 +25,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from . import collect, e2e, idle, ingest, ingest_poll, queue_scale, submit
+from . import collect, drain, e2e, idle, ingest, ingest_poll, queue_scale, submit
 from .common import Context, Row, Scale, Zygotes, log
 
 BENCHMARKS: dict[str, Callable[[Context], list[Row]]] = {
@@ -35,6 +35,7 @@ BENCHMARKS: dict[str, Callable[[Context], list[Row]]] = {
     "e2e": e2e.run,
     "idle": idle.run,
     "ingest_poll": ingest_poll.run,
+    "drain": drain.run,
     "queue_scale": queue_scale.run,  # full runs only: the 10M-request database takes minutes to build
 }
 
@@ -56,6 +57,9 @@ FULL = Scale(
     idle_interval=60.0,
     idle_window=60.0,
     idle_base_window=10.0,
+    drain_lines=50_000,
+    drain_processing=3.0,
+    drain_rounds=2,
 )
 
 QUICK = Scale(
@@ -76,6 +80,9 @@ QUICK = Scale(
     idle_interval=3.0,
     idle_window=3.0,
     idle_base_window=1.5,
+    drain_lines=20_000,
+    drain_processing=1.0,
+    drain_rounds=1,
 )
 
 # The worker zygotes each benchmark uses; all are started together before the first measurement.
@@ -86,6 +93,7 @@ ZYGOTES: dict[str, tuple[str, ...]] = {
     "e2e": ("openai",),
     "idle": ("openai",),
     "ingest_poll": ("batchd-core",),
+    "drain": ("batchd-core", "openai"),
     "queue_scale": ("batchd-core",),
 }
 

@@ -19,7 +19,7 @@ import pytest
 
 from batchd.emulator import EmulatorConfig, RunningEmulator, start_emulator
 from batchd.metrics import Metrics
-from batchd.page import next_flush, render
+from batchd.page import flush_text, render
 from batchd.store import open_store
 
 from .conftest import wait_until
@@ -248,12 +248,14 @@ async def test_one_daemon_of_several_exports_the_database_wide_families(tmp_path
             await store.close()
 
 
-def test_next_flush_follows_max_wait_and_holds() -> None:
-    assert next_flush(100.0, 600.0, None, 200.0) == (700.0, "max_wait")
-    assert next_flush(100.0, 600.0, None, 800.0) == (800.0, "due now")
-    assert next_flush(100.0, 600.0, 900.0, 200.0) == (900.0, "held")
-    assert next_flush(100.0, 600.0, 150.0, 200.0) == (700.0, "max_wait")  # a hold already over
-    assert next_flush(100.0, 600.0, None, 800.0, at_capacity=True) == (800.0, "due now, waiting for a free batch slot")
+def test_the_flush_column_shows_the_batchers_plan() -> None:
+    flush: dict[str, Any] = {"next_flush": 700.0, "reason": "age", "blocked_by": None}
+    assert flush_text(flush, 200.0) == '<span class="flush">age</span> 1970-01-01 00:11:40 UTC (in 8 min)'
+    assert flush_text({**flush, "next_flush": 200.0, "reason": "deadline"}, 200.0).endswith("deadline</span> now")
+    assert flush_text({**flush, "next_flush": None, "reason": "paused"}, 200.0).endswith(": when resumed")
+    waiting = {"next_flush": None, "reason": "capacity", "blocked_by": "enqueued_tokens"}
+    assert flush_text(waiting, 200.0).endswith("</span> (enqueued_tokens): when a batch ends")
+    assert flush_text(None, 200.0) == "-"
 
 
 def test_the_page_escapes_what_producers_and_providers_wrote() -> None:
@@ -274,10 +276,20 @@ def test_the_page_escapes_what_producers_and_providers_wrote() -> None:
         ],
         "results": [],
     }
-    html = render(status, metrics, 600.0, 5.0, 100.0)
+    routes = {
+        "next_flush": [
+            {"provider": "openai", "endpoint": "/v1/chat/completions", "model": "<script>x</script>",
+             "next_flush": 600.0, "reason": "age", "blocked_by": None}
+        ],
+        "capacity": [
+            {"provider": "openai", "model": "<script>x</script>", "blocked_by": None,
+             "in_flight_batches": {"used": 0, "limit": 20, "free": 20}}
+        ],
+    }  # fmt: skip
+    html = render(status, metrics, routes, 5.0, 100.0)
     assert "<script>x</script>" not in html and "&lt;script&gt;x&lt;/script&gt;" in html
     assert "<img src=x" not in html
-    assert "(in 8 min)" in html  # oldest at 0 s + max_wait 600 s, seen at 100 s
+    assert "(in 8 min)" in html  # the batcher's plan: at 600 s, seen at 100 s
 
 
 def test_the_turnaround_histogram_is_cumulative() -> None:

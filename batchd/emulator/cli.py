@@ -37,6 +37,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--data-dir", type=Path, default=None, help="where files live (default: a temp dir)")
     parser.add_argument(
+        "--completion-window",
+        action="append",
+        dest="completion_windows",
+        metavar="WINDOW",
+        help="a completion_window OpenAI batch creates accept (repeatable, e.g. 24h, 1h); default: 24h only",
+    )
+    parser.add_argument(
         "--webhook-url", default=None, help="POST signed OpenAI batch.* events here when a batch ends (default: none)"
     )
     parser.add_argument(
@@ -55,6 +62,7 @@ def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
         api_keys=frozenset(args.api_keys) if args.api_keys else None,
         data_dir=args.data_dir,
         faults=Faults().merged(changes),
+        completion_windows=tuple(args.completion_windows or ("24h",)),
         webhook_url=args.webhook_url,
         webhook_secret=args.webhook_secret,
     )

@@ -93,6 +93,9 @@ class EmulatorConfig:
     api_keys: frozenset[str] | None = None
     data_dir: Path | None = None
     faults: Faults = field(default_factory=Faults)
+    # The completion_window values a batch create accepts: OpenAI's own API takes only "24h"; an
+    # OpenAI-compatible host may offer others (tests set e.g. ("24h", "1h")).
+    completion_windows: tuple[str, ...] = ("24h",)
     # OpenAI batch.* webhooks (batchd/emulator/webhooks.py): sent when both are set.
     webhook_url: str | None = None
     webhook_secret: str | None = None

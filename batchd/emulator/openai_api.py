@@ -32,6 +32,7 @@ from batchd.emulator.responses import (
     ENDPOINTS,
     OPENAI_SERVER_ERROR,
     RequestRejected,
+    embedding_items,
     estimate_input_tokens,
     openai_body,
 )
@@ -219,6 +220,15 @@ def scan_input(path: Path, endpoint: str, size: int, limits: Limits) -> InputSca
         elif body.get("model") != scan.model:
             error("model_mismatch", _MODEL_MISMATCH, number, "body.model")
         scan.tokens += estimate_input_tokens(endpoint, body)
+        if endpoint == "/v1/embeddings":
+            scan.inputs += len(embedding_items(body.get("input", "")))
+    if scan.inputs > limits.openai_max_embedding_inputs:
+        # The documented limit; the emulator's own error code (the API's is not documented).
+        error(
+            "too_many_embedding_inputs",
+            f"The batch has {scan.inputs:,} embedding inputs;"
+            f" at most {limits.openai_max_embedding_inputs:,} are allowed.",
+        )
     if scan.lines == 0:
         error("empty_file", "The batch input file is empty.")
     return scan
@@ -251,8 +261,10 @@ async def create_batch(request: web.Request) -> web.Response:
             raise ApiError(400, f"Missing required parameter: '{name}'.", param=name, code="missing_required_parameter")
     if body["endpoint"] not in ENDPOINTS:
         raise _bad("endpoint", f"Invalid value for 'endpoint': {body['endpoint']!r} is not supported by the emulator.")
-    if body["completion_window"] != "24h":
-        raise _bad("completion_window", "Invalid value for 'completion_window': only '24h' is supported.")
+    accepted = state.config.completion_windows
+    if body["completion_window"] not in accepted:
+        words = ", ".join(f"'{w}'" for w in accepted)
+        raise _bad("completion_window", f"Invalid value for 'completion_window': supported values are {words}.")
     if not _valid_metadata(body.get("metadata")):
         raise _bad("metadata", "Invalid 'metadata': at most 16 string pairs, keys <= 64 and values <= 512 chars.")
     expires_after = body.get("output_expires_after")
@@ -283,6 +295,7 @@ async def create_batch(request: web.Request) -> web.Response:
         job=state.new_job(),
         seq=len(state.openai_batches),
         scan=scan,
+        completion_window=body["completion_window"],
     )
     state.openai_batches[batch_id] = batch
     state.counters["openai_batches"] += 1
@@ -454,6 +467,7 @@ async def run_batch(state: EmulatorState, batch: OpenAIBatch, source: Path) -> N
         errors = batch.scan.errors or [e for e in (_token_limit_error(state, batch),) if e]
         if errors:
             batch.errors = errors
+            state.failed_batches.update({str(errors[0]["code"]): 1})
             stamp("failed")
             return
         stamp("in_progress")

@@ -83,7 +83,7 @@ def messages_tokens(messages: Any, *extra: Any) -> int:
     return sum(_tok(text_chars(m)) + 4 for m in items) + sum(_tok(text_chars(e)) for e in extra) + 3
 
 
-def _inputs(value: Any) -> list[Any]:
+def embedding_items(value: Any) -> list[Any]:
     """Split an embeddings/moderations/completions input into its items."""
     if isinstance(value, list) and value and not all(isinstance(v, int) for v in value):
         return value
@@ -98,7 +98,7 @@ def estimate_input_tokens(endpoint: str, body: Any) -> int:
         return messages_tokens(body.get("messages", []))
     if endpoint == "/v1/responses":
         return messages_tokens(body.get("input", []), body.get("instructions"))
-    items = _inputs(body.get("prompt" if endpoint == "/v1/completions" else "input", ""))
+    items = embedding_items(body.get("prompt" if endpoint == "/v1/completions" else "input", ""))
     return sum(len(i) if isinstance(i, list) else max(1, _tok(text_chars(i))) for i in items)
 
 
@@ -153,7 +153,7 @@ def _completion(body: dict[str, Any], h: bytes, tokens_in: int, created: int) ->
     _minimum(body, "max_tokens", 0)
     text, out, cut = _output(h, body.get("max_tokens", 16))
     choice = {"text": text, "logprobs": None, "finish_reason": "length" if cut else "stop"}
-    choices = [{"index": i, **choice} for i in range(len(_inputs(body["prompt"])))]
+    choices = [{"index": i, **choice} for i in range(len(embedding_items(body["prompt"])))]
     out *= len(choices)
     result = {"id": f"cmpl-{h.hex()[:24]}", "object": "text_completion", "created": created}
     return {**result, "model": body["model"], "choices": choices, "usage": _usage(tokens_in, out)}, out
@@ -198,7 +198,7 @@ def _embedding(body: dict[str, Any], h: bytes, tokens_in: int, created: int) -> 
     dims = min(body.get("dimensions") or 8, 64)
     data = [
         {"object": "embedding", "index": i, "embedding": _vector(item, dims)}
-        for i, item in enumerate(_inputs(body["input"]))
+        for i, item in enumerate(embedding_items(body["input"]))
     ]
     usage = {"prompt_tokens": tokens_in, "total_tokens": tokens_in}
     return {"object": "list", "data": data, "model": body["model"], "usage": usage}, 0
@@ -206,7 +206,7 @@ def _embedding(body: dict[str, Any], h: bytes, tokens_in: int, created: int) -> 
 
 def _moderations(body: dict[str, Any], h: bytes, tokens_in: int, created: int) -> _Built:
     _require(body, "input")
-    results = [_moderation(item) for item in _inputs(body["input"])]
+    results = [_moderation(item) for item in embedding_items(body["input"])]
     return {"id": f"modr-{h.hex()[:24]}", "model": body["model"], "results": results}, 0
 
 

@@ -44,6 +44,7 @@ class Limits:
     """Vendor limits; tests may lower them on ``state.limits`` to exercise the edges cheaply."""
 
     openai_max_lines: int = 50_000
+    openai_max_embedding_inputs: int = 50_000  # inputs over every request of one /v1/embeddings batch
     openai_max_file_bytes: int = 200 * 1024 * 1024
     anthropic_max_requests: int = 100_000
     anthropic_max_body_bytes: int = 256 * 1024 * 1024
@@ -83,9 +84,19 @@ class InputScan:
 
     lines: int = 0
     tokens: int = 0
+    inputs: int = 0  # embedding inputs (an embeddings request may carry many)
     model: str | None = None
     errors: list[dict[str, Any]] = field(default_factory=list)
     custom_ids: list[str] = field(default_factory=list)
+
+
+_WINDOW_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def window_seconds(window: str) -> int:
+    """Seconds of a completion_window such as "24h" (unknown shapes count as 24 h)."""
+    unit = _WINDOW_UNITS.get(window[-1:])
+    return int(window[:-1]) * unit if unit and window[:-1].isdigit() else 86400
 
 
 @dataclass
@@ -112,6 +123,7 @@ class OpenAIBatch:
     late_pending: bool = False
     # Admin: a status word shown instead of the real one, until a cancel.
     status_override: str | None = None
+    completion_window: str = "24h"
 
     def to_json(self, hide_files: bool = False) -> dict[str, Any]:
         """The Batch wire shape; ``hide_files`` serves the late_output_file fault."""
@@ -122,12 +134,12 @@ class OpenAIBatch:
             "model": self.scan.model if self.status not in ("validating", "failed") else None,
             "errors": {"object": "list", "data": self.errors} if self.errors else None,
             "input_file_id": self.input_file_id,
-            "completion_window": "24h",
+            "completion_window": self.completion_window,
             "status": self.status_override or self.status,
             "output_file_id": None if hide_files else self.output_file_id,
             "error_file_id": None if hide_files else self.error_file_id,
             "created_at": self.created_at,
-            "expires_at": self.created_at + 86400,
+            "expires_at": self.created_at + window_seconds(self.completion_window),
             "request_counts": {
                 "total": self.scan.lines if self.status not in ("validating", "failed") else 0,
                 "completed": self.completed,
@@ -215,6 +227,8 @@ class EmulatorState:
         self.realtime = RealtimeLedger()
         # Highest enqueued tokens per OpenAI model seen when a batch starts (the capacity tests' check).
         self.peak_enqueued: dict[str, int] = {}
+        # OpenAI batches failed at validation, by the first error's code (token_limit_exceeded, ...).
+        self.failed_batches: Counter[str] = Counter()
         # API calls by route ("GET /v1/batches/{batch_id}"): what a client asked for, and how often.
         self.routes: Counter[str] = Counter()
         self.create_index = 0
@@ -296,6 +310,8 @@ class EmulatorState:
             "http_calls": c["http_calls"],
             "realtime": self.realtime.summary(),
             "peak_enqueued": dict(self.peak_enqueued),
+            "failed_batches": dict(self.failed_batches),
+            "queue_limited": c["queue_limited"],
             "calls_by_route": dict(self.routes),
             "create_faults": c["create_faults"],
             "faults_injected": {

@@ -19,7 +19,9 @@ def make_provider(name: str, profile: ProviderProfile) -> Provider:
     if profile.kind == "openai":
         from .openai import OpenAIProvider
 
-        return OpenAIProvider(name, api_key, profile.base_url, profile.request_timeout)
+        return OpenAIProvider(
+            name, api_key, profile.base_url, profile.request_timeout, completion_window=profile.completion_window
+        )
     from .anthropic import AnthropicProvider
 
     return AnthropicProvider(name, api_key, profile.base_url, profile.request_timeout)

@@ -104,8 +104,12 @@ class OpenAIProvider(Provider):
 
     kind = "openai"
 
-    def __init__(self, profile: str, api_key: str, base_url: str | None, timeout: float) -> None:
+    def __init__(
+        self, profile: str, api_key: str, base_url: str | None, timeout: float, completion_window: str = "24h"
+    ) -> None:
         super().__init__(profile)
+        # OpenAI accepts only "24h"; some OpenAI-compatible hosts offer other windows.
+        self._completion_window = completion_window
         self._client = openai.AsyncOpenAI(api_key=api_key, base_url=base_url, timeout=timeout, max_retries=3)
         # Creates are never retried by the SDK: a lost answer must be reconciled, not repeated.
         self._create_client = self._client.with_options(max_retries=0)
@@ -132,7 +136,7 @@ class OpenAIProvider(Provider):
             self._create_client.batches.create(
                 input_file_id=uploaded.id,
                 endpoint=endpoint,  # type: ignore[arg-type]
-                completion_window="24h",
+                completion_window=self._completion_window,  # type: ignore[arg-type]
                 metadata=metadata,
             )
         )

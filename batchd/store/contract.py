@@ -234,6 +234,8 @@ class BatchRow:
     poll_requested_at: float | None = None  # another node got a webhook for it: the lease holder polls now
     cancel_reason: CancelReason | None = None
     cancel_wanted_at: float | None = None  # an operator asked (`batchd cancel`): the lease holder cancels it
+    tokens: int = 0  # estimated enqueued tokens of its requests (capacity gating)
+    inputs: int = 0  # embedding inputs of its requests (OpenAI: 50,000 per embeddings batch)
 
 
 # Not frozen: one is made per result line, and a frozen dataclass takes about 5x as long to make.
@@ -358,6 +360,29 @@ class PendingResult:
 
 
 @dataclass(frozen=True, slots=True)
+class Budget:
+    """What one claim may take beyond the request and byte limits (capacity gating, issue 11).
+
+    The running totals of the claimed items stay within `tokens` and `inputs` (None: no bound).
+    With `lone_oversize`, a group whose oldest due item alone exceeds a bound gets that item as
+    a batch of its own (it could never fit; capacity.split): the caller sets it when nothing of
+    the route is in flight, so the bound is the whole limit, not what is left of it.
+    """
+
+    tokens: int | None = None
+    inputs: int | None = None
+    lone_oversize: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Deadline:
+    """The most urgent queued request of a group: its deadline and when its fallback is due."""
+
+    deadline: float
+    fallback_at: float
+
+
+@dataclass(frozen=True, slots=True)
 class Usage:
     """What a profile has at the provider right now, counted over every node (org limits)."""
 
@@ -463,7 +488,15 @@ class Queue(Protocol):
     node: str
 
     async def queued_groups(self, now: float) -> list[Group]:
-        """Queued items with not_before <= now, grouped by (profile, endpoint, model)."""
+        """Queued items with not_before <= now, grouped by (profile, endpoint, model). Items whose
+        fallback_at <= now are left out: they belong to the real-time fallback, not to a batch."""
+
+    async def earliest_deadline(self, group: Group, now: float) -> Deadline | None:
+        """The queued item of the group with the earliest fallback_at still after `now`, or None.
+
+        Read through the partial index on fallback_at (items with a deadline that are not final),
+        in its order, so it costs about one index step however long the queue is.
+        """
 
     async def next_not_before(self, now: float) -> float | None:
         """When the next queued item held back by a backoff becomes due."""
@@ -477,9 +510,12 @@ class Queue(Protocol):
         now: float,
         avoid_counts: frozenset[int] = frozenset(),
         lease_seconds: float = 60.0,
+        budget: Budget | None = None,
     ) -> BatchRow | None:
         """Record a PENDING batch intent owned (leased) by this node and move up to the limits of the
-        group's oldest due items into it, never exceeding either limit; None if nothing fits.
+        group's oldest due items into it, never exceeding either limit nor the `budget` (tokens,
+        embedding inputs); None if nothing fits. Items whose fallback_at <= now are never claimed.
+        The batch row records its requests, bytes, tokens and inputs.
 
         Concurrent claims (other nodes) never take the same item (FOR UPDATE SKIP LOCKED or the
         engine's single writer). A batch never gets a request count in `avoid_counts`.
@@ -494,6 +530,25 @@ class Queue(Protocol):
 
     async def usage(self, profile: str, model: str | None = None, now: float | None = None) -> Usage:
         """Live counts for organisation limits, over every node sharing the store."""
+
+    async def creations(self, profile: str, since: float) -> list[float]:
+        """When each batch of the profile was created at the provider since `since` (submitted_at),
+        and the creation time of each live intent not yet created (created_at: about to be), in
+        order, over every node: what a batches-per-hour limit counts."""
+
+    async def learned_limits(self) -> dict[tuple[str, str], int]:
+        """(profile, model) -> the enqueued-token limit learned from token_limit_exceeded."""
+
+    async def lower_learned_limit(self, profile: str, model: str, tokens: int, now: float) -> int:
+        """Record `tokens` as the learned limit of (profile, model) unless a lower one is stored; returns
+        the limit now in force. One statement: it only ever lowers, so repeats and concurrent nodes are safe."""
+
+    async def flush_requests(self) -> dict[str, float]:
+        """Route name ('*': every route) -> when `batchd flush` asked, for requests not yet carried out."""
+
+    async def clear_flush_request(self, route: str, requested_at: float) -> bool:
+        """Forget a carried-out flush request; compare-and-set on requested_at, so a newer request for
+        the route made meanwhile survives. False when it was not (or no longer) that request."""
 
     async def active_holds(self, now: float) -> dict[tuple[str, str], float]:
         """(profile, model) -> until, for holds still in force, and every operator pause until
@@ -721,6 +776,10 @@ class Operations(Protocol):
 
     async def pauses(self) -> list[Pause]:
         """Every operator pause in force."""
+
+    async def request_flush(self, route: str, now: float) -> None:
+        """`batchd flush [ROUTE]`: ask the batcher to flush the route's queue at its next pass ('*':
+        every route). A repeat moves requested_at to `now` (the batcher clears by compare-and-set)."""
 
     async def recent_batches(self, limit: int) -> list[BatchRow]:
         """The newest `limit` batches in any state, newest first, whoever owns them."""

@@ -43,8 +43,10 @@ from .contract import (
     ApplySummary,
     BatchRow,
     BatchState,
+    Budget,
     CancelReason,
     Chunk,
+    Deadline,
     DuplicateCustomId,
     FallbackDue,
     Fate,
@@ -84,6 +86,7 @@ Q = load("postgres_queries.sql")
 T = TypeVar("T")
 
 ERRORS_KEPT = 200
+_UNBOUNDED = 1 << 62  # "no bound" for a claim's budget, as a number the comparison takes
 POOL_MAX = 8
 CONNECT_TIMEOUT = 10.0
 # A transaction that meets a deadlock or a serialization failure is retried whole this many times.
@@ -207,6 +210,8 @@ def _batch(row: asyncpg.Record) -> BatchRow:
         poll_requested_at=row["poll_requested_at"],
         cancel_reason=CancelReason(row["cancel_reason"]) if row["cancel_reason"] else None,
         cancel_wanted_at=row["cancel_wanted_at"],
+        tokens=row["tokens"],
+        inputs=row["inputs"],
     )
 
 
@@ -613,6 +618,10 @@ class PostgresStore:
         rows = await self._fetch(Q.queued_groups, now)
         return [Group(r["profile"], r["endpoint"], r["model"], r["n"], r["bytes"], r["oldest"]) for r in rows]
 
+    async def earliest_deadline(self, group: Group, now: float) -> Deadline | None:
+        row = await self._fetchrow(Q.earliest_deadline, group.profile, group.endpoint, group.model, now)
+        return Deadline(row["deadline"], row["fallback_at"]) if row else None
+
     async def next_not_before(self, now: float) -> float | None:
         value = await self._fetchval(Q.next_not_before, now)
         return float(value) if value is not None else None
@@ -626,12 +635,24 @@ class PostgresStore:
         now: float,
         avoid_counts: frozenset[int] = frozenset(),
         lease_seconds: float = 60.0,
+        budget: Budget | None = None,
     ) -> BatchRow | None:
+        bound = budget or Budget()
+
         async def work(conn: Connection) -> BatchRow | None:
             if max_requests <= 0:
                 return None
             rows = await conn.fetch(
-                Q.claim_candidates, group.profile, group.endpoint, group.model, now, max_requests, max_bytes
+                Q.claim_candidates,
+                group.profile,
+                group.endpoint,
+                group.model,
+                now,
+                max_requests,
+                max_bytes,
+                _UNBOUNDED if bound.tokens is None else bound.tokens,
+                _UNBOUNDED if bound.inputs is None else bound.inputs,
+                bound.lone_oversize,
             )
             count = len(rows)
             while count in avoid_counts and count > 0:
@@ -651,6 +672,7 @@ class PostgresStore:
                 count,
                 sum(r["size"] for r in taken),
                 sum(r["tokens"] for r in taken),
+                sum(r["inputs"] for r in taken),
             )
             assert batch is not None
             await conn.execute(Q.claim_items, batch["id"], [r["id"] for r in taken])
@@ -676,6 +698,25 @@ class PostgresStore:
             enqueued_requests=int(row["requests"]),
             created_last_hour=int(row["created"]),
         )
+
+    async def creations(self, profile: str, since: float) -> list[float]:
+        return [float(r["t"]) for r in await self._fetch(Q.creations, profile, since)]
+
+    async def learned_limits(self) -> dict[tuple[str, str], int]:
+        return {(r["profile"], r["model"]): int(r["tokens"]) for r in await self._fetch(Q.learned_limits)}
+
+    async def lower_learned_limit(self, profile: str, model: str, tokens: int, now: float) -> int:
+        async def work(conn: Connection) -> int:
+            await conn.execute(Q.lower_learned_limit, profile, model, tokens, now)
+            return int(await conn.fetchval(Q.learned_limit, profile, model))
+
+        return await self._tx(work)
+
+    async def flush_requests(self) -> dict[str, float]:
+        return {r["route"]: float(r["requested_at"]) for r in await self._fetch(Q.flush_requests)}
+
+    async def clear_flush_request(self, route: str, requested_at: float) -> bool:
+        return _count(await self._execute(Q.clear_flush_request, route, requested_at)) > 0
 
     async def active_holds(self, now: float) -> dict[tuple[str, str], float]:
         rows = await self._fetch(Q.active_holds, now)
@@ -1096,6 +1137,9 @@ class PostgresStore:
     async def pauses(self) -> list[Pause]:
         rows = await self._fetch(Q.pauses)
         return [Pause(r["profile"], r["model"], r["paused_at"], r["reason"]) for r in rows]
+
+    async def request_flush(self, route: str, now: float) -> None:
+        await self._execute(Q.request_flush, route, now)
 
     async def recent_batches(self, limit: int) -> list[BatchRow]:
         return [_batch(r) for r in await self._fetch(Q.recent_batches, limit)]

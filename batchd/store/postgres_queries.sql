@@ -105,9 +105,18 @@ UPDATE files SET moved_at = COALESCE(moved_at, $2) WHERE id = ANY($1::bigint[])
 -- == queue ======================================================================================
 
 -- name: queued_groups
+-- Items whose fallback is due belong to the real-time fallback: never counted into a batch.
 SELECT profile, endpoint, model, COUNT(*) AS n, SUM(size)::bigint AS bytes, MIN(queued_at) AS oldest
-FROM items WHERE state = 'queued' AND not_before <= $1
+FROM items WHERE state = 'queued' AND not_before <= $1 AND (fallback_at IS NULL OR fallback_at > $1)
 GROUP BY profile, endpoint, model ORDER BY profile, endpoint, model
+
+-- name: earliest_deadline
+-- Through the partial index items_fallback in fallback_at order to the group's first item (its
+-- condition is repeated so that the planner may use it): never a scan of the group's queue.
+SELECT deadline, fallback_at FROM items
+WHERE fallback_at IS NOT NULL AND state IN ('queued', 'batched', 'submitted', 'realtime')
+    AND fallback_at > $4 AND state = 'queued' AND profile = $1 AND endpoint = $2 AND model = $3
+ORDER BY fallback_at LIMIT 1
 
 -- name: next_not_before
 SELECT MIN(not_before) FROM items WHERE state = 'queued' AND not_before > $1
@@ -116,19 +125,27 @@ SELECT MIN(not_before) FROM items WHERE state = 'queued' AND not_before > $1
 -- The group's oldest due items within both limits, locked; rows another claim holds are skipped, so
 -- two concurrent claims never share an item. FOR UPDATE cannot sit beside a window function, hence
 -- the CTE.
+-- Within the byte limit, the token budget $7 and the embedding-inputs budget $8 (running sums: a
+-- prefix); with $9, a first item that alone exceeds a budget is taken alone (capacity.split).
+-- Items whose fallback is due are the real-time fallback's.
 WITH candidates AS (
-    SELECT id, size, tokens FROM items
+    SELECT id, size, tokens, inputs FROM items
     WHERE state = 'queued' AND profile = $1 AND endpoint = $2 AND model = $3 AND not_before <= $4
+        AND (fallback_at IS NULL OR fallback_at > $4)
     ORDER BY id LIMIT $5
     FOR UPDATE SKIP LOCKED
 ), running AS (
-    SELECT id, size, tokens, SUM(size) OVER (ORDER BY id) AS running FROM candidates
+    SELECT id, size, tokens, inputs, SUM(size) OVER w AS bytes_sum, SUM(tokens) OVER w AS tokens_sum,
+        SUM(inputs) OVER w AS inputs_sum, ROW_NUMBER() OVER w AS n
+    FROM candidates WINDOW w AS (ORDER BY id)
 )
-SELECT id, size, tokens FROM running WHERE running <= $6 ORDER BY id
+SELECT id, size, tokens, inputs FROM running
+WHERE bytes_sum <= $6 AND ((tokens_sum <= $7 AND inputs_sum <= $8) OR (n = 1 AND $9::boolean))
+ORDER BY id
 
 -- name: batch_insert
-INSERT INTO batches (profile, kind, endpoint, model, created_at, owner, lease_until, requests, bytes, tokens)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING *
+INSERT INTO batches (profile, kind, endpoint, model, created_at, owner, lease_until, requests, bytes, tokens, inputs)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING *
 
 -- name: claim_items
 UPDATE items SET state = 'batched', batch_id = $1 WHERE id = ANY($2::bigint[]) AND state = 'queued'
@@ -147,6 +164,34 @@ SELECT COUNT(*) FILTER (WHERE state IN ('pending', 'unverified', 'submitted')) A
 FROM batches
 WHERE profile = $1 AND ($2::text IS NULL OR model = $2)
   AND (state IN ('pending', 'unverified', 'submitted') OR submitted_at >= $3::double precision - 3600)
+
+-- name: creations
+-- Created at the provider since $2, and live intents about to be (pending: not created yet).
+SELECT COALESCE(submitted_at, created_at) AS t FROM batches
+WHERE profile = $1 AND (submitted_at >= $2 OR (state = 'pending' AND submitted_at IS NULL))
+ORDER BY t
+
+-- name: learned_limits
+SELECT profile, model, tokens FROM learned_limits
+
+-- name: lower_learned_limit
+-- Only ever lowers; RETURNING gives nothing when the stored limit was already lower.
+INSERT INTO learned_limits (profile, model, tokens, learned_at) VALUES ($1, $2, $3, $4)
+ON CONFLICT (profile, model) DO UPDATE SET tokens = EXCLUDED.tokens, learned_at = EXCLUDED.learned_at
+WHERE EXCLUDED.tokens < learned_limits.tokens
+
+-- name: learned_limit
+SELECT tokens FROM learned_limits WHERE profile = $1 AND model = $2
+
+-- name: request_flush
+INSERT INTO flush_requests (route, requested_at) VALUES ($1, $2)
+ON CONFLICT (route) DO UPDATE SET requested_at = EXCLUDED.requested_at
+
+-- name: flush_requests
+SELECT route, requested_at FROM flush_requests
+
+-- name: clear_flush_request
+DELETE FROM flush_requests WHERE route = $1 AND requested_at = $2
 
 -- name: active_holds
 SELECT profile, model, until FROM holds WHERE until > $1

@@ -51,8 +51,10 @@ from .contract import (
     ApplySummary,
     BatchRow,
     BatchState,
+    Budget,
     CancelReason,
     Chunk,
+    Deadline,
     DuplicateCustomId,
     FallbackDue,
     Fate,
@@ -78,6 +80,8 @@ from .shield import shielded
 
 Q = queries.load("sqlite_queries.sql")
 
+# A bound no claim reaches: SQLite compares with NULL as unknown, so "no bound" is a number.
+_UNBOUNDED = 1 << 62
 FINAL_ITEM_STATES = (ItemState.SUCCEEDED, ItemState.ERRORED, ItemState.EXPIRED, ItemState.CANCELED)
 ERRORS_KEPT = 200
 RESULTS_SUFFIX = ".results.jsonl"
@@ -121,6 +125,8 @@ def _batch_from_row(row: sqlite3.Row) -> BatchRow:
         poll_requested_at=row["poll_requested_at"],
         cancel_reason=CancelReason(row["cancel_reason"]) if row["cancel_reason"] else None,
         cancel_wanted_at=row["cancel_wanted_at"],
+        tokens=row["tokens"],
+        inputs=row["inputs"],
     )
 
 
@@ -710,8 +716,13 @@ class SQLiteStore:
     # -- queue -----------------------------------------------------------------------------
 
     async def queued_groups(self, now: float) -> list[Group]:
-        rows = await self._rows(Q.queued_groups, (now,))
+        rows = await self._rows(Q.queued_groups, {"now": now})
         return [Group(r["profile"], r["endpoint"], r["model"], r["n"], r["bytes"], r["oldest"]) for r in rows]
+
+    async def earliest_deadline(self, group: Group, now: float) -> Deadline | None:
+        params = {"profile": group.profile, "endpoint": group.endpoint, "model": group.model, "now": now}
+        row = await self._row(Q.earliest_deadline, params)
+        return Deadline(row["deadline"], row["fallback_at"]) if row else None
 
     async def next_not_before(self, now: float) -> float | None:
         row = await self._row(Q.next_not_before, (now,))
@@ -727,12 +738,14 @@ class SQLiteStore:
         now: float,
         avoid_counts: frozenset[int] = frozenset(),
         lease_seconds: float = 60.0,
+        budget: Budget | None = None,
     ) -> BatchRow | None:
         """Record a PENDING batch intent leased to this node and move up to the limits of the group's oldest items in.
 
         A batch never gets a request count in `avoid_counts`: one item is left queued instead.
         SQLite has one writer, so concurrent claims never take the same item.
         """
+        budget = budget or Budget()
         async with self._tx() as db:
             cursor = await db.execute(
                 Q.insert_batch,
@@ -749,16 +762,19 @@ class SQLiteStore:
                     "now": now,
                     "max_requests": max_requests,
                     "max_bytes": max_bytes,
+                    "max_tokens": _UNBOUNDED if budget.tokens is None else budget.tokens,
+                    "max_inputs": _UNBOUNDED if budget.inputs is None else budget.inputs,
+                    "lone": budget.lone_oversize,
                 },
             )
-            count, size, tokens = next(iter(await db.execute_fetchall(Q.batch_totals, (batch_id,))))
+            count, size, tokens, inputs = next(iter(await db.execute_fetchall(Q.batch_totals, (batch_id,))))
             while count in avoid_counts and count > 0:
                 await db.execute(Q.unclaim_last_item, (batch_id,))
-                count, size, tokens = next(iter(await db.execute_fetchall(Q.batch_totals, (batch_id,))))
+                count, size, tokens, inputs = next(iter(await db.execute_fetchall(Q.batch_totals, (batch_id,))))
             if count == 0:
                 await db.execute(Q.delete_batch, (batch_id,))
                 return None
-            await db.execute(Q.set_batch_totals, (count, size, tokens, batch_id))
+            await db.execute(Q.set_batch_totals, (count, size, tokens, inputs, batch_id))
             return _batch_from_row(next(iter(await db.execute_fetchall(Q.batch, (batch_id,)))))
 
     async def batch_bodies(self, batch_id: int, chunk: int = 2000) -> AsyncIterator[list[tuple[int, str, bytes]]]:
@@ -784,6 +800,29 @@ class SQLiteStore:
             enqueued_requests=int(live["requests"]),
             created_last_hour=int(created["n"]),
         )
+
+    async def creations(self, profile: str, since: float) -> list[float]:
+        return [float(r["t"]) for r in await self._rows(Q.creations, {"profile": profile, "since": since})]
+
+    async def learned_limits(self) -> dict[tuple[str, str], int]:
+        return {(r["profile"], r["model"]): int(r["tokens"]) for r in await self._rows(Q.learned_limits)}
+
+    @shielded
+    async def lower_learned_limit(self, profile: str, model: str, tokens: int, now: float) -> int:
+        async with self._tx() as db:
+            params = {"profile": profile, "model": model, "tokens": tokens, "now": now}
+            await db.execute(Q.lower_learned_limit, params)
+            (row,) = await db.execute_fetchall(Q.learned_limit, (profile, model))
+            return int(row["tokens"])
+
+    async def flush_requests(self) -> dict[str, float]:
+        return {r["route"]: float(r["requested_at"]) for r in await self._rows(Q.flush_requests)}
+
+    @shielded
+    async def clear_flush_request(self, route: str, requested_at: float) -> bool:
+        async with self._tx() as db:
+            cursor = await db.execute(Q.clear_flush_request, (route, requested_at))
+            return cursor.rowcount > 0
 
     async def active_holds(self, now: float) -> dict[tuple[str, str], float]:
         rows = await self._rows(Q.active_holds, (now,))
@@ -1302,6 +1341,11 @@ class SQLiteStore:
     async def pauses(self) -> list[Pause]:
         rows = await self._rows(Q.pauses)
         return [Pause(r["profile"], r["model"], r["paused_at"], r["reason"]) for r in rows]
+
+    @shielded
+    async def request_flush(self, route: str, now: float) -> None:
+        async with self._tx() as db:
+            await db.execute(Q.request_flush, (route, now))
 
     async def recent_batches(self, limit: int) -> list[BatchRow]:
         return [_batch_from_row(r) for r in await self._rows(Q.recent_batches, (limit,))]

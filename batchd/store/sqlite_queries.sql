@@ -161,33 +161,79 @@ UPDATE files SET moved_at = COALESCE(moved_at, :now) WHERE id IN (SELECT value F
 -- == queue ======================================================================================
 
 -- name: queued_groups
+-- Items whose fallback is due belong to the real-time fallback: never counted into a batch.
 SELECT profile, endpoint, model, COUNT(*) AS n, SUM(size) AS bytes, MIN(queued_at) AS oldest
-FROM items WHERE state = 'queued' AND not_before <= ?
+FROM items WHERE state = 'queued' AND not_before <= :now AND (fallback_at IS NULL OR fallback_at > :now)
 GROUP BY profile, endpoint, model;
+
+-- name: earliest_deadline
+-- Through the partial index, in fallback_at order, to the group's first item: never a scan of the
+-- group's queue (INDEXED BY: the queue index would also serve the equalities, then sort). The
+-- index's own condition is repeated so that SQLite may use it.
+SELECT deadline, fallback_at FROM items INDEXED BY items_fallback
+WHERE fallback_at IS NOT NULL AND state IN ('queued', 'batched', 'submitted', 'realtime')
+    AND fallback_at > :now AND state = 'queued'
+    AND profile = :profile AND endpoint = :endpoint AND model = :model
+ORDER BY fallback_at LIMIT 1;
 
 -- name: next_not_before
 SELECT MIN(not_before) AS t FROM items WHERE state = 'queued' AND not_before > ?;
+
+-- name: creations
+-- Created at the provider since :since, and live intents about to be (pending: not created yet).
+SELECT COALESCE(submitted_at, created_at) AS t FROM batches
+WHERE profile = :profile AND (submitted_at >= :since OR (state = 'pending' AND submitted_at IS NULL))
+ORDER BY t;
+
+-- name: learned_limits
+SELECT profile, model, tokens FROM learned_limits;
+
+-- name: lower_learned_limit
+INSERT INTO learned_limits (profile, model, tokens, learned_at) VALUES (:profile, :model, :tokens, :now)
+ON CONFLICT (profile, model) DO UPDATE SET tokens = excluded.tokens, learned_at = excluded.learned_at
+WHERE excluded.tokens < learned_limits.tokens;
+
+-- name: learned_limit
+SELECT tokens FROM learned_limits WHERE profile = ? AND model = ?;
+
+-- name: request_flush
+INSERT INTO flush_requests (route, requested_at) VALUES (?, ?)
+ON CONFLICT (route) DO UPDATE SET requested_at = excluded.requested_at;
+
+-- name: flush_requests
+SELECT route, requested_at FROM flush_requests;
+
+-- name: clear_flush_request
+DELETE FROM flush_requests WHERE route = ? AND requested_at = ?;
 
 -- name: insert_batch
 INSERT INTO batches (profile, kind, endpoint, model, created_at, owner, lease_until)
 VALUES (?, ?, ?, ?, ?, ?, ?);
 
 -- name: claim_items
--- A group's oldest due items, up to the request limit and while the running size fits.
--- The limit is taken before the running sum: a window over the whole group grows with the queue.
+-- A group's oldest due items, up to the request limit and while the running size, tokens and
+-- embedding inputs fit (a prefix: the running sums only grow); with :lone, a first item that alone
+-- exceeds a bound is taken alone. Items whose fallback is due are the real-time fallback's.
+-- The limit is taken before the running sums: a window over the whole group grows with the queue.
 UPDATE items SET state = 'batched', batch_id = :batch WHERE id IN (
     SELECT id FROM (
-        SELECT id, SUM(size) OVER (ORDER BY id) AS running FROM (
-            SELECT id, size FROM items
+        SELECT id, SUM(size) OVER w AS bytes, SUM(tokens) OVER w AS tokens, SUM(inputs) OVER w AS inputs,
+            ROW_NUMBER() OVER w AS n
+        FROM (
+            SELECT id, size, tokens, inputs FROM items
             WHERE state = 'queued' AND profile = :profile AND endpoint = :endpoint AND model = :model
-                AND not_before <= :now
+                AND not_before <= :now AND (fallback_at IS NULL OR fallback_at > :now)
             ORDER BY id LIMIT :max_requests
         )
-    ) WHERE running <= :max_bytes
+        WINDOW w AS (ORDER BY id)
+    ) WHERE bytes <= :max_bytes AND (
+        (tokens <= :max_tokens AND inputs <= :max_inputs) OR (n = 1 AND :lone)
+    )
 );
 
 -- name: batch_totals
-SELECT COUNT(*) AS n, COALESCE(SUM(size), 0) AS bytes, COALESCE(SUM(tokens), 0) AS tokens
+SELECT COUNT(*) AS n, COALESCE(SUM(size), 0) AS bytes, COALESCE(SUM(tokens), 0) AS tokens,
+    COALESCE(SUM(inputs), 0) AS inputs
 FROM items WHERE batch_id = ?;
 
 -- name: unclaim_last_item
@@ -197,7 +243,7 @@ UPDATE items SET state = 'queued', batch_id = NULL WHERE id = (SELECT MAX(id) FR
 DELETE FROM batches WHERE id = ?;
 
 -- name: set_batch_totals
-UPDATE batches SET requests = ?, bytes = ?, tokens = ? WHERE id = ?;
+UPDATE batches SET requests = ?, bytes = ?, tokens = ?, inputs = ? WHERE id = ?;
 
 -- name: batch_bodies
 SELECT i.id, i.endpoint, b.body FROM items i JOIN item_bodies b ON b.item_id = i.id

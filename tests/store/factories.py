@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import orjson
@@ -49,6 +49,7 @@ def new_item(
     size: int = 100,
     tokens: int = 0,
     body: bytes = BODY,
+    inputs: int = 1,
     deadline: float | None = None,
     fallback_at: float | None = None,
 ) -> NewItem:
@@ -61,6 +62,7 @@ def new_item(
         body=body,
         size=size,
         tokens=tokens,
+        inputs=inputs,
         deadline=deadline,
         fallback_at=fallback_at,
     )
@@ -75,10 +77,21 @@ LINE_BYTES = 50  # a made-up line length, for offsets
 
 
 def chunk(
-    first: int, last: int, *, invalid_lines: Sequence[int] = (), custom_ids: dict[int, str] | None = None, **item: Any
+    first: int,
+    last: int,
+    *,
+    invalid_lines: Sequence[int] = (),
+    custom_ids: dict[int, str] | None = None,
+    per_line: Callable[[int], dict[str, Any]] | None = None,
+    **item: Any,
 ) -> Chunk:
-    """Lines first..last: an item each, except `invalid_lines` (invalid results)."""
-    items = [new_item(n, (custom_ids or {}).get(n), **item) for n in range(first, last + 1) if n not in invalid_lines]
+    """Lines first..last: an item each, except `invalid_lines` (invalid results); `per_line(n)` gives
+    line n's own fields (tokens, deadline, ...) over `item`'s."""
+    items = [
+        new_item(n, (custom_ids or {}).get(n), **{**item, **(per_line(n) if per_line else {})})
+        for n in range(first, last + 1)
+        if n not in invalid_lines
+    ]
     bad = [invalid(n) for n in invalid_lines]
     return Chunk(first_line=first, last_line=last, end_offset=last * LINE_BYTES, items=items, invalid=bad)
 
