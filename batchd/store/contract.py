@@ -793,7 +793,8 @@ class Operations(Protocol):
         """Every file row of this input file name (any node, any state), oldest first."""
 
     async def queued_items(self, file_id: int) -> list[SubmittedItem]:
-        """The file's items still queued (not in any batch), by id."""
+        """The file's items not in a batch and without a result: queued, or REALTIME (waiting for the
+        real-time fallback), by id."""
 
     async def file_items(self, file_id: int) -> list[FileItem]:
         """Every request of the file (not its invalid lines), by line, with its deadline, fallback time,
@@ -802,7 +803,8 @@ class Operations(Protocol):
     async def cancel_file(self, file_id: int, finals: Sequence[FinalResult], now: float) -> tuple[int, list[int]]:
         """`batchd cancel --file`, in one transaction: mark the file cancelled, record `finals` (canceled
         results composed by policy) for those of its items still QUEUED (others are skipped), and
-        request_cancel(FILE) every live batch holding its requests. Returns (finals recorded, those
+        request_cancel(FILE) every live batch holding its requests. Its REALTIME items end canceled too
+        (an answer already on its way is then a duplicate cost, see record_realtime). Returns (finals recorded, those
         batches' ids by id). Idempotent."""
 
     async def prune_finished(self, before: float, limit: int = 100) -> PruneSummary:

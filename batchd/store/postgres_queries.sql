@@ -708,19 +708,21 @@ WHERE i.batch_id = $1 AND f.canceled_at IS NOT NULL
 SELECT * FROM files WHERE name = $1 ORDER BY id
 
 -- name: queued_items
-SELECT id, file_id, line, custom_id, attempts FROM items WHERE file_id = $1 AND state = 'queued' ORDER BY id
+-- Not in a batch: queued, or waiting for the real-time fallback.
+SELECT id, file_id, line, custom_id, attempts FROM items WHERE file_id = $1 AND state IN ('queued', 'realtime')
+ORDER BY id
 
 -- name: mark_file_canceled
 UPDATE files SET canceled_at = COALESCE(canceled_at, $2) WHERE id = $1
 
 -- name: cancel_queued
--- The file's items still queued among these take their canceled result; their bodies go. The
--- caller holds results_lock.
+-- The file's items still queued (or waiting for the real-time fallback) among these take their
+-- canceled result; their bodies go. The caller holds results_lock.
 WITH f AS (
     SELECT * FROM unnest($2::bigint[], $3::text[], $4::bytea[]) AS f (item_id, status, payload)
 ), done AS (
     UPDATE items i SET state = 'canceled' FROM f
-    WHERE i.id = f.item_id AND i.file_id = $1 AND i.state = 'queued'
+    WHERE i.id = f.item_id AND i.file_id = $1 AND i.state IN ('queued', 'realtime')
     RETURNING i.id, i.file_id, i.line, i.profile, i.model
 ), bodies AS (
     DELETE FROM item_bodies WHERE item_id IN (SELECT id FROM done)

@@ -738,15 +738,18 @@ WHERE i.batch_id = ? AND f.canceled_at IS NOT NULL;
 SELECT * FROM files WHERE name = ? ORDER BY id;
 
 -- name: queued_items
-SELECT id, file_id, line, custom_id, attempts FROM items WHERE file_id = ? AND state = 'queued' ORDER BY id;
+-- Not in a batch: queued, or waiting for the real-time fallback.
+SELECT id, file_id, line, custom_id, attempts FROM items WHERE file_id = ? AND state IN ('queued', 'realtime')
+ORDER BY id;
 
 -- name: mark_file_canceled
 UPDATE files SET canceled_at = COALESCE(canceled_at, ?) WHERE id = ?;
 
 -- name: queued_among
--- The CAS of cancel_file: which of these items of the file are still queued, and their route.
+-- The CAS of cancel_file: which of these items of the file are still queued (or waiting for the
+-- real-time fallback), and their route.
 SELECT id, profile, model FROM items
-WHERE file_id = ? AND state = 'queued' AND id IN (SELECT value FROM json_each(?));
+WHERE file_id = ? AND state IN ('queued', 'realtime') AND id IN (SELECT value FROM json_each(?));
 
 -- name: insert_canceled_result
 INSERT INTO results (file_id, line, item_id, status, profile, model, batch_id, payload, created_at)

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from batchd.policy import canceled_results
 from batchd.store.contract import (
     ApplySummary,
     CancelReason,
@@ -204,3 +205,24 @@ async def test_pruning_keeps_the_fallback_deadline_and_duplicate_figures(store: 
         assert [[r[k] for k in keys] for r in after] == [[r[k] for k in keys] for r in rows], by
         for key in ("cost_paid", "fallback_cost", "duplicate_cost"):
             assert [r[key] for r in after] == pytest.approx([r[key] for r in rows]), (by, key)
+
+
+async def test_a_cancelled_file_ends_its_requests_waiting_for_the_fallback_and_a_late_answer_is_a_duplicate(
+    store: Store,
+) -> None:
+    # `batchd cancel --file` while the fallback holds some of the file's requests: they end canceled
+    # like the queued ones (not sent at twice the price after the operator said stop); an answer
+    # already on its way is paid for, so it is a duplicate cost, never a second result line.
+    now = time.time()
+    row = await ingest(store, "c.jsonl", 3, deadline=now + 100, fallback_at=now + 10)
+    await store.fallback_due(now + 10)
+    [first, *_] = await store.realtime_items(10)
+    waiting = await store.queued_items(row.id)
+    assert [item.line for item in waiting] == [1, 2, 3]
+    recorded, batches = await store.cancel_file(row.id, canceled_results(waiting), now + 11)
+    assert (recorded, batches) == (3, [])
+    assert await states(store, row.id) == [ItemState.CANCELED] * 3
+    assert await store.realtime_items(10) == []
+    late = SubmittedItem(first.id, first.file_id, first.line, first.custom_id, 0)
+    assert await store.record_realtime([realtime(late)]) == ApplySummary(duplicates=1)
+    assert [r["status"] for r in await store.query_results("c.jsonl", None, None, 10)] == ["canceled"] * 3
