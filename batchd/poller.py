@@ -43,6 +43,7 @@ from .policy import (
     CostOf,
     RetryAt,
     cancel_outcomes,
+    canceled_results,
     deadline_outcomes,
     decide,
     hold_pause,
@@ -143,6 +144,24 @@ def output_lost(kind: str, remote: RemoteBatch, unavailable: set[str]) -> bool:
     if kind == "openai":
         return "output" in unavailable and (remote.finished is None or remote.finished > 0)
     return "results" in unavailable and (remote.finished is None or remote.finished > 0)
+
+
+async def end_canceled_leftovers(store: Store, now: float) -> int:
+    """End canceled the requests a collection requeued although their file was cancelled meanwhile.
+
+    `batchd cancel --file` may commit after a collection read the batch's cancel reason and before
+    it recorded its outcomes: the file's unfinished requests then went back to the queue like any
+    other. Run after every collection that requeued something, before the batcher can send them
+    again; cancel_file is idempotent and skips what moved on. Returns how many were ended.
+    """
+    ended = 0
+    for file_id in await store.canceled_with_queued():
+        leftovers = await store.queued_items(file_id)
+        recorded, _ = await store.cancel_file(file_id, canceled_results(leftovers), now)
+        if recorded:
+            log.warning("file.canceled_leftovers", file_id=file_id, requests=recorded)
+            ended += recorded
+    return ended
 
 
 class Pollers:
@@ -555,9 +574,15 @@ class Pollers:
             final=summary.final,
         )
         await self.store.finish_batch(batch.id, Fate.VANISHED, message)
+        if summary.requeued:
+            await self._end_canceled_leftovers()
         self._on_results()
         if summary.requeued:
             self._on_requeued()
+
+    async def _end_canceled_leftovers(self) -> None:
+        if await end_canceled_leftovers(self.store, time.time()):
+            self._on_results()
 
     async def _not_ours(self, batch: BatchRow, reason: str) -> None:
         assert batch.remote_id is not None
@@ -655,6 +680,8 @@ class Pollers:
         elif recorded:
             fate, fate_error = Fate.OVERDUE_CANCELLED, f"cancelled past its window; {total.requeued} requests requeued"
         await self.store.finish_batch(batch.id, fate, fate_error, record=not recorded)
+        if total.requeued:
+            await self._end_canceled_leftovers()
         if batch.kind == "openai" and batch.input_file_id:
             with contextlib.suppress(ProviderError):
                 await provider.delete_file(batch.input_file_id)

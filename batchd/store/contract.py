@@ -616,6 +616,10 @@ class Batches(Protocol):
     async def canceled_files(self, batch_id: int) -> set[int]:
         """The files with requests in this batch that an operator cancelled (`batchd cancel --file`)."""
 
+    async def canceled_with_queued(self) -> list[int]:
+        """Files an operator cancelled that still hold requests out of any batch and without a result
+        (queued or REALTIME), by id: requeued by a collection that read the batch before the cancel."""
+
     async def record_poll(
         self,
         batch_id: int,

@@ -853,6 +853,9 @@ class PostgresStore:
     async def canceled_files(self, batch_id: int) -> set[int]:
         return {int(r["file_id"]) for r in await self._fetch(Q.canceled_files, batch_id)}
 
+    async def canceled_with_queued(self) -> list[int]:
+        return [int(r["id"]) for r in await self._fetch(Q.canceled_with_queued)]
+
     async def record_poll(
         self,
         batch_id: int,

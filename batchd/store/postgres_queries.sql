@@ -704,6 +704,13 @@ WHERE id = $1 AND state IN ('pending', 'unverified', 'submitted')
 SELECT DISTINCT i.file_id FROM items i JOIN files f ON f.id = i.file_id
 WHERE i.batch_id = $1 AND f.canceled_at IS NOT NULL
 
+-- name: canceled_with_queued
+-- Few files are ever cancelled: their rows first, then one probe of each one's items.
+SELECT f.id FROM files f
+WHERE f.canceled_at IS NOT NULL AND f.state <> 'complete'
+    AND EXISTS (SELECT 1 FROM items i WHERE i.file_id = f.id AND i.state IN ('queued', 'realtime'))
+ORDER BY f.id
+
 -- name: files_named
 SELECT * FROM files WHERE name = $1 ORDER BY id
 

@@ -967,6 +967,9 @@ class SQLiteStore:
     async def canceled_files(self, batch_id: int) -> set[int]:
         return {int(r[0]) for r in await self._rows(Q.canceled_files, (batch_id,))}
 
+    async def canceled_with_queued(self) -> list[int]:
+        return [int(r[0]) for r in await self._rows(Q.canceled_with_queued, ())]
+
     @shielded
     async def record_poll(
         self,

@@ -14,9 +14,10 @@ import pytest
 
 from batchd.ops import held_until
 from batchd.policy import canceled_results
+from batchd.poller import end_canceled_leftovers
 from batchd.store.contract import PAUSE_UNTIL, BatchState, CancelReason, ItemState, PruneSummary, Store
 
-from .factories import MODEL, PROFILE, file_key, final, ingest, never_taken, submitted_batch, succeed_all
+from .factories import MODEL, PROFILE, file_key, final, ingest, never_taken, retry, submitted_batch, succeed_all
 from .factories import chunk as make_chunk
 
 
@@ -215,3 +216,25 @@ async def test_file_items_are_a_files_requests_by_line_with_their_state(store: S
         PROFILE,
         MODEL,
     )
+
+
+async def test_requests_requeued_after_their_file_was_cancelled_end_canceled_not_batched_again(store: Store) -> None:
+    # The race of `batchd cancel --file` with a collection: the cancel commits after the collection
+    # read the batch's cancel reason, so the collection requeues the file's unfinished requests as
+    # if nothing happened. end_canceled_leftovers (run by the poller after such a collection) ends them.
+    victim = await ingest(store, "victim.jsonl", 3)
+    batch = await submitted_batch(store, max_requests=3)
+    waiting = await store.submitted_items(batch.id)
+    recorded, batches = await store.cancel_file(victim.id, canceled_results([]), time.time())
+    assert (recorded, batches) == (0, [batch.id])
+    assert await store.canceled_with_queued() == []
+    # The stale collection: every request of the batch back to the queue.
+    summary = await store.record_outcomes(batch.id, [], [retry(item, time.time()) for item in waiting])
+    assert summary.requeued == 3
+    assert await store.canceled_with_queued() == [victim.id]
+    assert await end_canceled_leftovers(store, time.time()) == 3
+    assert await store.canceled_with_queued() == []
+    assert await store.queued_groups(time.time() + 3600) == []
+    results = [r for r in await store.results_after(0, 100) if r.file_id == victim.id]
+    assert [orjson.loads(r.payload)["status"] for r in results] == ["canceled"] * 3
+    assert await end_canceled_leftovers(store, time.time()) == 0
