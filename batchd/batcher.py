@@ -23,10 +23,11 @@ from .deadlines import FlushReason
 from .formats import Kind, request_pieces
 from .logs import get_logger
 from .planner import UNTIL_A_BATCH_ENDS, Capacity, GroupPlan, plan_groups
+from .policy import canceled_results
 from .providers import ProviderError, ProviderPool
 from .providers.base import backoff
 from .settings import Settings
-from .store.contract import BatchRow, BatchState, Store
+from .store.contract import BatchRow, BatchState, CancelReason, Fate, Store
 
 log = get_logger("batchd.batcher")
 EMBEDDINGS = "/v1/embeddings"
@@ -44,6 +45,7 @@ class Batcher:
         on_submitted: Callable[[int], None],
         crashpoints: CrashPoints,
         intake_busy: Callable[[], bool] = lambda: False,
+        on_results: Callable[[], None] = lambda: None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -53,6 +55,7 @@ class Batcher:
         self._crashpoints = crashpoints
         # True while the spool is committing a file chunk by chunk: its later chunks may join a group.
         self._intake_busy = intake_busy
+        self._on_results = on_results
         self._wake = asyncio.Event()
         self._submitting: dict[int, asyncio.Task[None]] = {}
         # Pending batches found at start-up may have been created before the crash.
@@ -311,6 +314,11 @@ class Batcher:
                     )
                     self._on_submitted(batch.id)
                     return
+            if batch.cancel_wanted_at is not None and batch.cancel_reason is not None:
+                # Cancelled before it was ever created (proven above when it might have been): it is
+                # not sent at all, rather than created only to be cancelled.
+                await self._drop_unsent(batch)
+                return
             if batch.input_file_id:
                 # An upload from an interrupted attempt that no batch uses.
                 with contextlib.suppress(ProviderError):
@@ -353,6 +361,30 @@ class Batcher:
             self._wake_later(delay)
         finally:
             path.unlink(missing_ok=True)
+
+    async def _drop_unsent(self, batch: BatchRow) -> None:
+        """End a cancelled intent without a provider call: an operator's cancel ends its requests (or
+        a cancelled file's) canceled, the rest go back to the queue; a deadline's cancel sends them
+        all back, where the real-time fallback takes those whose deadline has come."""
+        reason = batch.cancel_reason
+        items = await self.store.batched_items(batch.id)
+        if reason == CancelReason.OPERATOR:
+            ended = items
+        elif reason == CancelReason.FILE:
+            files = await self.store.canceled_files(batch.id)
+            ended = [item for item in items if item.file_id in files]
+        else:
+            ended = []
+        operator = reason in (CancelReason.OPERATOR, CancelReason.FILE)
+        fate = Fate.CANCELLED if operator else Fate.DEADLINE_CANCELLED
+        error = f"cancelled ({reason}) before it was created at the provider: never sent"
+        recorded, requeued = await self.store.drop_pending(batch.id, canceled_results(ended), fate, error, time.time())
+        log.warning(
+            "batch.dropped_unsent", batch=batch.id, provider=batch.profile, reason=reason, canceled=recorded,
+            requeued=requeued,
+        )  # fmt: skip
+        self._on_results()
+        self._wake.set()
 
     def _wake_later(self, delay: float) -> None:
         asyncio.get_running_loop().call_later(delay, self._wake.set)

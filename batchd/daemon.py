@@ -177,6 +177,7 @@ class Daemon:
             self._on_submitted,
             self.crashpoints,
             intake_busy=lambda: self.spool.busy,
+            on_results=self._on_results,
         )
         self.pollers = Pollers(
             settings,

@@ -14,12 +14,13 @@ from typing import Any
 
 import orjson
 
-from batchd.emulator import RunningEmulator
+from batchd.emulator import Faults, RunningEmulator
 
 from .conftest import wait_until
 from .emulator_helpers import admin
 from .harness import DaemonProcess, python_for, read_results, wait_for_file, write_config
-from .test_acceptance import chat_line, claude_line
+from .test_acceptance import chat_line, claude_line, emulator_stats
+from .test_faults import emulator_with
 
 
 async def batchd(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -357,3 +358,32 @@ async def test_cancel_an_anthropic_batch_by_its_remote_id(tmp_path: Path, emulat
         assert (ended["fate"], ended["cancel_reason"]) == ("cancelled", "operator")
     finally:
         await daemon.stop()
+
+
+async def test_a_batch_cancelled_before_the_provider_created_it_is_never_sent(tmp_path: Path) -> None:
+    # The provider refuses creates for a while (before creating anything); the intent waits in its
+    # backoff when the operator cancels it: its requests end canceled and no batch is ever created,
+    # where the daemon used to create it once the provider recovered, only to cancel it.
+    faults = Faults(create_script=("before:500",) * 6)
+    async with emulator_with(faults) as emu:
+        config = str(write_config(tmp_path, emu, batching={"max_wait": 0.2, "retry_backoff_max": 4}))
+        daemon = DaemonProcess(Path(config), tmp_path / "daemon.log").start()
+        try:
+            await ready(daemon)
+            results = drop(tmp_path, "early.jsonl", [chat_line(n) for n in range(3)])
+            await wait_until(lambda: any(e.get("event") == "batch.submit_failed" for e in daemon.log_events()), 60)
+            [pending] = [b for b in await ok_json("batches", "--config", config) if b["state"] == "pending"]
+            cancelled = await batchd("cancel", str(pending["id"]), "--config", config)
+            assert cancelled.returncode == 0, cancelled.stderr
+            await wait_for_file(results, timeout=60, daemon=daemon)
+            [dropped] = [e for e in daemon.log_events() if e.get("event") == "batch.dropped_unsent"]
+            assert (dropped["batch"], dropped["canceled"], dropped["requeued"]) == (pending["id"], 3, 0)
+            stats = await emulator_stats(emu)
+        finally:
+            await daemon.stop()
+    assert [(r["custom_id"], r["status"]) for r in read_results(results)] == [
+        (f"chat-{n}", "canceled") for n in range(3)
+    ]
+    assert stats["openai"]["batches_created"] == 0
+    batches = {b["id"]: b for b in await ok_json("batches", "--config", config)}
+    assert (batches[pending["id"]]["state"], batches[pending["id"]]["fate"]) == ("done", "cancelled")

@@ -616,6 +616,18 @@ class Batches(Protocol):
     async def canceled_files(self, batch_id: int) -> set[int]:
         """The files with requests in this batch that an operator cancelled (`batchd cancel --file`)."""
 
+    async def batched_items(self, batch_id: int) -> list[SubmittedItem]:
+        """A PENDING batch's requests (BATCHED: claimed, not yet sent), by id."""
+
+    async def drop_pending(
+        self, batch_id: int, finals: Sequence[FinalResult], fate: Fate, error: str, now: float
+    ) -> tuple[int, int]:
+        """A PENDING batch never created at the provider (a cancel came first) ends unsent, in one
+        transaction: `finals` (results composed by policy) for those of its BATCHED requests they
+        name, every other BATCHED request back to the queue (attempts and age unchanged), and the
+        batch DONE with `fate` and `error`. Compare-and-set on the batch still PENDING: otherwise
+        nothing changes and (0, 0) is returned. Returns (finals recorded, requests requeued)."""
+
     async def canceled_with_queued(self) -> list[int]:
         """Files an operator cancelled that still hold requests out of any batch and without a result
         (queued or REALTIME), by id: requeued by a collection that read the batch before the cancel."""

@@ -853,6 +853,37 @@ class PostgresStore:
     async def canceled_files(self, batch_id: int) -> set[int]:
         return {int(r["file_id"]) for r in await self._fetch(Q.canceled_files, batch_id)}
 
+    async def batched_items(self, batch_id: int) -> list[SubmittedItem]:
+        return [_submitted(r) for r in await self._fetch(Q.batched_items, batch_id)]
+
+    async def drop_pending(
+        self, batch_id: int, finals: Sequence[FinalResult], fate: Fate, error: str, now: float
+    ) -> tuple[int, int]:
+        mine = list({f.item_id: f for f in finals}.values())
+
+        async def work(conn: Connection) -> tuple[int, int]:
+            if await conn.fetchval(Q.lock_pending_batch, batch_id) is None:
+                return 0, 0
+            applied = 0
+            if mine:
+                await conn.execute(Q.results_lock)
+                applied = int(
+                    await conn.fetchval(
+                        Q.drop_pending_finals,
+                        batch_id,
+                        [f.item_id for f in mine],
+                        [str(f.status) for f in mine],
+                        [f.payload for f in mine],
+                        now,
+                    )
+                )
+            requeued = _count(await conn.execute(Q.unclaim_batched, batch_id))
+            await conn.execute(Q.finish_batch, batch_id, now, fate.value, error)
+            await self._add_error(conn, f"batch.{fate.value}", f"batch {batch_id}: {error}")
+            return applied, requeued
+
+        return await self._tx(work)
+
     async def canceled_with_queued(self) -> list[int]:
         return [int(r["id"]) for r in await self._fetch(Q.canceled_with_queued)]
 

@@ -704,6 +704,39 @@ WHERE id = $1 AND state IN ('pending', 'unverified', 'submitted')
 SELECT DISTINCT i.file_id FROM items i JOIN files f ON f.id = i.file_id
 WHERE i.batch_id = $1 AND f.canceled_at IS NOT NULL
 
+-- name: batched_items
+SELECT id, file_id, line, custom_id, attempts, state, deadline FROM items
+WHERE batch_id = $1 AND state = 'batched' ORDER BY id
+
+-- name: lock_pending_batch
+-- The CAS of drop_pending: the batch, locked, while it is still pending.
+SELECT id FROM batches WHERE id = $1 AND state = 'pending' FOR UPDATE
+
+-- name: drop_pending_finals
+-- A pending batch's claimed requests among these take their result (a cancel came before the batch
+-- was created); their bodies go. The caller holds results_lock.
+WITH f AS (
+    SELECT * FROM unnest($2::bigint[], $3::text[], $4::bytea[]) AS f (item_id, status, payload)
+), done AS (
+    UPDATE items i SET state = CASE WHEN f.status IN ('succeeded', 'errored', 'expired', 'canceled')
+                                    THEN f.status ELSE 'errored' END
+    FROM f
+    WHERE i.id = f.item_id AND i.batch_id = $1 AND i.state = 'batched'
+    RETURNING i.id, i.file_id, i.line, i.profile, i.model
+), bodies AS (
+    DELETE FROM item_bodies WHERE item_id IN (SELECT id FROM done)
+), inserted AS (
+    INSERT INTO results (file_id, line, item_id, status, profile, model, batch_id, payload, created_at)
+    SELECT done.file_id, done.line, done.id, f.status, done.profile, done.model, NULL, f.payload, $5
+    FROM done JOIN f ON f.item_id = done.id
+    ORDER BY done.id
+    ON CONFLICT (file_id, line) DO NOTHING
+)
+SELECT COUNT(*) FROM done
+
+-- name: unclaim_batched
+UPDATE items SET state = 'queued', batch_id = NULL WHERE batch_id = $1 AND state = 'batched'
+
 -- name: canceled_with_queued
 -- Few files are ever cancelled: their rows first, then one probe of each one's items.
 SELECT f.id FROM files f

@@ -967,6 +967,34 @@ class SQLiteStore:
     async def canceled_files(self, batch_id: int) -> set[int]:
         return {int(r[0]) for r in await self._rows(Q.canceled_files, (batch_id,))}
 
+    async def batched_items(self, batch_id: int) -> list[SubmittedItem]:
+        return [_submitted(r) for r in await self._rows(Q.batched_items, (batch_id,))]
+
+    @shielded
+    async def drop_pending(
+        self, batch_id: int, finals: Sequence[FinalResult], fate: Fate, error: str, now: float
+    ) -> tuple[int, int]:
+        async with self._tx() as db:
+            if not list(await db.execute_fetchall(Q.batch_still_pending, (batch_id,))):
+                return 0, 0
+            rows = await db.execute_fetchall(Q.pending_batch_routes, (batch_id,))
+            route = {int(r[0]): (r[1], r[2]) for r in rows}
+            applied = list({f.item_id: f for f in finals if f.item_id in route}.values())
+            await db.executemany(
+                Q.insert_canceled_result,
+                [(f.file_id, f.line, f.item_id, f.status, *route[f.item_id], f.payload, now) for f in applied],
+            )
+            by_state: dict[str, list[int]] = {}
+            for f in applied:
+                by_state.setdefault(_final_state(f.status), []).append(f.item_id)
+            for state, ids in by_state.items():
+                await db.execute(Q.items_final, (state, _json(ids)))
+            await db.execute(Q.delete_item_bodies, (_json(f.item_id for f in applied),))
+            requeued = (await db.execute(Q.unclaim_batched, (batch_id,))).rowcount
+            await db.execute(Q.finish_batch, {"now": now, "fate": fate.value, "error": error, "id": batch_id})
+            await self._add_error(db, f"batch.{fate.value}", f"batch {batch_id}: {error}")
+            return len(applied), requeued
+
     async def canceled_with_queued(self) -> list[int]:
         return [int(r[0]) for r in await self._rows(Q.canceled_with_queued, ())]
 

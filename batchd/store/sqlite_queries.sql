@@ -734,6 +734,21 @@ WHERE id = :id AND state IN ('pending', 'unverified', 'submitted');
 SELECT DISTINCT i.file_id FROM items i JOIN files f ON f.id = i.file_id
 WHERE i.batch_id = ? AND f.canceled_at IS NOT NULL;
 
+-- name: batched_items
+SELECT id, file_id, line, custom_id, attempts, state, deadline FROM items
+WHERE batch_id = ? AND state = 'batched' ORDER BY id;
+
+-- name: pending_batch_routes
+-- The CAS of drop_pending: the batch's claimed requests and their route, while it is still pending.
+SELECT i.id, i.profile, i.model FROM items i JOIN batches b ON b.id = i.batch_id
+WHERE i.batch_id = ? AND i.state = 'batched' AND b.state = 'pending';
+
+-- name: batch_still_pending
+SELECT 1 FROM batches WHERE id = ? AND state = 'pending';
+
+-- name: unclaim_batched
+UPDATE items SET state = 'queued', batch_id = NULL WHERE batch_id = ? AND state = 'batched';
+
 -- name: canceled_with_queued
 -- Few files are ever cancelled: their rows first, then one probe of each one's items.
 SELECT f.id FROM files f

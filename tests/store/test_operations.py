@@ -15,9 +15,9 @@ import pytest
 from batchd.ops import held_until
 from batchd.policy import canceled_results
 from batchd.poller import end_canceled_leftovers
-from batchd.store.contract import PAUSE_UNTIL, BatchState, CancelReason, ItemState, PruneSummary, Store
+from batchd.store.contract import PAUSE_UNTIL, BatchState, CancelReason, Fate, ItemState, PruneSummary, Store
 
-from .factories import MODEL, PROFILE, file_key, final, ingest, never_taken, retry, submitted_batch, succeed_all
+from .factories import MODEL, PROFILE, claim, file_key, final, ingest, never_taken, retry, submitted_batch, succeed_all
 from .factories import chunk as make_chunk
 
 
@@ -238,3 +238,28 @@ async def test_requests_requeued_after_their_file_was_cancelled_end_canceled_not
     results = [r for r in await store.results_after(0, 100) if r.file_id == victim.id]
     assert [orjson.loads(r.payload)["status"] for r in results] == ["canceled"] * 3
     assert await end_canceled_leftovers(store, time.time()) == 0
+
+
+async def test_a_pending_batch_cancelled_before_its_create_ends_unsent(store: Store) -> None:
+    # An intent cancelled before the provider ever saw it: the cancelled file's requests end canceled,
+    # the others go back to the queue as they were, and the batch is done without a remote batch.
+    cancelled = await ingest(store, "cancelled.jsonl", 2)
+    other = await ingest(store, "other.jsonl", 2)
+    batch = await claim(store)
+    items = await store.batched_items(batch.id)
+    assert [i.file_id for i in items] == [cancelled.id, cancelled.id, other.id, other.id]
+    finals = canceled_results([i for i in items if i.file_id == cancelled.id])
+    now = time.time()
+    assert await store.drop_pending(batch.id, finals, Fate.CANCELLED, "never sent", now) == (2, 2)
+    row = await store.batch(batch.id)
+    assert row is not None and (row.state, row.fate, row.remote_id) == (BatchState.DONE, Fate.CANCELLED, None)
+    assert [i.state for i in await store.file_items(cancelled.id)] == [ItemState.CANCELED] * 2
+    assert [i.state for i in await store.file_items(other.id)] == [ItemState.QUEUED] * 2
+    assert sum(g.count for g in await store.queued_groups(now)) == 2
+    results = [orjson.loads(r.payload) for r in await store.results_after(0, 100)]
+    assert [(r["custom_id"], r["status"]) for r in results] == [(i.custom_id, "canceled") for i in items[:2]]
+    assert await store.drop_pending(batch.id, finals, Fate.CANCELLED, "never sent", now) == (0, 0)  # once
+    # A batch that was created is never dropped: its requests are at the provider.
+    sent = await submitted_batch(store)
+    assert await store.drop_pending(sent.id, [], Fate.CANCELLED, "never sent", now) == (0, 0)
+    assert (await store.batch(sent.id)).state == BatchState.SUBMITTED  # type: ignore[union-attr]
