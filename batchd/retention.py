@@ -86,7 +86,9 @@ class Retention:
         if before is None:
             return total
         while True:
-            pruned = await self.store.prune_finished(before, PRUNE_CHUNK)
+            # A webhook sink behind (down, or parked) keeps the results it has still to send.
+            sinks = [sink.name for sink in self.settings.sinks]
+            pruned = await self.store.prune_finished(before, PRUNE_CHUNK, sinks)
             total += pruned
             if not pruned:
                 return total

@@ -823,11 +823,12 @@ class Operations(Protocol):
         (an answer already on its way is then a duplicate cost, see record_realtime). Returns (finals recorded, those
         batches' ids by id). Idempotent."""
 
-    async def prune_finished(self, before: float, limit: int = 100) -> PruneSummary:
+    async def prune_finished(self, before: float, limit: int = 100, sinks: Collection[str] = ()) -> PruneSummary:
         """Delete up to `limit` files completed before `before` (with their items and results; never a
-        file with parked results) and up to `limit` done batches ended before it that no item names,
-        in one transaction that first folds the results into the report totals (`report` counts them
-        still). Call again while it returns a non-empty summary."""
+        file with parked results, nor one with a result that one of `sinks` has not delivered yet: the
+        configured webhook sinks, by cursor) and up to `limit` done batches ended before it that no
+        item names, in one transaction that first folds the results into the report totals (`report`
+        counts them still). Call again while it returns a non-empty summary."""
 
 
 class Store(Intake, Queue, Batches, Outcomes, Fallback, Delivery, Reporting, Operations, Protocol):

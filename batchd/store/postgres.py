@@ -1221,9 +1221,12 @@ class PostgresStore:
 
         return await self._tx(work)
 
-    async def prune_finished(self, before: float, limit: int = 100) -> PruneSummary:
+    async def prune_finished(self, before: float, limit: int = 100, sinks: Collection[str] = ()) -> PruneSummary:
+        # Cursors only move forward: read before the transaction, they can only be conservative.
+        delivered = min([await self.sink_cursor(sink) for sink in sinks], default=None)
+
         async def work(conn: Connection) -> PruneSummary:
-            files = [r["id"] for r in await conn.fetch(Q.prunable_files, before, limit)]
+            files = [r["id"] for r in await conn.fetch(Q.prunable_files, before, limit, delivered)]
             results = 0
             if files:
                 # The report's totals first, in this transaction: pruned rows are never uncounted.

@@ -637,6 +637,8 @@ WHERE f.state = 'complete' AND f.completed_at < $1
     AND NOT EXISTS (SELECT 1 FROM items i WHERE i.file_id = f.id
                     AND i.state IN ('queued', 'batched', 'submitted', 'realtime'))
     AND NOT EXISTS (SELECT 1 FROM results r JOIN parked p ON p.result_id = r.id WHERE r.file_id = f.id)
+    -- $3: the lowest cursor of the webhook sinks (NULL: none configured).
+    AND ($3::bigint IS NULL OR NOT EXISTS (SELECT 1 FROM results r WHERE r.file_id = f.id AND r.id > $3))
 ORDER BY f.id LIMIT $2
 FOR UPDATE OF f SKIP LOCKED
 

@@ -1419,9 +1419,16 @@ class SQLiteStore:
             return len(applied), batches
 
     @shielded
-    async def prune_finished(self, before: float, limit: int = 100) -> PruneSummary:
+    async def prune_finished(self, before: float, limit: int = 100, sinks: Collection[str] = ()) -> PruneSummary:
+        # Cursors only move forward: read before the transaction, they can only be conservative.
+        delivered = min([await self.sink_cursor(sink) for sink in sinks], default=None)
         async with self._tx() as db:
-            files = [r["id"] for r in await db.execute_fetchall(Q.prunable_files, {"before": before, "limit": limit})]
+            files = [
+                r["id"]
+                for r in await db.execute_fetchall(
+                    Q.prunable_files, {"before": before, "limit": limit, "delivered": delivered}
+                )
+            ]
             results = 0
             if files:
                 ids = _json(files)

@@ -667,6 +667,8 @@ WHERE f.state = 'complete' AND f.completed_at < :before
     AND NOT EXISTS (SELECT 1 FROM items i WHERE i.file_id = f.id
                     AND i.state IN ('queued', 'batched', 'submitted', 'realtime'))
     AND NOT EXISTS (SELECT 1 FROM results r JOIN parked p ON p.result_id = r.id WHERE r.file_id = f.id)
+    -- :delivered: the lowest cursor of the webhook sinks (NULL: none configured).
+    AND (:delivered IS NULL OR NOT EXISTS (SELECT 1 FROM results r WHERE r.file_id = f.id AND r.id > :delivered))
 ORDER BY f.id LIMIT :limit;
 
 -- name: fold_totals

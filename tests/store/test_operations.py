@@ -113,6 +113,21 @@ async def test_a_file_with_parked_results_is_not_pruned(store: Store) -> None:
     assert await store.file(file_id) is not None
 
 
+async def test_a_file_a_webhook_sink_has_not_delivered_yet_is_not_pruned(store: Store) -> None:
+    # A webhook sink that is behind (its receiver down for longer than the retention) keeps what it
+    # has still to send: pruning would drop results it never delivered.
+    first = await _finished_file(store, "first.jsonl", 2)
+    behind = await _finished_file(store, "behind.jsonl", 2)
+    delivered = max(r.id for r in await store.results_after(0, 100) if r.file_id == first)
+    await store.advance_cursor("hook", delivered)
+    later = time.time() + 1
+    assert (await store.prune_finished(later, sinks=["hook", "new-hook"])).files == 0  # new-hook: nothing yet
+    assert await store.prune_finished(later, sinks=["hook"]) == PruneSummary(files=1, results=2, batches=1)
+    assert await store.file(first) is None and await store.file(behind) is not None
+    await store.advance_cursor("hook", max(r.id for r in await store.results_after(0, 100)))
+    assert (await store.prune_finished(later, sinks=["hook"])).files == 1
+
+
 async def test_pruning_goes_a_chunk_of_files_per_transaction(store: Store) -> None:
     for n in range(3):
         await _finished_file(store, f"f{n}.jsonl", 2)
