@@ -46,8 +46,9 @@ hostile = test_hostile.hostile  # the root tier's daemon and producers, one setu
 LEAD = 600.0  # [batching] deadline_lead
 ROUTE_LEAD = 900.0  # the gpt-4o-mini route's
 ROUTED, UNROUTED = "gpt-4o-mini", "gpt-4o"  # a route with a default deadline ("8h"), and none
-ABSOLUTE = "2026-12-01T07:00+01:00"
-AT = datetime(2026, 12, 1, 6, 0, tzinfo=UTC).timestamp()
+# Far ahead: a deadline already past would send the requests to the real-time fallback at once.
+ABSOLUTE = "2099-12-01T07:00+01:00"
+AT = datetime(2099, 12, 1, 6, 0, tzinfo=UTC).timestamp()
 
 
 @pytest.fixture
@@ -105,10 +106,10 @@ def listing(directory: Path) -> list[str]:
 
 
 def test_a_sidecar_says_a_deadline_absolute_relative_to_arrival_or_as_a_unix_time() -> None:
-    assert sidecar.parse_options(b'{"deadline": "2026-12-01T07:00+01:00"}', 0.0).deadline == AT
+    assert sidecar.parse_options(b'{"deadline": "2099-12-01T07:00+01:00"}', 0.0).deadline == AT
     relative = sidecar.parse_options(b'{"deadline": "8h"}\n', 1000.0)
     assert (relative.deadline, relative.text) == (1000.0 + 8 * 3600, '{"deadline":"8h"}')
-    assert sidecar.parse_options(b'{"deadline": 1796104800}', 0.0).deadline == AT
+    assert sidecar.parse_options(b'{"deadline": %d}' % AT, 0.0).deadline == AT
     assert sidecar.parse_options(b"{}", 0.0) == sidecar.FileOptions("{}", None)
     assert (sidecar.sidecar_name("job.jsonl"), sidecar.input_name("job.meta.json")) == ("job.meta.json", "job.jsonl")
 
@@ -116,7 +117,7 @@ def test_a_sidecar_says_a_deadline_absolute_relative_to_arrival_or_as_a_unix_tim
 def test_deadlines_given_to_submit_are_checked_and_written_as_the_sidecar_says_them() -> None:
     paris = timezone(timedelta(hours=1))
     assert sidecar.deadline_text(datetime(2026, 12, 1, 7, 0, tzinfo=paris)) == "2026-12-01T07:00:00+01:00"
-    assert sidecar.deadline_text(AT) == "2026-12-01T06:00:00+00:00"
+    assert sidecar.deadline_text(AT) == "2099-12-01T06:00:00+00:00"
     assert sidecar.deadline_text(" 90m ") == "90m"
     for wrong in ("tomorrow", "2026-12-01T07:00", datetime(2026, 12, 1, 7), float("nan"), -1.0, True):
         with pytest.raises(DeadlineError):
@@ -226,7 +227,7 @@ async def test_a_sidecar_alone_waits_for_its_file_and_one_left_alone_too_long_go
     intake: tuple[Spool, Store],
 ) -> None:
     spool, store = intake
-    (spool.paths.new / "later.meta.json").write_bytes(b'{"deadline": "2026-12-01T07:00+01:00"}')
+    (spool.paths.new / "later.meta.json").write_bytes(b'{"deadline": "2099-12-01T07:00+01:00"}')
     assert await spool.rescan() == 0
     assert listing(spool.paths.new) == ["later.meta.json"]  # not an input, not an orphan yet
     put(spool.paths, "later.jsonl", requests(1))
@@ -324,7 +325,7 @@ def test_submit_puts_the_sidecar_into_new_before_its_file_and_never_joins_one_al
         assert moved.names() == ["dated.meta.json", "dated.jsonl"]
     assert first.path == paths.new / "job-1.jsonl" and second.path == paths.new / "plain.jsonl"
     assert orjson.loads((paths.new / "job-1.meta.json").read_bytes()) == {"deadline": "8h"}
-    assert orjson.loads((paths.new / "dated.meta.json").read_bytes()) == {"deadline": "2026-12-01T06:00:00+00:00"}
+    assert orjson.loads((paths.new / "dated.meta.json").read_bytes()) == {"deadline": "2099-12-01T06:00:00+00:00"}
     assert listing(paths.tmp) == []
     for wrong in ("soon", datetime(2026, 12, 1, 7)):
         with pytest.raises(ValueError, match="deadline"):
