@@ -40,6 +40,9 @@ class NameTaken(Exception):
 class OutboxSink(Sink):
     """Writes results files beside the spool."""
 
+    # As many as a collection commits at once (poller.APPLY_CHUNK): one fsync and one commit each.
+    chunk = 5000
+
     def __init__(self, store: Store, out_dir: Path, crashpoints: CrashPoints | None = None) -> None:
         super().__init__(store)
         self.out_dir = out_dir
