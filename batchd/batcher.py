@@ -29,6 +29,9 @@ from .settings import Settings
 from .store.contract import BatchRow, BatchState, Store
 
 log = get_logger("batchd.batcher")
+
+# Requests read from the store per step while an input file is written (a few MB each).
+INPUT_CHUNK = 2000
 EMBEDDINGS = "/v1/embeddings"
 
 
@@ -263,10 +266,32 @@ class Batcher:
         # Every custom_id carries this database's instance: the proof that a batch is ours.
         instance = self._instance
         kind: Kind = "openai" if batch.kind == "openai" else "anthropic"
-        with path.open("wb") as out:
-            async for chunk in self.store.batch_bodies(batch.id):
-                # One write per chunk; the bodies are copied once, into it.
-                out.write(b"".join(request_pieces(kind, chunk, instance)))
+        chunks = self.store.batch_bodies(batch.id, INPUT_CHUNK)
+        reading: asyncio.Future[list[tuple[int, str, bytes]] | None] = asyncio.ensure_future(anext(chunks, None))
+        writing: asyncio.Future[int] | None = None
+        try:
+            with path.open("wb") as out:
+                while (chunk := await reading) is not None:
+                    # The store reads the next chunk (in its reader thread) while this one is joined and
+                    # written (in a worker thread): a pipeline of three, not three steps in turn.
+                    reading = asyncio.ensure_future(anext(chunks, None))
+                    data = b"".join(request_pieces(kind, chunk, instance))  # the bodies copied once, into it
+                    del chunk
+                    if writing is not None:
+                        await writing
+                    writing = asyncio.ensure_future(asyncio.to_thread(out.write, data))
+                    del data
+                if writing is not None:
+                    await writing
+                    writing = None
+        finally:
+            for pending in (reading, writing):
+                if pending is not None and not pending.done():
+                    pending.cancel()
+                    await asyncio.wait([pending])  # never leave a write running into a closed file
+            close = getattr(chunks, "aclose", None)  # an async generator, in both engines
+            if close is not None:
+                await close()
 
     async def _submit(self, listed: BatchRow) -> None:
         started = time.monotonic()
