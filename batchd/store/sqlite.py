@@ -32,6 +32,7 @@ import sqlite3
 import time
 import urllib.parse
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Collection, Iterable, Sequence
 from contextlib import asynccontextmanager
 from importlib import resources
@@ -171,31 +172,39 @@ class _RecentResults:
     MAX_BYTES = 64 << 20
 
     def __init__(self) -> None:
-        self._rows: dict[int, tuple[int, bytes, float]] = {}  # id: (file id, payload, created_at)
-        self._bytes = 0
+        # Per commit, in commit (so id) order: (first id, its finals, created_at, payload bytes).
+        self._blocks: deque[tuple[int, Sequence[FinalResult], float, int]] = deque()
+        self._held = self._bytes = 0
 
     def add(self, first_id: int, finals: Sequence[FinalResult], created_at: float) -> None:
-        rows = self._rows
-        for offset, f in enumerate(finals):
-            rows[first_id + offset] = (f.file_id, f.payload, created_at)
-            self._bytes += len(f.payload)
-        while rows and (len(rows) > self.MAX_RESULTS or self._bytes > self.MAX_BYTES):
-            self._drop(next(iter(rows)))
+        size = sum(len(f.payload) for f in finals)
+        self._blocks.append((first_id, finals, created_at, size))
+        self._held += len(finals)
+        self._bytes += size
+        while self._blocks and (self._held > self.MAX_RESULTS or self._bytes > self.MAX_BYTES):
+            self._drop()
 
-    def _drop(self, result_id: int) -> None:
-        _file_id, payload, _created = self._rows.pop(result_id)
-        self._bytes -= len(payload)
+    def _drop(self) -> None:
+        _first, finals, _created, size = self._blocks.popleft()
+        self._held -= len(finals)
+        self._bytes -= size
 
     def run_after(self, last_id: int, limit: int) -> list[tuple[int, int, bytes, float]]:
-        """The consecutive held results after `last_id`, up to `limit`; what lies before them is dropped."""
-        rows = self._rows
-        for result_id in [i for i in rows if i <= last_id]:
-            self._drop(result_id)
+        """The consecutive held results after `last_id` (id, file id, payload, created_at), up to `limit`.
+
+        Commits wholly before `last_id` are dropped: their results have been read past.
+        """
+        blocks = self._blocks
+        while blocks and blocks[0][0] + len(blocks[0][1]) <= last_id + 1:
+            self._drop()
         run: list[tuple[int, int, bytes, float]] = []
-        result_id = last_id + 1
-        while len(run) < limit and (held := rows.get(result_id)) is not None:
-            run.append((result_id, *held))
-            result_id += 1
+        wanted = last_id + 1
+        for first, finals, created_at, _size in blocks:
+            if wanted < first or len(run) >= limit:
+                break  # a gap: an id this store did not insert (or not yet known to be committed)
+            taken = finals[wanted - first : wanted - first + limit - len(run)]
+            run += [(wanted + n, f.file_id, f.payload, created_at) for n, f in enumerate(taken)]
+            wanted += len(taken)
         return run
 
 
@@ -1550,10 +1559,13 @@ _CANCEL_EVENTS = {
 }
 
 
+_ITEM_STATES = {state.value: state for state in ItemState}
+
+
 def _submitted(r: sqlite3.Row) -> SubmittedItem:
-    return SubmittedItem(
-        r["id"], r["file_id"], r["line"], r["custom_id"], r["attempts"], ItemState(r["state"]), r["deadline"]
-    )
+    # By position (the columns of submitted_items, submitted_items_among, fallback_answered): one per
+    # request of a batch being collected.
+    return SubmittedItem(r[0], r[1], r[2], r[3], r[4], _ITEM_STATES[r[5]], r[6])
 
 
 def _final_state(status: Status) -> str:
