@@ -269,8 +269,8 @@ class Batcher:
         chunks = self.store.batch_bodies(batch.id, INPUT_CHUNK)
         reading: asyncio.Future[list[tuple[int, str, bytes]] | None] = asyncio.ensure_future(anext(chunks, None))
         writing: asyncio.Future[int] | None = None
-        try:
-            with path.open("wb") as out:
+        with path.open("wb") as out:
+            try:
                 while (chunk := await reading) is not None:
                     # The store reads the next chunk (in its reader thread) while this one is joined and
                     # written (in a worker thread): a pipeline of three, not three steps in turn.
@@ -283,15 +283,19 @@ class Batcher:
                     del data
                 if writing is not None:
                     await writing
-                    writing = None
-        finally:
-            for pending in (reading, writing):
-                if pending is not None and not pending.done():
-                    pending.cancel()
-                    await asyncio.wait([pending])  # never leave a write running into a closed file
-            close = getattr(chunks, "aclose", None)  # an async generator, in both engines
-            if close is not None:
-                await close()
+            finally:
+                if not reading.done():
+                    reading.cancel()
+                await asyncio.wait([reading])
+                if writing is not None:
+                    # A thread cannot be cancelled: its write ends before the file is closed.
+                    await asyncio.wait([writing])
+                for done in (reading, writing):
+                    if done is not None and not done.cancelled():
+                        done.exception()  # retrieved: the error that matters is the one raised
+                close = getattr(chunks, "aclose", None)  # an async generator, in both engines
+                if close is not None:
+                    await close()
 
     async def _submit(self, listed: BatchRow) -> None:
         started = time.monotonic()
