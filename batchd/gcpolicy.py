@@ -4,7 +4,8 @@ A collection holds each chunk's outcomes, result lines and store rows (hundreds 
 container objects) until the chunk commits. At CPython's default pace (a young collection every
 700 net allocations) the collector traversed them over a thousand times per 50,000-line batch,
 which cost as much as parsing the results. While a burst runs the young generation may grow to
-BURST_THRESHOLD objects first; nothing is disabled, so cyclic garbage is still collected.
+BURST_THRESHOLD objects first (a pass over that many, and the older generation's pass every tenth,
+stay short pauses of the event loop); nothing is disabled, so cyclic garbage is still collected.
 
 The store's writer thread releases the GIL around every SQLite step (each row of an executemany)
 and must take it back from the thread parsing the next chunk, which by default keeps it for up to
@@ -19,7 +20,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-BURST_THRESHOLD = 100_000
+BURST_THRESHOLD = 20_000
 BURST_SWITCH_INTERVAL = 0.0005
 
 _active = 0
