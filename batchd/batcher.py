@@ -30,6 +30,9 @@ from .settings import Settings
 from .store.contract import BatchRow, BatchState, CancelReason, Fate, Store
 
 log = get_logger("batchd.batcher")
+
+# Requests read from the store per step while an input file is written (a few MB each).
+INPUT_CHUNK = 2000
 EMBEDDINGS = "/v1/embeddings"
 
 
@@ -266,10 +269,36 @@ class Batcher:
         # Every custom_id carries this database's instance: the proof that a batch is ours.
         instance = self._instance
         kind: Kind = "openai" if batch.kind == "openai" else "anthropic"
+        chunks = self.store.batch_bodies(batch.id, INPUT_CHUNK)
+        reading: asyncio.Future[list[tuple[int, str, bytes]] | None] = asyncio.ensure_future(anext(chunks, None))
+        writing: asyncio.Future[int] | None = None
         with path.open("wb") as out:
-            async for chunk in self.store.batch_bodies(batch.id):
-                # One write per chunk; the bodies are copied once, into it.
-                out.write(b"".join(request_pieces(kind, chunk, instance)))
+            try:
+                while (chunk := await reading) is not None:
+                    # The store reads the next chunk (in its reader thread) while this one is joined and
+                    # written (in a worker thread): a pipeline of three, not three steps in turn.
+                    reading = asyncio.ensure_future(anext(chunks, None))
+                    data = b"".join(request_pieces(kind, chunk, instance))  # the bodies copied once, into it
+                    del chunk
+                    if writing is not None:
+                        await writing
+                    writing = asyncio.ensure_future(asyncio.to_thread(out.write, data))
+                    del data
+                if writing is not None:
+                    await writing
+            finally:
+                if not reading.done():
+                    reading.cancel()
+                await asyncio.wait([reading])
+                if writing is not None:
+                    # A thread cannot be cancelled: its write ends before the file is closed.
+                    await asyncio.wait([writing])
+                for done in (reading, writing):
+                    if done is not None and not done.cancelled():
+                        done.exception()  # retrieved: the error that matters is the one raised
+                close = getattr(chunks, "aclose", None)  # an async generator, in both engines
+                if close is not None:
+                    await close()
 
     async def _submit(self, listed: BatchRow) -> None:
         started = time.monotonic()

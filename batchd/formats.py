@@ -292,22 +292,33 @@ def usage_of(kind: Kind, body: Any) -> dict[str, int] | None:
             "cache_creation_input_tokens": writes,
         }
     if "prompt_tokens" in usage:  # chat completions, completions, embeddings
-        details = usage.get("prompt_tokens_details") or {}
+        details = usage.get("prompt_tokens_details")
         return {
-            "input_tokens": int(usage.get("prompt_tokens") or 0),
-            "output_tokens": int(usage.get("completion_tokens") or 0),
-            "cached_input_tokens": int(details.get("cached_tokens") or 0),
+            "input_tokens": _count(usage.get("prompt_tokens")),
+            "output_tokens": _count(usage.get("completion_tokens")),
+            "cached_input_tokens": _count(details.get("cached_tokens")) if details else 0,
         }
-    details = usage.get("input_tokens_details") or {}
+    details = usage.get("input_tokens_details")
     return {  # responses
-        "input_tokens": int(usage.get("input_tokens") or 0),
-        "output_tokens": int(usage.get("output_tokens") or 0),
-        "cached_input_tokens": int(details.get("cached_tokens") or 0),
+        "input_tokens": _count(usage.get("input_tokens")),
+        "output_tokens": _count(usage.get("output_tokens")),
+        "cached_input_tokens": _count(details.get("cached_tokens")) if details else 0,
     }
 
 
-def openai_outcome(line: dict[str, Any]) -> Outcome:
-    """Classify one line of an OpenAI output or error file."""
+def _count(value: Any) -> int:
+    """A token count as an int (absent or null: 0); the int a provider sends is taken as it is."""
+    return value if type(value) is int else int(value or 0)
+
+
+def openai_outcome(line: dict[str, Any], embed: bool = False) -> Outcome:
+    """Classify one line of an OpenAI output or error file.
+
+    With `embed` (a whole result file being read) a succeeded answer's response is kept as its JSON
+    (an orjson.Fragment, written into the result line as it is) instead of a tree of dicts: a chunk
+    of thousands of outcomes then holds no containers for the garbage collector to traverse again
+    and again, which cost a collection more than its parsing did.
+    """
     custom_id = str(line.get("custom_id"))
     response = line.get("response")
     error = line.get("error")
@@ -320,24 +331,36 @@ def openai_outcome(line: dict[str, Any]) -> Outcome:
         return Outcome(custom_id, "errored", None, error, None, True)
     if not isinstance(response, dict):
         return Outcome(custom_id, "errored", None, {"message": "result line has no response"}, None, True)
-    status_code = int(response.get("status_code") or 0)
+    status_code = _count(response.get("status_code"))
     body = response.get("body")
     if status_code == 200:
-        return Outcome(custom_id, "succeeded", body, None, usage_of("openai", body), False)
+        usage = usage_of("openai", body)
+        return Outcome(custom_id, "succeeded", _embedded(body) if embed else body, None, usage, False)
     detail = body.get("error") if isinstance(body, dict) and isinstance(body.get("error"), dict) else body
     failure = {"status_code": status_code, **(detail if isinstance(detail, dict) else {"message": detail})}
     retryable = status_code == 429 or status_code >= 500 or status_code in (408, 409)
     return Outcome(custom_id, "errored", None, failure, None, retryable)
 
 
-def anthropic_outcome(line: dict[str, Any]) -> Outcome:
-    """Classify one line of an Anthropic results stream."""
+def openai_file_outcome(line: dict[str, Any]) -> Outcome:
+    """openai_outcome for a line of a downloaded result file (the response embedded as JSON)."""
+    return openai_outcome(line, embed=True)
+
+
+def _embedded(value: Any) -> Any:
+    """`value` as JSON to embed in a result line unchanged (orjson.Fragment); None stays None."""
+    return None if value is None else orjson.Fragment(orjson.dumps(value))
+
+
+def anthropic_outcome(line: dict[str, Any], embed: bool = False) -> Outcome:
+    """Classify one line of an Anthropic results stream (`embed`: see openai_outcome)."""
     custom_id = str(line.get("custom_id"))
     result = line.get("result") or {}
     kind = result.get("type")
     if kind == "succeeded":
         message = result.get("message")
-        return Outcome(custom_id, "succeeded", message, None, usage_of("anthropic", message), False)
+        usage = usage_of("anthropic", message)
+        return Outcome(custom_id, "succeeded", _embedded(message) if embed else message, None, usage, False)
     if kind == "expired":
         return Outcome(custom_id, "expired", None, None, None, True)
     if kind == "canceled":
@@ -346,6 +369,11 @@ def anthropic_outcome(line: dict[str, Any]) -> Outcome:
     inner = error.get("error") if isinstance(error, dict) else None
     error_type = inner.get("type") if isinstance(inner, dict) else None
     return Outcome(custom_id, "errored", None, error, None, error_type in RETRYABLE_ANTHROPIC_ERRORS)
+
+
+def anthropic_file_outcome(line: dict[str, Any]) -> Outcome:
+    """anthropic_outcome for a line of a downloaded results stream (the message embedded as JSON)."""
+    return anthropic_outcome(line, embed=True)
 
 
 def result_line(

@@ -105,9 +105,15 @@ def decide(
     profile, model, remote_id = batch.profile, batch.model, batch.remote_id
     no_tokens = (None, None, None, None)
     submitted, realtime = ItemState.SUBMITTED, ItemState.REALTIME
+    # A price depends on the four token counts only, and a batch's answers repeat few of them:
+    # each distinct count is priced once (Cost and its JSON are shared, never changed).
+    prices: dict[tuple[int | None, ...], tuple[Cost | None, Any]] = {}
+    get_outcome = outcomes_by_item.get
+    append_final = finals.append
+    batch_via = Via.BATCH
     # One pass per result line of a batch of up to 100,000: positional arguments, few lookups.
     for item in items:
-        outcome = outcomes_by_item.get(item.id)
+        outcome = get_outcome(item.id)
         if outcome is None:
             continue
         state = item.state
@@ -122,10 +128,7 @@ def decide(
             retries.append(Retry(item.id, not_before, error))
             continue
         usage = outcome.usage
-        cost = None
         if usage:
-            cost = cost_of(usage) if cost_of is not None else None
-            cost_json = cost.as_json() if cost else UNPRICED
             get = usage.get
             tokens = (
                 get("input_tokens"),
@@ -133,8 +136,13 @@ def decide(
                 get("cached_input_tokens"),
                 get("cache_creation_input_tokens"),
             )
+            priced = prices.get(tokens)
+            if priced is None:
+                cost = cost_of(usage) if cost_of is not None else None
+                priced = prices[tokens] = (cost, cost.as_json() if cost else UNPRICED)
+            cost, cost_json = priced
         else:
-            cost_json, tokens = None, no_tokens
+            cost, cost_json, tokens = None, None, no_tokens
         payload = result_line(
             custom_id=item.custom_id,
             status=outcome.status,
@@ -146,9 +154,9 @@ def decide(
             batch_id=remote_id,
             usage=usage,
             cost=cost_json,
-            via=Via.BATCH,
+            via=batch_via,
         )
-        finals.append(
+        append_final(
             FinalResult(
                 item.id,
                 item.file_id,
@@ -158,7 +166,7 @@ def decide(
                 *tokens,
                 cost.batch if cost else None,
                 cost.realtime if cost else None,
-                Via.BATCH,
+                batch_via,
                 cost.batch if cost else None,
             )
         )

@@ -36,6 +36,7 @@ from .capacity import lowered_limit
 from .crashpoints import CrashPoints
 from .deadlines import cancel_wait
 from .formats import Outcome, Status, owned_by
+from .gcpolicy import burst
 from .logs import get_logger
 from .planner import usable_tokens
 from .policy import (
@@ -641,7 +642,8 @@ class Pollers:
             report = ResultsReport(unavailable=set(unavailable))
             if not unavailable:
                 chunks = provider.results(remote, self.workdir, report, APPLY_CHUNK)
-                total += await self._apply_all(batch, chunks, cost_of, cancelled)
+                with burst():
+                    total += await self._apply_all(batch, chunks, cost_of, cancelled)
             if report.unavailable and output_lost(batch.kind, remote, report.unavailable):
                 # What the provider finished is paid for: not sent again automatically (an operator may).
                 fate = Fate.OUTPUT_UNAVAILABLE

@@ -205,3 +205,25 @@ def test_item_id_reader_reads_as_item_id_from_custom_id() -> None:
         read = item_id_reader(read_with)
         assert [read(c) for c in ids] == [item_id_from_custom_id(c, read_with) for c in ids]
     assert item_id_reader(instance)(provider_custom_id(7, other)) is None
+
+
+def test_a_result_file_answer_is_embedded_byte_for_byte_as_the_parsed_one_would_be_written() -> None:
+    """openai_file_outcome / anthropic_file_outcome keep the response as JSON, not as dicts; the
+    result line written from it is exactly the one written from the parsed response."""
+    from batchd.formats import anthropic_file_outcome, openai_file_outcome, result_line
+
+    body = {"id": "c1", "choices": [{"message": {"content": "hé \u2028 \"q\""}}], "usage": {"prompt_tokens": 3}}
+    openai_line = {"custom_id": "i1", "response": {"status_code": 200, "body": body}, "error": None}
+    message = {"id": "m1", "content": [{"type": "text", "text": "x"}], "usage": {"input_tokens": 2}}
+    anthropic_line = {"custom_id": "i2", "result": {"type": "succeeded", "message": message}}
+    for parsed, embedded in (
+        (openai_outcome(openai_line), openai_file_outcome(openai_line)),
+        (anthropic_outcome(anthropic_line), anthropic_file_outcome(anthropic_line)),
+    ):
+        assert isinstance(embedded.response, orjson.Fragment)
+        assert (embedded.status, embedded.usage, embedded.retryable) == (parsed.status, parsed.usage, False)
+        assert result_line(custom_id="a", status="succeeded", line=1, response=embedded.response) == result_line(
+            custom_id="a", status="succeeded", line=1, response=parsed.response
+        )
+    errored = {"custom_id": "i3", "response": {"status_code": 500, "body": {"error": {"message": "x"}}}}
+    assert openai_file_outcome(errored) == openai_outcome(errored)

@@ -22,7 +22,7 @@ from batchd.policy import (
     refund_error,
     unanswered,
 )
-from batchd.pricing import UNPRICED, PriceTable
+from batchd.pricing import UNPRICED, Cost, PriceTable
 from batchd.store.contract import BatchRow, BatchState, FileItem, ItemState, SubmittedItem
 
 INSTANCE = "0123456789abcdef0123456789abcdef"
@@ -216,3 +216,35 @@ def test_a_retry_takes_each_lines_latest_outcome_and_never_a_request_on_its_way(
     assert [i.line for i in lines_to_retry([original], ("expired",))] == [2]
     # Line 1 succeeded in retry1, line 4 is still on its way there: only line 2 goes again.
     assert lines_to_retry([original, retry1], ("errored", "expired")) == [original[1]]
+
+
+def test_each_answer_is_priced_by_its_own_token_counts_when_many_share_them() -> None:
+    """decide prices each distinct (input, output, cached, cache-write) count once and reuses it."""
+    prices = PriceTable({})
+    calls: list[dict[str, int] | None] = []
+
+    def cost_of(usage: dict[str, int] | None) -> Cost | None:
+        calls.append(usage)
+        return prices.cost("gpt-4o-mini", usage, 0.5)
+
+    usages = [
+        {"input_tokens": 1000, "output_tokens": 200, "cached_input_tokens": 0},
+        {"input_tokens": 1000, "output_tokens": 200, "cached_input_tokens": 0},
+        {"input_tokens": 1000, "output_tokens": 200, "cached_input_tokens": 400},
+        {"input_tokens": 1000, "output_tokens": 201, "cached_input_tokens": 0},
+        {"input_tokens": 1000, "output_tokens": 200, "cached_input_tokens": 0},
+    ]
+    by_item, _ = index_outcomes([outcome(n, usage=u) for n, u in enumerate(usages, 1)], INSTANCE)
+    items = [item(n) for n in range(1, len(usages) + 1)]
+    finals, _retries, _ignored = decide(batch(), items, by_item, max_attempts=3, retry_at=0.0, cost_of=cost_of)
+    assert len(calls) == 3  # three distinct counts
+    for final, usage in zip(finals, usages, strict=True):
+        expected = prices.cost("gpt-4o-mini", usage, 0.5)
+        assert expected is not None
+        assert (final.cost_batch, final.cost_realtime, final.cost_paid) == (
+            expected.batch,
+            expected.realtime,
+            expected.batch,
+        )
+        assert orjson.loads(final.payload)["cost"] == expected.as_json()
+    assert finals[0].cost_batch != finals[2].cost_batch != finals[3].cost_batch

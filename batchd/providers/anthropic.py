@@ -12,7 +12,7 @@ import httpx2
 import orjson
 from anthropic.types.messages import MessageBatch
 
-from ..formats import Outcome, anthropic_outcome
+from ..formats import Outcome, anthropic_file_outcome, anthropic_outcome
 from ..logs import get_logger
 from ..policy import same_host
 from .base import (
@@ -231,7 +231,7 @@ class AnthropicProvider(Provider):
                     raise
                 report.unavailable.add("results")  # the batch or its results were deleted at the provider
                 return
-            for outcomes in read_outcomes(target, anthropic_outcome, chunk):
+            for outcomes in read_outcomes(target, anthropic_file_outcome, chunk):
                 yield outcomes
         finally:
             target.unlink(missing_ok=True)

@@ -13,7 +13,7 @@ import pydantic
 from openai._models import construct_type
 from openai.types import Batch
 
-from ..formats import Outcome, Status, openai_outcome
+from ..formats import Outcome, Status, openai_file_outcome, openai_outcome
 from .base import (
     LIST_PAGE,
     Provider,
@@ -219,7 +219,7 @@ class OpenAIProvider(Provider):
                         raise
                     report.unavailable.add(kind)  # deleted (or expired) at the provider
                     continue
-                for outcomes in read_outcomes(target, openai_outcome, chunk):
+                for outcomes in read_outcomes(target, openai_file_outcome, chunk):
                     yield outcomes
             finally:
                 target.unlink(missing_ok=True)

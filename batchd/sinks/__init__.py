@@ -13,7 +13,6 @@ from .base import Sink
 
 log = get_logger("batchd.sinks")
 
-DELIVERY_CHUNK = 2000
 
 
 class SinkRunner:
@@ -67,7 +66,7 @@ class SinkRunner:
         cursor = await sink.cursor()
         delivered = 0
         while await sink.may_deliver():
-            results = await self.store.results_after(cursor, DELIVERY_CHUNK, node=sink.node)
+            results = await self.store.results_after(cursor, sink.chunk, node=sink.node)
             if not results:
                 break
             await sink.deliver(results)

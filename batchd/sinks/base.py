@@ -15,6 +15,8 @@ class Sink(abc.ABC):
     """
 
     name: str
+    # Results handed to one `deliver` call at most (each call records its progress: a commit).
+    chunk: int = 2000
 
     def __init__(self, store: Store) -> None:
         self.store = store

@@ -14,12 +14,14 @@ final rename never replaces a file already at the results name.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 
 from .. import safefs
 from ..crashpoints import CrashPoints
@@ -30,6 +32,7 @@ from .base import Sink
 log = get_logger("batchd.outbox")
 
 PART_MODE = 0o640
+T = TypeVar("T")
 REBUILD_CHUNK = 2000
 
 
@@ -39,6 +42,9 @@ class NameTaken(Exception):
 
 class OutboxSink(Sink):
     """Writes results files beside the spool."""
+
+    # As many as a collection commits at once (poller.APPLY_CHUNK): one fsync and one commit each.
+    chunk = 5000
 
     def __init__(self, store: Store, out_dir: Path, crashpoints: CrashPoints | None = None) -> None:
         super().__init__(store)
@@ -118,9 +124,9 @@ class OutboxSink(Sink):
                 fd = safefs.open_append(out, _part(row), PART_MODE)
                 try:
                     await self._cut_back(fd, row)
-                    _write_all(fd, b"".join(line.payload + b"\n" for line in lines))
-                    os.fsync(fd)
-                    progress[file_id] = (len(lines), os.fstat(fd).st_size)
+                    # Off the event loop: a chunk is megabytes, and an fsync on a busy disk can take a second.
+                    length = await _in_thread(_append_durably, fd, b"".join(line.payload + b"\n" for line in lines))
+                    progress[file_id] = (len(lines), length)
                 finally:
                     os.close(fd)
         self._crashpoints.reach("after-outbox-write")
@@ -247,6 +253,26 @@ def _lstat(dir_fd: int, name: str) -> os.stat_result | None:
 
 def _same(a: os.stat_result, b: os.stat_result) -> bool:
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _append_durably(fd: int, data: bytes) -> int:
+    """Append `data`, fsync, and return the file's new length."""
+    _write_all(fd, data)
+    os.fsync(fd)
+    return os.fstat(fd).st_size
+
+
+async def _in_thread(function: Callable[..., T], *args: Any) -> T:
+    """`function(*args)` in a worker thread. A cancellation still waits for it to end: it works on a
+    descriptor the caller closes afterwards (closing it under the thread could hit a reused number)."""
+    running = asyncio.ensure_future(asyncio.to_thread(function, *args))
+    try:
+        return await asyncio.shield(running)
+    except asyncio.CancelledError:
+        while not running.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait([running])
+        raise
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -32,6 +32,7 @@ import sqlite3
 import time
 import urllib.parse
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Collection, Iterable, Sequence
 from contextlib import asynccontextmanager
 from importlib import resources
@@ -154,6 +155,59 @@ def _pending_from_row(row: sqlite3.Row) -> PendingResult:
     return PendingResult(row[0], row[1], row[2], bytes(row[3]), row[4])
 
 
+class _RecentResults:
+    """The results this store has just committed (from record_outcomes), for results_after.
+
+    A collection commits thousands of results and wakes the sinks, which read them straight back:
+    the payloads went through SQLite twice (30 MB for 50,000 lines) in the reader thread, beside
+    the writer's next commit. Here they are served from memory instead, only where that is exactly
+    what the database would answer: a run of consecutive ids starting right after the cursor (SQLite
+    gives the rows of one insert consecutive ids after the largest, and has one writer; any id not
+    held here, another process's or another path's, ends the run and the rest is read from the
+    database). Files' nodes and results names are read fresh: a name may change (out_name_give_up).
+    Bounded (MAX_RESULTS, MAX_BYTES, oldest dropped); a result read past is dropped.
+    """
+
+    MAX_RESULTS = 10_000
+    MAX_BYTES = 64 << 20
+
+    def __init__(self) -> None:
+        # Per commit, in commit (so id) order: (first id, its finals, created_at, payload bytes).
+        self._blocks: deque[tuple[int, Sequence[FinalResult], float, int]] = deque()
+        self._held = self._bytes = 0
+
+    def add(self, first_id: int, finals: Sequence[FinalResult], created_at: float) -> None:
+        size = sum(len(f.payload) for f in finals)
+        self._blocks.append((first_id, finals, created_at, size))
+        self._held += len(finals)
+        self._bytes += size
+        while self._blocks and (self._held > self.MAX_RESULTS or self._bytes > self.MAX_BYTES):
+            self._drop()
+
+    def _drop(self) -> None:
+        _first, finals, _created, size = self._blocks.popleft()
+        self._held -= len(finals)
+        self._bytes -= size
+
+    def run_after(self, last_id: int, limit: int) -> list[tuple[int, int, bytes, float]]:
+        """The consecutive held results after `last_id` (id, file id, payload, created_at), up to `limit`.
+
+        Commits wholly before `last_id` are dropped: their results have been read past.
+        """
+        blocks = self._blocks
+        while blocks and blocks[0][0] + len(blocks[0][1]) <= last_id + 1:
+            self._drop()
+        run: list[tuple[int, int, bytes, float]] = []
+        wanted = last_id + 1
+        for first, finals, created_at, _size in blocks:
+            if wanted < first or len(run) >= limit:
+                break  # a gap: an id this store did not insert (or not yet known to be committed)
+            taken = finals[wanted - first : wanted - first + limit - len(run)]
+            run += [(wanted + n, f.file_id, f.payload, created_at) for n, f in enumerate(taken)]
+            wanted += len(taken)
+        return run
+
+
 def _migrations() -> list[tuple[int, str]]:
     found = []
     for entry in resources.files("batchd.store").joinpath("sqlite_migrations").iterdir():
@@ -199,6 +253,7 @@ class SQLiteStore:
         # The writer's PRAGMA synchronous: FULL, or NORMAL after a deferred-sync transaction (see _tx).
         self._synchronous_full = True
         self._instance = ""
+        self._recent = _RecentResults()
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -1068,6 +1123,7 @@ class SQLiteStore:
         if not finals and not retries and not handovers:
             return ApplySummary()
         now = time.time()
+        recent: int | None = None  # the id of the first result inserted, when every final was
         async with self._tx() as db:
             wanted = [f.item_id for f in finals] + [r.item_id for r in retries] + list(handovers)
             rows = await db.execute_fetchall(Q.waiting_among, (batch_id, _json(wanted)))
@@ -1081,7 +1137,8 @@ class SQLiteStore:
             applied_retries = [r for r in retries if r.item_id in submitted]
             submitted -= {r.item_id for r in applied_retries}
             applied_handovers = [item_id for item_id in dict.fromkeys(handovers) if item_id in submitted]
-            await db.executemany(
+            (last_before,) = next(iter(await db.execute_fetchall(Q.max_result_id)))
+            inserting = await db.executemany(
                 Q.insert_final_result,
                 [
                     (
@@ -1107,6 +1164,8 @@ class SQLiteStore:
                     for f in applied_finals
                 ],
             )
+            if applied_finals and inserting.rowcount == len(applied_finals):
+                recent = int(last_before) + 1  # none skipped (ON CONFLICT): their ids are the next ones, in order
             # The request body is no longer needed once an item has its final result.
             # Set-based, one statement per final state: a statement per row would take the GIL back
             # once per row, and the thread deciding the next chunk holds it (each wait up to 5 ms).
@@ -1128,6 +1187,8 @@ class SQLiteStore:
             if applied_handovers:
                 await db.execute(Q.item_handover, (batch_id, _json(applied_handovers)))
             duplicates = await self._duplicates(db, late, batch_id, now)
+        if recent is not None:  # committed: the sinks woken next may read them from memory
+            self._recent.add(recent, applied_finals, now)
         applied = len(applied_finals) + len(applied_retries) + len(applied_handovers)
         return ApplySummary(
             final=len(applied_finals),
@@ -1245,9 +1306,26 @@ class SQLiteStore:
         return int(row["last_result_id"]) if row else 0
 
     async def results_after(self, last_id: int, limit: int, node: str | None = None) -> list[PendingResult]:
-        """Results with id > last_id in id order (SQLite's single writer makes ids commit-ordered)."""
-        rows = await self._rows(Q.results_after, {"last": last_id, "node": node, "limit": limit})
-        return [_pending_from_row(r) for r in rows]
+        """Results with id > last_id in id order (SQLite's single writer makes ids commit-ordered).
+
+        Those this store has just committed come from memory (_RecentResults), the rest from the database.
+        """
+        results: list[PendingResult] = []
+        while len(results) < limit and (run := self._recent.run_after(last_id, limit - len(results))):
+            files = {
+                int(r[0]): (r[1], r[2])
+                for r in await self._rows(Q.files_node_out_name, (_json({file_id for _, file_id, _, _ in run}),))
+            }
+            results += [
+                PendingResult(result_id, file_id, files[file_id][1], payload, created_at)
+                for result_id, file_id, payload, created_at in run
+                if file_id in files and (node is None or files[file_id][0] == node)
+            ]
+            last_id = run[-1][0]
+        if len(results) < limit:  # past what memory holds (usually nothing more yet)
+            rows = await self._rows(Q.results_after, {"last": last_id, "node": node, "limit": limit - len(results)})
+            results += [_pending_from_row(r) for r in rows]
+        return results
 
     @shielded
     async def advance_cursor(self, sink: str, last_id: int) -> None:
@@ -1516,10 +1594,13 @@ _CANCEL_EVENTS = {
 }
 
 
+_ITEM_STATES = {state.value: state for state in ItemState}
+
+
 def _submitted(r: sqlite3.Row) -> SubmittedItem:
-    return SubmittedItem(
-        r["id"], r["file_id"], r["line"], r["custom_id"], r["attempts"], ItemState(r["state"]), r["deadline"]
-    )
+    # By position (the columns of submitted_items, submitted_items_among, fallback_answered): one per
+    # request of a batch being collected.
+    return SubmittedItem(r[0], r[1], r[2], r[3], r[4], _ITEM_STATES[r[5]], r[6])
 
 
 def _final_state(status: Status) -> str:

@@ -388,6 +388,10 @@ ORDER BY i.id;
 -- name: batch_route
 SELECT profile, model FROM batches WHERE id = ?;
 
+-- name: max_result_id
+-- Inside a write transaction: the next rows inserted get the ids after it, in order (see _RecentResults).
+SELECT COALESCE(MAX(id), 0) FROM results;
+
 -- name: insert_final_result
 INSERT INTO results (file_id, line, item_id, status, profile, model, batch_id, input_tokens, output_tokens,
     cached_input_tokens, cache_creation_input_tokens, cost_batch, cost_realtime, payload, created_at, via,
@@ -480,6 +484,9 @@ SELECT * FROM files WHERE node = ? AND state IN ('ingesting', 'open') ORDER BY i
 
 -- name: file
 SELECT * FROM files WHERE id = ?;
+
+-- name: files_node_out_name
+SELECT id, node, out_name FROM files WHERE id IN (SELECT value FROM json_each(?));
 
 -- name: files_by_id
 SELECT * FROM files WHERE id IN (SELECT value FROM json_each(?));

@@ -23,6 +23,7 @@ from batchd.store.contract import (
 )
 
 from ..conftest import loop_ticks
+from .conftest import StoreFactory
 from .factories import (
     BODY,
     claim,
@@ -528,6 +529,36 @@ async def test_results_after_is_in_id_order_and_filters_by_node(store: Store, se
     assert [r.file_id for r in await second_node.results_after(0, 100, node="n2")] == [theirs.id] * 2
     assert await store.results_after(everything[1].id, 2) == everything[2:4]
     assert await store.results_after(everything[-1].id, 10) == []
+
+
+async def test_results_after_reads_what_was_just_recorded_as_the_database_holds_it(
+    store: Store, second_node: Store, store_factory: StoreFactory
+) -> None:
+    """A store may serve its own fresh commits from memory (SQLite): never other than a reader that has
+    none would read them from the database, whatever the cursor, limit, node, or results between."""
+    reader = await store_factory("n3")  # records nothing: reads the database only
+    for round_, (node, limit) in enumerate((n, k) for n in (None, "n1", "n2") for k in (1, 2, 5, 100)):
+        start = [r.id for r in await reader.results_after(0, 10_000)][-1:] or [0]
+        await ingest(store, f"a{round_}.jsonl", 6, model=f"a{round_}")
+        await ingest(second_node, f"b{round_}.jsonl", 4, model=f"b{round_}")
+        mine = await submitted_batch(store, model=f"a{round_}")
+        theirs = await submitted_batch(second_node, model=f"b{round_}")
+        items = await store.submitted_items(mine.id)
+        other = await second_node.submitted_items(theirs.id)
+        await store.record_outcomes(mine.id, [final(i) for i in items[:3]], [])
+        await ingest(store, f"c{round_}.jsonl", 2, invalid_lines=[1, 2])  # results by another path, between
+        await second_node.record_outcomes(theirs.id, [final(i) for i in other[:2]], [])  # another connection's
+        await store.record_outcomes(mine.id, [final(i) for i in items[3:5]], [])
+        await second_node.record_outcomes(theirs.id, [final(i) for i in other[2:]], [])
+        await store.record_outcomes(mine.id, [final(i) for i in items[5:]], [])
+        # Each node follows its own cursor through the new results, as a sink does.
+        for follower in (store, second_node):
+            last, seen = start[0], 0
+            while expected := await reader.results_after(last, limit, node=node):
+                assert await follower.results_after(last, limit, node=node) == expected, (node, limit, last)
+                last, seen = expected[-1].id, seen + len(expected)
+            assert await follower.results_after(last, limit, node=node) == []
+            assert seen == {None: 12, "n1": 8, "n2": 4}[node]
 
 
 async def test_sink_cursors_park_and_redeliver(store: Store) -> None:
