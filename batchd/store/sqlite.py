@@ -627,6 +627,9 @@ class SQLiteStore:
         params = {**payload, "first": first}
         await db.execute(Q.insert_items, params)
         await db.execute(Q.insert_item_bodies, params)
+        # Into the queue counts in the same transaction, one statement per chunk (not a trigger per row).
+        await db.execute(Q.fold_queued_counts)
+        await db.execute(Q.advance_queued_counts_mark)
 
     @shielded
     async def add_files(
