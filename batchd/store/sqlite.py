@@ -163,7 +163,13 @@ def _migrations() -> list[tuple[int, str]]:
     return sorted(found)
 
 
-SCHEMA_VERSION = _migrations()[-1][0]
+def _latest_migration() -> int:
+    # From the names alone: every command imports this module, and only migrate() needs the scripts.
+    entries = resources.files("batchd.store").joinpath("sqlite_migrations").iterdir()
+    return max(int(e.name[:3]) for e in entries if e.name.endswith(".sql") and e.name[:3].isdigit())
+
+
+SCHEMA_VERSION = _latest_migration()
 
 
 def _newer_schema(path: Path, version: int) -> str:
@@ -771,6 +777,10 @@ class SQLiteStore:
                 },
             )
             count, size, tokens, inputs = next(iter(await db.execute_fetchall(Q.batch_totals, (batch_id,))))
+            if count:
+                # Once per claim, not per claimed row (migration 014); an unclaim below is moved by the trigger.
+                route = {"profile": group.profile, "endpoint": group.endpoint, "model": group.model}
+                await db.execute(Q.claimed_from_queue, {**route, "n": count, "bytes": size})
             while count in avoid_counts and count > 0:
                 await db.execute(Q.unclaim_last_item, (batch_id,))
                 count, size, tokens, inputs = next(iter(await db.execute_fetchall(Q.batch_totals, (batch_id,))))

@@ -255,6 +255,7 @@ VALUES (?, ?, ?, ?, ?, ?, ?);
 -- embedding inputs fit (a prefix: the running sums only grow); with :lone, a first item that alone
 -- exceeds a bound is taken alone. Items whose fallback is due are the real-time fallback's.
 -- The limit is taken before the running sums: a window over the whole group grows with the queue.
+-- The only statement that moves items from queued to batched: claim_batch moves their counts (claimed_from_queue).
 UPDATE items SET state = 'batched', batch_id = :batch WHERE id IN (
     SELECT id FROM (
         SELECT id, SUM(size) OVER w AS bytes, SUM(tokens) OVER w AS tokens, SUM(inputs) OVER w AS inputs,
@@ -270,6 +271,12 @@ UPDATE items SET state = 'batched', batch_id = :batch WHERE id IN (
         (tokens <= :max_tokens AND inputs <= :max_inputs) OR (n = 1 AND :lone)
     )
 );
+
+-- name: claimed_from_queue
+-- What claim_items moved out of the queue, out of the group's counts (migration 014: its trigger leaves
+-- queued -> batched to the claim). Claimed items are folded already: the fold is in the inserting transaction.
+INSERT INTO queued_counts (profile, endpoint, model, n, bytes) VALUES (:profile, :endpoint, :model, -:n, -:bytes)
+ON CONFLICT (profile, endpoint, model) DO UPDATE SET n = n + excluded.n, bytes = bytes + excluded.bytes;
 
 -- name: batch_totals
 SELECT COUNT(*) AS n, COALESCE(SUM(size), 0) AS bytes, COALESCE(SUM(tokens), 0) AS tokens,
