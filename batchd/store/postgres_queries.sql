@@ -584,10 +584,13 @@ SELECT profile, endpoint, model, 'queued' AS state, SUM(n)::bigint AS n FROM (
     SELECT profile, endpoint, model, n FROM queue_deltas
 ) AS counted GROUP BY profile, endpoint, model HAVING SUM(n) > 0
 UNION ALL
-SELECT i.profile, i.endpoint, i.model, i.state, COUNT(*) AS n
-FROM batches b JOIN items i ON i.batch_id = b.id
-WHERE b.state IN ('pending', 'unverified', 'submitted') AND i.state IN ('batched', 'submitted')
-GROUP BY i.profile, i.endpoint, i.model, i.state
+-- A batch's items are its route's: counted per live batch and state through items_batch_state (007_scale).
+SELECT profile, endpoint, model, state, SUM(n)::bigint AS n FROM (
+    SELECT b.profile, b.endpoint, b.model, s.state,
+        (SELECT COUNT(*) FROM items i WHERE i.batch_id = b.id AND i.state = s.state) AS n
+    FROM batches b CROSS JOIN (VALUES ('batched'), ('submitted')) AS s (state)
+    WHERE b.state IN ('pending', 'unverified', 'submitted')
+) AS live GROUP BY profile, endpoint, model, state HAVING SUM(n) > 0
 
 -- name: status_ended_batches
 SELECT id, profile, model, remote_id, remote_status, fate, last_error, collected_at FROM batches

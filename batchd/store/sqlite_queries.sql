@@ -616,10 +616,13 @@ SELECT profile, endpoint, model, 'queued' AS state, SUM(n) AS n FROM (
     GROUP BY profile, endpoint, model
 ) GROUP BY profile, endpoint, model HAVING SUM(n) > 0
 UNION ALL
-SELECT i.profile, i.endpoint, i.model, i.state, COUNT(*) AS n
-FROM batches b JOIN items i ON i.batch_id = b.id
-WHERE b.state IN ('pending', 'unverified', 'submitted') AND i.state IN ('batched', 'submitted')
-GROUP BY i.profile, i.endpoint, i.model, i.state;
+-- A batch's items are its route's: counted per live batch and state in items_batch_state alone (014).
+SELECT b.profile, b.endpoint, b.model, s.state, SUM((
+    SELECT COUNT(*) FROM items i INDEXED BY items_batch_state WHERE i.batch_id = b.id AND i.state = s.state
+)) AS n
+FROM batches b, (SELECT 'batched' AS state UNION ALL SELECT 'submitted') AS s
+WHERE b.state IN ('pending', 'unverified', 'submitted')
+GROUP BY b.profile, b.endpoint, b.model, s.state HAVING n > 0;
 
 -- name: status_ended_batches
 SELECT id, profile, model, remote_id, remote_status, fate, last_error, collected_at FROM batches

@@ -151,3 +151,23 @@ async def test_an_empty_route_is_no_group(store: Store) -> None:
     assert await store.queued_groups(now) == []
     assert await status_queued(store) == {}
     assert (await store.metrics())["queue"] == []
+
+
+async def test_status_counts_the_requests_of_live_batches_per_state(store: Store) -> None:
+    """batched and submitted are what each live batch still holds, per route and state."""
+    gpt4o = ("openai", "/v1/chat/completions", "gpt-4o")
+    await ingest(store, "a.jsonl", 5, size=10)
+    await ingest(store, "b.jsonl", 4, size=10, model="gpt-4o")
+    now = time.time()
+    await claim(store, max_requests=2, now=now, model="gpt-4o-mini")
+    sent = await submitted_batch(store, max_requests=3, now=now, model="gpt-4o")
+    items = await store.submitted_items(sent.id)
+    # A batch being collected: one request final, one requeued, one still waiting.
+    await store.record_outcomes(sent.id, [final(items[0])], [retry(items[1], now)])
+
+    def counts(queue: list[dict[str, object]]) -> dict[tuple[object, ...], tuple[object, ...]]:
+        return {(r["provider"], r["endpoint"], r["model"]): (r["queued"], r["batched"], r["submitted"]) for r in queue}
+
+    assert counts((await store.status())["queue"]) == {GPT: (3, 2, 0), gpt4o: (2, 0, 1)}
+    await store.finish_batch(sent.id)
+    assert counts((await store.status())["queue"]) == {GPT: (3, 2, 0), gpt4o: (2, 0, 0)}

@@ -76,3 +76,6 @@ CREATE TRIGGER items_queue_deleted AFTER DELETE ON items REFERENCING OLD TABLE A
 
 CREATE INDEX items_held ON items (not_before) WHERE state = 'queued' AND not_before > 0;
 CREATE INDEX items_oldest ON items (profile, endpoint, model, queued_at) WHERE state = 'queued';
+
+-- `batchd status` counts the requests of live batches per state, per live batch through this index.
+CREATE INDEX items_batch_state ON items (batch_id, state) WHERE batch_id IS NOT NULL;

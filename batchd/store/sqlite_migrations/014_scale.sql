@@ -42,3 +42,8 @@ BEGIN
 
 CREATE INDEX items_held ON items (not_before) WHERE state = 'queued' AND not_before > 0;
 CREATE INDEX items_oldest ON items (profile, endpoint, model, queued_at) WHERE state = 'queued';
+
+-- `batchd status` counts the requests of live batches per state: an index-only count per live batch
+-- (a join of every in-flight item into one GROUP BY was 4x slower: 50 ms per 60,000 in flight).
+-- Partial: ingest never writes it.
+CREATE INDEX items_batch_state ON items (batch_id, state) WHERE batch_id IS NOT NULL;
