@@ -141,7 +141,11 @@ async def test_whole_files_are_counted_and_claimed(store: Store) -> None:
     assert figures(await store.queued_groups(now)) == {GPT: (1, 10)}
     assert await status_queued(store) == {GPT: 1}
     await store.add_files([whole_file("s3.jsonl", 1, size=1)], never_taken)
+    # Before any queued_groups (which may fold what the engine keeps per statement), and after.
+    assert await status_queued(store) == {GPT: 2}
+    assert [r["queued"] for r in (await store.metrics())["queue"]] == [2]
     assert figures(await store.queued_groups(now)) == {GPT: (2, 11)}
+    assert await status_queued(store) == {GPT: 2}
 
 
 async def test_an_empty_route_is_no_group(store: Store) -> None:
