@@ -16,12 +16,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from rich.table import Table
 
 from .exits import EX_NOINPUT, EX_USAGE, OperatorError
 from .ops import ANY, daemon_pid, held_until, parse_route, route_name, route_pause_key, shown_flush
 from .planner import capacity, plan_groups, route_covers
-from .policy import canceled_results
 from .settings import Settings
 from .status import existing_store, no_store, terminal
 from .store.contract import LIVE_BATCH_STATES, BatchRow, BatchState, CancelReason, FileState, Store
@@ -74,6 +72,9 @@ async def list_batches(settings: Settings, live: bool, limit: int, as_json: bool
     if as_json:
         sys.stdout.write(orjson.dumps(batches, option=orjson.OPT_INDENT_2).decode() + "\n")
         return 0
+    # rich and policy are imported where used: `batchd status` (daemon_section) needs neither.
+    from rich.table import Table
+
     table = Table(title="Live batches" if live else "Batches, newest first", title_justify="left")
     for column in ("id", "provider", "model", "remote id", "state", "counts", "created", "node"):
         table.add_column(column)
@@ -230,6 +231,8 @@ async def cancel(settings: Settings, ref: str | None, file: str | None) -> int:
         if not open_rows:
             print(f"{file}: every result is delivered already: nothing to cancel")
             return 1
+        from .policy import canceled_results
+
         canceled, batches = 0, set()
         for row in open_rows:
             for _ in range(CANCEL_PASSES):

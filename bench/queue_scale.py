@@ -15,7 +15,7 @@ Building the databases: the store creates its own schema (`Store.open`, every mi
 the queue is bulk-inserted straight into that schema with sqlite3 (one transaction,
 synchronous=OFF, rows with exactly the columns and values the spool writes: `items`,
 `item_bodies`, one `files` row per 100,000 lines, a few routes; then the queue counts are folded
-as the spool's chunk commits fold them). Going through the spool would
+with the statements the store runs in each transaction that inserts items). Going through the spool would
 take an hour at 10M; the build is not what is measured, and it is done before any measurement.
 """
 
@@ -54,6 +54,7 @@ BODY = (
 def build(root: str, count: int) -> dict[str, Any]:
     """A store under `root` with `count` queued requests (see the module docstring)."""
     from batchd.store import open_store
+    from batchd.store.sqlite import Q
 
     from .batchd_setup import make_settings, quiet_logs
 
@@ -98,9 +99,11 @@ def build(root: str, count: int) -> dict[str, Any]:
             items,
         )
         db.executemany("INSERT INTO item_bodies (item_id, body) VALUES (?, ?)", bodies)
-    # The spool folds each committed chunk into the queue counts (migration 008) as it advances
-    # the file; the bulk insert did not, so the whole queue is folded once here, as one chunk.
-    db.execute("UPDATE files SET lines_committed = lines_committed WHERE id = (SELECT MAX(id) FROM files)")
+    # The store folds the items each transaction inserts into the queue counts (migration 014), in
+    # that transaction; the bulk insert did not, so the whole queue is folded once here, as one chunk,
+    # with the store's own statements.
+    db.execute(Q.fold_queued_counts)
+    db.execute(Q.advance_queued_counts_mark)
     db.execute("COMMIT")
     # No ANALYZE: batchd never runs it, and its statistics (10M NULL batch_ids) would change the plans.
     db.execute("PRAGMA wal_checkpoint(TRUNCATE)")

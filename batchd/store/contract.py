@@ -489,7 +489,10 @@ class Queue(Protocol):
 
     async def queued_groups(self, now: float) -> list[Group]:
         """Queued items with not_before <= now, grouped by (profile, endpoint, model). Items whose
-        fallback_at <= now are left out: they belong to the real-time fallback, not to a batch."""
+        fallback_at <= now are left out: they belong to the real-time fallback, not to a batch.
+
+        The batcher calls it every pass: it costs O(groups + items held back or due for the fallback),
+        never a read of the whole queue (engines keep per-group counts; see their migrations)."""
 
     async def earliest_deadline(self, group: Group, now: float) -> Deadline | None:
         """The queued item of the group with the earliest fallback_at still after `now`, or None.
@@ -499,7 +502,7 @@ class Queue(Protocol):
         """
 
     async def next_not_before(self, now: float) -> float | None:
-        """When the next queued item held back by a backoff becomes due."""
+        """When the next queued item held back by a backoff becomes due (one index step)."""
 
     async def claim_batch(
         self,

@@ -615,6 +615,10 @@ class PostgresStore:
     # -- queue -----------------------------------------------------------------------------
 
     async def queued_groups(self, now: float) -> list[Group]:
+        if not self.readonly:
+            # The batcher's per-pass read keeps the delta log short (migration 007_scale); a
+            # read-only store (a command) sums whatever deltas there are.
+            await self._execute(Q.fold_queue_deltas)
         rows = await self._fetch(Q.queued_groups, now)
         return [Group(r["profile"], r["endpoint"], r["model"], r["n"], r["bytes"], r["oldest"]) for r in rows]
 

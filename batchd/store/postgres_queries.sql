@@ -105,10 +105,47 @@ UPDATE files SET moved_at = COALESCE(moved_at, $2) WHERE id = ANY($1::bigint[])
 -- == queue ======================================================================================
 
 -- name: queued_groups
--- Items whose fallback is due belong to the real-time fallback: never counted into a batch.
-SELECT profile, endpoint, model, COUNT(*) AS n, SUM(size)::bigint AS bytes, MIN(queued_at) AS oldest
-FROM items WHERE state = 'queued' AND not_before <= $1 AND (fallback_at IS NULL OR fallback_at > $1)
+-- O(groups), not O(queue) (migration 007_scale): each group's count and bytes from queued_counts plus
+-- the deltas not folded yet, less the items held back (items_held) and those whose fallback is due
+-- (items_fallback: they belong to the real-time fallback, never counted into a batch), both few; its
+-- oldest due item is one step of items_oldest (the items it steps over are the same few). Partial
+-- indexes' conditions are repeated so that the planner may use them. One statement: one snapshot.
+WITH counted AS (
+    SELECT profile, endpoint, model, n, bytes FROM queued_counts
+    UNION ALL
+    SELECT profile, endpoint, model, n, bytes FROM queue_deltas
+    UNION ALL
+    SELECT profile, endpoint, model, -COUNT(*), -SUM(size) FROM items
+    WHERE state = 'queued' AND not_before > 0 AND not_before > $1
+    GROUP BY profile, endpoint, model
+    UNION ALL
+    SELECT profile, endpoint, model, -COUNT(*), -SUM(size) FROM items
+    WHERE fallback_at IS NOT NULL AND state IN ('queued', 'batched', 'submitted', 'realtime')
+        AND fallback_at <= $1 AND state = 'queued' AND not_before <= $1
+    GROUP BY profile, endpoint, model
+), groups AS (
+    SELECT profile, endpoint, model, SUM(n)::bigint AS n, SUM(bytes)::bigint AS bytes FROM counted
+    GROUP BY profile, endpoint, model HAVING SUM(n) > 0
+)
+SELECT g.profile, g.endpoint, g.model, g.n, g.bytes, (
+    SELECT i.queued_at FROM items i
+    WHERE i.state = 'queued' AND i.profile = g.profile AND i.endpoint = g.endpoint AND i.model = g.model
+        AND i.not_before <= $1 AND (i.fallback_at IS NULL OR i.fallback_at > $1)
+    ORDER BY i.queued_at LIMIT 1
+) AS oldest
+FROM groups g ORDER BY g.profile, g.endpoint, g.model
+
+-- name: fold_queue_deltas
+-- Committed deltas into the counts (migration 007_scale). Rows another fold is moving are skipped,
+-- so two folds never count a delta twice nor wait on each other's rows.
+WITH moved AS (
+    DELETE FROM queue_deltas WHERE id IN (SELECT id FROM queue_deltas ORDER BY id FOR UPDATE SKIP LOCKED)
+    RETURNING profile, endpoint, model, n, bytes
+)
+INSERT INTO queued_counts AS c (profile, endpoint, model, n, bytes)
+SELECT profile, endpoint, model, SUM(n), SUM(bytes) FROM moved
 GROUP BY profile, endpoint, model ORDER BY profile, endpoint, model
+ON CONFLICT (profile, endpoint, model) DO UPDATE SET n = c.n + excluded.n, bytes = c.bytes + excluded.bytes
 
 -- name: earliest_deadline
 -- Through the partial index items_fallback in fallback_at order to the group's first item (its
@@ -119,7 +156,8 @@ WHERE fallback_at IS NOT NULL AND state IN ('queued', 'batched', 'submitted', 'r
 ORDER BY fallback_at LIMIT 1
 
 -- name: next_not_before
-SELECT MIN(not_before) FROM items WHERE state = 'queued' AND not_before > $1
+-- One step of items_held (its condition repeated so that the planner may use it; now > 0).
+SELECT MIN(not_before) FROM items WHERE state = 'queued' AND not_before > 0 AND not_before > $1
 
 -- name: claim_candidates
 -- The group's oldest due items within both limits, locked; rows another claim holds are skipped, so
@@ -538,8 +576,21 @@ WHERE ($1::text IS NULL OR f.name = $1)
 ORDER BY r.id LIMIT $4
 
 -- name: status_queue
-SELECT profile, endpoint, model, state, COUNT(*) AS n FROM items
-WHERE state IN ('queued', 'batched', 'submitted') GROUP BY profile, endpoint, model, state
+-- Queued: the counts (migration 007_scale); batched and submitted: the items of live batches. Flat
+-- however long the queue.
+SELECT profile, endpoint, model, 'queued' AS state, SUM(n)::bigint AS n FROM (
+    SELECT profile, endpoint, model, n FROM queued_counts
+    UNION ALL
+    SELECT profile, endpoint, model, n FROM queue_deltas
+) AS counted GROUP BY profile, endpoint, model HAVING SUM(n) > 0
+UNION ALL
+-- A batch's items are its route's: counted per live batch and state through items_batch_state (007_scale).
+SELECT profile, endpoint, model, state, SUM(n)::bigint AS n FROM (
+    SELECT b.profile, b.endpoint, b.model, s.state,
+        (SELECT COUNT(*) FROM items i WHERE i.batch_id = b.id AND i.state = s.state) AS n
+    FROM batches b CROSS JOIN (VALUES ('batched'), ('submitted')) AS s (state)
+    WHERE b.state IN ('pending', 'unverified', 'submitted')
+) AS live GROUP BY profile, endpoint, model, state HAVING SUM(n) > 0
 
 -- name: status_ended_batches
 SELECT id, profile, model, remote_id, remote_status, fate, last_error, collected_at FROM batches
@@ -571,8 +622,19 @@ SELECT id, host, pid, started_at, lease_until, stopped_at FROM nodes ORDER BY id
 -- Read models for /metrics (batchd/metrics.py): database-wide, cheap aggregates.
 
 -- name: metrics_queue
-SELECT profile, endpoint, model, COUNT(*) AS queued, MIN(queued_at) AS oldest FROM items
-WHERE state = 'queued' GROUP BY profile, endpoint, model
+-- Every queued item, held back or not: the counts (migration 007_scale), each group's oldest in one step.
+WITH groups AS (
+    SELECT profile, endpoint, model, SUM(n)::bigint AS n FROM (
+        SELECT profile, endpoint, model, n FROM queued_counts
+        UNION ALL
+        SELECT profile, endpoint, model, n FROM queue_deltas
+    ) AS counted GROUP BY profile, endpoint, model HAVING SUM(n) > 0
+)
+SELECT g.profile, g.endpoint, g.model, g.n AS queued, (
+    SELECT MIN(i.queued_at) FROM items i
+    WHERE i.state = 'queued' AND i.profile = g.profile AND i.endpoint = g.endpoint AND i.model = g.model
+) AS oldest
+FROM groups g
 
 -- name: metrics_batches
 SELECT profile, state, COALESCE(remote_status, state) AS status, COUNT(*) AS n FROM batches

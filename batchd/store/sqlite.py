@@ -217,7 +217,13 @@ def _migrations() -> list[tuple[int, str]]:
     return sorted(found)
 
 
-SCHEMA_VERSION = _migrations()[-1][0]
+def _latest_migration() -> int:
+    # From the names alone: every command imports this module, and only migrate() needs the scripts.
+    entries = resources.files("batchd.store").joinpath("sqlite_migrations").iterdir()
+    return max(int(e.name[:3]) for e in entries if e.name.endswith(".sql") and e.name[:3].isdigit())
+
+
+SCHEMA_VERSION = _latest_migration()
 
 
 def _newer_schema(path: Path, version: int) -> str:
@@ -682,6 +688,9 @@ class SQLiteStore:
         params = {**payload, "first": first}
         await db.execute(Q.insert_items, params)
         await db.execute(Q.insert_item_bodies, params)
+        # Into the queue counts in the same transaction, one statement per chunk (not a trigger per row).
+        await db.execute(Q.fold_queued_counts)
+        await db.execute(Q.advance_queued_counts_mark)
 
     @shielded
     async def add_files(
@@ -823,6 +832,10 @@ class SQLiteStore:
                 },
             )
             count, size, tokens, inputs = next(iter(await db.execute_fetchall(Q.batch_totals, (batch_id,))))
+            if count:
+                # Once per claim, not per claimed row (migration 014); an unclaim below is moved by the trigger.
+                route = {"profile": group.profile, "endpoint": group.endpoint, "model": group.model}
+                await db.execute(Q.claimed_from_queue, {**route, "n": count, "bytes": size})
             while count in avoid_counts and count > 0:
                 await db.execute(Q.unclaim_last_item, (batch_id,))
                 count, size, tokens, inputs = next(iter(await db.execute_fetchall(Q.batch_totals, (batch_id,))))

@@ -140,6 +140,18 @@ FROM json_each(:rows);
 -- bytes), under the same ids.
 INSERT INTO item_bodies (item_id, body) SELECT :first + key, CAST(value AS BLOB) FROM json_each(:bodies);
 
+-- name: fold_queued_counts
+-- The items inserted by this transaction (above the mark: ids only grow) into the queue counts
+-- (migration 014): once per transaction that inserts items, by rowid range.
+INSERT INTO queued_counts (profile, endpoint, model, n, bytes)
+SELECT profile, endpoint, model, COUNT(*), SUM(size) FROM items
+WHERE id > (SELECT last_item FROM queued_counts_mark) AND +state = 'queued'  -- `+`: by rowid range, not a scan of the queue index
+GROUP BY profile, endpoint, model
+ON CONFLICT (profile, endpoint, model) DO UPDATE SET n = n + excluded.n, bytes = bytes + excluded.bytes;
+
+-- name: advance_queued_counts_mark
+UPDATE queued_counts_mark SET last_item = (SELECT COALESCE(MAX(id), 0) FROM items);
+
 -- name: insert_line_result
 INSERT INTO results (file_id, line, status, payload, created_at) VALUES (?, ?, ?, ?, ?);
 
@@ -161,10 +173,37 @@ UPDATE files SET moved_at = COALESCE(moved_at, :now) WHERE id IN (SELECT value F
 -- == queue ======================================================================================
 
 -- name: queued_groups
--- Items whose fallback is due belong to the real-time fallback: never counted into a batch.
-SELECT profile, endpoint, model, COUNT(*) AS n, SUM(size) AS bytes, MIN(queued_at) AS oldest
-FROM items WHERE state = 'queued' AND not_before <= :now AND (fallback_at IS NULL OR fallback_at > :now)
-GROUP BY profile, endpoint, model;
+-- O(groups), not O(queue) (migration 014): each group's count and bytes from queued_counts (plus any
+-- items not folded yet), less the items held back (items_held) and those whose fallback is due
+-- (items_fallback: they belong to the real-time fallback, never counted into a batch), both few;
+-- its oldest due item is one seek of items_oldest (the items it steps over are the same few).
+-- Partial indexes' conditions are repeated so that SQLite may use them. One statement: one snapshot.
+WITH counted AS (
+    SELECT profile, endpoint, model, n, bytes FROM queued_counts
+    UNION ALL
+    SELECT profile, endpoint, model, COUNT(*), SUM(size) FROM items
+    WHERE id > (SELECT last_item FROM queued_counts_mark) AND +state = 'queued'  -- `+`: by rowid range
+    GROUP BY profile, endpoint, model
+    UNION ALL
+    SELECT profile, endpoint, model, -COUNT(*), -SUM(size) FROM items INDEXED BY items_held
+    WHERE state = 'queued' AND not_before > 0 AND not_before > :now
+    GROUP BY profile, endpoint, model
+    UNION ALL
+    SELECT profile, endpoint, model, -COUNT(*), -SUM(size) FROM items INDEXED BY items_fallback
+    WHERE fallback_at IS NOT NULL AND state IN ('queued', 'batched', 'submitted', 'realtime')
+        AND fallback_at <= :now AND state = 'queued' AND not_before <= :now
+    GROUP BY profile, endpoint, model
+), groups AS (
+    SELECT profile, endpoint, model, SUM(n) AS n, SUM(bytes) AS bytes FROM counted
+    GROUP BY profile, endpoint, model HAVING SUM(n) > 0
+)
+SELECT g.profile, g.endpoint, g.model, g.n, g.bytes, (
+    SELECT i.queued_at FROM items i INDEXED BY items_oldest
+    WHERE i.state = 'queued' AND i.profile = g.profile AND i.endpoint = g.endpoint AND i.model = g.model
+        AND i.not_before <= :now AND (i.fallback_at IS NULL OR i.fallback_at > :now)
+    ORDER BY i.queued_at LIMIT 1
+) AS oldest
+FROM groups g ORDER BY g.profile, g.endpoint, g.model;
 
 -- name: earliest_deadline
 -- Through the partial index, in fallback_at order, to the group's first item: never a scan of the
@@ -177,7 +216,8 @@ WHERE fallback_at IS NOT NULL AND state IN ('queued', 'batched', 'submitted', 'r
 ORDER BY fallback_at LIMIT 1;
 
 -- name: next_not_before
-SELECT MIN(not_before) AS t FROM items WHERE state = 'queued' AND not_before > ?;
+-- One seek of items_held (its condition repeated so that SQLite may use it; now > 0).
+SELECT MIN(not_before) AS t FROM items INDEXED BY items_held WHERE state = 'queued' AND not_before > 0 AND not_before > ?;
 
 -- name: creations
 -- Created at the provider since :since, and live intents about to be (pending: not created yet).
@@ -215,6 +255,7 @@ VALUES (?, ?, ?, ?, ?, ?, ?);
 -- embedding inputs fit (a prefix: the running sums only grow); with :lone, a first item that alone
 -- exceeds a bound is taken alone. Items whose fallback is due are the real-time fallback's.
 -- The limit is taken before the running sums: a window over the whole group grows with the queue.
+-- The only statement that moves items from queued to batched: claim_batch moves their counts (claimed_from_queue).
 UPDATE items SET state = 'batched', batch_id = :batch WHERE id IN (
     SELECT id FROM (
         SELECT id, SUM(size) OVER w AS bytes, SUM(tokens) OVER w AS tokens, SUM(inputs) OVER w AS inputs,
@@ -230,6 +271,12 @@ UPDATE items SET state = 'batched', batch_id = :batch WHERE id IN (
         (tokens <= :max_tokens AND inputs <= :max_inputs) OR (n = 1 AND :lone)
     )
 );
+
+-- name: claimed_from_queue
+-- What claim_items moved out of the queue, out of the group's counts (migration 014: its trigger leaves
+-- queued -> batched to the claim). Claimed items are folded already: the fold is in the inserting transaction.
+INSERT INTO queued_counts (profile, endpoint, model, n, bytes) VALUES (:profile, :endpoint, :model, -:n, -:bytes)
+ON CONFLICT (profile, endpoint, model) DO UPDATE SET n = n + excluded.n, bytes = bytes + excluded.bytes;
 
 -- name: batch_totals
 SELECT COUNT(*) AS n, COALESCE(SUM(size), 0) AS bytes, COALESCE(SUM(tokens), 0) AS tokens,
@@ -566,8 +613,8 @@ WHERE (:file IS NULL OR f.name = :file)
 ORDER BY r.id LIMIT :limit;
 
 -- name: status_queue
--- Queued: the counts kept by migration 008 plus the items not folded into them yet (the chunk being
--- committed); batched and submitted: the items of live batches. Flat however long the queue.
+-- Queued: the counts kept by migrations 008 and 014 plus any items not folded into them yet (none
+-- once a transaction that inserted items commits); batched and submitted: the items of live batches. Flat however long the queue.
 SELECT profile, endpoint, model, 'queued' AS state, SUM(n) AS n FROM (
     SELECT profile, endpoint, model, n FROM queued_counts
     UNION ALL
@@ -576,10 +623,13 @@ SELECT profile, endpoint, model, 'queued' AS state, SUM(n) AS n FROM (
     GROUP BY profile, endpoint, model
 ) GROUP BY profile, endpoint, model HAVING SUM(n) > 0
 UNION ALL
-SELECT i.profile, i.endpoint, i.model, i.state, COUNT(*) AS n
-FROM batches b JOIN items i ON i.batch_id = b.id
-WHERE b.state IN ('pending', 'unverified', 'submitted') AND i.state IN ('batched', 'submitted')
-GROUP BY i.profile, i.endpoint, i.model, i.state;
+-- A batch's items are its route's: counted per live batch and state in items_batch_state alone (014).
+SELECT b.profile, b.endpoint, b.model, s.state, SUM((
+    SELECT COUNT(*) FROM items i INDEXED BY items_batch_state WHERE i.batch_id = b.id AND i.state = s.state
+)) AS n
+FROM batches b, (SELECT 'batched' AS state UNION ALL SELECT 'submitted') AS s
+WHERE b.state IN ('pending', 'unverified', 'submitted')
+GROUP BY b.profile, b.endpoint, b.model, s.state HAVING n > 0;
 
 -- name: status_ended_batches
 SELECT id, profile, model, remote_id, remote_status, fate, last_error, collected_at FROM batches
@@ -608,8 +658,21 @@ SELECT node, heartbeat_at, started_at, pid, host FROM nodes ORDER BY node;
 -- Read models for /metrics (batchd/metrics.py): database-wide, cheap aggregates.
 
 -- name: metrics_queue
-SELECT profile, endpoint, model, COUNT(*) AS queued, MIN(queued_at) AS oldest FROM items
-WHERE state = 'queued' GROUP BY profile, endpoint, model;
+-- Every queued item, held back or not: the counts (migration 014), and each group's oldest in one seek.
+WITH counted AS (
+    SELECT profile, endpoint, model, n FROM queued_counts
+    UNION ALL
+    SELECT profile, endpoint, model, COUNT(*) FROM items
+    WHERE id > (SELECT last_item FROM queued_counts_mark) AND +state = 'queued'  -- `+`: by rowid range
+    GROUP BY profile, endpoint, model
+), groups AS (
+    SELECT profile, endpoint, model, SUM(n) AS n FROM counted GROUP BY profile, endpoint, model HAVING SUM(n) > 0
+)
+SELECT g.profile, g.endpoint, g.model, g.n AS queued, (
+    SELECT MIN(i.queued_at) FROM items i INDEXED BY items_oldest
+    WHERE i.state = 'queued' AND i.profile = g.profile AND i.endpoint = g.endpoint AND i.model = g.model
+) AS oldest
+FROM groups g;
 
 -- name: metrics_batches
 SELECT profile, state, COALESCE(remote_status, state) AS status, COUNT(*) AS n FROM batches
