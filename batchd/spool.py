@@ -15,8 +15,7 @@ done/, rejected/ and out/ goes through directory descriptors opened with `O_NOFO
 `O_EXCL` creates and renames that never replace.
 
 A file is ingested in chunks of a bounded number of lines and bytes, each one store transaction
-(so no other task waits behind a whole file; on SQLite a chunk gives way at its cuts, every
-PART_LINES lines, to a writer waiting for the single writer lock), and is known by (name, content hash, inode, moved
+(so no other task waits behind a whole file), and is known by (name, content hash, inode, moved
 out of new/): a restart resumes the same inode after its last committed line, and a crash before
 the move re-reads nothing; the same name and content dropped again later is new work with its own
 results name. A custom_id seen earlier in the file (in this chunk or a committed one) makes the

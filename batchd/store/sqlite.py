@@ -8,9 +8,7 @@ reach the disk in order; see `_tx`).
 
 - the writer: every write method runs its whole transaction (BEGIN IMMEDIATE .. COMMIT) under one
   asyncio lock, as one unit shielded from the caller's cancellation (shield.settle), so the
-  connection is never left inside an open transaction. An ingest chunk (add_chunk) runs as one
-  call in the writer's thread and commits early at a cut when another task waits for the lock,
-  so a poll waits for at most one part of a chunk (PART_LINES lines), not for the chunk;
+  connection is never left inside an open transaction;
 - the reader (read-only): polls, sinks, status and the batcher's reads never queue behind an ingest
   chunk or a claim holding the writer; WAL gives each statement a committed snapshot.
 
