@@ -15,8 +15,7 @@ done/, rejected/ and out/ goes through directory descriptors opened with `O_NOFO
 `O_EXCL` creates and renames that never replace.
 
 A file is ingested in chunks of a bounded number of lines and bytes, each one store transaction
-(so no other task waits behind a whole file; on SQLite a chunk gives way at its cuts, every
-PART_LINES lines, to a writer waiting for the single writer lock), and is known by (name, content hash, inode, moved
+(so no other task waits behind a whole file), and is known by (name, content hash, inode, moved
 out of new/): a restart resumes the same inode after its last committed line, and a crash before
 the move re-reads nothing; the same name and content dropped again later is new work with its own
 results name. A custom_id seen earlier in the file (in this chunk or a committed one) makes the
@@ -76,9 +75,6 @@ SUBDIRS = ("tmp", "new", "done", "rejected", "out")
 # per chunk, however big).
 CHUNK_LINES = 2000
 CHUNK_BYTES = 2 << 20
-# A chunk may be committed in parts of this many lines (its cuts; Intake.add_chunk): on SQLite a
-# poll waiting for the single writer goes after the part being written, not after the chunk.
-PART_LINES = 500
 # A file up to this size whose lines fit one chunk is read whole and committed together with other
 # such files (group commit): one durable transaction, one fsync of done/ and of new/ for the group.
 SMALL_FILE_BYTES = 1 << 20
@@ -412,7 +408,7 @@ def _drop_duplicates(chunk: Chunk, seen: set[str]) -> Chunk:
     if not duplicates:
         return chunk
     invalid = sorted([*chunk.invalid, *duplicates], key=lambda result: result.line)
-    return Chunk(chunk.first_line, chunk.last_line, chunk.end_offset, items, invalid, chunk.cuts)
+    return Chunk(chunk.first_line, chunk.last_line, chunk.end_offset, items, invalid)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1121,7 +1117,6 @@ class Spool:
         """
         items: list[NewItem] = []
         invalid: list[NewResult] = []
-        cuts: list[tuple[int, int]] = []
         count = 0
         size = 0
         first = last = end = 0
@@ -1140,14 +1135,12 @@ class Spool:
                 invalid.append(NewResult(number, "invalid", invalid_result(custom_id, number, str(exc))))
             if count >= CHUNK_LINES or size >= CHUNK_BYTES:
                 break
-            if not count % PART_LINES:
-                cuts.append((number, offset))
             if not count % PARSE_CHECK and time.perf_counter() - since > PARSE_SLICE:
                 await asyncio.sleep(0)
                 since = time.perf_counter()
         if not count:
             return None
-        return Chunk(first, last, end, items, invalid, cuts)
+        return Chunk(first, last, end, items, invalid)
 
     def _item(self, number: int, content: bytes | None, length: int, deadlines: _Deadlines) -> NewItem:
         if content is None:

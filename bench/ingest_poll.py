@@ -5,11 +5,10 @@ A poller's store traffic is a write (`record_poll`: the provider's latest answer
 the same store as a spool that ingests a 1M-line file (`--quick`: 100k), and each iteration's
 latency is timed. The baseline is the same loop on the same store with no ingest running. When an
 ingest holds the store for a whole file (the old all-in-one-transaction intake), every poll waits
-until the file is done; with chunked ingest a poll waited for one chunk (2,000 lines, about 25-50 ms
-of SQLite's single writer). Now a chunk gives way at its cuts (spool.PART_LINES lines) to a writer
-waiting for the lock, so a poll waits for one part. What remains is the poll's own FULL commit
-(which also syncs the chunk parts committed without one) and the round trips of its statements
-through an event loop and a GIL that the ingest's parsing keeps busy in the same process.
+until the file is done; with chunked ingest a poll waits at most for one chunk. On SQLite that
+chunk (2,000 lines, the unit tests/test_crash.py pins) is one write transaction of the single
+writer, so the loaded latency cannot fall below about half a chunk's insert time plus the poll's own
+FULL commit, whatever the intake does around it.
 
 Works on the old store (`Store(path)`) and on the contract (`open_store(url, node)`), so the row
 can be measured before and after the store split.

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import os
 import sqlite3
 import stat
@@ -40,7 +39,7 @@ from batchd.store import (
 )
 from batchd.store.contract import DuplicateCustomId
 
-from .conftest import loop_ticks, make_settings, wait_until
+from .conftest import loop_ticks, make_settings
 from .test_acceptance import chat_line
 
 
@@ -374,23 +373,6 @@ async def test_chunked_ingest_resumes_after_a_crash_and_never_commits_a_chunk_tw
     finally:
         await again.close()
         await first.close()
-
-
-async def test_a_write_waiting_for_the_writer_goes_between_the_parts_of_an_ingest_chunk(node_a: SQLiteStore) -> None:
-    """A poll's write waits for the part of a chunk being written, not for the whole chunk (add_chunk)."""
-    row = await node_a.begin_file(key(), lambda name: False)
-    count = 30_000
-    cut = dataclasses.replace(chunk(1, count), cuts=[(n, n * 10) for n in range(50, count, 50)])
-    adding = asyncio.create_task(node_a.add_chunk(row.id, cut))
-    await wait_until(node_a._lock.locked, timeout=10, interval=0)
-    await node_a.pause("openai", "gpt-4o-mini", "between two parts")
-    assert not adding.done(), "the write waited for the whole chunk"
-    assert await adding
-    done = await node_a.file(row.id)
-    assert done is not None and (done.lines_committed, done.offset_committed) == (count, count * 10)
-    lines = rows(node_a.path, "SELECT line FROM items UNION ALL SELECT line FROM results")
-    assert sorted(line for (line,) in lines) == list(range(1, count + 1))  # no line lost or written twice
-    assert [p.reason for p in await node_a.pauses()] == ["between two parts"]
 
 
 async def test_a_read_does_not_wait_for_a_held_write_transaction(node_a: SQLiteStore) -> None:

@@ -169,18 +169,13 @@ class NewResult:
 
 @dataclass(frozen=True, slots=True)
 class Chunk:
-    """Lines first_line..last_line of a file, parsed; end_offset is the byte offset after last_line.
-
-    `cuts`: (line, byte offset after it) of lines inside the chunk after which an engine may commit
-    a part of it on its own (ascending, each < last_line); see Intake.add_chunk.
-    """
+    """Lines first_line..last_line of a file, parsed; end_offset is the byte offset after last_line."""
 
     first_line: int
     last_line: int
     end_offset: int
     items: Sequence[NewItem]
     invalid: Sequence[NewResult]
-    cuts: Sequence[tuple[int, int]] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -460,15 +455,6 @@ class Intake(Protocol):
         False and changes nothing (idempotent after a crash or a cancellation); True when applied.
         Raises DuplicateCustomId, changing nothing, when a committed chunk of the file holds one of
         its custom_ids: the caller checks seen_custom_ids only then, not for every chunk.
-
-        An engine whose writes wait for one another (SQLite's single writer) may commit the chunk in
-        parts, each one transaction ending at one of `chunk.cuts`, so that another writer waiting
-        (a poll) goes between two parts instead of after the whole chunk. Each part advances
-        lines_committed/offset_committed with its lines, so a crash between parts resumes after
-        the last part like after a chunk. A call that finds lines_committed at one of the chunk's
-        cuts (an earlier call committed some parts, then raised) commits the lines after it; a
-        line at or before lines_committed is never written twice. A raise (DuplicateCustomId
-        included) changes nothing after the last committed part.
         """
 
     async def finish_file(self, file_id: int, lines: int) -> None:

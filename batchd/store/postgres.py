@@ -584,20 +584,16 @@ class PostgresStore:
     async def add_chunk(self, file_id: int, chunk: Chunk) -> bool:
         now = time.time()
 
-        # Whole, in one transaction: writers do not queue behind one another here, so there is no
-        # reason to commit in parts; a file left at a cut (the contract allows it) goes on from there.
-        starts = [chunk.first_line - 1, *(line for line, _ in chunk.cuts if chunk.first_line <= line < chunk.last_line)]
-
         async def work(conn: Connection) -> bool:
-            before = await conn.fetchval(Q.chunk_advance_from, file_id, starts, chunk.last_line, chunk.end_offset)
-            if before is None:
+            advanced = await conn.fetchval(
+                Q.chunk_advance, file_id, chunk.first_line - 1, chunk.last_line, chunk.end_offset
+            )
+            if advanced is None:
                 return False  # committed before (a repeat after a crash or a cancellation)
-            items = [item for item in chunk.items if item.line > before]
-            invalid = [result for result in chunk.invalid if result.line > before]
-            if invalid:
+            if chunk.invalid:
                 await conn.execute(Q.results_lock)
             try:
-                await self._insert_lines(conn, file_id, items, invalid, now)
+                await self._insert_lines(conn, file_id, chunk.items, chunk.invalid, now)
             except asyncpg.UniqueViolationError as exc:
                 if exc.constraint_name == "items_file_id_custom_id_key":
                     raise DuplicateCustomId(str(exc)) from None

@@ -66,16 +66,6 @@ UPDATE files SET lines_committed = $3, offset_committed = $4
 WHERE id = $1 AND lines_committed = $2 AND state = 'ingesting'
 RETURNING id
 
--- name: chunk_advance_from
--- add_chunk's compare-and-set: lines_committed at the line before the chunk or at one of its cuts
--- ($2); returns where it was, so that only the lines after it are written.
-WITH old AS (
-    SELECT lines_committed FROM files
-    WHERE id = $1 AND lines_committed = ANY($2::integer[]) AND state = 'ingesting' FOR UPDATE
-)
-UPDATE files SET lines_committed = $3, offset_committed = $4 FROM old WHERE files.id = $1
-RETURNING old.lines_committed
-
 -- name: items_insert
 -- Items and their bodies in one statement; ids follow line order.
 WITH new AS (

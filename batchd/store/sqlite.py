@@ -8,9 +8,7 @@ reach the disk in order; see `_tx`).
 
 - the writer: every write method runs its whole transaction (BEGIN IMMEDIATE .. COMMIT) under one
   asyncio lock, as one unit shielded from the caller's cancellation (shield.settle), so the
-  connection is never left inside an open transaction. An ingest chunk (add_chunk) commits early
-  at a cut when another task waits for the lock, so a poll waits for at most one part of a chunk
-  (spool.PART_LINES lines), not for the chunk;
+  connection is never left inside an open transaction;
 - the reader (read-only): polls, sinks, status and the batcher's reads never queue behind an ingest
   chunk or a claim holding the writer; WAL gives each statement a committed snapshot.
 
@@ -36,7 +34,6 @@ import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Callable, Collection, Iterable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -157,17 +154,6 @@ def _pending_from_row(row: sqlite3.Row) -> PendingResult:
     return PendingResult(row[0], row[1], row[2], bytes(row[3]), row[4])
 
 
-@dataclass(frozen=True, slots=True)
-class _Part:
-    """A part of an ingest chunk, up to one of its cuts: committed on its own when a writer waits."""
-
-    last_line: int
-    end_offset: int
-    count: int  # items
-    payload: dict[str, Any] | None  # _items_payload
-    invalid: Sequence[tuple[int, int, str, bytes, float]]  # insert_line_result rows
-
-
 def _migrations() -> list[tuple[int, str]]:
     found = []
     for entry in resources.files("batchd.store").joinpath("sqlite_migrations").iterdir():
@@ -210,8 +196,6 @@ class SQLiteStore:
         self._db: aiosqlite.Connection | None = None  # the writer
         self._reader: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
-        # Tasks waiting for the writer's lock (read by add_chunk in the writer's thread).
-        self._writers_waiting = 0
         # The writer's PRAGMA synchronous: FULL, or NORMAL after a deferred-sync transaction (see _tx).
         self._synchronous_full = True
         self._instance = ""
@@ -442,20 +426,6 @@ class SQLiteStore:
         return self._reader
 
     @asynccontextmanager
-    async def _locked(self) -> AsyncIterator[aiosqlite.Connection]:
-        """The writer, under its lock; a task waiting for the lock is counted in `_writers_waiting`,
-        which an ingest chunk looks at between its parts (add_chunk) to let it go first."""
-        self._writers_waiting += 1
-        try:
-            await self._lock.acquire()
-        finally:
-            self._writers_waiting -= 1
-        try:
-            yield self._conn
-        finally:
-            self._lock.release()
-
-    @asynccontextmanager
     async def _tx(self, deferred_sync: bool = False) -> AsyncIterator[aiosqlite.Connection]:
         """One write transaction on the writer. Callers run it whole (@shielded) so it is never torn.
 
@@ -466,7 +436,8 @@ class SQLiteStore:
         nothing (the frames are in the OS's cache). The setting is switched together with the BEGIN,
         only when it changes, so consecutive chunks pay nothing for it.
         """
-        async with self._locked() as db:
+        async with self._lock:
+            db = self._conn
             if deferred_sync == self._synchronous_full:
                 try:
                     await db.executescript(Q.begin_deferred_sync if deferred_sync else Q.begin_full_sync)
@@ -585,68 +556,36 @@ class SQLiteStore:
 
     @shielded
     async def add_chunk(self, file_id: int, chunk: Chunk) -> bool:
-        """Queue the chunk's items, record its invalid results and advance the file (contract.Intake.add_chunk).
+        """Queue the chunk's items, record its invalid results and advance the file, in one transaction.
 
-        A transaction writes the parts after lines_committed and ends at the first part boundary
-        where another task waits for the writer's lock (`_writers_waiting`): that writer goes
-        next, then the rest of the chunk. With nobody waiting the chunk is one transaction. Each
-        statement is its own call into the writer's thread (as everywhere), so that thread never
-        runs ahead of the event loop.
+        Compare-and-set on lines_committed == first_line - 1: a chunk already committed returns False.
         """
         now = time.time()
-        parts = self._chunk_parts(file_id, chunk, now)
-        starts = [chunk.first_line - 1, *(part.last_line for part in parts[:-1])]
-        done = 0
-        while done < len(parts):
-            async with self._tx(deferred_sync=True) as db:
-                rows = list(await db.execute_fetchall(Q.file_progress, (file_id,)))
-                if not rows or rows[0][0] not in starts:
-                    # Committed before (a repeat after a crash or a cancellation), or not ingesting.
-                    return done > 0
-                committed = rows[0][0]
-                done = starts.index(committed)
-                [(next_id,)] = await db.execute_fetchall(Q.next_item_id)
-                try:
-                    while done < len(parts):
-                        part = parts[done]
-                        if part.payload is not None:
-                            params = {**part.payload, "first": next_id}
-                            await db.execute(Q.insert_items, params)
-                            await db.execute(Q.insert_item_bodies, params)
-                            next_id += part.count
-                        if part.invalid:
-                            await db.executemany(Q.insert_line_result, part.invalid)
-                        done += 1
-                        if self._writers_waiting:
-                            break
-                except sqlite3.IntegrityError as exc:
-                    if "items.custom_id" in str(exc):  # the unique (file_id, custom_id) index
-                        raise DuplicateCustomId(str(exc)) from None
-                    raise
-                last = parts[done - 1]
-                await db.execute(
-                    Q.advance_file,
-                    {"id": file_id, "last_line": last.last_line, "end_offset": last.end_offset, "expected": committed},
-                )
-        return True
-
-    def _chunk_parts(self, file_id: int, chunk: Chunk, now: float) -> list[_Part]:
-        """The chunk split at its cuts, each part's insert parameters built before the writer's lock."""
-        bounds = [(line, offset) for line, offset in chunk.cuts if chunk.first_line <= line < chunk.last_line]
-        bounds.append((chunk.last_line, chunk.end_offset))
-        items, invalid = chunk.items, chunk.invalid
-        parts: list[_Part] = []
-        i = j = 0
-        for line, offset in bounds:
-            start_i, start_j = i, j
-            while i < len(items) and items[i].line <= line:
-                i += 1
-            while j < len(invalid) and invalid[j].line <= line:
-                j += 1
-            rows = [(file_id, r.line, r.status, r.payload, now) for r in invalid[start_j:j]]
-            payload = self._items_payload([(file_id, item) for item in items[start_i:i]], now)
-            parts.append(_Part(line, offset, i - start_i, payload, rows))
-        return parts
+        payload = self._items_payload([(file_id, item) for item in chunk.items], now)
+        invalid = [(file_id, r.line, r.status, r.payload, now) for r in chunk.invalid]
+        # A chunk's commit is durable by the file's finish_file (FULL) before the file leaves new/;
+        # until then a power cut loses only chunks that a resume re-reads from the file.
+        async with self._tx(deferred_sync=True) as db:
+            advanced = await db.execute(
+                Q.advance_file,
+                {
+                    "id": file_id,
+                    "last_line": chunk.last_line,
+                    "end_offset": chunk.end_offset,
+                    "expected": chunk.first_line - 1,
+                },
+            )
+            if advanced.rowcount != 1:
+                return False  # committed before (or not ingesting): nothing was written
+            try:
+                await self._insert_items(db, payload)
+            except sqlite3.IntegrityError as exc:
+                if "items.custom_id" in str(exc):  # the unique (file_id, custom_id) index
+                    raise DuplicateCustomId(str(exc)) from None
+                raise
+            if invalid:
+                await db.executemany(Q.insert_line_result, invalid)
+            return True
 
     @staticmethod
     def _items_payload(items: Sequence[tuple[int, NewItem]], now: float) -> dict[str, Any] | None:

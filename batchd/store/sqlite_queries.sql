@@ -148,10 +148,6 @@ INSERT INTO results (file_id, line, status, payload, created_at) VALUES (?, ?, ?
 UPDATE files SET lines_committed = :last_line, offset_committed = :end_offset
 WHERE id = :id AND lines_committed = :expected AND state = 'ingesting';
 
--- name: file_progress
--- Where add_chunk goes on from: its lines after lines_committed (a file still ingesting).
-SELECT lines_committed FROM files WHERE id = ? AND state = 'ingesting';
-
 -- name: finish_file
 UPDATE files SET state = 'open', lines = ?, lines_committed = MAX(lines_committed, ?)
 WHERE id = ? AND state = 'ingesting';

@@ -83,19 +83,17 @@ def chunk(
     invalid_lines: Sequence[int] = (),
     custom_ids: dict[int, str] | None = None,
     per_line: Callable[[int], dict[str, Any]] | None = None,
-    cut_every: int = 0,
     **item: Any,
 ) -> Chunk:
     """Lines first..last: an item each, except `invalid_lines` (invalid results); `per_line(n)` gives
-    line n's own fields (tokens, deadline, ...) over `item`'s; a cut after every `cut_every` lines."""
+    line n's own fields (tokens, deadline, ...) over `item`'s."""
     items = [
         new_item(n, (custom_ids or {}).get(n), **{**item, **(per_line(n) if per_line else {})})
         for n in range(first, last + 1)
         if n not in invalid_lines
     ]
     bad = [invalid(n) for n in invalid_lines]
-    cuts = [(n, n * LINE_BYTES) for n in range(first - 1 + cut_every, last, cut_every)] if cut_every else []
-    return Chunk(first_line=first, last_line=last, end_offset=last * LINE_BYTES, items=items, invalid=bad, cuts=cuts)
+    return Chunk(first_line=first, last_line=last, end_offset=last * LINE_BYTES, items=items, invalid=bad)
 
 
 def whole_file(name: str, count: int, *, invalid_lines: Sequence[int] = (), **item: Any) -> WholeFile:

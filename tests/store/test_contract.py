@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import time
 
-import orjson
 import pytest
 
 from batchd.store.contract import (
@@ -83,30 +82,6 @@ async def test_add_chunk_is_compare_and_set_on_lines_committed(store: Store) -> 
     assert group.count == 5
     results = await store.results_after(0, 10)
     assert [(r.file_id, r.out_name) for r in results] == [(row.id, "f.results.jsonl")]
-
-
-async def test_a_chunk_goes_on_after_a_part_of_it_committed_before_and_never_writes_a_line_twice(
-    store: Store,
-) -> None:
-    """An engine may commit a chunk in parts ending at its cuts (SQLite does, for a waiting writer);
-    a call that finds lines_committed at a cut (the earlier call raised after some parts) writes the rest."""
-    row = await store.begin_file(file_key(), never_taken)
-    whole = make_chunk(1, 10, invalid_lines=[3, 9], cut_every=4)
-    assert [line for line, _ in whole.cuts] == [4, 8]
-    assert await store.add_chunk(row.id, make_chunk(1, 4, invalid_lines=[3]))  # the first part, alone
-    assert await store.add_chunk(row.id, whole) is True
-    committed = await store.file(row.id)
-    assert committed is not None and (committed.lines_committed, committed.offset_committed) == (10, 10 * 50)
-    [group] = await store.queued_groups(time.time())
-    assert group.count == 8
-    assert [orjson.loads(r.payload)["line"] for r in await store.results_after(0, 10)] == [3, 9]
-    assert await store.add_chunk(row.id, whole) is False  # a repeat of the whole chunk writes nothing
-    # Committed lines at no cut of the chunk: refused.
-    other = await store.begin_file(file_key("other.jsonl"), never_taken)
-    assert await store.add_chunk(other.id, make_chunk(1, 3)) is True
-    assert await store.add_chunk(other.id, make_chunk(1, 10, cut_every=4)) is False
-    unchanged = await store.file(other.id)
-    assert unchanged is not None and unchanged.lines_committed == 3
 
 
 async def test_seen_custom_ids_spans_committed_chunks_of_this_file_only(store: Store) -> None:
@@ -755,7 +730,6 @@ async def test_request_poll_marks_a_polled_batch_for_its_lease_holder(store: Sto
     await store.finish_batch(batch.id)
     await second_node.request_poll(batch.id, 1400.0)  # done: nothing to poll any more
     assert (await store.batch(batch.id)).poll_requested_at == 1300.0  # type: ignore[union-attr]
-
 
 async def test_status_counts_every_state_change_on_a_large_queue(store: Store) -> None:
     """The queue counts stay exact through ingest, claim, submit, finals, retries, refunds and unclaims.
