@@ -92,6 +92,21 @@ async def test_a_huge_line_becomes_invalid_without_being_held_and_the_rest_goes_
     assert group.count == 2
 
 
+async def test_a_line_whose_url_is_not_a_string_becomes_invalid_and_the_rest_goes_on(
+    intake: tuple[Spool, Store, Settings],
+) -> None:
+    spool, store, _ = intake
+    odd = {**chat_line(2), "url": ["/v1/chat/completions"]}  # unhashable: no lookup may raise
+    lines = [orjson.dumps(chat_line(1)), orjson.dumps(odd), orjson.dumps(chat_line(3))]
+    (spool.paths.new / "odd.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    assert await spool.rescan() == 1
+    results = [orjson.loads(r.payload) for r in await store.results_after(0, 10)]
+    assert [(r["line"], r["status"]) for r in results] == [(2, "invalid")]
+    assert "is not a batch endpoint" in results[0]["error"]["message"]
+    [group] = await store.queued_groups(time.time())
+    assert group.count == 2
+
+
 @pytest.mark.slow
 async def test_a_second_signal_forces_exit_and_a_restart_finishes_the_work(
     tmp_path: Path, emulator: RunningEmulator
