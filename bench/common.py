@@ -590,3 +590,17 @@ def fmt_mb(value: float) -> str:
 
 def fmt_seconds(value: float) -> str:
     return f"{value:.2f} s" if value < 100 else f"{value:.0f} s"
+
+
+def paired_seconds(
+    ours: list[dict[str, Any]], theirs: list[dict[str, Any]], count: int, baseline: str
+) -> tuple[float, float, float]:
+    """Medians of batchd's and the baseline's seconds and of their per-round ratio, once both sides
+    are proven to have written one result line per request (batchd: every one succeeded)."""
+    for result in ours:
+        if result["lines"] != count or result["succeeded"] != count:
+            raise BenchError(f"daemon wrote {result['lines']} result lines ({result['succeeded']} succeeded)")
+    if any(result["lines"] != count for result in theirs):
+        raise BenchError(f"{baseline} wrote {[r['lines'] for r in theirs]} result lines, expected {count}")
+    ratio = median([a["seconds"] / b["seconds"] for a, b in zip(ours, theirs, strict=True)])
+    return median([r["seconds"] for r in ours]), median([r["seconds"] for r in theirs]), ratio

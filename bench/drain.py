@@ -27,7 +27,6 @@ from typing import Any, Final
 
 from .common import (
     API_KEY_OPENAI,
-    BenchError,
     Context,
     DaemonProcess,
     EmulatorProcess,
@@ -37,6 +36,7 @@ from .common import (
     fmt_seconds,
     log,
     median,
+    paired_seconds,
     wait_for,
     write_daemon_config,
     write_small_openai,
@@ -205,14 +205,7 @@ def run(ctx: Context) -> list[Row]:
             f" naive {theirs[-1]['seconds']:.2f} s ({theirs[-1]['emulator_refusals']} refused)"
         )
     shutil.rmtree(ctx.root / "drain", ignore_errors=True)
-    for result in ours:
-        if result["lines"] != count or result["succeeded"] != count:
-            raise BenchError(f"daemon wrote {result['lines']} result lines ({result['succeeded']} succeeded)")
-    if any(result["lines"] != count for result in theirs):
-        raise BenchError(f"naive submitter wrote {[r['lines'] for r in theirs]} result lines, expected {count}")
-    ours_s = median([r["seconds"] for r in ours])
-    theirs_s = median([r["seconds"] for r in theirs])
-    ratio = median([a["seconds"] / b["seconds"] for a, b in zip(ours, theirs, strict=True)])
+    ours_s, theirs_s, ratio = paired_seconds(ours, theirs, count, "naive submitter")
     refused = max(r["emulator_refusals"] for r in ours)
     peak = max(r["peak_enqueued"] for r in ours)
     return [

@@ -18,7 +18,6 @@ from typing import Any, Final
 from .common import (
     API_KEY_OPENAI,
     MB,
-    BenchError,
     Context,
     DaemonProcess,
     EmulatorProcess,
@@ -31,6 +30,7 @@ from .common import (
     fmt_seconds,
     log,
     median,
+    paired_seconds,
     proc_status,
     wait_for,
     write_daemon_config,
@@ -171,14 +171,7 @@ def run(ctx: Context) -> list[Row]:
                 f" peak RSS {ours[-1]['peak_rss'] / MB:.0f} / {theirs[-1]['peak_rss'] / MB:.0f} MB"
             )
     shutil.rmtree(ctx.root / "e2e", ignore_errors=True)
-    for result in ours:
-        if result["lines"] != count or result["succeeded"] != count:
-            raise BenchError(f"daemon wrote {result['lines']} result lines ({result['succeeded']} succeeded)")
-    if any(result["lines"] != count for result in theirs):
-        raise BenchError(f"baseline wrote {[r['lines'] for r in theirs]} result lines, expected {count}")
-    ours_s = median([r["seconds"] for r in ours])
-    theirs_s = median([r["seconds"] for r in theirs])
-    ratio = median([a["seconds"] / b["seconds"] for a, b in zip(ours, theirs, strict=True)])
+    ours_s, theirs_s, ratio = paired_seconds(ours, theirs, count, "baseline")
     processing = scale.e2e_processing
     peak = median([r["peak_rss"] for r in ours])
     peak_base = median([r["peak_rss"] for r in theirs])

@@ -873,12 +873,14 @@ class PostgresStore:
                 await conn.execute(Q.results_lock)
                 applied = int(
                     await conn.fetchval(
-                        Q.drop_pending_finals,
-                        batch_id,
+                        Q.finish_unsent,
+                        [ItemState.BATCHED.value],
                         [f.item_id for f in mine],
                         [str(f.status) for f in mine],
                         [f.payload for f in mine],
                         now,
+                        batch_id,
+                        None,
                     )
                 )
             requeued = _count(await conn.execute(Q.unclaim_batched, batch_id))
@@ -1211,12 +1213,14 @@ class PostgresStore:
             if mine:
                 await conn.execute(Q.results_lock)
                 applied = await conn.fetchval(
-                    Q.cancel_queued,
-                    file_id,
+                    Q.finish_unsent,
+                    [ItemState.QUEUED.value, ItemState.REALTIME.value],
                     [f.item_id for f in mine],
                     [str(f.status) for f in mine],
                     [f.payload for f in mine],
                     now,
+                    None,
+                    file_id,
                 )
             batches = [int(r["batch_id"]) for r in await conn.fetch(Q.file_live_batches, file_id)]
             for batch_id in batches:

@@ -776,28 +776,6 @@ WHERE batch_id = $1 AND state = 'batched' ORDER BY id
 -- The CAS of drop_pending: the batch, locked, while it is still pending.
 SELECT id FROM batches WHERE id = $1 AND state = 'pending' FOR UPDATE
 
--- name: drop_pending_finals
--- A pending batch's claimed requests among these take their result (a cancel came before the batch
--- was created); their bodies go. The caller holds results_lock.
-WITH f AS (
-    SELECT * FROM unnest($2::bigint[], $3::text[], $4::bytea[]) AS f (item_id, status, payload)
-), done AS (
-    UPDATE items i SET state = CASE WHEN f.status IN ('succeeded', 'errored', 'expired', 'canceled')
-                                    THEN f.status ELSE 'errored' END
-    FROM f
-    WHERE i.id = f.item_id AND i.batch_id = $1 AND i.state = 'batched'
-    RETURNING i.id, i.file_id, i.line, i.profile, i.model
-), bodies AS (
-    DELETE FROM item_bodies WHERE item_id IN (SELECT id FROM done)
-), inserted AS (
-    INSERT INTO results (file_id, line, item_id, status, profile, model, batch_id, payload, created_at)
-    SELECT done.file_id, done.line, done.id, f.status, done.profile, done.model, NULL, f.payload, $5
-    FROM done JOIN f ON f.item_id = done.id
-    ORDER BY done.id
-    ON CONFLICT (file_id, line) DO NOTHING
-)
-SELECT COUNT(*) FROM done
-
 -- name: unclaim_batched
 UPDATE items SET state = 'queued', batch_id = NULL WHERE batch_id = $1 AND state = 'batched'
 
@@ -819,14 +797,18 @@ ORDER BY id
 -- name: mark_file_canceled
 UPDATE files SET canceled_at = COALESCE(canceled_at, $2) WHERE id = $1
 
--- name: cancel_queued
--- The file's items still queued (or waiting for the real-time fallback) among these take their
--- canceled result; their bodies go. The caller holds results_lock.
+-- name: finish_unsent
+-- Items among these that were never sent and are still in one of the states $1 (queued or waiting
+-- for the real-time fallback: a cancelled file's, $7; batched: an intent cancelled before its create,
+-- $6) take their result; their bodies go. The caller holds results_lock.
 WITH f AS (
     SELECT * FROM unnest($2::bigint[], $3::text[], $4::bytea[]) AS f (item_id, status, payload)
 ), done AS (
-    UPDATE items i SET state = 'canceled' FROM f
-    WHERE i.id = f.item_id AND i.file_id = $1 AND i.state IN ('queued', 'realtime')
+    UPDATE items i SET state = CASE WHEN f.status IN ('succeeded', 'errored', 'expired', 'canceled')
+                                    THEN f.status ELSE 'errored' END
+    FROM f
+    WHERE i.id = f.item_id AND i.state = ANY($1::text[])
+        AND ($6::bigint IS NULL OR i.batch_id = $6) AND ($7::bigint IS NULL OR i.file_id = $7)
     RETURNING i.id, i.file_id, i.line, i.profile, i.model
 ), bodies AS (
     DELETE FROM item_bodies WHERE item_id IN (SELECT id FROM done)
