@@ -197,7 +197,9 @@ class Daemon:
             on_results=self.sinks.wake,
             on_cancel=lambda batch_id: self.pollers.cancel_wanted(batch_id, CancelReason.DEADLINE),
         )
-        self.spool = Spool(settings, self.store, on_ingest=self._on_ingest, crashpoints=self.crashpoints)
+        self.spool = Spool(
+            settings, self.store, on_ingest=self._on_ingest, crashpoints=self.crashpoints, on_queued=self.batcher.wake
+        )
         self.http = (
             HttpServer(settings, settings.http, self.store, self.providers, self.pollers) if settings.http else None
         )

@@ -107,6 +107,8 @@ MAX_SUFFIX = 10_000
 # first, then writes and renames the input, which may take a while); after this long (since it
 # was renamed in: its ctime, which a producer cannot set back) it goes to rejected/ with a report.
 ORPHAN_SIDECAR_SECONDS = 86_400.0
+# How often, at most, the batcher is told of chunks committed while a large file is still being read.
+QUEUED_SIGNAL_SECONDS = 0.5
 
 log = get_logger("batchd.spool")
 
@@ -468,13 +470,22 @@ class Spool:
     """Watches new/ and ingests each file into the store."""
 
     def __init__(
-        self, settings: Settings, store: Intake, on_ingest: Callable[[], None], crashpoints: CrashPoints | None = None
+        self,
+        settings: Settings,
+        store: Intake,
+        on_ingest: Callable[[], None],
+        crashpoints: CrashPoints | None = None,
+        on_queued: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings
         self._crashpoints = crashpoints or CrashPoints("")
         self.paths = SpoolPaths(settings.daemon.spool_dir)
         self.store = store
         self._on_ingest = on_ingest
+        # Chunks of a large file are claimable as soon as they commit: the batcher hears of them at most
+        # every QUEUED_SIGNAL_SECONDS, so a full batch leaves while the rest of the file is still read.
+        self._on_queued = on_queued or (lambda: None)
+        self._queued_signalled = 0.0
         self._wake = asyncio.Event()
         self._waiting: dict[str, float] = {}
         self._stuck: set[tuple[str, int]] = set()  # entries that could not be moved to rejected/
@@ -1071,6 +1082,9 @@ class Spool:
         if applied:
             report.queued += len(chunk.items)
             report.invalid += len(chunk.invalid)
+            if chunk.items and time.monotonic() - self._queued_signalled >= QUEUED_SIGNAL_SECONDS:
+                self._queued_signalled = time.monotonic()
+                self._on_queued()
         committed.lines = chunk.last_line
         self._crashpoints.reach("mid-ingest")
         return True
