@@ -167,3 +167,30 @@ def _no_flush_requests(config: str) -> Any:
         return (await ok_json("status", "--config", config))["flush_requests"] == []
 
     return check
+
+
+async def test_a_full_batch_leaves_while_the_rest_of_its_file_is_still_being_ingested(
+    tmp_path: Path, emulator: RunningEmulator
+) -> None:
+    # max_wait an hour and the batcher's own nap long (tick 5 s: up to 150 s): only the spool's word
+    # that chunks were committed can start a flush before the file's end.
+    config = write_config(
+        tmp_path,
+        emulator,
+        batching={"max_wait": 3600, "tick": 5},
+        **{"providers.openai": {"max_requests": 5_000}},
+    )
+    daemon = DaemonProcess(config, tmp_path / "daemon.log").start()
+    try:
+        await ready(daemon)
+        drop(tmp_path, "big.jsonl", [chat_line(n) for n in range(60_000)])
+
+        def ingested() -> bool | None:
+            return any(e.get("event") == "spool.ingested" for e in daemon.log_events()) or None
+
+        await wait_until(ingested, 120)
+    finally:
+        assert await daemon.stop() in (0, -15)
+    order = [e["event"] for e in daemon.log_events() if e.get("event") in ("batch.flushed", "spool.ingested")]
+    assert "batch.flushed" in order[: order.index("spool.ingested")], order
+    assert all(e["reason"] == "full" and e["requests"] == 5_000 for e in flushed(daemon))
