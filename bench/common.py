@@ -19,6 +19,7 @@ import time
 import urllib.request
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
@@ -551,6 +552,16 @@ class DaemonProcess:
         """How many log events of this name so far."""
         needle = f'"event":"{name}"'.encode()
         return self.log_path.read_bytes().count(needle)
+
+    def event_times(self, name: str) -> list[float]:
+        """The unix times of this event's log lines so far, in log order."""
+        times = []
+        for line in self.log_path.read_bytes().splitlines():
+            if f'"event":"{name}"'.encode() in line:
+                with contextlib.suppress(ValueError, KeyError):
+                    stamp = json.loads(line)["timestamp"].replace("Z", "+00:00")
+                    times.append(datetime.fromisoformat(stamp).timestamp())
+        return times
 
     def wait_ready(self, timeout: float = 120.0) -> None:
         def ready() -> bool:

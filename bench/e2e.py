@@ -62,12 +62,14 @@ def baseline_side(source: str, root: str, base_url: str, poll_seconds: float, ti
             out.write(line)
         if out is not None:
             out.close()
+    split = time.perf_counter() - started
     batch_ids = []
     for part in parts:
         with part.open("rb") as upload:
             uploaded = client.files.create(file=upload, purpose="batch")
         batch = client.batches.create(input_file_id=uploaded.id, endpoint=ENDPOINT, completion_window="24h")
         batch_ids.append(batch.id)
+    created = time.perf_counter() - started
     finished: dict[str, Any] = {}
     deadline = time.monotonic() + timeout
     while len(finished) < len(batch_ids):
@@ -80,6 +82,7 @@ def baseline_side(source: str, root: str, base_url: str, poll_seconds: float, ti
             if time.monotonic() > deadline:
                 raise TimeoutError("batches did not end")
             time.sleep(poll_seconds)
+    ended = time.perf_counter() - started
     results = base / "results.jsonl"
     with results.open("wb") as out:
         for batch_id in batch_ids:
@@ -89,7 +92,8 @@ def baseline_side(source: str, root: str, base_url: str, poll_seconds: float, ti
                     out.write(client.files.content(file_id).content)
     seconds = time.perf_counter() - started
     client.close()
-    return {"seconds": seconds, "lines": count_lines(results), "batches": len(batch_ids)}
+    milestones = {"split": round(split, 2), "last_created": round(created, 2), "all_ended": round(ended, 2)}
+    return {"seconds": seconds, "lines": count_lines(results), "batches": len(batch_ids), "milestones": milestones}
 
 
 def _daemon_round(ctx: Context, emulator: EmulatorProcess, source: Path, root: Path, timeout: float) -> dict[str, Any]:
@@ -107,6 +111,7 @@ def _daemon_round(ctx: Context, emulator: EmulatorProcess, source: Path, root: P
         staged = spool / "tmp" / "bench.jsonl"
         os.link(source, staged)
         cpu_before = cpu_reading(daemon.pid)
+        started_at = time.time()
         started = time.perf_counter()
         os.rename(staged, spool / "new" / "bench.jsonl")
         results = spool / "out" / "bench.results.jsonl"
@@ -119,9 +124,19 @@ def _daemon_round(ctx: Context, emulator: EmulatorProcess, source: Path, root: P
         seconds = time.perf_counter() - started
         cpu = cpu_between(cpu_before, cpu_reading(daemon.pid))
         status = proc_status(daemon.pid)
+        # The critical path: the last batch can only be claimed once the file's last line is queued.
+        milestones = {
+            name: round(max(times) - started_at, 2) if (times := daemon.event_times(event)) else None
+            for name, event in (
+                ("ingested", "spool.ingested"),
+                ("last_submitted", "batch.submitted"),
+                ("last_collected", "batch.collected"),
+            )
+        }
     finally:
         daemon.stop()
     return {
+        "milestones": milestones,
         "seconds": seconds,
         "cpu_s": cpu,
         "peak_rss": status["VmHWM"],
@@ -130,6 +145,10 @@ def _daemon_round(ctx: Context, emulator: EmulatorProcess, source: Path, root: P
         "succeeded": count_matching_lines(results, b'"status":"succeeded"'),
         "batches": daemon.events("batch.submitted"),
     }
+
+
+def _path(milestones: dict[str, Any]) -> str:
+    return ", ".join(f"{name} {value}" for name, value in milestones.items() if value is not None)
 
 
 def run(ctx: Context) -> list[Row]:
@@ -175,18 +194,24 @@ def run(ctx: Context) -> list[Row]:
     processing = scale.e2e_processing
     peak = median([r["peak_rss"] for r in ours])
     peak_base = median([r["peak_rss"] for r in theirs])
+    cpu_ours = median([r["cpu_s"] for r in ours])
+    cpu_theirs = median([r["cpu_s"] for r in theirs])
+    cpu_ratio = median([a["cpu_s"] / max(b["cpu_s"], 0.01) for a, b in zip(ours, theirs, strict=True)])
+    paths = "; ".join(
+        f"batchd {_path(a['milestones'])} / script {_path(b['milestones'])}" for a, b in zip(ours, theirs, strict=True)
+    )
     return [
         Row(
             name="end to end",
             batchd=fmt_seconds(ours_s),
             baseline=fmt_seconds(theirs_s),
             ratio=ratio,
-            target="≤ 1.2",
-            met=ratio <= 1.2,
+            target="≤ 1.1",
+            met=ratio <= 1.1,
             notes=f"{count:,} requests in one file → {ours[0]['batches']} batches of ≤ {LINES_PER_FILE:,};"
             f" emulator {processing:g} s per batch, poll every {scale.e2e_poll:g} s;"
             f" time beyond processing {ours_s - processing:.1f} s vs {theirs_s - processing:.1f} s;"
-            f" CPU {median([r['cpu_s'] for r in ours]):.1f} s vs {median([r['cpu_s'] for r in theirs]):.1f} s",
+            f" seconds from the drop: {paths}",
             details={
                 "requests": count,
                 "bytes": size,
@@ -194,6 +219,20 @@ def run(ctx: Context) -> list[Row]:
                 "poll_seconds": scale.e2e_poll,
                 "batchd_seconds": [r["seconds"] for r in ours],
                 "baseline_seconds": [r["seconds"] for r in theirs],
+                "batchd_milestones": [r["milestones"] for r in ours],
+                "baseline_milestones": [r["milestones"] for r in theirs],
+            },
+        ),
+        Row(
+            name="end to end CPU",
+            batchd=f"{cpu_ours:.1f} CPU-s",
+            baseline=f"{cpu_theirs:.1f} CPU-s",
+            ratio=cpu_ratio,
+            target="≤ 3",
+            met=cpu_ratio <= 3,
+            notes="CPU (user + system) of the daemon process from the drop to the results file vs the"
+            " script's whole run; the emulator's CPU is neither's",
+            details={
                 "batchd_cpu_s": [r["cpu_s"] for r in ours],
                 "baseline_cpu_s": [r["cpu_s"] for r in theirs],
             },
