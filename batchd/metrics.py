@@ -25,14 +25,12 @@ from prometheus_client.registry import Collector
 
 from .aio import wait_any
 from .logs import get_logger
-from .store.contract import LIVE_BATCH_STATES, Store
+from .store.contract import LIVE_BATCH_STATES, TURNAROUND_BUCKETS, Store
 
 log = get_logger("batchd.metrics")
 
 # The metrics lease, in the store's sink-lease table; not a valid sink name, so no sink can clash.
 METRICS_LEASE = ":metrics"
-# Seconds from submission to collection: minutes to the providers' 24 h window.
-TURNAROUND_BUCKETS = (1.0, 10.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0, 43200.0, 86400.0)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _LIVE = {str(state) for state in LIVE_BATCH_STATES}
 
@@ -53,6 +51,20 @@ def histogram(values: Iterable[float], buckets: tuple[float, ...]) -> tuple[list
         pairs.append((repr(float(bound)), float(index)))
     pairs.append(("+Inf", float(len(ordered))))
     return pairs, float(sum(ordered))
+
+
+def _pruned_turnaround(rows: Iterable[dict[str, Any]]) -> dict[str, tuple[list[float], float]]:
+    """Per profile: the pruned batches' count per bucket (not cumulative; the last is past every
+    bound, +Inf) and their seconds summed, from the store's turnaround_pruned rows."""
+    pruned: dict[str, tuple[list[float], float]] = {}
+    for row in rows:
+        counts, total = pruned.get(row["profile"], ([0.0] * (len(TURNAROUND_BUCKETS) + 1), 0.0))
+        if row["family"] == "turnaround_sum":
+            total += float(row["value"])
+        else:
+            counts[int(row["bucket"])] += float(row["value"])  # -1: past the last bound, the +Inf slot
+        pruned[row["profile"]] = (counts, total)
+    return pruned
 
 
 def families(data: dict[str, list[dict[str, Any]]], now: float) -> list[Metric]:
@@ -134,9 +146,12 @@ def families(data: dict[str, list[dict[str, Any]]], now: float) -> list[Metric]:
     by_profile: dict[str, list[float]] = {}
     for row in data["turnaround"]:
         by_profile.setdefault(row["profile"], []).append(max(0.0, float(row["seconds"])))
-    for profile, values in sorted(by_profile.items()):
-        buckets, total = histogram(values, TURNAROUND_BUCKETS)
-        turnaround.add_metric([profile], buckets, total)
+    pruned = _pruned_turnaround(data.get("turnaround_pruned", []))
+    for profile in sorted(by_profile.keys() | pruned.keys()):
+        buckets, total = histogram(by_profile.get(profile, []), TURNAROUND_BUCKETS)
+        counts, pruned_total = pruned.get(profile, ([0.0] * (len(TURNAROUND_BUCKETS) + 1), 0.0))
+        merged = [(le, count + sum(counts[: index + 1])) for index, (le, count) in enumerate(buckets)]
+        turnaround.add_metric([profile], merged, total + pruned_total)
     [ingested] = data["ingested"] or [{"files": 0, "lines": 0}]
     lines = CounterMetricFamily("batchd_ingested_lines", "Input lines taken from the spool (ingest throughput).")
     lines.add_metric([], float(ingested["lines"]))

@@ -55,7 +55,12 @@ class BatchState(enum.StrEnum):
 
 
 # The read models of Reporting.metrics(), each a named query `metrics_NAME` in both engines.
-METRICS_READS = ("queue", "batches", "results", "retries", "capacity", "turnaround", "ingested")
+METRICS_READS = (
+    "queue", "batches", "results", "retries", "capacity", "turnaround", "turnaround_pruned", "ingested",
+)  # fmt: skip
+# Upper bounds of batchd_batch_turnaround_seconds (submission to collection: minutes to the 24 h
+# window). The store folds pruned batches into these buckets, so they are part of its contract.
+TURNAROUND_BUCKETS = (1.0, 10.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0, 43200.0, 86400.0)
 
 LIVE_BATCH_STATES = (BatchState.PENDING, BatchState.UNVERIFIED, BatchState.SUBMITTED)
 POLLED_BATCH_STATES = (BatchState.UNVERIFIED, BatchState.SUBMITTED)
@@ -781,7 +786,12 @@ class Reporting(Protocol):
         batches (profile, state, status, n), results (profile, model, status, n, collected, tokens,
         cost_batch, cost_realtime), retries (profile, model, retries), capacity (profile, model,
         batches, tokens, requests: live batches), turnaround (profile, model, seconds: submitted to
-        collected), ingested (files, lines), and sinks (sink, pending, parked) as in status()."""
+        collected), turnaround_pruned (profile, family 'turnaround' with bucket: the index in
+        TURNAROUND_BUCKETS, -1 past the last, and value: a count; or 'turnaround_sum' with value: the
+        seconds), ingested (files, lines), and sinks (sink, pending, parked) as in status().
+
+        Every counter (batches finished, results, tokens, spend, retries, turnaround, ingested) keeps
+        what prune_finished deleted: it never goes down."""
 
 
 class Operations(Protocol):
@@ -831,7 +841,10 @@ class Operations(Protocol):
         file with parked results, nor one with a result that one of `sinks` has not delivered yet: the
         configured webhook sinks, by cursor) and up to `limit` done batches ended before it that no
         item names, in one transaction that first folds the results into the report totals (`report`
-        counts them still). Call again while it returns a non-empty summary."""
+        counts them still) and what /metrics counts into its totals. The file and batch holding the
+        largest file, item, result and batch ids stay until newer ones exist: SQLite would hand those
+        ids out again, below the queue counts' mark and the sinks' cursors. Call again while it
+        returns a non-empty summary."""
 
 
 class Store(Intake, Queue, Batches, Outcomes, Fallback, Delivery, Reporting, Operations, Protocol):

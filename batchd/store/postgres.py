@@ -40,6 +40,7 @@ from .contract import (
     LIVE_BATCH_STATES,
     METRICS_READS,
     PAUSE_UNTIL,
+    TURNAROUND_BUCKETS,
     ApplySummary,
     BatchRow,
     BatchState,
@@ -1240,12 +1241,14 @@ class PostgresStore:
                 # The report's totals first, in this transaction: pruned rows are never uncounted.
                 await conn.execute(Q.fold_totals, files)
                 await conn.execute(Q.fold_duplicates, files)
+                await conn.execute(Q.fold_metric_files, files)
                 await conn.execute(Q.prune_duplicates, files)
                 results = _count(await conn.execute(Q.prune_results, files))
                 await conn.execute(Q.prune_items, files)  # their bodies go by ON DELETE CASCADE
                 await conn.execute(Q.prune_files, files)
             batches = [r["id"] for r in await conn.fetch(Q.prunable_batches, before, limit)]
             if batches:
+                await conn.execute(Q.fold_metric_batches, batches, list(TURNAROUND_BUCKETS))
                 await conn.execute(Q.prune_batch_rejects, batches)
                 await conn.execute(Q.prune_batches, batches)
             return PruneSummary(files=len(files), results=results, batches=len(batches))

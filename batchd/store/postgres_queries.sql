@@ -637,8 +637,13 @@ SELECT g.profile, g.endpoint, g.model, g.n AS queued, (
 FROM groups g
 
 -- name: metrics_batches
-SELECT profile, state, COALESCE(remote_status, state) AS status, COUNT(*) AS n FROM batches
-GROUP BY profile, state, COALESCE(remote_status, state)
+-- Pruned batches (migration 008) still count: batchd_batches_finished_total is a counter.
+SELECT profile, state, status, SUM(n)::bigint AS n FROM (
+    SELECT profile, state, COALESCE(remote_status, state) AS status, COUNT(*) AS n FROM batches
+    GROUP BY profile, state, COALESCE(remote_status, state)
+    UNION ALL
+    SELECT profile, 'done', label, value::bigint FROM metric_totals WHERE family = 'batches_finished'
+) AS counted GROUP BY profile, state, status
 
 -- name: metrics_results
 SELECT COALESCE(profile, '') AS profile, COALESCE(model, '') AS model, status, SUM(requests) AS n,
@@ -657,8 +662,12 @@ FROM (
 ) AS r GROUP BY COALESCE(profile, ''), COALESCE(model, ''), status
 
 -- name: metrics_retries
-SELECT profile, model, COALESCE(SUM(CASE WHEN attempts > 1 THEN attempts - 1 ELSE 0 END), 0) AS retries
-FROM items GROUP BY profile, model
+-- Only retried items, through their partial index (migration 008), and what pruning folded.
+SELECT profile, model, SUM(retries)::bigint AS retries FROM (
+    SELECT profile, model, SUM(attempts - 1) AS retries FROM items WHERE attempts > 1 GROUP BY profile, model
+    UNION ALL
+    SELECT profile, model, value::bigint FROM metric_totals WHERE family = 'retries'
+) AS counted GROUP BY profile, model
 
 -- name: metrics_capacity
 SELECT profile, model, COUNT(*) AS batches, COALESCE(SUM(tokens), 0) AS tokens,
@@ -669,8 +678,16 @@ FROM batches WHERE state IN ('pending', 'unverified', 'submitted') GROUP BY prof
 SELECT profile, model, collected_at - submitted_at AS seconds FROM batches
 WHERE state = 'done' AND collected_at IS NOT NULL AND submitted_at IS NOT NULL
 
+-- name: metrics_turnaround_pruned
+-- Pruned batches' turnarounds: a count per (profile, bucket index, -1 for +Inf) and a sum per profile.
+SELECT profile, family, NULLIF(label, '')::int AS bucket, value FROM metric_totals
+WHERE family IN ('turnaround', 'turnaround_sum')
+
 -- name: metrics_ingested
-SELECT COUNT(*) AS files, COALESCE(SUM(lines_committed), 0) AS lines FROM files
+SELECT (SELECT COUNT(*) FROM files)
+        + COALESCE((SELECT value FROM metric_totals WHERE family = 'ingested_files'), 0)::bigint AS files,
+    (SELECT COALESCE(SUM(lines_committed), 0) FROM files)
+        + COALESCE((SELECT value FROM metric_totals WHERE family = 'ingested_lines'), 0)::bigint AS lines
 
 -- name: request_poll
 UPDATE batches SET poll_requested_at = $2 WHERE id = $1 AND state IN ('unverified', 'submitted')
@@ -701,6 +718,11 @@ WHERE f.state = 'complete' AND f.completed_at < $1
     AND NOT EXISTS (SELECT 1 FROM results r JOIN parked p ON p.result_id = r.id WHERE r.file_id = f.id)
     -- $3: the lowest cursor of the webhook sinks (NULL: none configured).
     AND ($3::bigint IS NULL OR NOT EXISTS (SELECT 1 FROM results r WHERE r.file_id = f.id AND r.id > $3))
+    -- The rows holding the largest ids stay until newer ones exist: one contract with SQLite, which
+    -- would hand such an id out again (sequences never do, but retention keeps to one rule).
+    AND f.id <> (SELECT MAX(id) FROM files)
+    AND NOT EXISTS (SELECT 1 FROM items i WHERE i.id = (SELECT MAX(id) FROM items) AND i.file_id = f.id)
+    AND NOT EXISTS (SELECT 1 FROM results r WHERE r.id = (SELECT MAX(id) FROM results) AND r.file_id = f.id)
 ORDER BY f.id LIMIT $2
 FOR UPDATE OF f SKIP LOCKED
 
@@ -732,6 +754,36 @@ DELETE FROM duplicate_costs WHERE file_id = ANY($1::bigint[])
 -- name: prune_results
 DELETE FROM results WHERE file_id = ANY($1::bigint[])
 
+-- name: fold_metric_files
+-- What pruning these files takes from /metrics' counters (ingested files and lines, retries), kept.
+INSERT INTO metric_totals (family, profile, model, label, value)
+SELECT 'ingested_files', '', '', '', COUNT(*) FROM files WHERE id = ANY($1::bigint[])
+UNION ALL
+SELECT 'ingested_lines', '', '', '', COALESCE(SUM(lines_committed), 0) FROM files WHERE id = ANY($1::bigint[])
+UNION ALL
+SELECT 'retries', profile, model, '', SUM(attempts - 1) FROM items
+WHERE file_id = ANY($1::bigint[]) AND attempts > 1 GROUP BY profile, model
+ON CONFLICT (family, profile, model, label) DO UPDATE SET value = metric_totals.value + excluded.value
+
+-- name: fold_metric_batches
+-- What pruning these batches takes from /metrics: finished counts by status, turnaround buckets
+-- ($2: the upper bounds; the index of the first bound >= seconds, -1 past the last).
+INSERT INTO metric_totals (family, profile, model, label, value)
+SELECT 'batches_finished', profile, '', COALESCE(remote_status, state), COUNT(*) FROM batches
+WHERE id = ANY($1::bigint[]) GROUP BY profile, COALESCE(remote_status, state)
+UNION ALL
+SELECT 'turnaround', profile, '', bucket::text, COUNT(*) FROM (
+    SELECT profile, COALESCE(
+        (SELECT MIN(u.i) - 1 FROM unnest($2::float8[]) WITH ORDINALITY AS u(b, i)
+         WHERE u.b >= GREATEST(collected_at - submitted_at, 0)), -1
+    ) AS bucket
+    FROM batches WHERE id = ANY($1::bigint[]) AND collected_at IS NOT NULL AND submitted_at IS NOT NULL
+) AS timed GROUP BY profile, bucket
+UNION ALL
+SELECT 'turnaround_sum', profile, '', '', SUM(GREATEST(collected_at - submitted_at, 0)) FROM batches
+WHERE id = ANY($1::bigint[]) AND collected_at IS NOT NULL AND submitted_at IS NOT NULL GROUP BY profile
+ON CONFLICT (family, profile, model, label) DO UPDATE SET value = metric_totals.value + excluded.value
+
 -- name: prune_items
 DELETE FROM items WHERE file_id = ANY($1::bigint[])
 
@@ -742,6 +794,7 @@ DELETE FROM files WHERE id = ANY($1::bigint[])
 SELECT b.id FROM batches b
 WHERE b.state = 'done' AND COALESCE(b.collected_at, b.ended_at, b.created_at) < $1
     AND NOT EXISTS (SELECT 1 FROM items i WHERE i.batch_id = b.id)
+    AND b.id <> (SELECT MAX(id) FROM batches)  -- as prunable_files
 ORDER BY b.id LIMIT $2
 FOR UPDATE OF b SKIP LOCKED
 

@@ -49,6 +49,7 @@ from .contract import (
     LIVE_BATCH_STATES,
     METRICS_READS,
     PAUSE_UNTIL,
+    TURNAROUND_BUCKETS,
     ApplySummary,
     BatchRow,
     BatchState,
@@ -1526,6 +1527,7 @@ class SQLiteStore:
                 # The report's totals first, in this transaction: pruned rows are never uncounted.
                 await db.execute(Q.fold_totals, (ids,))
                 await db.execute(Q.fold_duplicates, (ids,))
+                await db.execute(Q.fold_metric_files, {"ids": ids})
                 await db.execute(Q.prune_duplicates, (ids,))
                 results = (await db.execute(Q.prune_results, (ids,))).rowcount
                 await db.execute(Q.prune_item_bodies, (ids,))
@@ -1534,6 +1536,8 @@ class SQLiteStore:
             rows = await db.execute_fetchall(Q.prunable_batches, {"before": before, "limit": limit})
             batches = [r["id"] for r in rows]
             if batches:
+                folded = {"ids": _json(batches), "buckets": _json(list(TURNAROUND_BUCKETS))}
+                await db.execute(Q.fold_metric_batches, folded)
                 await db.execute(Q.prune_batch_rejects, (_json(batches),))
                 await db.execute(Q.prune_batches, (_json(batches),))
         return PruneSummary(files=len(files), results=results, batches=len(batches))

@@ -675,8 +675,13 @@ SELECT g.profile, g.endpoint, g.model, g.n AS queued, (
 FROM groups g;
 
 -- name: metrics_batches
-SELECT profile, state, COALESCE(remote_status, state) AS status, COUNT(*) AS n FROM batches
-GROUP BY profile, state, COALESCE(remote_status, state);
+-- Pruned batches (migration 015) still count: batchd_batches_finished_total is a counter.
+SELECT profile, state, status, SUM(n) AS n FROM (
+    SELECT profile, state, COALESCE(remote_status, state) AS status, COUNT(*) AS n FROM batches
+    GROUP BY profile, state, COALESCE(remote_status, state)
+    UNION ALL
+    SELECT profile, 'done', label, CAST(value AS INTEGER) FROM metric_totals WHERE family = 'batches_finished'
+) GROUP BY profile, state, status;
 
 -- name: metrics_results
 SELECT COALESCE(profile, '') AS profile, COALESCE(model, '') AS model, status, SUM(requests) AS n,
@@ -695,8 +700,13 @@ FROM (
 ) AS r GROUP BY COALESCE(profile, ''), COALESCE(model, ''), status;
 
 -- name: metrics_retries
-SELECT profile, model, COALESCE(SUM(CASE WHEN attempts > 1 THEN attempts - 1 ELSE 0 END), 0) AS retries
-FROM items GROUP BY profile, model;
+-- Only retried items, through their partial index (migration 015), and what pruning folded.
+SELECT profile, model, SUM(retries) AS retries FROM (
+    SELECT profile, model, SUM(attempts - 1) AS retries FROM items INDEXED BY items_retried
+    WHERE attempts > 1 GROUP BY profile, model
+    UNION ALL
+    SELECT profile, model, value FROM metric_totals WHERE family = 'retries'
+) GROUP BY profile, model;
 
 -- name: metrics_capacity
 SELECT profile, model, COUNT(*) AS batches, COALESCE(SUM(tokens), 0) AS tokens,
@@ -707,8 +717,16 @@ FROM batches WHERE state IN ('pending', 'unverified', 'submitted') GROUP BY prof
 SELECT profile, model, collected_at - submitted_at AS seconds FROM batches
 WHERE state = 'done' AND collected_at IS NOT NULL AND submitted_at IS NOT NULL;
 
+-- name: metrics_turnaround_pruned
+-- Pruned batches' turnarounds: a count per (profile, bucket index, -1 for +Inf) and a sum per profile.
+SELECT profile, family, CAST(NULLIF(label, '') AS INTEGER) AS bucket, value FROM metric_totals
+WHERE family IN ('turnaround', 'turnaround_sum');
+
 -- name: metrics_ingested
-SELECT COUNT(*) AS files, COALESCE(SUM(lines_committed), 0) AS lines FROM files;
+SELECT (SELECT COUNT(*) FROM files)
+        + COALESCE((SELECT value FROM metric_totals WHERE family = 'ingested_files'), 0) AS files,
+    (SELECT COALESCE(SUM(lines_committed), 0) FROM files)
+        + COALESCE((SELECT value FROM metric_totals WHERE family = 'ingested_lines'), 0) AS lines;
 
 -- name: request_poll
 UPDATE batches SET poll_requested_at = :now WHERE id = :id AND state IN ('unverified', 'submitted');
@@ -739,6 +757,12 @@ WHERE f.state = 'complete' AND f.completed_at < :before
     AND NOT EXISTS (SELECT 1 FROM results r JOIN parked p ON p.result_id = r.id WHERE r.file_id = f.id)
     -- :delivered: the lowest cursor of the webhook sinks (NULL: none configured).
     AND (:delivered IS NULL OR NOT EXISTS (SELECT 1 FROM results r WHERE r.file_id = f.id AND r.id > :delivered))
+    -- SQLite hands the largest rowid out again once its row is gone: an id at or below the queue
+    -- counts' mark or a sink's cursor would be new work never counted or delivered. The rows holding
+    -- the largest ids stay until newer ones exist (PostgreSQL's sequences never go back).
+    AND f.id <> (SELECT MAX(id) FROM files)
+    AND NOT EXISTS (SELECT 1 FROM items i WHERE i.id = (SELECT MAX(id) FROM items) AND i.file_id = f.id)
+    AND NOT EXISTS (SELECT 1 FROM results r WHERE r.id = (SELECT MAX(id) FROM results) AND r.file_id = f.id)
 ORDER BY f.id LIMIT :limit;
 
 -- name: fold_totals
@@ -771,6 +795,42 @@ DELETE FROM results WHERE file_id IN (SELECT value FROM json_each(?));
 -- name: prune_item_bodies
 DELETE FROM item_bodies WHERE item_id IN (SELECT id FROM items WHERE file_id IN (SELECT value FROM json_each(?)));
 
+-- name: fold_metric_files
+-- What pruning these files takes from /metrics' counters (ingested files and lines, retries), kept.
+INSERT INTO metric_totals (family, profile, model, label, value)
+SELECT * FROM (
+    SELECT 'ingested_files', '', '', '', COUNT(*) FROM files WHERE id IN (SELECT value FROM json_each(:ids))
+    UNION ALL
+    SELECT 'ingested_lines', '', '', '', COALESCE(SUM(lines_committed), 0) FROM files
+    WHERE id IN (SELECT value FROM json_each(:ids))
+    UNION ALL
+    SELECT 'retries', profile, model, '', SUM(attempts - 1) FROM items
+    WHERE file_id IN (SELECT value FROM json_each(:ids)) AND attempts > 1 GROUP BY profile, model
+) WHERE true
+ON CONFLICT (family, profile, model, label) DO UPDATE SET value = value + excluded.value;
+
+-- name: fold_metric_batches
+-- What pruning these batches takes from /metrics: finished counts by status, turnaround buckets
+-- (:buckets, a JSON array of upper bounds; the index of the first bound >= seconds, -1 past the last).
+INSERT INTO metric_totals (family, profile, model, label, value)
+SELECT * FROM (
+    SELECT 'batches_finished', profile, '', COALESCE(remote_status, state), COUNT(*) FROM batches
+    WHERE id IN (SELECT value FROM json_each(:ids)) GROUP BY profile, COALESCE(remote_status, state)
+    UNION ALL
+    SELECT 'turnaround', profile, '', CAST(bucket AS TEXT), COUNT(*) FROM (
+        SELECT profile, COALESCE(
+            (SELECT MIN(key) FROM json_each(:buckets) WHERE value >= MAX(collected_at - submitted_at, 0)), -1
+        ) AS bucket
+        FROM batches WHERE id IN (SELECT value FROM json_each(:ids))
+            AND collected_at IS NOT NULL AND submitted_at IS NOT NULL
+    ) GROUP BY profile, bucket
+    UNION ALL
+    SELECT 'turnaround_sum', profile, '', '', SUM(MAX(collected_at - submitted_at, 0)) FROM batches
+    WHERE id IN (SELECT value FROM json_each(:ids)) AND collected_at IS NOT NULL AND submitted_at IS NOT NULL
+    GROUP BY profile
+) WHERE true
+ON CONFLICT (family, profile, model, label) DO UPDATE SET value = value + excluded.value;
+
 -- name: prune_items
 DELETE FROM items WHERE file_id IN (SELECT value FROM json_each(?));
 
@@ -781,6 +841,7 @@ DELETE FROM files WHERE id IN (SELECT value FROM json_each(?));
 SELECT b.id FROM batches b
 WHERE b.state = 'done' AND COALESCE(b.collected_at, b.ended_at, b.created_at) < :before
     AND NOT EXISTS (SELECT 1 FROM items i WHERE i.batch_id = b.id)
+    AND b.id <> (SELECT MAX(id) FROM batches)  -- as prunable_files: a batch id is never handed out twice
 ORDER BY b.id LIMIT :limit;
 
 -- name: prune_batch_rejects

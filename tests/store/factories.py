@@ -156,6 +156,15 @@ async def submitted_batch(
     return row
 
 
+async def newest_work(store: Store) -> FileRow:
+    """Work in flight holding the newest file, item, result and batch ids. Retention keeps the rows
+    with the largest ids (an id is never handed out twice), so everything finished before this is
+    prunable."""
+    row = await ingest(store, "in-flight.jsonl", 2, invalid_lines=[2])
+    await claim(store)
+    return row
+
+
 def final(
     item: SubmittedItem, status: Status = "succeeded", *, tokens: int | None = None, cost: float | None = None
 ) -> FinalResult:

@@ -12,12 +12,33 @@ import time
 import orjson
 import pytest
 
+from batchd.metrics import families
 from batchd.ops import held_until
 from batchd.policy import canceled_results
 from batchd.poller import end_canceled_leftovers
-from batchd.store.contract import PAUSE_UNTIL, BatchState, CancelReason, Fate, ItemState, PruneSummary, Store
+from batchd.store.contract import (
+    PAUSE_UNTIL,
+    BatchState,
+    CancelReason,
+    Fate,
+    ItemState,
+    PruneSummary,
+    Store,
+)
 
-from .factories import MODEL, PROFILE, claim, file_key, final, ingest, never_taken, retry, submitted_batch, succeed_all
+from .factories import (
+    MODEL,
+    PROFILE,
+    claim,
+    file_key,
+    final,
+    ingest,
+    never_taken,
+    newest_work,
+    retry,
+    submitted_batch,
+    succeed_all,
+)
 from .factories import chunk as make_chunk
 
 
@@ -85,9 +106,9 @@ async def _finished_file(store: Store, name: str, count: int, cost: float = 0.25
 
 async def test_pruning_removes_finished_rows_and_keeps_the_report_totals(store: Store) -> None:
     file_id = await _finished_file(store, "old.jsonl", 5)
-    kept = await ingest(store, "queued.jsonl", 2)  # not complete: never pruned
+    kept = await newest_work(store)  # not complete: never pruned
     reports = {by: await store.report(0, by) for by in ("model", "provider", "day", "file")}
-    assert sum(r["requests"] for r in reports["file"]) == 5
+    assert sum(r["requests"] for r in reports["file"]) == 6
     counted = (await store.metrics())["results"]  # /metrics counters: they must never go down
 
     assert await store.prune_finished(time.time() - 3600) == PruneSummary()  # nothing that old yet
@@ -105,6 +126,72 @@ async def test_pruning_removes_finished_rows_and_keeps_the_report_totals(store: 
     assert await store.report(time.time() + 7200, "model") == []
 
 
+async def test_work_after_pruning_everything_gets_new_ids_and_flows(store: Store) -> None:
+    """Retention on a quiet system may find every row finished. An id handed out again after that
+    (SQLite reuses the largest rowid once its row is deleted) would sit at or below the queue counts'
+    mark and the sinks' cursors: new requests never counted as queued, new results never delivered,
+    and a stale remote batch's custom_ids matching new items."""
+    await _finished_file(store, "old.jsonl", 3)
+    [old_batch] = await store.recent_batches(10)
+    old_results = await store.results_after(0, 100)
+    cursor = max(r.id for r in old_results)
+    old_items = max(item.id for item in await store.file_items(old_results[0].file_id))
+    await store.prune_finished(time.time() + 1)
+
+    fresh = await ingest(store, "new.jsonl", 2)
+    [group] = await store.queued_groups(time.time())
+    assert group.count == 2  # the batcher sees the new requests
+    batch = await submitted_batch(store)
+    assert batch.id > old_batch.id
+    items = await store.submitted_items(batch.id)
+    assert min(item.id for item in items) > old_items
+    await store.record_outcomes(batch.id, [final(i) for i in items], [])
+    delivered = await store.results_after(cursor, 100)
+    assert sorted(orjson.loads(r.payload)["line"] for r in delivered if r.file_id == fresh.id) == [1, 2]
+
+
+def _counters(data: dict[str, list[dict[str, object]]]) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every counter and histogram sample /metrics would show for the store's read."""
+    samples = {}
+    for family in families(data, time.time()):
+        if family.type in ("counter", "histogram"):
+            for sample in family.samples:
+                samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+async def test_pruning_never_takes_anything_from_a_metrics_counter(store: Store) -> None:
+    # A file whose requests went out twice: the first batch answered retryable, the second for good.
+    row = await store.begin_file(file_key("retried.jsonl"), never_taken)
+    assert await store.add_chunk(row.id, make_chunk(1, 4))
+    await store.finish_file(row.id, 4)
+    first = await submitted_batch(store)
+    items = await store.submitted_items(first.id)
+    await store.record_outcomes(first.id, [], [retry(i, 0.0) for i in items])
+    await store.finish_batch(first.id)
+    second = await submitted_batch(store)
+    await succeed_all(store, second)
+    await store.finish_batch(second.id)
+    await store.complete_file(row.id)
+    await _finished_file(store, "plain.jsonl", 3)
+    await newest_work(store)
+    before = _counters(await store.metrics())
+    assert before[("batchd_retries_total", (("model", MODEL), ("profile", PROFILE)))] == 4
+    assert before[("batchd_ingested_files_total", ())] == 3
+    assert before[("batchd_batch_turnaround_seconds_count", (("profile", PROFILE),))] == 3
+
+    assert await store.prune_finished(time.time() + 1) == PruneSummary(files=2, results=7, batches=3)
+    assert await store.file(row.id) is None
+    assert _counters(await store.metrics()) == before
+    # What is pruned later adds to what was folded before, never replaces it.
+    await _finished_file(store, "later.jsonl", 2)
+    await newest_work(store)
+    grown = _counters(await store.metrics())
+    assert (await store.prune_finished(time.time() + 1)).files == 1
+    assert _counters(await store.metrics()) == grown
+    assert grown[("batchd_ingested_lines_total", ())] == before[("batchd_ingested_lines_total", ())] + 4
+
+
 async def test_a_file_with_parked_results_is_not_pruned(store: Store) -> None:
     file_id = await _finished_file(store, "parked.jsonl", 3)
     pending = await store.results_after(0, 10)
@@ -118,26 +205,28 @@ async def test_a_file_a_webhook_sink_has_not_delivered_yet_is_not_pruned(store: 
     # has still to send: pruning would drop results it never delivered.
     first = await _finished_file(store, "first.jsonl", 2)
     behind = await _finished_file(store, "behind.jsonl", 2)
+    await newest_work(store)
     delivered = max(r.id for r in await store.results_after(0, 100) if r.file_id == first)
     await store.advance_cursor("hook", delivered)
     later = time.time() + 1
     assert (await store.prune_finished(later, sinks=["hook", "new-hook"])).files == 0  # new-hook: nothing yet
     assert await store.prune_finished(later, sinks=["hook"]) == PruneSummary(files=1, results=2, batches=1)
     assert await store.file(first) is None and await store.file(behind) is not None
-    await store.advance_cursor("hook", max(r.id for r in await store.results_after(0, 100)))
+    await store.advance_cursor("hook", max(r.id for r in await store.results_after(0, 100) if r.file_id == behind))
     assert (await store.prune_finished(later, sinks=["hook"])).files == 1
 
 
 async def test_pruning_goes_a_chunk_of_files_per_transaction(store: Store) -> None:
     for n in range(3):
         await _finished_file(store, f"f{n}.jsonl", 2)
+    await newest_work(store)
     later = time.time() + 1
     assert [await store.prune_finished(later, limit=2) for _ in range(3)] == [
         PruneSummary(files=2, results=4, batches=2),
         PruneSummary(files=1, results=2, batches=1),
         PruneSummary(),
     ]
-    assert sum(r["requests"] for r in await store.report(0, "file")) == 6
+    assert sum(r["requests"] for r in await store.report(0, "file")) == 7
 
 
 # -- `batchd cancel`: intents the lease holder carries out -------------------------------------------
