@@ -486,8 +486,9 @@ def build_parser(command_hint: str | None = None) -> argparse.ArgumentParser:
         add_arguments(emulator)
     emulator.set_defaults(handler=cmd_emulator)
 
-    demo = command("demo", "run the emulator and a daemon on a temporary spool, end to end")
-    demo.add_argument("--requests", type=int, default=400, help="how many sample requests (default 400)")
+    demo_help = "run the emulator and a daemon on a temporary spool, end to end (its own config: no --config)"
+    demo = commands.add_parser("demo", help=demo_help, description=demo_help)
+    demo.add_argument("--requests", type=_positive(int), default=400, help="how many sample requests (default 400)")
     demo.add_argument("--keep", action="store_true", help="keep the temporary directory (default: removed)")
     demo.set_defaults(handler=cmd_demo)
     _document_defaults(parser)
@@ -505,7 +506,9 @@ def _document_defaults(parser: argparse.ArgumentParser) -> None:
             continue
         if not action.option_strings or action.help in (None, argparse.SUPPRESS) or "default" in action.help:
             continue
-        if isinstance(action, argparse._StoreTrueAction):
+        if action.required:
+            action.help += " (required)"
+        elif isinstance(action, argparse._StoreTrueAction):
             action.help += " (default: off)"
         elif action.default is None:
             action.help += " (default: none)"

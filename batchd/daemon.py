@@ -201,7 +201,9 @@ class Daemon:
             settings, self.store, on_ingest=self._on_ingest, crashpoints=self.crashpoints, on_queued=self.batcher.wake
         )
         self.http = (
-            HttpServer(settings, settings.http, self.store, self.providers, self.pollers) if settings.http else None
+            HttpServer(settings, settings.http, self.store, self.providers, self.pollers, lambda: self.sinks.failures)
+            if settings.http
+            else None
         )
         self.lock = StateLock(settings.daemon.state_dir)
         self._poll_requests_seen: dict[int, float] = {}

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import os
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -51,13 +52,19 @@ class HttpServer:
     """The routes and the listener; `run` serves until the daemon stops."""
 
     def __init__(
-        self, settings: Settings, http: HttpSettings, store: Store, providers: ProviderPool, pollers: Pollers
+        self,
+        settings: Settings,
+        http: HttpSettings,
+        store: Store,
+        providers: ProviderPool,
+        pollers: Pollers,
+        sink_failures: Callable[[], Mapping[str, int]] = dict,
     ) -> None:
         self.settings = settings
         self.http = http
         self.store = store
         self.providers = providers
-        self.metrics = Metrics(store, settings.store.lease, lambda: pollers.live)
+        self.metrics = Metrics(store, settings.store.lease, lambda: pollers.live, sink_failures)
         self.webhooks = OpenAIWebhooks(
             http.resolve_webhook_secret(),
             http.webhook_tolerance,

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -28,6 +28,8 @@ from .logs import get_logger
 from .store.contract import LIVE_BATCH_STATES, TURNAROUND_BUCKETS, Store
 
 log = get_logger("batchd.metrics")
+# A `_created` sample per counter is noise to every dashboard, and one more name to document.
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 # The metrics lease, in the store's sink-lease table; not a valid sink name, so no sink can clash.
 METRICS_LEASE = ":metrics"
@@ -185,10 +187,33 @@ class _Snapshot(Collector):
         yield from self.families
 
 
+class _SinkFailures(Collector):
+    """This process's failed delivery attempts per sink (each daemon delivers, and counts, its own)."""
+
+    def __init__(self, failures: Callable[[], Mapping[str, int]]) -> None:
+        self.failures = failures
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "batchd_sink_delivery_failures",
+            "Failed delivery attempts by this daemon per sink (each is retried with backoff).",
+            labels=["sink"],
+        )
+        for sink, count in sorted(self.failures().items()):
+            family.add_metric([sink], float(count))
+        yield family
+
+
 class Metrics:
     """One daemon's registry: its own counters plus, while it holds the metrics lease, the store's."""
 
-    def __init__(self, store: Store, lease: float, live_pollers: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        store: Store,
+        lease: float,
+        live_pollers: Callable[[], int],
+        sink_failures: Callable[[], Mapping[str, int]] = dict,
+    ) -> None:
         self.store = store
         self.lease = lease
         self.registry = CollectorRegistry(auto_describe=False)
@@ -208,6 +233,7 @@ class Metrics:
         )
         pollers = Gauge("batchd_live_pollers", "Batches this daemon is polling now.", registry=self.registry)
         pollers.set_function(lambda: float(live_pollers()))
+        self.registry.register(_SinkFailures(sink_failures))
         self._snapshot = _Snapshot()
         self.registry.register(self._snapshot)
         self.leader = False

@@ -152,6 +152,31 @@ async def test_metrics_match_what_the_emulator_did(tmp_path: Path, emulator: Run
         assert await daemon.stop() == -signal.SIGTERM
 
 
+async def test_failed_webhook_deliveries_are_counted_per_sink(tmp_path: Path, emulator: RunningEmulator) -> None:
+    # A receiver that is not there (port 9, discard: nothing listens): every attempt fails.
+    config = write_config(tmp_path, emulator, http={"listen": "127.0.0.1:0"})
+    with config.open("a") as handle:
+        handle.write('\n[[sinks]]\nname = "crm"\nurl = "http://127.0.0.1:9/hook"\nsecret = "s3cret-hook-key"\n')
+    daemon = DaemonProcess(config, tmp_path / "daemon.log").start()
+    try:
+        base = await http_url(daemon)
+        drop(tmp_path / "spool", "hooked.jsonl", [chat(n) for n in range(2)])
+        await wait_for_file(tmp_path / "spool" / "out" / "hooked.results.jsonl", 60, daemon)
+
+        async def failures() -> float | None:
+            samples = metric_samples((await get(base + "/metrics"))[1])
+            counted = metric(samples, "batchd_sink_delivery_failures_total", sink="crm")
+            return counted if counted >= 2 else None
+
+        await wait_until(failures, 60)
+        logged = [e for e in daemon.log_events() if e.get("event") == "sink.delivery_failed"]
+        samples = metric_samples((await get(base + "/metrics"))[1])
+        assert metric(samples, "batchd_sink_delivery_failures_total", sink="crm") >= len(logged) >= 2
+        assert not [name for name, _ in samples if name.endswith("_created")]
+    finally:
+        assert await daemon.stop() == -signal.SIGTERM
+
+
 async def test_readyz_says_why_with_a_bad_key_and_is_ready_after_the_fix_and_a_restart(tmp_path: Path) -> None:
     good = {OPENAI_KEY, ANTHROPIC_KEY}
     async with await start_emulator(EmulatorConfig(processing_seconds=0.3, api_keys=frozenset(good))) as emulator:

@@ -178,9 +178,14 @@ def test_every_command_and_option_says_what_it_does_and_its_default() -> None:
             if isinstance(action, argparse._HelpAction) or (not action.option_strings and action.nargs != "?"):
                 continue
             assert action.help and len(action.help) > 12, (name, action.dest)
-            assert "default" in action.help, (name, action.dest, action.help)
+            if action.required:  # a required option has no default to name
+                assert "(required)" in action.help and "default" not in action.help, (name, action.dest)
+            else:
+                assert "default" in action.help, (name, action.dest, action.help)
         text = command.format_help()
-        assert "$BATCHD_CONFIG" in text or name in ("emulator", "init-service"), name
+        # demo runs on its own temporary config: a --config there would be ignored, so it has none.
+        assert "$BATCHD_CONFIG" in text or name in ("emulator", "init-service", "demo"), name
+    assert not [a for a in commands["demo"]._actions if "--config" in a.option_strings]
 
 
 # -- retention of directories -------------------------------------------------------------------------

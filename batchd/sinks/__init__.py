@@ -21,6 +21,8 @@ class SinkRunner:
     def __init__(self, store: Store, sinks: list[Sink]) -> None:
         self.store = store
         self.sinks: list[Sink] = []
+        # Failed delivery attempts per sink kind (the name before any ":NODE"), for /metrics.
+        self.failures: dict[str, int] = {}
         self._wakes: dict[Sink, asyncio.Event] = {}  # by sink: a name may depend on the node id
         for sink in sinks:
             self.add(sink)
@@ -85,6 +87,8 @@ class SinkRunner:
                 timeout = 1.0
             except Exception as exc:
                 failures += 1
+                label = sink.name.split(":", 1)[0]
+                self.failures[label] = self.failures.get(label, 0) + 1
                 timeout = backoff(failures, base=1.0, ceiling=300.0)
                 log.warning("sink.delivery_failed", sink=sink.name, error=str(exc), retry_in=round(timeout, 1))
                 try:

@@ -597,7 +597,12 @@ SELECT id, profile, model, remote_id, remote_status, fate, last_error, collected
 WHERE state = 'done' AND fate IS NOT NULL ORDER BY id DESC LIMIT 10
 
 -- name: status_results
-SELECT status, COUNT(*) AS n FROM results GROUP BY status
+-- Every result ever made, pruned ones too (as the savings beside it count them).
+SELECT status, SUM(n)::bigint AS n FROM (
+    SELECT status, COUNT(*) AS n FROM results GROUP BY status
+    UNION ALL
+    SELECT status, SUM(requests) FROM result_totals GROUP BY status
+) AS counted GROUP BY status
 
 -- name: status_files
 SELECT name, out_name, lines, delivered, state, node FROM files ORDER BY id DESC LIMIT 20

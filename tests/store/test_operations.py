@@ -110,6 +110,7 @@ async def test_pruning_removes_finished_rows_and_keeps_the_report_totals(store: 
     reports = {by: await store.report(0, by) for by in ("model", "provider", "day", "file")}
     assert sum(r["requests"] for r in reports["file"]) == 6
     counted = (await store.metrics())["results"]  # /metrics counters: they must never go down
+    status_results = (await store.status())["results"]
 
     assert await store.prune_finished(time.time() - 3600) == PruneSummary()  # nothing that old yet
     pruned = await store.prune_finished(time.time() + 1)
@@ -122,6 +123,7 @@ async def test_pruning_removes_finished_rows_and_keeps_the_report_totals(store: 
     for by, before in reports.items():
         assert await store.report(0, by) == before, by
     assert (await store.metrics())["results"] == counted
+    assert (await store.status())["results"] == status_results  # lifetime counts, as the savings line
     # `--since` still applies to what was pruned (by the hour it was made).
     assert await store.report(time.time() + 7200, "model") == []
 
