@@ -148,7 +148,7 @@ class HttpServer:
 
         now = time.time()
         status = await self.store.status()
-        data = await self.store.metrics()
+        data = await self.metrics.store_read()
         routes = await route_section(self.settings, self.store, now)
         html = page.render(status, data, routes, self.http.page_refresh, now)
         return web.Response(text=html, content_type="text/html", headers={"Cache-Control": "no-store"})

@@ -30,6 +30,10 @@ from .store.contract import LIVE_BATCH_STATES, TURNAROUND_BUCKETS, Store
 log = get_logger("batchd.metrics")
 # A `_created` sample per counter is noise to every dashboard, and one more name to document.
 disable_created_metrics()  # type: ignore[no-untyped-call]
+# A store read this slow (seconds) is served from memory while the next one runs; it is read again
+# once older than STALE_READS times what it cost.
+SLOW_READ = 0.25
+STALE_READS = 5.0
 
 # The metrics lease, in the store's sink-lease table; not a valid sink name, so no sink can clash.
 METRICS_LEASE = ":metrics"
@@ -237,6 +241,10 @@ class Metrics:
         self._snapshot = _Snapshot()
         self.registry.register(self._snapshot)
         self.leader = False
+        self._read: dict[str, list[dict[str, Any]]] | None = None
+        self._read_at = 0.0
+        self._read_cost = 0.0
+        self._refreshing: asyncio.Task[None] | None = None
 
     async def hold_lease(self, stopping: asyncio.Event) -> None:
         """Take or renew the metrics lease every lease/3 s, so one daemon keeps exporting the store's families."""
@@ -252,7 +260,30 @@ class Metrics:
             self.exporter.set(1.0 if leader else 0.0)
             await wait_any(self.lease / 3, stopping)
 
+    async def store_read(self) -> dict[str, list[dict[str, Any]]]:
+        """The store's metrics read. A read that took SLOW_READ or longer (a large database) is served
+        to the next scrapes and page loads while a fresh one runs in the background, once it is older
+        than STALE_READS times its own cost: a scrape never waits for (nor piles up) whole-table reads."""
+        if self._read is None or self._read_cost < SLOW_READ:
+            return await self._refresh()
+        stale = time.monotonic() - self._read_at > STALE_READS * self._read_cost
+        if stale and (self._refreshing is None or self._refreshing.done()):
+            self._refreshing = asyncio.create_task(self._refresh_quietly(), name="metrics-read")
+        return self._read
+
+    async def _refresh(self) -> dict[str, list[dict[str, Any]]]:
+        started = time.monotonic()
+        read = await self.store.metrics()
+        self._read, self._read_at, self._read_cost = read, time.monotonic(), time.monotonic() - started
+        return read
+
+    async def _refresh_quietly(self) -> None:
+        try:
+            await self._refresh()
+        except Exception as exc:  # the last read stays served; the next scrape tries again
+            log.warning("metrics.read_failed", error=str(exc))
+
     async def render(self) -> bytes:
         """The exposition text: this process's families, and the store's if this daemon is the exporter."""
-        self._snapshot.families = families(await self.store.metrics(), time.time()) if self.leader else []
+        self._snapshot.families = families(await self.store_read(), time.time()) if self.leader else []
         return generate_latest(self.registry)

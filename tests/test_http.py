@@ -324,3 +324,38 @@ def test_the_turnaround_histogram_is_cumulative() -> None:
     assert buckets == [("1.0", 1.0), ("10.0", 2.0), ("60.0", 3.0), ("+Inf", 4.0)]
     assert total == 5021.5
     assert histogram([], (1.0,)) == ([("1.0", 0.0), ("+Inf", 0.0)], 0.0)
+
+
+class _CountingStore:
+    """Only what Metrics reads of a store: metrics(), counted, each read a new value."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    async def metrics(self) -> dict[str, list[dict[str, Any]]]:
+        self.reads += 1
+        return {"read": [{"n": self.reads}]}
+
+
+async def test_a_slow_metrics_read_is_served_from_memory_while_a_fresh_one_runs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import batchd.metrics as metrics_module
+
+    store = _CountingStore()
+    metrics = Metrics(store, 30.0, lambda: 0)  # type: ignore[arg-type]
+    # A fast read (a small database) is made for every scrape.
+    assert [(await metrics.store_read())["read"] for _ in range(2)] == [[{"n": 1}], [{"n": 2}]]
+
+    monkeypatch.setattr(metrics_module, "SLOW_READ", 0.0)  # every read counts as slow now
+    monkeypatch.setattr(metrics_module, "STALE_READS", 1e9)  # and stays fresh
+    assert [(await metrics.store_read())["read"] for _ in range(2)] == [[{"n": 2}], [{"n": 2}]]  # from memory
+    assert store.reads == 2
+
+    monkeypatch.setattr(metrics_module, "STALE_READS", 0.0)  # stale at once: refreshed behind the answer
+    assert (await metrics.store_read())["read"] == [{"n": 2}]
+    assert metrics._refreshing is not None
+    await metrics._refreshing
+    assert store.reads == 3
+    monkeypatch.setattr(metrics_module, "STALE_READS", 1e9)
+    assert (await metrics.store_read())["read"] == [{"n": 3}]
