@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -494,6 +495,20 @@ def count_lines(path: Path) -> int:
     return lines
 
 
+# `python -m bench.run --engine postgresql` sets this to the server's URL: batchd's side then opens a
+# fresh schema of it (BENCH_SCHEMA_PREFIX + random) wherever it would open a new SQLite file.
+POSTGRES_ENV = "BENCH_POSTGRES_URL"
+BENCH_SCHEMA_PREFIX = "batchd_bench_"
+
+
+def store_url(sqlite_path: Path) -> str:
+    """The store batchd's side opens: the SQLite file at `sqlite_path`, or a fresh PostgreSQL schema."""
+    base = os.environ.get(POSTGRES_ENV)
+    if not base:
+        return "sqlite:///" + str(sqlite_path)
+    return f"{base}{'&' if '?' in base else '?'}schema={BENCH_SCHEMA_PREFIX}{uuid.uuid4().hex[:12]}"
+
+
 def write_daemon_config(
     root: Path, emulator: EmulatorProcess, batching: dict[str, Any], openai: dict[str, Any]
 ) -> Path:
@@ -505,6 +520,7 @@ def write_daemon_config(
             "log_format": "json",
             "log_level": "info",
         },
+        **({"store": {"url": store_url(root / "state" / "batchd.sqlite3")}} if os.environ.get(POSTGRES_ENV) else {}),
         "batching": batching,
         "providers.openai": {
             "kind": "openai",

@@ -29,7 +29,7 @@ from typing import Any
 
 import orjson
 
-from .common import MB, Context, Row, fmt_mb, fmt_rate, log, median, write_small_openai
+from .common import MB, Context, Row, fmt_mb, fmt_rate, log, median, store_url, write_small_openai
 
 ROUND_TIMEOUT = 900.0
 # Peak RSS may grow by at most this much when the file grows 10×, to count as "not growing".
@@ -56,7 +56,7 @@ async def batchd_side(source: str, root: str) -> dict[str, Any]:
 
     quiet_logs()
     settings = make_settings(Path(root))
-    store = open_store("sqlite:///" + str(settings.daemon.database_path), "bench")
+    store = open_store(store_url(settings.daemon.database_path), "bench")
     await store.open()
     started = time.perf_counter()
     lines = await ingest_file(settings, store, Path(source))
@@ -153,7 +153,7 @@ async def batchd_files_side(source: str, root: str) -> dict[str, Any]:
     quiet_logs()
     settings = make_settings(Path(root))
     SpoolPaths(settings.daemon.spool_dir).create()
-    store = open_store("sqlite:///" + str(settings.daemon.database_path), "bench")
+    store = open_store(store_url(settings.daemon.database_path), "bench")
     await store.open()
     spool = Spool(settings, store, on_ingest=lambda: None)
     started = time.perf_counter()

@@ -58,7 +58,9 @@ async def _open(root: Path) -> Any:
 
         store: Any = Store(path)
     else:
-        store = open_store("sqlite:///" + str(path), node="bench")
+        from .common import store_url
+
+        store = open_store(store_url(path), node="bench")
     await store.open()
     return store
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from . import collect, drain, e2e, idle, ingest, ingest_poll, queue_scale, submit
-from .common import Context, Row, Scale, Zygotes, log
+from .common import BENCH_SCHEMA_PREFIX, POSTGRES_ENV, Context, Row, Scale, Zygotes, log
 
 BENCHMARKS: dict[str, Callable[[Context], list[Row]]] = {
     "ingest": ingest.run,
@@ -98,6 +98,10 @@ ZYGOTES: dict[str, tuple[str, ...]] = {
 }
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results.json"
+# What `--engine postgresql` runs: the benchmarks whose batchd side starts from an empty store.
+# submit and collect copy prepared SQLite databases, and the 10M-row queue is SQLite's target.
+POSTGRES_BENCHMARKS = ("ingest", "e2e", "idle", "ingest_poll", "drain")
+DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
 COLUMNS = ("name", "batchd", "baseline", "ratio", "target", "met")
 
 
@@ -152,6 +156,29 @@ def machine() -> dict[str, Any]:
     }
 
 
+def drop_bench_schemas(url: str) -> None:
+    """Drop the schemas the PostgreSQL run's batchd sides created (a daemon killed by SIGKILL cannot)."""
+    import asyncio
+
+    import asyncpg
+
+    async def drop() -> None:
+        conn = await asyncpg.connect(url)
+        try:
+            names = await conn.fetch(
+                "SELECT nspname FROM pg_namespace WHERE nspname LIKE $1", BENCH_SCHEMA_PREFIX + "%"
+            )
+            for row in names:
+                await conn.execute(f'DROP SCHEMA IF EXISTS "{row["nspname"]}" CASCADE')
+        finally:
+            await conn.close()
+
+    try:
+        asyncio.run(drop())
+    except Exception as exc:  # the figures are printed anyway; say what is left behind
+        log(f"could not drop the bench schemas ({BENCH_SCHEMA_PREFIX}*): {exc}")
+
+
 def _cell(row: Row, column: str) -> str:
     if column == "ratio":
         return "—" if row.ratio is None else f"{row.ratio:.2f}"
@@ -174,11 +201,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="", help=f"comma-separated subset of: {', '.join(BENCHMARKS)}")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="results JSON (default bench/results.json)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (for debugging)")
+    parser.add_argument(
+        "--engine",
+        choices=("sqlite", "postgresql"),
+        default="sqlite",
+        help="batchd's store: sqlite (default, where the targets hold) or postgresql (a fresh schema per"
+        f" run side, on --postgres-url; runs {', '.join(POSTGRES_BENCHMARKS)})",
+    )
+    parser.add_argument("--postgres-url", default=DEFAULT_POSTGRES_URL, help=f"default {DEFAULT_POSTGRES_URL}")
     args = parser.parse_args(argv)
-    selected = [name.strip() for name in args.only.split(",") if name.strip()] or list(BENCHMARKS)
-    unknown = [name for name in selected if name not in BENCHMARKS]
+    available = POSTGRES_BENCHMARKS if args.engine == "postgresql" else tuple(BENCHMARKS)
+    selected = [name.strip() for name in args.only.split(",") if name.strip()] or list(available)
+    unknown = [name for name in selected if name not in available]
     if unknown:
-        parser.error(f"unknown benchmark(s): {', '.join(unknown)}")
+        parser.error(f"unknown benchmark(s) for the {args.engine} engine: {', '.join(unknown)}")
+    if args.engine == "postgresql":
+        # Set before the zygotes fork, so every batchd side and daemon sees it.
+        os.environ[POSTGRES_ENV] = args.postgres_url
+        if args.output == DEFAULT_OUTPUT:
+            args.output = DEFAULT_OUTPUT.with_name("results-postgresql.json")
     scale = QUICK if args.quick else FULL
     info = machine()
     log(
@@ -208,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{name}: {timings[name]:.1f} s")
     finally:
         zygotes.close()
+        if args.engine == "postgresql":
+            drop_bench_schemas(args.postgres_url)
         if args.keep:
             log(f"kept {root}")
         else:
@@ -215,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     total = time.monotonic() - started
     mode = "quick" if scale.quick else "full"
     print(
-        f"batchd benchmarks ({mode}): {info['cpu']}, {info['cores']} cores,"
+        f"batchd benchmarks ({mode}, {args.engine}): {info['cpu']}, {info['cores']} cores,"
         f" {info['ram_gb']} GB RAM, {info['python']}, {info['date']}"
     )
     print(table(rows))
@@ -225,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"total {total:.0f} s" + (f"; could not run: {', '.join(failed)}" if failed else ""))
     document = {
         "mode": "quick" if scale.quick else "full",
+        "engine": args.engine,
         "machine": info,
         "scale": scale.__dict__,
         "seconds": round(total, 1),
