@@ -10,6 +10,11 @@ map of the script's requests, built before the clock starts, as a script holds i
 write the results file (one line per request: its own custom_id and line, status, response, error)
 in one buffered write, flushed and fsynced once. It keeps no database, so it survives no crash:
 that durability is what batchd's extra time buys.
+
+Floor (details only, not a side of the ratio): batchd's store writes alone, `record_outcomes` for
+the same chunks of the same 50k outcomes (decided before its clock starts), on a fresh copy of the
+store: the inserts, state updates and body deletes with their commits and fsyncs, and nothing else.
+Its ratio to the baseline is the least batchd's collect can reach with its present schema and statements.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ async def batchd_side(template: str, root: str, openai_url: str) -> dict[str, An
     from batchd.sinks.outbox import OutboxSink
     from batchd.spool import SpoolPaths
     from batchd.store import open_store
+    from batchd.store.contract import BatchState
 
     from .batchd_setup import install_database, make_settings, quiet_logs
 
@@ -77,7 +83,7 @@ async def batchd_side(template: str, root: str, openai_url: str) -> dict[str, An
         on_requeued=lambda: None,
         crashpoints=CrashPoints(""),
     )
-    (batch,) = await store.batches_in_state("submitted")
+    (batch,) = await store.batches_in_state(BatchState.SUBMITTED)
     assert batch.remote_id is not None
     remote = await providers.get(batch.profile).retrieve(batch.remote_id)
     stopping = asyncio.Event()
@@ -97,6 +103,58 @@ async def batchd_side(template: str, root: str, openai_url: str) -> dict[str, An
         "lines": count_lines(results) if exists else 0,
         "succeeded": count_matching_lines(results, b'"status":"succeeded"') if exists else 0,
     }
+
+
+async def floor_side(template: str, root: str, openai_url: str) -> dict[str, Any]:
+    from batchd.crashpoints import CrashPoints
+    from batchd.policy import index_outcomes
+    from batchd.poller import APPLY_CHUNK, Pollers
+    from batchd.providers import ProviderPool
+    from batchd.providers.base import ResultsReport
+    from batchd.store import open_store
+    from batchd.store.contract import BatchState, FinalResult, Retry
+
+    from .batchd_setup import install_database, make_settings, quiet_logs
+
+    quiet_logs()
+    base = Path(root)
+    settings = make_settings(base, openai_url)
+    store = open_store("sqlite:///" + str(install_database(Path(template), base)), "bench")
+    await store.open()
+    workdir = base / "work"
+    workdir.mkdir()
+    providers = ProviderPool(settings.providers)
+    pollers = Pollers(
+        settings,
+        store,
+        providers,
+        workdir,
+        on_results=lambda: None,
+        on_requeued=lambda: None,
+        crashpoints=CrashPoints(""),
+    )
+    (batch,) = await store.batches_in_state(BatchState.SUBMITTED)
+    assert batch.remote_id is not None
+    remote = await providers.get(batch.profile).retrieve(batch.remote_id)
+    instance = await store.instance_id()
+    pollers._instance = instance
+    cost_of = settings.price_table().cost_of(batch.model, settings.providers[batch.profile].batch_discount)
+    # Decided as _apply_all decides them, before the clock: only the store's writes are timed.
+    waiting = {item.id: item for item in await store.submitted_items(batch.id)}
+    decided: list[tuple[list[FinalResult], list[Retry], list[int]]] = []
+    async for outcomes in providers.get(batch.profile).results(remote, workdir, ResultsReport(), APPLY_CHUNK):
+        by_item, _ = index_outcomes(outcomes, instance)
+        items = [waiting.pop(item_id) for item_id in sorted(by_item) if item_id in waiting]
+        finals, retries, handovers, _ = pollers._decide(batch, items, by_item, pollers._retry_at, cost_of, None)
+        decided.append((finals, retries, handovers))
+    started, cpu = time.perf_counter(), time.process_time()
+    recorded = 0
+    for finals, retries, handovers in decided:
+        recorded += (await store.record_outcomes(batch.id, finals, retries, handovers)).final
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
+    await providers.close()
+    await store.close()
+    return {"seconds": seconds, "store_cpu_s": cpu, "lines": recorded}
 
 
 async def baseline_side(file_id: str, base_url: str, target: str, requests: str) -> dict[str, Any]:
@@ -210,6 +268,7 @@ def run(ctx: Context) -> list[Row]:
         log(f"collect: {count:,} result lines, {scale.collect_rounds} rounds")
         ours: list[dict[str, Any]] = []
         theirs: list[dict[str, Any]] = []
+        floors: list[dict[str, Any]] = []
         for number in range(scale.collect_rounds):
             order = ("batchd", "baseline") if number % 2 == 0 else ("baseline", "batchd")
             for side in order:
@@ -238,8 +297,22 @@ def run(ctx: Context) -> list[Row]:
                         )
                 finally:
                     shutil.rmtree(root, ignore_errors=True)
+            root = ctx.workdir("collect", f"r{number}-floor")
+            try:
+                floors.append(
+                    ctx.zygotes["batchd-openai"].run(
+                        "bench.collect:floor_side",
+                        ROUND_TIMEOUT,
+                        template=str(template),
+                        root=str(root),
+                        openai_url=emulator.openai_base_url,
+                    )
+                )
+            finally:
+                shutil.rmtree(root, ignore_errors=True)
             log(
                 f"  round {number + 1}: batchd {ours[-1]['seconds']:.2f} s, baseline {theirs[-1]['seconds']:.2f} s,"
+                f" floor (record_outcomes alone) {floors[-1]['seconds']:.2f} s,"
                 f" peak RSS {ours[-1]['peak_rss'] / MB:.0f} / {theirs[-1]['peak_rss'] / MB:.0f} MB"
             )
     shutil.rmtree(ctx.root / "collect", ignore_errors=True)
@@ -248,7 +321,10 @@ def run(ctx: Context) -> list[Row]:
             raise RuntimeError(f"batchd wrote {result['lines']} result lines ({result['succeeded']} succeeded)")
     if any(result["lines"] != count for result in theirs):
         raise RuntimeError(f"baseline downloaded {[r['lines'] for r in theirs]} lines, expected {count}")
+    if any(result["lines"] != count for result in floors):
+        raise RuntimeError(f"floor recorded {[r['lines'] for r in floors]} results, expected {count}")
     ratio = median([a["seconds"] / b["seconds"] for a, b in zip(ours, theirs, strict=True)])
+    floor = median([a["seconds"] / b["seconds"] for a, b in zip(floors, theirs, strict=True)])
     output_bytes = theirs[0]["bytes"]
     return [
         Row(
@@ -260,7 +336,8 @@ def run(ctx: Context) -> list[Row]:
             met=ratio <= 1.5,
             notes=f"{count:,}-line output file ({output_bytes / MB:.0f} MB): download + SQLite + outbox vs download"
             f" + parse + join + one durable write; peak RSS {fmt_mb(median([r['peak_rss'] for r in ours]))}"
-            f" vs {fmt_mb(median([r['peak_rss'] for r in theirs]))}",
+            f" vs {fmt_mb(median([r['peak_rss'] for r in theirs]))}; floor: record_outcomes alone on the same"
+            f" outcomes {floor:.2f}× the baseline",
             details={
                 "lines": count,
                 "output_bytes": output_bytes,
@@ -270,6 +347,9 @@ def run(ctx: Context) -> list[Row]:
                 "baseline_cpu_s": [r["cpu_s"] for r in theirs],
                 "batchd_peak_rss": [r["peak_rss"] for r in ours],
                 "baseline_peak_rss": [r["peak_rss"] for r in theirs],
+                "floor_ratio": floor,
+                "floor_seconds": [r["seconds"] for r in floors],
+                "floor_cpu_s": [r["store_cpu_s"] for r in floors],  # both threads, within its clock
             },
         )
     ]
