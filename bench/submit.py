@@ -61,6 +61,7 @@ async def batchd_side(template: str, root: str, openai_url: str, anthropic_url: 
     profile = settings.providers[group.profile]
     batch = await store.claim_batch(group, profile.kind, profile.request_limit, profile.byte_limit, now)
     assert batch is not None
+    claimed = time.perf_counter()
     await batcher._submit(batch)
     seconds = time.perf_counter() - started
     done = await store.batch(batch.id)
@@ -68,7 +69,13 @@ async def batchd_side(template: str, root: str, openai_url: str, anthropic_url: 
     await store.close()
     if done is None or done.state != "submitted":
         raise RuntimeError(f"batch not submitted: {done}")
-    return {"seconds": seconds, "requests": done.requests, "accounted_bytes": done.bytes, "remote_id": done.remote_id}
+    return {
+        "seconds": seconds,
+        "claim_seconds": claimed - started,
+        "requests": done.requests,
+        "accounted_bytes": done.bytes,
+        "remote_id": done.remote_id,
+    }
 
 
 def _open_binary(path: str) -> BinaryIO:
@@ -152,6 +159,8 @@ def _rows(
                 "requests": count,
                 "batch_bytes": upload_bytes,
                 "batchd_seconds": [r["seconds"] for r in ours],
+                # queued_groups + claim_batch; the rest is Batcher._submit (write, upload, create, mark).
+                "batchd_claim_seconds": [r["claim_seconds"] for r in ours],
                 "baseline_seconds": [r["seconds"] for r in theirs],
                 "batchd_cpu_s": [r["cpu_s"] for r in ours],
                 "baseline_cpu_s": [r["cpu_s"] for r in theirs],

@@ -817,25 +817,29 @@ class SQLiteStore:
                 (group.profile, kind, group.endpoint, group.model, now, self.node, now + lease_seconds),
             )
             batch_id = cursor.lastrowid
-            await db.execute(
-                Q.claim_items,
-                {
-                    "batch": batch_id,
-                    "profile": group.profile,
-                    "endpoint": group.endpoint,
-                    "model": group.model,
-                    "now": now,
-                    "max_requests": max_requests,
-                    "max_bytes": max_bytes,
-                    "max_tokens": _UNBOUNDED if budget.tokens is None else budget.tokens,
-                    "max_inputs": _UNBOUNDED if budget.inputs is None else budget.inputs,
-                    "lone": budget.lone_oversize,
-                },
-            )
-            count, size, tokens, inputs = next(iter(await db.execute_fetchall(Q.batch_totals, (batch_id,))))
+            route = {"profile": group.profile, "endpoint": group.endpoint, "model": group.model}
+            max_tokens = _UNBOUNDED if budget.tokens is None else budget.tokens
+            max_inputs = _UNBOUNDED if budget.inputs is None else budget.inputs
+            prefix = {**route, "now": now, "max_requests": max_requests}
+            ((count, size, tokens, inputs, last),) = await db.execute_fetchall(Q.claim_prefix, prefix)
+            if count and size <= max_bytes and tokens <= max_tokens and inputs <= max_inputs:
+                # The whole prefix fits (the usual case): claimed by id range, its totals known already.
+                await db.execute(Q.claim_prefix_items, {**prefix, "batch": batch_id, "last": last})
+            else:
+                await db.execute(
+                    Q.claim_items,
+                    {
+                        **prefix,
+                        "batch": batch_id,
+                        "max_bytes": max_bytes,
+                        "max_tokens": max_tokens,
+                        "max_inputs": max_inputs,
+                        "lone": budget.lone_oversize,
+                    },
+                )
+                count, size, tokens, inputs = next(iter(await db.execute_fetchall(Q.batch_totals, (batch_id,))))
             if count:
                 # Once per claim, not per claimed row (migration 014); an unclaim below is moved by the trigger.
-                route = {"profile": group.profile, "endpoint": group.endpoint, "model": group.model}
                 await db.execute(Q.claimed_from_queue, {**route, "n": count, "bytes": size})
             while count in avoid_counts and count > 0:
                 await db.execute(Q.unclaim_last_item, (batch_id,))

@@ -272,6 +272,27 @@ UPDATE items SET state = 'batched', batch_id = :batch WHERE id IN (
     )
 );
 
+-- name: claim_prefix
+-- The totals of what claim_items would take if every bound held for the whole prefix (the usual
+-- case: a group's oldest items up to the request limit fit the byte limit). Its last id bounds
+-- claim_prefix_items.
+SELECT COUNT(*) AS n, COALESCE(SUM(size), 0) AS bytes, COALESCE(SUM(tokens), 0) AS tokens,
+    COALESCE(SUM(inputs), 0) AS inputs, MAX(id) AS last
+FROM (
+    SELECT id, size, tokens, inputs FROM items
+    WHERE state = 'queued' AND profile = :profile AND endpoint = :endpoint AND model = :model
+        AND not_before <= :now AND (fallback_at IS NULL OR fallback_at > :now)
+    ORDER BY id LIMIT :max_requests
+);
+
+-- name: claim_prefix_items
+-- claim_items when claim_prefix's totals fit every bound: the same items (the same conditions, up
+-- to the prefix's last id, in the same transaction) by one walk of the queue index, with no window
+-- over them and no list of ids.
+UPDATE items SET state = 'batched', batch_id = :batch
+WHERE state = 'queued' AND profile = :profile AND endpoint = :endpoint AND model = :model
+    AND not_before <= :now AND (fallback_at IS NULL OR fallback_at > :now) AND id <= :last;
+
 -- name: claimed_from_queue
 -- What claim_items moved out of the queue, out of the group's counts (migration 014: its trigger leaves
 -- queued -> batched to the claim). Claimed items are folded already: the fold is in the inserting transaction.
@@ -952,8 +973,10 @@ WHERE fallback_at > ? AND fallback_at IS NOT NULL AND state IN ('queued', 'batch
 UPDATE items SET state = 'realtime' WHERE batch_id = ? AND state = 'submitted' AND deadline IS NOT NULL;
 
 -- name: realtime_items
+-- INDEXED BY: the partial index (015) has no equality to seek, and the planner would rather walk
+-- every item of this node's files; through it, the waiting items come in deadline order, unsorted.
 SELECT i.id, i.file_id, i.line, i.custom_id, i.profile, i.endpoint, i.model, b.body, i.tokens, i.deadline, i.batch_id
-FROM items i JOIN files f ON f.id = i.file_id JOIN item_bodies b ON b.item_id = i.id
+FROM items i INDEXED BY items_realtime JOIN files f ON f.id = i.file_id JOIN item_bodies b ON b.item_id = i.id
 WHERE i.state = 'realtime' AND f.node = :node AND i.id NOT IN (SELECT value FROM json_each(:exclude))
 ORDER BY i.deadline, i.id LIMIT :limit;
 

@@ -247,6 +247,29 @@ async def test_claim_takes_the_oldest_items_first(store: Store) -> None:
     assert {i.file_id for i in await store.submitted_items(batch.id)} == {old.id}
 
 
+async def test_claim_by_request_limit_leaves_held_items_among_the_claimed_ids(store: Store) -> None:
+    # Requeued items keep their ids: a claim's id range may hold items still backed off, which stay queued.
+    await ingest(store, count=6, size=100)
+    now = time.time()
+    batch = await submitted_batch(store, now=now)
+    items = await store.submitted_items(batch.id)
+    held = [items[1].id, items[3].id]
+    retries = [retry(i, now + 100) for i in items if i.id in held]
+    await store.record_outcomes(batch.id, [final(i) for i in items if i.id not in held], retries)
+    await ingest(store, "more.jsonl", count=4, size=100)
+    [group] = await store.queued_groups(now)
+    assert group.count == 4
+    first = await store.claim_batch(group, "openai", max_requests=3, max_bytes=10**9, now=now)
+    assert first is not None and (first.requests, first.bytes) == (3, 300)
+    ids = await store.batch_item_ids(first.id)
+    assert len(ids) == 3 and not set(ids) & set(held)
+    [group] = await store.queued_groups(now + 101)
+    assert group.count == 3
+    rest = await store.claim_batch(group, "openai", max_requests=10, max_bytes=10**9, now=now + 101)
+    assert rest is not None and (rest.requests, rest.bytes) == (3, 300)
+    assert set(held) < set(await store.batch_item_ids(rest.id))
+
+
 async def test_claim_avoids_request_counts_of_other_pending_batches(store: Store) -> None:
     await ingest(store, count=25)
     now = time.time()
