@@ -973,7 +973,7 @@ WHERE fallback_at > ? AND fallback_at IS NOT NULL AND state IN ('queued', 'batch
 UPDATE items SET state = 'realtime' WHERE batch_id = ? AND state = 'submitted' AND deadline IS NOT NULL;
 
 -- name: realtime_items
--- INDEXED BY: the partial index (015) has no equality to seek, and the planner would rather walk
+-- INDEXED BY: the partial index (016) has no equality to seek, and the planner would rather walk
 -- every item of this node's files; through it, the waiting items come in deadline order, unsorted.
 SELECT i.id, i.file_id, i.line, i.custom_id, i.profile, i.endpoint, i.model, b.body, i.tokens, i.deadline, i.batch_id
 FROM items i INDEXED BY items_realtime JOIN files f ON f.id = i.file_id JOIN item_bodies b ON b.item_id = i.id

@@ -1,4 +1,4 @@
--- Issue 13 (helper "submit"; the lead renumbers at merge): a claim and a mark_submitted move only the
+-- Issue 13 (SQLite 016): a claim and a mark_submitted move only the
 -- index entries a reader needs.
 --
 -- items_queue (001) kept an entry for every item in every state, keyed by state first, so each item
