@@ -349,6 +349,7 @@ class Daemon:
 
     async def _start(self) -> None:
         self._preflight()
+        self.providers.prepare()
         if self.workdir.exists():
             shutil.rmtree(self.workdir, ignore_errors=True)
         self.workdir.mkdir(parents=True, mode=0o700, exist_ok=True)

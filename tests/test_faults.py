@@ -8,9 +8,11 @@ needed or speed matters, and as `python -m batchd run` where logs, exit codes or
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import os
 import sqlite3
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -555,6 +557,25 @@ async def test_watchdog_keeps_beating_while_a_large_file_is_ingested(tmp_path: P
     assert len(beats) >= max(5, int(window / 0.1 / 4)), (len(beats), window)
     gaps = [b - a for a, b in zip([started, *beats], beats, strict=False)]
     assert max(gaps) < 1.0, f"the event loop went {max(gaps):.2f} s without a WATCHDOG=1"
+
+
+def test_the_sdks_are_imported_at_start_up_not_on_the_event_loop_at_first_use() -> None:
+    # Made on first use, the first batch's adapter imported its SDK on the event loop: 0.9 s without
+    # a WATCHDOG=1 in the test above, in the middle of an ingest. The daemon now prepares them before
+    # READY; a profile without a key is left for when it is used (MissingAPIKey says so then).
+    script = (
+        "import sys; from pydantic import SecretStr; from batchd.settings import ProviderProfile;"
+        " from batchd.providers import ProviderPool;"
+        " pool = ProviderPool({'o': ProviderProfile(kind='openai', api_key=SecretStr('sk-x')),"
+        " 'a': ProviderProfile(kind='anthropic', api_key_env='BATCHD_TEST_NO_SUCH_KEY')});"
+        " before = {m for m in ('openai', 'anthropic') if m in sys.modules}; pool.prepare();"
+        " after = sorted(m for m in ('openai', 'anthropic') if m in sys.modules);"
+        " print(repr((sorted(before), after, sorted(pool._made))))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "BATCHD_TEST_NO_SUCH_KEY"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert ast.literal_eval(done.stdout) == ([], ["openai"], ["o"])
 
 
 # -- 5. secrets ---------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from ..settings import ProviderProfile, resolve_api_key
 from .base import Provider, ProviderError, RemoteBatch
 
@@ -33,6 +35,14 @@ class ProviderPool:
     def __init__(self, profiles: dict[str, ProviderProfile]) -> None:
         self._profiles = profiles
         self._made: dict[str, Provider] = {}
+
+    def prepare(self) -> None:
+        """Make every adapter whose key is there, now (at start-up, before READY). The first one of a
+        kind imports its SDK, most of a second of CPU: made on first use instead, during a large
+        ingest, it held the event loop that long (the first batch of the watchdog test, 0.9 s)."""
+        for name in self._profiles:
+            with contextlib.suppress(MissingAPIKey):  # said when the profile is used (and by /readyz)
+                self.get(name)
 
     def get(self, name: str) -> Provider:
         if name not in self._made:
