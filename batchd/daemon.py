@@ -33,6 +33,7 @@ import socket
 import time
 from pathlib import Path
 
+from . import gcpolicy
 from .aio import wait_any
 from .batcher import Batcher
 from .crashpoints import CrashPoints
@@ -350,6 +351,7 @@ class Daemon:
     async def _start(self) -> None:
         self._preflight()
         self.providers.prepare()
+        gcpolicy.freeze_start_up()
         if self.workdir.exists():
             shutil.rmtree(self.workdir, ignore_errors=True)
         self.workdir.mkdir(parents=True, mode=0o700, exist_ok=True)

@@ -28,6 +28,14 @@ _saved: tuple[int, int, int] | None = None
 _saved_interval = 0.0
 
 
+def freeze_start_up() -> None:
+    """Move everything alive after start-up (modules, the SDKs, settings: hundreds of thousands of
+    objects that live as long as the process) out of the collector's sight. Every older-generation
+    pass would traverse them again: the pauses of a long ingest and the CPU of an idle daemon."""
+    gc.collect()
+    gc.freeze()
+
+
 @contextmanager
 def burst() -> Iterator[None]:
     """Run at the burst pace while inside; bursts may overlap (coroutines): the last one out restores."""

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from batchd.gcpolicy import BURST_SWITCH_INTERVAL, BURST_THRESHOLD, burst
+from batchd.gcpolicy import BURST_SWITCH_INTERVAL, BURST_THRESHOLD, burst, freeze_start_up
 
 
 def test_a_burst_paces_the_collector_and_the_gil_and_restores_them_after_overlapping_bursts() -> None:
@@ -31,3 +31,14 @@ def test_a_burst_that_fails_restores_the_pace() -> None:
     with pytest.raises(RuntimeError), burst():
         raise RuntimeError("a failed download")
     assert (gc.get_threshold(), sys.getswitchinterval()) == (threshold, interval)
+
+
+def test_what_lives_after_start_up_is_out_of_the_collectors_sight() -> None:
+    assert gc.get_freeze_count() == 0
+    try:
+        freeze_start_up()
+        # The modules and the SDKs already imported: an older-generation pass no longer walks them.
+        assert gc.get_freeze_count() > 10_000
+        assert len(gc.get_objects(2)) < gc.get_freeze_count()
+    finally:
+        gc.unfreeze()
