@@ -23,6 +23,8 @@ import asyncio
 import shutil
 import sqlite3
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,17 +46,29 @@ from .common import (
     write_small_openai,
 )
 
+
+@dataclass
+class _Collecting:
+    """What both batchd-side runs start from (see _collecting)."""
+
+    settings: Any
+    store: Any
+    providers: Any
+    pollers: Any
+    workdir: Path
+    batch: Any
+    remote: Any
+
+
 ROUND_TIMEOUT = 600.0
 PROCESSING = 0.5
 
 
-async def batchd_side(template: str, root: str, openai_url: str) -> dict[str, Any]:
+async def _collecting(template: str, root: str, openai_url: str, on_results: Callable[[], None]) -> _Collecting:
+    """A copy of the template store with its one submitted batch, and the daemon's pollers over it."""
     from batchd.crashpoints import CrashPoints
     from batchd.poller import Pollers
     from batchd.providers import ProviderPool
-    from batchd.sinks import SinkRunner
-    from batchd.sinks.outbox import OutboxSink
-    from batchd.spool import SpoolPaths
     from batchd.store import open_store
     from batchd.store.contract import BatchState
 
@@ -68,34 +82,45 @@ async def batchd_side(template: str, root: str, openai_url: str) -> dict[str, An
     workdir = base / "work"
     workdir.mkdir()
     providers = ProviderPool(settings.providers)
-    # The daemon makes its spool at start-up; the outbox writes only below a spool that exists.
-    SpoolPaths(settings.daemon.spool_dir).create()
-    out_dir = settings.daemon.spool_dir / "out"
-    outbox = OutboxSink(store, out_dir)
-    sinks = SinkRunner(store, [outbox])
-    await sinks.recover()
     pollers = Pollers(
         settings,
         store,
         providers,
         workdir,
-        on_results=sinks.wake,  # as the daemon wires them
+        on_results=on_results,
         on_requeued=lambda: None,
         crashpoints=CrashPoints(""),
     )
     (batch,) = await store.batches_in_state(BatchState.SUBMITTED)
     assert batch.remote_id is not None
     remote = await providers.get(batch.profile).retrieve(batch.remote_id)
+    return _Collecting(settings, store, providers, pollers, workdir, batch, remote)
+
+
+async def batchd_side(template: str, root: str, openai_url: str) -> dict[str, Any]:
+    from batchd.sinks import SinkRunner
+    from batchd.sinks.outbox import OutboxSink
+    from batchd.spool import SpoolPaths
+
+    wake: list[Callable[[], None]] = []
+    run = await _collecting(template, root, openai_url, lambda: wake[0]())
+    # The daemon makes its spool at start-up; the outbox writes only below a spool that exists.
+    SpoolPaths(run.settings.daemon.spool_dir).create()
+    out_dir = run.settings.daemon.spool_dir / "out"
+    outbox = OutboxSink(run.store, out_dir)
+    sinks = SinkRunner(run.store, [outbox])
+    wake.append(sinks.wake)  # as the daemon wires them
+    await sinks.recover()
     stopping = asyncio.Event()
     started = time.perf_counter()
     delivering = asyncio.create_task(sinks.run(stopping))
-    await pollers._collect(batch, remote, set())
+    await run.pollers._collect(run.batch, run.remote, set())
     stopping.set()
     await delivering
     await sinks._deliver_pending(outbox)  # what was committed after the runner's last round
     seconds = time.perf_counter() - started
-    await providers.close()
-    await store.close()
+    await run.providers.close()
+    await run.store.close()
     results = out_dir / "bench.results.jsonl"
     exists = results.exists()
     return {
@@ -106,43 +131,22 @@ async def batchd_side(template: str, root: str, openai_url: str) -> dict[str, An
 
 
 async def floor_side(template: str, root: str, openai_url: str) -> dict[str, Any]:
-    from batchd.crashpoints import CrashPoints
     from batchd.policy import index_outcomes
-    from batchd.poller import APPLY_CHUNK, Pollers
-    from batchd.providers import ProviderPool
+    from batchd.poller import APPLY_CHUNK
     from batchd.providers.base import ResultsReport
-    from batchd.store import open_store
-    from batchd.store.contract import BatchState, FinalResult, Retry
+    from batchd.store.contract import FinalResult, Retry
 
-    from .batchd_setup import install_database, make_settings, quiet_logs
-
-    quiet_logs()
-    base = Path(root)
-    settings = make_settings(base, openai_url)
-    store = open_store("sqlite:///" + str(install_database(Path(template), base)), "bench")
-    await store.open()
-    workdir = base / "work"
-    workdir.mkdir()
-    providers = ProviderPool(settings.providers)
-    pollers = Pollers(
-        settings,
-        store,
-        providers,
-        workdir,
-        on_results=lambda: None,
-        on_requeued=lambda: None,
-        crashpoints=CrashPoints(""),
-    )
-    (batch,) = await store.batches_in_state(BatchState.SUBMITTED)
-    assert batch.remote_id is not None
-    remote = await providers.get(batch.profile).retrieve(batch.remote_id)
+    run = await _collecting(template, root, openai_url, lambda: None)
+    settings, store, providers, pollers, batch, remote = (
+        run.settings, run.store, run.providers, run.pollers, run.batch, run.remote
+    )  # fmt: skip
     instance = await store.instance_id()
     pollers._instance = instance
     cost_of = settings.price_table().cost_of(batch.model, settings.providers[batch.profile].batch_discount)
     # Decided as _apply_all decides them, before the clock: only the store's writes are timed.
     waiting = {item.id: item for item in await store.submitted_items(batch.id)}
     decided: list[tuple[list[FinalResult], list[Retry], list[int]]] = []
-    async for outcomes in providers.get(batch.profile).results(remote, workdir, ResultsReport(), APPLY_CHUNK):
+    async for outcomes in providers.get(batch.profile).results(remote, run.workdir, ResultsReport(), APPLY_CHUNK):
         by_item, _ = index_outcomes(outcomes, instance)
         items = [waiting.pop(item_id) for item_id in sorted(by_item) if item_id in waiting]
         finals, retries, handovers, _ = pollers._decide(batch, items, by_item, pollers._retry_at, cost_of, None)
