@@ -65,7 +65,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     configure_logging(settings.daemon.log_format, settings.daemon.log_level, secrets=configured_secrets(settings))
-    daemon = Daemon(settings)
+    daemon = Daemon(settings, freeze_after_start=True)
     try:
         status = run_loop(daemon.run())
     except OperatorError:

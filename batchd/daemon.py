@@ -153,8 +153,17 @@ def probe_writable(directory: Path, what: str) -> None:
 class Daemon:
     """One batchd process: everything between the spool and the sinks."""
 
-    def __init__(self, settings: Settings, crashpoints: CrashPoints | None = None, hold_base: float = HOLD_BASE):
+    def __init__(
+        self,
+        settings: Settings,
+        crashpoints: CrashPoints | None = None,
+        hold_base: float = HOLD_BASE,
+        freeze_after_start: bool = False,
+    ):
         self.settings = settings
+        # `batchd run` owns its process: what lives after start-up may leave the collector's sight.
+        # A daemon run inside another program (the tests) leaves that program's collector alone.
+        self.freeze_after_start = freeze_after_start
         for webhook in settings.sinks:
             webhook.require_secret()  # a ConfigError (exit 78) before anything is opened, so nothing hangs
         self.crashpoints = crashpoints or CrashPoints()
@@ -351,7 +360,8 @@ class Daemon:
     async def _start(self) -> None:
         self._preflight()
         self.providers.prepare()
-        gcpolicy.freeze_start_up()
+        if self.freeze_after_start:
+            gcpolicy.freeze_start_up()
         if self.workdir.exists():
             shutil.rmtree(self.workdir, ignore_errors=True)
         self.workdir.mkdir(parents=True, mode=0o700, exist_ok=True)

@@ -34,7 +34,7 @@ def test_a_burst_that_fails_restores_the_pace() -> None:
 
 
 def test_what_lives_after_start_up_is_out_of_the_collectors_sight() -> None:
-    assert gc.get_freeze_count() == 0
+    assert gc.get_freeze_count() == 0  # in-process daemons (Daemon(settings)) never freeze the tests
     try:
         freeze_start_up()
         # The modules and the SDKs already imported: an older-generation pass no longer walks them.

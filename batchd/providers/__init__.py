@@ -41,7 +41,9 @@ class ProviderPool:
         kind imports its SDK, most of a second of CPU: made on first use instead, during a large
         ingest, it held the event loop that long (the first batch of the watchdog test, 0.9 s)."""
         for name in self._profiles:
-            with contextlib.suppress(MissingAPIKey):  # said when the profile is used (and by /readyz)
+            # A missing key, or a base_url the SDK refuses, is raised again when the profile is first
+            # used, and reported there as before (/readyz names it too): start-up only warms up.
+            with contextlib.suppress(Exception):
                 self.get(name)
 
     def get(self, name: str) -> Provider:
