@@ -39,7 +39,7 @@ from batchd.store import (
 )
 from batchd.store.contract import DuplicateCustomId
 
-from .conftest import loop_ticks, make_settings
+from .conftest import loop_ticks, make_settings, wait_until
 from .test_acceptance import chat_line
 
 
@@ -95,6 +95,28 @@ async def test_database_is_private_and_migrated(store: SQLiteStore) -> None:
     assert mode == 0o600
     assert await store.integrity_check() == "ok"
     assert len(await store.instance_id()) == 32
+
+
+async def test_commits_reach_the_database_file_through_the_checkpointer_not_the_writer(
+    store: SQLiteStore, tmp_path: Path
+) -> None:
+    # The writer's own autocheckpoint is a backstop far above these few pages, so the items can
+    # only reach the main file (a copy of it alone, without its WAL) by the checkpointer's connection.
+    await queue(store, 50)
+
+    def items_in_the_main_file() -> int:
+        copy = tmp_path / "main-file-only.sqlite3"
+        copy.write_bytes(store.path.read_bytes())
+        try:
+            with contextlib.closing(sqlite3.connect(copy)) as db:
+                return int(db.execute("SELECT COUNT(*) FROM items").fetchone()[0])
+        except sqlite3.Error:
+            return 0  # the main file does not hold the schema yet either
+        finally:
+            for leftover in tmp_path.glob("main-file-only.sqlite3*"):
+                leftover.unlink()
+
+    assert await wait_until(lambda: items_in_the_main_file() == 50, timeout=10)
 
 
 async def test_claim_never_exceeds_request_or_byte_limits(store: Store) -> None:

@@ -11,10 +11,20 @@ PRAGMA journal_mode=WAL;
 PRAGMA synchronous=FULL;
 
 -- name: pragma_wal_autocheckpoint
--- Checkpoint every 16,000 pages (64 MB) rather than 1,000: an ingest's chunks rewrite the same
--- index pages, and each checkpoint copies them into the database again (about a quarter of the
--- insert time at the default).
-PRAGMA wal_autocheckpoint=16000;
+-- The writer checkpoints only as a backstop (65,536 pages, 256 MB of WAL): the checkpointer's own
+-- connection copies the WAL into the database beside it (wal_checkpoint_passive), so no commit
+-- pays for a checkpoint. Each checkpoint inside a commit held the writer for up to a third of a
+-- second during a large ingest, and every write queued behind it.
+PRAGMA wal_autocheckpoint=65536;
+
+-- name: pragma_journal_size_limit
+-- The WAL file keeps its largest size after a restart unless it is cut back: at most 64 MB of it
+-- stays on disk between bursts of writing.
+PRAGMA journal_size_limit=67108864;
+
+-- name: wal_checkpoint_passive
+-- Copies what it can without waiting for the writer or any reader, and blocks neither.
+PRAGMA wal_checkpoint(PASSIVE);
 
 -- name: begin_deferred_sync
 -- A write transaction whose commit a later FULL commit makes durable (see SQLiteStore._tx).
