@@ -262,9 +262,7 @@ async def daemon_section(settings: Settings, store: Store, now: float) -> dict[s
     pauses = await store.pauses()
     return {
         "daemon": {"running": pid is not None, "pid": pid, "state_dir": str(settings.daemon.state_dir)},
-        "paused": [
-            {"route": route_name(p.profile, p.model), "since": p.paused_at, "reason": p.reason} for p in pauses
-        ],
+        "paused": [{"route": route_name(p.profile, p.model), "since": p.paused_at, "reason": p.reason} for p in pauses],
         **await route_section(settings, store, now),
     }
 

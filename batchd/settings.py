@@ -482,9 +482,7 @@ class Settings(BaseSettings):
         from .schedule import Window
 
         prof = self.providers[profile]
-        route = next(
-            (r for r in self.routes if r.provider == profile and fnmatch.fnmatchcase(model, r.model)), None
-        )
+        route = next((r for r in self.routes if r.provider == profile and fnmatch.fnmatchcase(model, r.model)), None)
         tz = (route.timezone if route is not None and route.timezone else None) or prof.timezone
         source: Route | ProviderProfile = route if route is not None and (route.window or route.window_cron) else prof
         window: Window | None = None

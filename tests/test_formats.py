@@ -216,7 +216,7 @@ def test_a_result_file_answer_is_embedded_byte_for_byte_as_the_parsed_one_would_
     result line written from it is exactly the one written from the parsed response."""
     from batchd.formats import anthropic_file_outcome, openai_file_outcome, result_line
 
-    body = {"id": "c1", "choices": [{"message": {"content": "hé \u2028 \"q\""}}], "usage": {"prompt_tokens": 3}}
+    body = {"id": "c1", "choices": [{"message": {"content": 'hé \u2028 "q"'}}], "usage": {"prompt_tokens": 3}}
     openai_line = {"custom_id": "i1", "response": {"status_code": 200, "body": body}, "error": None}
     message = {"id": "m1", "content": [{"type": "text", "text": "x"}], "usage": {"input_tokens": 2}}
     anthropic_line = {"custom_id": "i2", "result": {"type": "succeeded", "message": message}}

@@ -106,8 +106,10 @@ def test_an_unreadable_system_config_is_a_configuration_error(tmp_path: Path, mo
     system.write_text("[daemon]\n")
     tmp_path.chmod(0o755)
     monkeypatch.setattr(settings, "DEFAULT_CONFIG", system)
-    program = "import sys; from batchd import settings as s; from pathlib import Path; " \
+    program = (
+        "import sys; from batchd import settings as s; from pathlib import Path; "
         f"s.DEFAULT_CONFIG = Path({str(system)!r}); sys.exit(__import__('batchd.cli').cli.main(['status']))"
+    )
     python, env = python_for(OTHER_UID)
     env = {**{k: v for k, v in os.environ.items() if k != "BATCHD_CONFIG"}, **env}
     proc = subprocess.run(

@@ -72,9 +72,7 @@ async def test_the_status_page_shows_queue_progress_and_savings_in_a_browser(
         drop(spool, "slow", 300, "gpt-4o-mini")
         # The slow batch is out (the second submitted) before the other route's file arrives; were the
         # two dropped together, they could be taken in one group commit and either flushed first.
-        await wait_until(
-            lambda: sum(e.get("event") == "batch.submitted" for e in daemon.log_events()) >= 2, timeout=60
-        )
+        await wait_until(lambda: sum(e.get("event") == "batch.submitted" for e in daemon.log_events()) >= 2, timeout=60)
         drop(spool, "waiting", 2, "gpt-4o")
 
         async with async_playwright() as playwright:

@@ -14,7 +14,6 @@ from .base import Sink
 log = get_logger("batchd.sinks")
 
 
-
 class SinkRunner:
     """Feeds every sink the results after its cursor; a failing sink never holds up the others."""
 

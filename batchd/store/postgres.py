@@ -1199,8 +1199,17 @@ class PostgresStore:
         rows = await self._fetch(Q.file_items, file_id)
         return [
             FileItem(
-                r["id"], r["line"], r["custom_id"], ItemState(r["state"]), r["profile"], r["endpoint"], r["model"],
-                r["deadline"], r["fallback_at"], r["tokens"], r["inputs"],
+                r["id"],
+                r["line"],
+                r["custom_id"],
+                ItemState(r["state"]),
+                r["profile"],
+                r["endpoint"],
+                r["model"],
+                r["deadline"],
+                r["fallback_at"],
+                r["tokens"],
+                r["inputs"],
             )
             for r in rows
         ]

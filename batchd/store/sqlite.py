@@ -25,6 +25,7 @@ outbox cursor 'outbox' renamed 'outbox:NODE').
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import socket
@@ -236,10 +237,9 @@ class _Checkpointer:
         while True:
             await self._wrote.wait()
             self._wrote.clear()
-            try:
+            # Another connection checkpointing, say: the next round (or the backstop) copies it.
+            with contextlib.suppress(sqlite3.Error):
                 await self._db.execute(Q.wal_checkpoint_passive)
-            except sqlite3.Error:
-                pass  # another connection checkpointing, say: the next round (or the backstop) copies it
             await asyncio.sleep(self.interval)
 
     async def close(self) -> None:
@@ -351,7 +351,8 @@ class SQLiteStore:
             await self._register_node()
             self._reader = await self._connect_reader(self._uri("ro"))
             if self.checkpoint_interval > 0:
-                self._checkpointer = _Checkpointer(await self._connect_reader(self._uri("rw")), self.checkpoint_interval)
+                checkpointing = await self._connect_reader(self._uri("rw"))
+                self._checkpointer = _Checkpointer(checkpointing, self.checkpoint_interval)
                 self._checkpointer.start()
         except BaseException:
             await self.close()
@@ -773,8 +774,16 @@ class SQLiteStore:
             if fresh:
                 values = [
                     (
-                        file_id, f.key.name, f.key.sha256, f.key.size, out_name, f.key.dev, f.key.ino, f.lines,
-                        f.options, f.deadline,
+                        file_id,
+                        f.key.name,
+                        f.key.sha256,
+                        f.key.size,
+                        out_name,
+                        f.key.dev,
+                        f.key.ino,
+                        f.lines,
+                        f.options,
+                        f.deadline,
                     )
                     for file_id, f, out_name in zip(ids, fresh, out_names, strict=True)
                 ]

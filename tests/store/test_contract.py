@@ -786,6 +786,7 @@ async def test_request_poll_marks_a_polled_batch_for_its_lease_holder(store: Sto
     await second_node.request_poll(batch.id, 1400.0)  # done: nothing to poll any more
     assert (await store.batch(batch.id)).poll_requested_at == 1300.0  # type: ignore[union-attr]
 
+
 async def test_status_counts_every_state_change_on_a_large_queue(store: Store) -> None:
     """The queue counts stay exact through ingest, claim, submit, finals, retries, refunds and unclaims.
 
