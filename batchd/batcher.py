@@ -13,19 +13,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from functools import partial
 from pathlib import Path
 
 from .aio import wait_any
 from .crashpoints import CrashPoints
 from .deadlines import FlushReason
-from .formats import Kind, request_pieces
+from .formats import Kind, request_lines_size, request_pieces
 from .logs import get_logger
 from .planner import UNTIL_A_BATCH_ENDS, Capacity, GroupPlan, plan_groups
 from .policy import canceled_results
 from .providers import ProviderError, ProviderPool
-from .providers.base import backoff
+from .providers.base import RequestStream, backoff
 from .settings import Settings
 from .store.contract import BatchRow, BatchState, CancelReason, Fate, Store
 
@@ -300,6 +300,33 @@ class Batcher:
                 if close is not None:
                     await close()
 
+    async def _request_stream(self, batch: BatchRow) -> RequestStream:
+        """The batch's request lines straight from the store, read while they are sent: nothing is
+        written to disk, and the store reads the next chunk while this one goes out."""
+        kind: Kind = "openai" if batch.kind == "openai" else "anthropic"
+        instance = self._instance
+        size = await self.store.batch_input_size(batch.id)
+        total = request_lines_size(kind, size.requests, size.body_bytes, size.id_hex_digits, batch.endpoint, instance)
+
+        async def chunks() -> AsyncIterator[bytes]:
+            rows = self.store.batch_bodies(batch.id, INPUT_CHUNK)
+            reading: asyncio.Future[list[tuple[int, str, bytes]] | None] = asyncio.ensure_future(anext(rows, None))
+            try:
+                while (chunk := await reading) is not None:
+                    reading = asyncio.ensure_future(anext(rows, None))
+                    yield b"".join(request_pieces(kind, chunk, instance))
+            finally:
+                if not reading.done():
+                    reading.cancel()
+                await asyncio.wait([reading])
+                if not reading.cancelled():
+                    reading.exception()  # retrieved: the error that matters is the one raised
+                close = getattr(rows, "aclose", None)
+                if close is not None:
+                    await close()
+
+        return RequestStream(total, chunks())
+
     async def _submit(self, listed: BatchRow) -> None:
         started = time.monotonic()
         # The row as it is now: the caller's copy may predate a failure that just rescheduled it.
@@ -353,13 +380,18 @@ class Batcher:
                 with contextlib.suppress(ProviderError):
                     await provider.delete_file(batch.input_file_id)
                 await self.store.set_input_file(batch.id, None)
-            await self._write_input(batch, path)
+            lines: Path | RequestStream
+            if provider.streams_input:
+                lines = await self._request_stream(batch)
+            else:
+                await self._write_input(batch, path)
+                lines = path
 
             async def remember_input(file_id: str | None) -> None:
                 await self.store.set_input_file(batch.id, file_id)
                 self._crashpoints.reach("after-upload")
 
-            remote = await provider.submit(batch.id, batch.endpoint, path, batch.requests, metadata, remember_input)
+            remote = await provider.submit(batch.id, batch.endpoint, lines, batch.requests, metadata, remember_input)
             self._crashpoints.reach("after-create")
             await self.store.mark_submitted(batch.id, remote.id, remote.status, time.time(), remote.created_at or None)
             log.info(

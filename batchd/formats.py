@@ -261,13 +261,26 @@ def anthropic_request(item_id: int, params: bytes, instance: str = "") -> bytes:
     return b'{"custom_id":"%s","params":%s}' % (provider_custom_id(item_id, instance).encode(), params)
 
 
+_ANTHROPIC_HEAD = b'","params":'
+_REQUEST_TAIL = b"}\n"
+
+
+def _request_prefix(instance: str) -> bytes:
+    """What every request line starts with, up to its item id in hex (see provider_custom_id)."""
+    return f'{{"custom_id":"{provider_custom_id(0, instance)[:-1]}'.encode()
+
+
+def _openai_head(endpoint: str) -> bytes:
+    return b'","method":"POST","url":"%s","body":' % endpoint.encode()
+
+
 def request_pieces(kind: Kind, rows: Iterable[tuple[int, str, bytes]], instance: str = "") -> list[bytes]:
     """The request lines for (item id, endpoint, body) rows, as pieces whose concatenation is the lines.
 
     Byte for byte `openai_request_line` (or `anthropic_request` and a newline) per row, but each body
     goes out as it is stored instead of being copied into a line of its own first.
     """
-    prefix = f'{{"custom_id":"{provider_custom_id(0, instance)[:-1]}'.encode()
+    prefix = _request_prefix(instance)
     pieces: list[bytes] = []
     append = pieces.append
     if kind == "openai":
@@ -275,16 +288,26 @@ def request_pieces(kind: Kind, rows: Iterable[tuple[int, str, bytes]], instance:
         for item_id, endpoint, body in rows:
             head = heads.get(endpoint)
             if head is None:
-                head = heads[endpoint] = b'","method":"POST","url":"%s","body":' % endpoint.encode()
+                head = heads[endpoint] = _openai_head(endpoint)
             append(b"%s%x%s" % (prefix, item_id, head))
             append(body)
-            append(b"}\n")
+            append(_REQUEST_TAIL)
     else:
         for item_id, _endpoint, body in rows:
-            append(b'%s%x","params":' % (prefix, item_id))
+            append(b"%s%x%s" % (prefix, item_id, _ANTHROPIC_HEAD))
             append(body)
-            append(b"}\n")
+            append(_REQUEST_TAIL)
     return pieces
+
+
+def request_lines_size(
+    kind: Kind, requests: int, body_bytes: int, id_hex_digits: int, endpoint: str, instance: str = ""
+) -> int:
+    """The exact length of request_pieces' lines for `requests` rows of one endpoint, from the sums
+    of their body lengths and of their item ids' hex digits (what the store can add up without
+    reading a body)."""
+    head = _openai_head(endpoint) if kind == "openai" else _ANTHROPIC_HEAD
+    return requests * (len(_request_prefix(instance)) + len(head) + len(_REQUEST_TAIL)) + id_hex_digits + body_bytes
 
 
 def usage_of(kind: Kind, body: Any) -> dict[str, int] | None:

@@ -6,6 +6,7 @@ import orjson
 import pytest
 
 from batchd.formats import (
+    Kind,
     LineError,
     anthropic_outcome,
     anthropic_request,
@@ -15,6 +16,7 @@ from batchd.formats import (
     openai_request_line,
     parse_line,
     provider_custom_id,
+    request_lines_size,
     request_pieces,
 )
 
@@ -190,6 +192,19 @@ def test_request_pieces_are_the_request_lines_byte_for_byte(instance: str) -> No
     assert openai == b"".join(openai_request_line(i, endpoint, body, instance) for i, endpoint, body in rows)
     anthropic = b"".join(request_pieces("anthropic", rows, instance))
     assert anthropic == b"".join(anthropic_request(i, body, instance) + b"\n" for i, _, body in rows)
+
+
+@pytest.mark.parametrize("kind", ["openai", "anthropic"])
+@pytest.mark.parametrize("instance", ["", "0123456789ABCDEF0123456789abcdef"])
+def test_request_lines_size_is_the_length_of_the_lines_to_the_byte(kind: Kind, instance: str) -> None:
+    endpoint = "/v1/chat/completions"
+    # Ids of one to sixteen hex digits, bodies with multi-byte UTF-8: the sums a store adds up.
+    rows = [(1, endpoint, b'{"model":"m"}'), (0xFFFF, endpoint, '{"x":"é€"}'.encode()), (2**63, endpoint, b"{}")]
+    body_bytes = sum(len(body) for _, _, body in rows)
+    id_hex_digits = sum(len(f"{item_id:x}") for item_id, _, _ in rows)
+    expected = len(b"".join(request_pieces(kind, rows, instance)))
+    assert request_lines_size(kind, len(rows), body_bytes, id_hex_digits, endpoint, instance) == expected
+    assert request_lines_size(kind, 0, 0, 0, endpoint, instance) == 0
 
 
 def test_item_id_reader_reads_as_item_id_from_custom_id() -> None:

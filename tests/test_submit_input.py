@@ -1,17 +1,21 @@
-"""The batcher's input file: written as a pipeline (read, join, write overlap), byte for byte the request lines."""
+"""The batcher's input: an OpenAI input file written as a pipeline (read, join, write overlap), an Anthropic
+batch streamed from the store; byte for byte the request lines either way."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import orjson
 import pytest
 
 from batchd import batcher as batcher_module
 from batchd.batcher import Batcher
 from batchd.crashpoints import CrashPoints
+from batchd.emulator import EmulatorConfig, start_emulator
 from batchd.formats import anthropic_request, openai_request_line
-from batchd.providers import ProviderPool
+from batchd.providers import ProviderError, ProviderPool
+from batchd.providers.base import RequestStream
 from batchd.store.sqlite import SQLiteStore
 
 from .conftest import make_settings
@@ -78,3 +82,59 @@ async def test_a_failed_read_fails_the_input_file_and_leaves_no_write_running(
     finally:
         await providers.close()
         await store.close()
+
+
+async def test_an_anthropic_batch_goes_from_the_store_to_the_provider_byte_for_byte_with_no_input_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(batcher_module, "INPUT_CHUNK", 3)  # 10 requests: four reads, each sent as it is read
+    store = SQLiteStore(tmp_path / "t.sqlite3", "n1")
+    await store.open()
+    async with await start_emulator(EmulatorConfig(processing_seconds=600)) as emulator:
+        settings = make_settings(tmp_path, emulator)
+        providers = ProviderPool(settings.providers)
+        try:
+            # Bodies of different lengths, multi-byte UTF-8 among them: the declared length is exact.
+            route = {"profile": "anthropic", "endpoint": "/v1/messages", "model": "claude-haiku-4-5"}
+            await ingest(store, "a.jsonl", count=4, body='{"x":"é€"}'.encode(), **route)
+            await ingest(store, "b.jsonl", count=6, body=b'{"max_tokens":5}', **route)
+            batch = await claim(store, kind="anthropic")
+            instance = await store.instance_id()
+            runner = Batcher(settings, store, providers, tmp_path, lambda _id: None, CrashPoints(""))
+            await runner.recover()
+
+            async def no_file(*_args: object) -> None:
+                raise AssertionError("an Anthropic batch must not be written to an input file")
+
+            monkeypatch.setattr(runner, "_write_input", no_file)
+            await runner._submit(batch)
+            done = await store.batch(batch.id)
+            assert done is not None and done.state == "submitted" and done.remote_id is not None
+            sent = emulator.state.anthropic_batches[done.remote_id].requests_path.read_bytes().splitlines()
+            rows = [row async for chunk in store.batch_bodies(batch.id) for row in chunk]
+            assert [orjson.loads(line) for line in sent] == [
+                orjson.loads(anthropic_request(i, body, instance)) for i, _endpoint, body in rows
+            ]
+            assert not list(tmp_path.glob("batch-*.jsonl"))
+        finally:
+            await providers.close()
+            await store.close()
+
+
+@pytest.mark.parametrize("declared", [-1, +1])
+async def test_a_stream_whose_length_is_not_the_declared_one_creates_no_batch(declared: int, tmp_path: Path) -> None:
+    lines = b"".join(anthropic_request(n, b'{"max_tokens":5}', "ab" * 16) + b"\n" for n in range(1, 4))
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield lines
+
+    async with await start_emulator(EmulatorConfig(processing_seconds=600)) as emulator:
+        providers = ProviderPool(make_settings(tmp_path, emulator).providers)
+        try:
+            provider = providers.get("anthropic")
+            assert provider.streams_input
+            with pytest.raises(ProviderError):
+                await provider.submit(1, "/v1/messages", RequestStream(len(lines) + declared, chunks()), 3, {}, print)
+            assert emulator.state.anthropic_batches == {}
+        finally:
+            await providers.close()

@@ -20,6 +20,7 @@ from .base import (
     Provider,
     ProviderError,
     RemoteBatch,
+    RequestStream,
     ResultsReport,
     WindowScan,
     download,
@@ -59,17 +60,31 @@ BODY_OPEN = b'{"requests":['
 BODY_CLOSE = b"]}"
 
 
-async def _create_body(lines: Path, size: int) -> AsyncIterator[bytes]:
-    """`{"requests":[line,line,…]}` from a file of newline-terminated JSON requests."""
+async def _create_body(lines: Path | RequestStream) -> AsyncIterator[bytes]:
+    """`{"requests":[line,line,…]}` from newline-terminated JSON requests (a file, or a stream of
+    whole lines): each newline becomes a comma but the last, which is dropped."""
     yield BODY_OPEN
-    remaining = size
+    chunks = _file_chunks(lines) if isinstance(lines, Path) else lines.chunks
+    sent = 0
+    held: bytes | None = None  # one chunk behind, so the last one is known when it comes
+    async for chunk in chunks:
+        if held is not None:
+            yield held.replace(b"\n", b",")
+        sent += len(chunk)
+        held = chunk
+    if held is not None:
+        yield held[:-1].replace(b"\n", b",")
+    size = lines.stat().st_size if isinstance(lines, Path) else lines.size
+    if sent != size:
+        # The declared Content-Length would be wrong: the provider gets a torn body, never a short batch.
+        raise ValueError(f"the batch's request lines are {sent} bytes, not the {size} declared")
+    yield BODY_CLOSE
+
+
+async def _file_chunks(lines: Path) -> AsyncIterator[bytes]:
     with lines.open("rb") as handle:
         while chunk := handle.read(1 << 20):
-            remaining -= len(chunk)
-            if remaining == 0:
-                chunk = chunk[:-1]  # the last request's newline
-            yield chunk.replace(b"\n", b",")
-    yield BODY_CLOSE
+            yield chunk
 
 
 def _timestamp(value: datetime | None) -> float:
@@ -105,6 +120,8 @@ class AnthropicProvider(Provider):
     """A profile of kind `anthropic`."""
 
     kind = "anthropic"
+    # The create call's body is the requests themselves, so they stream from the store as it reads them.
+    streams_input = True
 
     def __init__(self, profile: str, api_key: str, base_url: str | None, timeout: float) -> None:
         super().__init__(profile)
@@ -129,19 +146,19 @@ class AnthropicProvider(Provider):
         self,
         batch_id: int,
         endpoint: str,
-        lines: Path,
+        lines: Path | RequestStream,
         request_count: int,
         metadata: dict[str, str],
         remember_input: Callable[[str | None], Any],
     ) -> RemoteBatch:
-        # The body streams from our request file (one request per line) in 1 MiB chunks: newlines
-        # become commas, so the batch is never held in memory, however large.
-        size = lines.stat().st_size
+        # The body streams from the store (or a request file), one request per line: newlines become
+        # commas, so the batch is never held in memory, however large.
+        size = lines.stat().st_size if isinstance(lines, Path) else lines.size
         created = await _call(
             self._create_client.post(
                 "/v1/messages/batches",
                 cast_to=MessageBatch,
-                content=_create_body(lines, size),
+                content=_create_body(lines),
                 options={
                     "headers": {
                         "Content-Type": "application/json",

@@ -148,10 +148,23 @@ def backoff(attempt: int, base: float = 1.0, ceiling: float = 60.0, rng: random.
     return delay * (0.5 + 0.5 * (rng or random).random())
 
 
+@dataclass(frozen=True)
+class RequestStream:
+    """A batch's request lines (JSON, each with its newline) as they are read from the store, for
+    a provider whose create call takes them as a body it can stream: `size` is their exact length,
+    known before the first byte; `chunks` yields whole lines, and may be read once."""
+
+    size: int
+    chunks: AsyncIterator[bytes]
+
+
 class Provider(abc.ABC):
     """One provider profile's client."""
 
     kind: str
+    # Whether submit takes a RequestStream (the lines straight from the store, read while they are
+    # sent) or only a file of them (a multipart upload of the SDK's own).
+    streams_input = False
 
     def __init__(self, profile: str) -> None:
         self.profile = profile
@@ -161,12 +174,13 @@ class Provider(abc.ABC):
         self,
         batch_id: int,
         endpoint: str,
-        lines: Path,
+        lines: Path | RequestStream,
         request_count: int,
         metadata: dict[str, str],
         remember_input: Callable[[str | None], Any],
     ) -> RemoteBatch:
-        """Create a batch from `lines` (our request lines, one JSON per line).
+        """Create a batch from `lines` (our request lines, one JSON per line): a file, or a stream
+        where `streams_input` says so.
 
         Makes exactly one create call (never retried by the SDK), so that a failure can be
         reconciled before trying again. `remember_input` is awaited with any uploaded file id

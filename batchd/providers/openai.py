@@ -19,6 +19,7 @@ from .base import (
     Provider,
     ProviderError,
     RemoteBatch,
+    RequestStream,
     ResultsReport,
     WindowScan,
     download,
@@ -120,11 +121,13 @@ class OpenAIProvider(Provider):
         self,
         batch_id: int,
         endpoint: str,
-        lines: Path,
+        lines: Path | RequestStream,
         request_count: int,
         metadata: dict[str, str],
         remember_input: Callable[[str | None], Any],
     ) -> RemoteBatch:
+        if not isinstance(lines, Path):
+            raise TypeError("an OpenAI batch is created from an uploaded file: streams_input is False")
         with lines.open("rb") as handle:
             uploaded = await _call(
                 self._client.files.create(

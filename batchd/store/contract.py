@@ -365,6 +365,17 @@ class PendingResult:
 
 
 @dataclass(frozen=True, slots=True)
+class InputSize:
+    """What a batch's request lines are made of, for their exact length before they are read:
+    the number of requests, the bytes of their bodies, and the hex digits of their item ids (each
+    custom_id ends with its item id in hex; formats.request_lines_size adds the fixed parts)."""
+
+    requests: int
+    body_bytes: int
+    id_hex_digits: int
+
+
+@dataclass(frozen=True, slots=True)
 class Budget:
     """What one claim may take beyond the request and byte limits (capacity gating, issue 11).
 
@@ -535,6 +546,10 @@ class Queue(Protocol):
         Engines implement it as an async generator (`async def` with `yield`); declared without
         `async` here because a Protocol body has no `yield`, which would type it as a coroutine.
         """
+
+    async def batch_input_size(self, batch_id: int) -> InputSize:
+        """The sizes batch_bodies' rows add up to, without reading the bodies (a streamed upload
+        declares its length before its first byte)."""
 
     async def usage(self, profile: str, model: str | None = None, now: float | None = None) -> Usage:
         """Live counts for organisation limits, over every node sharing the store."""

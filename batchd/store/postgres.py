@@ -57,6 +57,7 @@ from .contract import (
     FileState,
     FinalResult,
     Group,
+    InputSize,
     ItemState,
     NewItem,
     NewResult,
@@ -693,6 +694,11 @@ class PostgresStore:
                 return
             yield [(r["id"], r["endpoint"], bytes(r["body"])) for r in rows]
             last = rows[-1]["id"]
+
+    async def batch_input_size(self, batch_id: int) -> InputSize:
+        row = await self._fetchrow(Q.batch_input_size, batch_id)
+        assert row is not None
+        return InputSize(int(row["n"]), int(row["body_bytes"]), int(row["id_hex_digits"]))
 
     async def usage(self, profile: str, model: str | None = None, now: float | None = None) -> Usage:
         row = await self._fetchrow(Q.usage, profile, model, time.time() if now is None else now)

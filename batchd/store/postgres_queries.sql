@@ -192,6 +192,11 @@ UPDATE items SET state = 'batched', batch_id = $1 WHERE id = ANY($2::bigint[]) A
 SELECT i.id, i.endpoint, b.body FROM items i JOIN item_bodies b ON b.item_id = i.id
 WHERE i.batch_id = $1 AND i.id > $2 ORDER BY i.id LIMIT $3
 
+-- name: batch_input_size
+SELECT COUNT(*) AS n, COALESCE(SUM(octet_length(b.body)), 0)::bigint AS body_bytes,
+    COALESCE(SUM(length(to_hex(i.id))), 0)::bigint AS id_hex_digits
+FROM items i JOIN item_bodies b ON b.item_id = i.id WHERE i.batch_id = $1
+
 -- name: usage
 -- Live batches (intents included: they are about to be created) of a profile, and optionally a model;
 -- created = batches created at the provider in the last hour.

@@ -67,6 +67,7 @@ from .contract import (
     FileState,
     FinalResult,
     Group,
+    InputSize,
     ItemState,
     NewItem,
     NotCreated,
@@ -924,6 +925,11 @@ class SQLiteStore:
             # By position: one tuple per request of a batch of up to 100,000.
             yield [(r[0], r[1], r[2]) for r in rows]
             last = rows[-1][0]
+
+    async def batch_input_size(self, batch_id: int) -> InputSize:
+        row = await self._row(Q.batch_input_size, (batch_id,))
+        assert row is not None
+        return InputSize(int(row["n"]), int(row["body_bytes"]), int(row["id_hex_digits"]))
 
     async def usage(self, profile: str, model: str | None = None, now: float | None = None) -> Usage:
         """Live batches (intents included) of the profile (and model), over every node."""

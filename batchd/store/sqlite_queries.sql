@@ -327,6 +327,12 @@ UPDATE batches SET requests = ?, bytes = ?, tokens = ?, inputs = ? WHERE id = ?;
 SELECT i.id, i.endpoint, b.body FROM items i JOIN item_bodies b ON b.item_id = i.id
 WHERE i.batch_id = ? AND i.id > ? ORDER BY i.id LIMIT ?;
 
+-- name: batch_input_size
+-- length() of a BLOB reads its size from the record header, not its pages.
+SELECT COUNT(*) AS n, COALESCE(SUM(length(b.body)), 0) AS body_bytes,
+    COALESCE(SUM(length(printf('%x', i.id))), 0) AS id_hex_digits
+FROM items i JOIN item_bodies b ON b.item_id = i.id WHERE i.batch_id = ?;
+
 -- name: batch_item_ids
 SELECT id FROM items WHERE batch_id = ? ORDER BY id;
 

@@ -16,9 +16,11 @@ from batchd.store.contract import (
     METRICS_READS,
     ApplySummary,
     BatchState,
+    Chunk,
     DuplicateCustomId,
     Fate,
     FileState,
+    InputSize,
     Store,
     WholeFile,
 )
@@ -237,6 +239,24 @@ async def test_claim_never_exceeds_the_request_or_byte_limit(store: Store) -> No
     ids = [item_id for item_id, _, _ in bodies]
     assert ids == sorted(ids) == await store.batch_item_ids(first.id) and len(ids) == 10
     assert {(endpoint, body) for _, endpoint, body in bodies} == {("/v1/chat/completions", new_item(1).body)}
+
+
+async def test_batch_input_size_adds_up_what_batch_bodies_reads(store: Store) -> None:
+    # What a streamed upload declares as its length before it reads a body: bodies of many lengths
+    # (multi-byte UTF-8 among them) and ids of one and two hex digits, of a batch that took 15 of 20.
+    await ingest(store, "before.jsonl", 12)
+    row = await store.begin_file(file_key("sizes.jsonl"), never_taken)
+    bodies = [b'{"model":"m","n":%d,"x":"%s"}' % (n, "\u00e9€".encode() * n) for n in range(1, 21)]
+    items = [new_item(n, body=body) for n, body in enumerate(bodies, 1)]
+    assert await store.add_chunk(row.id, Chunk(1, 20, 2000, items, []))
+    await store.finish_file(row.id, 20)
+    await claim(store, max_requests=12)
+    batch = await claim(store, max_requests=15)
+    rows = [r for part in [c async for c in store.batch_bodies(batch.id, chunk=4)] for r in part]
+    assert len(rows) == 15 and {len(f"{item_id:x}") for item_id, _, _ in rows} == {1, 2}
+    assert await store.batch_input_size(batch.id) == InputSize(
+        15, sum(len(body) for _, _, body in rows), sum(len(f"{item_id:x}") for item_id, _, _ in rows)
+    )
 
 
 async def test_claim_takes_the_oldest_items_first(store: Store) -> None:
