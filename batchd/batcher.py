@@ -315,6 +315,9 @@ class Batcher:
                 while (chunk := await reading) is not None:
                     reading = asyncio.ensure_future(anext(rows, None))
                     yield b"".join(request_pieces(kind, chunk, instance))
+            except Exception as exc:
+                stream.failure = exc  # the store's, not the provider's
+                raise
             finally:
                 if not reading.done():
                     reading.cancel()
@@ -325,7 +328,8 @@ class Batcher:
                 if close is not None:
                     await close()
 
-        return RequestStream(total, chunks())
+        stream = RequestStream(total, chunks())
+        return stream
 
     async def _submit(self, listed: BatchRow) -> None:
         started = time.monotonic()
@@ -391,7 +395,14 @@ class Batcher:
                 await self.store.set_input_file(batch.id, file_id)
                 self._crashpoints.reach("after-upload")
 
-            remote = await provider.submit(batch.id, batch.endpoint, lines, batch.requests, metadata, remember_input)
+            try:
+                remote = await provider.submit(
+                    batch.id, batch.endpoint, lines, batch.requests, metadata, remember_input
+                )
+            except ProviderError as exc:
+                if isinstance(lines, RequestStream) and lines.failure is not None:
+                    raise lines.failure from exc  # the store failed mid-send: not the provider's error
+                raise
             self._crashpoints.reach("after-create")
             await self.store.mark_submitted(batch.id, remote.id, remote.status, time.time(), remote.created_at or None)
             log.info(

@@ -138,3 +138,40 @@ async def test_a_stream_whose_length_is_not_the_declared_one_creates_no_batch(de
             assert emulator.state.anthropic_batches == {}
         finally:
             await providers.close()
+
+
+async def test_a_store_failure_mid_stream_is_reported_as_the_store_s_and_creates_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(batcher_module, "INPUT_CHUNK", 2)
+    store = SQLiteStore(tmp_path / "t.sqlite3", "n1")
+    await store.open()
+    real = store.batch_bodies
+
+    async def failing(batch_id: int, chunk: int = 2000) -> AsyncIterator[list[tuple[int, str, bytes]]]:
+        count = 0
+        async for part in real(batch_id, chunk):
+            count += 1
+            if count == 3:
+                raise OSError("disk I/O error")
+            yield part
+
+    async with await start_emulator(EmulatorConfig(processing_seconds=600)) as emulator:
+        settings = make_settings(tmp_path, emulator)
+        providers = ProviderPool(settings.providers)
+        try:
+            await ingest(store, count=10, profile="anthropic", endpoint="/v1/messages", model="claude-haiku-4-5")
+            batch = await claim(store, kind="anthropic")
+            runner = Batcher(settings, store, providers, tmp_path, lambda _id: None, CrashPoints(""))
+            await runner.recover()
+            monkeypatch.setattr(store, "batch_bodies", failing)
+            # Not a provider's connection error to back off from and retry: the store's own, raised.
+            with pytest.raises(OSError, match="disk I/O error"):
+                await runner._submit(batch)
+            # Two chunks went out before the failure: the provider got a torn body and made nothing.
+            assert emulator.state.anthropic_batches == {}
+            still = await store.batch(batch.id)
+            assert still is not None and still.state == "pending" and still.remote_id is None
+        finally:
+            await providers.close()
+            await store.close()

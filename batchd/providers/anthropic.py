@@ -60,31 +60,18 @@ BODY_OPEN = b'{"requests":['
 BODY_CLOSE = b"]}"
 
 
-async def _create_body(lines: Path | RequestStream) -> AsyncIterator[bytes]:
-    """`{"requests":[line,line,…]}` from newline-terminated JSON requests (a file, or a stream of
-    whole lines): each newline becomes a comma but the last, which is dropped."""
+async def _create_body(lines: RequestStream) -> AsyncIterator[bytes]:
+    """`{"requests":[line,line,…]}` from a stream of newline-terminated JSON requests, as they
+    come: each newline becomes a comma but the last, which is dropped."""
     yield BODY_OPEN
-    chunks = _file_chunks(lines) if isinstance(lines, Path) else lines.chunks
-    sent = 0
     held: bytes | None = None  # one chunk behind, so the last one is known when it comes
-    async for chunk in chunks:
+    async for chunk in lines.exactly():
         if held is not None:
             yield held.replace(b"\n", b",")
-        sent += len(chunk)
         held = chunk
     if held is not None:
         yield held[:-1].replace(b"\n", b",")
-    size = lines.stat().st_size if isinstance(lines, Path) else lines.size
-    if sent != size:
-        # The declared Content-Length would be wrong: the provider gets a torn body, never a short batch.
-        raise ValueError(f"the batch's request lines are {sent} bytes, not the {size} declared")
     yield BODY_CLOSE
-
-
-async def _file_chunks(lines: Path) -> AsyncIterator[bytes]:
-    with lines.open("rb") as handle:
-        while chunk := handle.read(1 << 20):
-            yield chunk
 
 
 def _timestamp(value: datetime | None) -> float:
@@ -151,9 +138,11 @@ class AnthropicProvider(Provider):
         metadata: dict[str, str],
         remember_input: Callable[[str | None], Any],
     ) -> RemoteBatch:
-        # The body streams from the store (or a request file), one request per line: newlines become
-        # commas, so the batch is never held in memory, however large.
-        size = lines.stat().st_size if isinstance(lines, Path) else lines.size
+        if not isinstance(lines, RequestStream):
+            raise TypeError("an Anthropic batch streams from the store: streams_input is True")
+        # The body streams from the store, one request per line: newlines become commas, so the
+        # batch is never held in memory, however large.
+        size = lines.size
         created = await _call(
             self._create_client.post(
                 "/v1/messages/batches",

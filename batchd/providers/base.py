@@ -148,14 +148,27 @@ def backoff(attempt: int, base: float = 1.0, ceiling: float = 60.0, rng: random.
     return delay * (0.5 + 0.5 * (rng or random).random())
 
 
-@dataclass(frozen=True)
+@dataclass
 class RequestStream:
-    """A batch's request lines (JSON, each with its newline) as they are read from the store, for
-    a provider whose create call takes them as a body it can stream: `size` is their exact length,
-    known before the first byte; `chunks` yields whole lines, and may be read once."""
+    """A batch's request lines (JSON, each with its newline) as the store reads them, for a provider
+    whose create call takes them as a body it can stream: `size` is their exact length, known
+    before the first byte; `chunks` yields whole lines and may be read once. `failure` keeps an
+    error of the store's own that cut the stream short, so the caller reports it as that rather
+    than as the provider call it broke."""
 
     size: int
     chunks: AsyncIterator[bytes]
+    failure: BaseException | None = None
+
+    async def exactly(self) -> AsyncIterator[bytes]:
+        """The chunks, then an error if they did not add up to `size`: the request's declared
+        Content-Length would be wrong, so it is torn off and the provider creates nothing."""
+        sent = 0
+        async for chunk in self.chunks:
+            sent += len(chunk)
+            yield chunk
+        if sent != self.size:
+            raise ValueError(f"the batch's request lines are {sent} bytes, not the {self.size} declared")
 
 
 class Provider(abc.ABC):
