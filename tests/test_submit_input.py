@@ -3,7 +3,7 @@ batch streamed from the store; byte for byte the request lines either way."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import orjson
@@ -20,6 +20,21 @@ from batchd.store.sqlite import SQLiteStore
 
 from .conftest import make_settings
 from .store.factories import claim, ingest
+
+
+def fails_on_third_read(store: SQLiteStore) -> Callable[..., AsyncIterator[list[tuple[int, str, bytes]]]]:
+    """The store's batch_bodies, but its third read fails as a disk would."""
+    real = store.batch_bodies
+
+    async def failing(batch_id: int, chunk: int = 2000) -> AsyncIterator[list[tuple[int, str, bytes]]]:
+        count = 0
+        async for part in real(batch_id, chunk):
+            count += 1
+            if count == 3:
+                raise OSError("disk I/O error")
+            yield part
+
+    return failing
 
 
 @pytest.mark.parametrize("kind", ["openai", "anthropic"])
@@ -59,15 +74,7 @@ async def test_a_failed_read_fails_the_input_file_and_leaves_no_write_running(
     await store.open()
     settings = make_settings(tmp_path, None)
     providers = ProviderPool(settings.providers)
-    real = store.batch_bodies
-
-    async def failing(batch_id: int, chunk: int = 2000) -> AsyncIterator[list[tuple[int, str, bytes]]]:
-        count = 0
-        async for part in real(batch_id, chunk):
-            count += 1
-            if count == 3:
-                raise OSError("disk I/O error")
-            yield part
+    failing = fails_on_third_read(store)
 
     try:
         await ingest(store, count=10)
@@ -146,15 +153,7 @@ async def test_a_store_failure_mid_stream_is_reported_as_the_store_s_and_creates
     monkeypatch.setattr(batcher_module, "INPUT_CHUNK", 2)
     store = SQLiteStore(tmp_path / "t.sqlite3", "n1")
     await store.open()
-    real = store.batch_bodies
-
-    async def failing(batch_id: int, chunk: int = 2000) -> AsyncIterator[list[tuple[int, str, bytes]]]:
-        count = 0
-        async for part in real(batch_id, chunk):
-            count += 1
-            if count == 3:
-                raise OSError("disk I/O error")
-            yield part
+    failing = fails_on_third_read(store)
 
     async with await start_emulator(EmulatorConfig(processing_seconds=600)) as emulator:
         settings = make_settings(tmp_path, emulator)
