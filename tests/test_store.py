@@ -119,6 +119,22 @@ async def test_commits_reach_the_database_file_through_the_checkpointer_not_the_
     assert await wait_until(lambda: items_in_the_main_file() == 50, timeout=10)
 
 
+async def test_the_wal_file_is_cut_back_to_nothing_once_writing_stops(tmp_path: Path) -> None:
+    quiet = SQLiteStore(tmp_path / "quiet.sqlite3", "n1", checkpoint_quiet=0.2)
+    await quiet.open()
+    try:
+        await queue(quiet, 200)
+        wal = quiet.path.with_name(quiet.path.name + "-wal")
+        assert wal.stat().st_size > 0
+        assert await wait_until(lambda: wal.stat().st_size == 0, timeout=10)
+        # And it is used again from its start by the next write, which reads back as usual.
+        await queue(quiet, 5, name="g.jsonl")
+        [group] = await quiet.queued_groups(time.time())
+        assert group.count == 205
+    finally:
+        await quiet.close()
+
+
 async def test_claim_never_exceeds_request_or_byte_limits(store: Store) -> None:
     await queue(store, 25, size=100)
     now = time.time()

@@ -218,12 +218,14 @@ class _Checkpointer:
     and every write queued behind it, waited for it: a third of a second now and then during a large
     ingest. A PASSIVE checkpoint on another connection runs beside the writer and the readers and
     waits for neither; the writer's autocheckpoint stays as a backstop (it also restarts the WAL
-    from its start once every frame is copied), and finds little left to copy.
+    from its start once every frame is copied), and finds little left to copy. Once writing has
+    stopped for `quiet` seconds, the WAL file is cut back to nothing.
     """
 
-    def __init__(self, db: aiosqlite.Connection, interval: float) -> None:
+    def __init__(self, db: aiosqlite.Connection, interval: float, quiet: float) -> None:
         self._db = db
         self.interval = interval
+        self.quiet = quiet
         self._wrote = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -242,6 +244,13 @@ class _Checkpointer:
             with contextlib.suppress(sqlite3.Error):
                 await self._db.execute(Q.wal_checkpoint_passive)
             await asyncio.sleep(self.interval)
+            if self._wrote.is_set():
+                continue
+            try:
+                await asyncio.wait_for(self._wrote.wait(), self.quiet)
+            except TimeoutError:
+                with contextlib.suppress(sqlite3.Error):  # busy: a reader on the log; next quiet spell
+                    await self._db.execute(Q.wal_checkpoint_truncate)
 
     async def close(self) -> None:
         task, self._task = self._task, None
@@ -289,6 +298,7 @@ class SQLiteStore:
         readonly: bool = False,
         busy_timeout: float = 10.0,
         checkpoint_interval: float = 0.25,
+        checkpoint_quiet: float = 5.0,
     ) -> None:
         self.path = path
         self.url = url or f"sqlite:///{path}"
@@ -303,6 +313,8 @@ class SQLiteStore:
         self._checkpointer: _Checkpointer | None = None
         # At most one WAL checkpoint per this many seconds of writing (0: only the writer's own).
         self.checkpoint_interval = checkpoint_interval
+        # Seconds without a write after which the WAL file is cut back to nothing.
+        self.checkpoint_quiet = checkpoint_quiet
         self._lock = asyncio.Lock()
         # The writer's PRAGMA synchronous: FULL, or NORMAL after a deferred-sync transaction (see _tx).
         self._synchronous_full = True
@@ -353,7 +365,8 @@ class SQLiteStore:
             self._reader = await self._connect_reader(self._uri("ro"))
             if self.checkpoint_interval > 0:
                 checkpointing = await self._connect_reader(self._uri("rw"))
-                self._checkpointer = _Checkpointer(checkpointing, self.checkpoint_interval)
+                await checkpointing.execute(Q.pragma_checkpointer_busy_timeout)
+                self._checkpointer = _Checkpointer(checkpointing, self.checkpoint_interval, self.checkpoint_quiet)
                 self._checkpointer.start()
         except BaseException:
             await self.close()
@@ -375,7 +388,6 @@ class SQLiteStore:
             await db.execute(Q.pragma_wal)
             await db.execute(Q.pragma_synchronous_full)
             await db.execute(Q.pragma_wal_autocheckpoint)
-            await db.execute(Q.pragma_journal_size_limit)
             await db.execute(Q.pragma_foreign_keys_on)
             await db.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
         except sqlite3.Error as exc:

@@ -17,14 +17,19 @@ PRAGMA synchronous=FULL;
 -- second during a large ingest, and every write queued behind it.
 PRAGMA wal_autocheckpoint=65536;
 
--- name: pragma_journal_size_limit
--- The WAL file keeps its largest size after a restart unless it is cut back: at most 64 MB of it
--- stays on disk between bursts of writing.
-PRAGMA journal_size_limit=67108864;
-
 -- name: wal_checkpoint_passive
 -- Copies what it can without waiting for the writer or any reader, and blocks neither.
 PRAGMA wal_checkpoint(PASSIVE);
+
+-- name: wal_checkpoint_truncate
+-- Once writing has stopped: copies the rest and cuts the WAL file to nothing. It holds writers off
+-- while it runs, so the checkpointer's connection gives up after a short busy wait (a reader still
+-- on the log) and tries again after the next quiet spell. Cutting the file during a burst instead
+-- (journal_size_limit) made every restart of the log grow the file again: ingest about 8% slower.
+PRAGMA wal_checkpoint(TRUNCATE);
+
+-- name: pragma_checkpointer_busy_timeout
+PRAGMA busy_timeout=100;
 
 -- name: begin_deferred_sync
 -- A write transaction whose commit a later FULL commit makes durable (see SQLiteStore._tx).
