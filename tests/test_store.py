@@ -135,6 +135,25 @@ async def test_the_wal_file_is_cut_back_to_nothing_once_writing_stops(tmp_path: 
         await quiet.close()
 
 
+@pytest.mark.parametrize("ticks", range(6))
+async def test_a_store_closes_when_a_write_lands_as_its_checkpointer_waits_out_the_quiet(
+    tmp_path: Path, ticks: int
+) -> None:
+    # The daemon's stop: its last write (release_leases) wakes the checkpointer's quiet wait, and
+    # close() cancels it a few loop turns later. asyncio.wait_for in Python 3.11 swallowed that
+    # cancellation when the wait had just ended, and close() waited for the task for ever.
+    quiet = SQLiteStore(tmp_path / "quiet.sqlite3", "n1", checkpoint_interval=0.01, checkpoint_quiet=60)
+    await quiet.open()
+    await queue(quiet, 3)
+    checkpointer = quiet._checkpointer
+    assert checkpointer is not None
+    # Copied, then waiting out the quiet: the only wait on the event until 60 s pass.
+    await wait_until(lambda: bool(checkpointer._wrote._waiters), timeout=10, interval=0.01)  # type: ignore[attr-defined]
+    checkpointer.wrote()  # what the last commit does
+    await loop_ticks(ticks)
+    await asyncio.wait_for(quiet.close(), 10)
+
+
 async def test_claim_never_exceeds_request_or_byte_limits(store: Store) -> None:
     await queue(store, 25, size=100)
     now = time.time()

@@ -246,8 +246,11 @@ class _Checkpointer:
             await asyncio.sleep(self.interval)
             if self._wrote.is_set():
                 continue
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for swallows a cancellation that comes
+            # just as the wait ends (a last write, then close()), and the task would run for ever.
             try:
-                await asyncio.wait_for(self._wrote.wait(), self.quiet)
+                async with asyncio.timeout(self.quiet):
+                    await self._wrote.wait()
             except TimeoutError:
                 with contextlib.suppress(sqlite3.Error):  # busy: a reader on the log; next quiet spell
                     await self._db.execute(Q.wal_checkpoint_truncate)
