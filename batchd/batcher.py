@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from functools import partial
 from pathlib import Path
 
@@ -265,68 +265,68 @@ class Batcher:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
 
-    async def _write_input(self, batch: BatchRow, path: Path) -> None:
+    async def _request_chunks(self, batch: BatchRow) -> AsyncGenerator[bytes, None]:
+        """The batch's request lines, a chunk of whole lines at a time, in id order; the store reads
+        the next chunk (in its reader thread) while the caller writes or sends this one."""
         # Every custom_id carries this database's instance: the proof that a batch is ours.
         instance = self._instance
         kind: Kind = "openai" if batch.kind == "openai" else "anthropic"
-        chunks = self.store.batch_bodies(batch.id, INPUT_CHUNK)
-        reading: asyncio.Future[list[tuple[int, str, bytes]] | None] = asyncio.ensure_future(anext(chunks, None))
+        rows = self.store.batch_bodies(batch.id, INPUT_CHUNK)
+        reading: asyncio.Future[list[tuple[int, str, bytes]] | None] = asyncio.ensure_future(anext(rows, None))
+        try:
+            while (chunk := await reading) is not None:
+                reading = asyncio.ensure_future(anext(rows, None))
+                data = b"".join(request_pieces(kind, chunk, instance))  # the bodies copied once, into it
+                del chunk
+                yield data
+                del data
+        finally:
+            if not reading.done():
+                reading.cancel()
+            await asyncio.wait([reading])
+            if not reading.cancelled():
+                reading.exception()  # retrieved: the error that matters is the one raised
+            close = getattr(rows, "aclose", None)  # an async generator, in both engines
+            if close is not None:
+                await close()
+
+    async def _write_input(self, batch: BatchRow, path: Path) -> None:
+        """The request lines into `path`: read, join and write overlap (the write in a worker thread)."""
         writing: asyncio.Future[int] | None = None
         with path.open("wb") as out:
             try:
-                while (chunk := await reading) is not None:
-                    # The store reads the next chunk (in its reader thread) while this one is joined and
-                    # written (in a worker thread): a pipeline of three, not three steps in turn.
-                    reading = asyncio.ensure_future(anext(chunks, None))
-                    data = b"".join(request_pieces(kind, chunk, instance))  # the bodies copied once, into it
-                    del chunk
-                    if writing is not None:
-                        await writing
-                    writing = asyncio.ensure_future(asyncio.to_thread(out.write, data))
-                    del data
+                async with contextlib.aclosing(self._request_chunks(batch)) as chunks:
+                    async for data in chunks:
+                        if writing is not None:
+                            await writing
+                        writing = asyncio.ensure_future(asyncio.to_thread(out.write, data))
+                        del data
                 if writing is not None:
                     await writing
             finally:
-                if not reading.done():
-                    reading.cancel()
-                await asyncio.wait([reading])
                 if writing is not None:
                     # A thread cannot be cancelled: its write ends before the file is closed.
                     await asyncio.wait([writing])
-                for done in (reading, writing):
-                    if done is not None and not done.cancelled():
-                        done.exception()  # retrieved: the error that matters is the one raised
-                close = getattr(chunks, "aclose", None)  # an async generator, in both engines
-                if close is not None:
-                    await close()
+                    if not writing.cancelled():
+                        writing.exception()  # retrieved: the error that matters is the one raised
 
     async def _request_stream(self, batch: BatchRow) -> RequestStream:
-        """The batch's request lines straight from the store, read while they are sent: nothing is
-        written to disk, and the store reads the next chunk while this one goes out."""
+        """The batch's request lines straight from the store, sent while they are read: nothing is
+        written to disk."""
         kind: Kind = "openai" if batch.kind == "openai" else "anthropic"
-        instance = self._instance
         size = await self.store.batch_input_size(batch.id)
-        total = request_lines_size(kind, size.requests, size.body_bytes, size.id_hex_digits, batch.endpoint, instance)
+        total = request_lines_size(
+            kind, size.requests, size.body_bytes, size.id_hex_digits, batch.endpoint, self._instance
+        )
 
         async def chunks() -> AsyncIterator[bytes]:
-            rows = self.store.batch_bodies(batch.id, INPUT_CHUNK)
-            reading: asyncio.Future[list[tuple[int, str, bytes]] | None] = asyncio.ensure_future(anext(rows, None))
             try:
-                while (chunk := await reading) is not None:
-                    reading = asyncio.ensure_future(anext(rows, None))
-                    yield b"".join(request_pieces(kind, chunk, instance))
+                async with contextlib.aclosing(self._request_chunks(batch)) as read:
+                    async for data in read:
+                        yield data
             except Exception as exc:
                 stream.failure = exc  # the store's, not the provider's
                 raise
-            finally:
-                if not reading.done():
-                    reading.cancel()
-                await asyncio.wait([reading])
-                if not reading.cancelled():
-                    reading.exception()  # retrieved: the error that matters is the one raised
-                close = getattr(rows, "aclose", None)
-                if close is not None:
-                    await close()
 
         stream = RequestStream(total, chunks())
         return stream

@@ -244,10 +244,9 @@ class _Checkpointer:
             with contextlib.suppress(sqlite3.Error):
                 await self._db.execute(Q.wal_checkpoint_passive)
             await asyncio.sleep(self.interval)
-            if self._wrote.is_set():
-                continue
-            # asyncio.timeout, not wait_for: Python 3.11's wait_for swallows a cancellation that comes
-            # just as the wait ends (a last write, then close()), and the task would run for ever.
+            # Writes meanwhile end this wait at once. asyncio.timeout, not wait_for: Python 3.11's
+            # wait_for swallows a cancellation that comes just as the wait ends (a last write, then
+            # close()), and the task would run for ever.
             try:
                 async with asyncio.timeout(self.quiet):
                     await self._wrote.wait()
