@@ -8,7 +8,7 @@ import os
 import sqlite3
 import stat
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -464,6 +464,20 @@ async def test_a_read_does_not_wait_for_a_held_write_transaction(node_a: SQLiteS
         await writer
 
 
+def _tick_counts(deadline: float = 120.0) -> Iterator[int]:
+    """Loop-turn counts to cancel a write after: every count up to 200, then growing by a fifth.
+
+    A write's awaits wait on the store's thread, which may take any number of loop turns on a
+    slow disk (a CI machine's fsync took longer than 400 turns), so the counts grow until the
+    write finishes; the deadline is the only bound in time.
+    """
+    ends = time.monotonic() + deadline
+    ticks = 0
+    while time.monotonic() < ends:
+        yield ticks
+        ticks = ticks + 1 if ticks < 200 else ticks * 6 // 5
+
+
 async def _cancelled_after(work: Any, ticks: int) -> bool:
     """Run `work`, cancel it after `ticks` loop iterations; whether it had already finished."""
     task = asyncio.ensure_future(work)
@@ -475,12 +489,20 @@ async def _cancelled_after(work: Any, ticks: int) -> bool:
     return finished
 
 
+async def _slow_disk(store: SQLiteStore) -> None:
+    """Make every statement of the store's writer take milliseconds, as on a slow CI disk."""
+    await store._conn.set_progress_handler(lambda: time.sleep(0.001), 200)  # type: ignore[func-returns-value]
+
+
+@pytest.mark.parametrize("slow", [False, True], ids=["fast", "slow_disk"])
 async def test_cancellation_at_every_await_of_a_write_leaves_it_whole_and_the_store_usable(
-    node_a: SQLiteStore, tmp_path: Path
+    node_a: SQLiteStore, tmp_path: Path, slow: bool
 ) -> None:
     path = tmp_path / "shared.sqlite3"
+    if slow:
+        await _slow_disk(node_a)
     seen_applied = seen_not_applied = False
-    for ticks in range(400):
+    for ticks in _tick_counts():
         row = await node_a.begin_file(key(f"f{ticks}.jsonl", ticks), lambda name: False)
         finished = await _cancelled_after(node_a.add_chunk(row.id, chunk(1, 30)), ticks)
         assert node_a._conn.in_transaction is False
@@ -496,16 +518,19 @@ async def test_cancellation_at_every_await_of_a_write_leaves_it_whole_and_the_st
         if finished:
             break
     else:
-        raise AssertionError("the write never finished within 400 loop ticks")
+        raise AssertionError("the write never finished before the deadline")
     # A cancellation is delivered only after the transaction ends, so a cancelled call still applied.
     assert seen_applied and seen_not_applied
 
 
-async def test_cancelled_claims_and_outcomes_are_whole(node_a: SQLiteStore, tmp_path: Path) -> None:
+@pytest.mark.parametrize("slow", [False, True], ids=["fast", "slow_disk"])
+async def test_cancelled_claims_and_outcomes_are_whole(node_a: SQLiteStore, tmp_path: Path, slow: bool) -> None:
     path = tmp_path / "shared.sqlite3"
+    if slow:
+        await _slow_disk(node_a)
     row = await node_a.begin_file(key(), lambda name: False)
     assert await node_a.add_chunk(row.id, chunk(1, 30))
-    for ticks in range(400):
+    for ticks in _tick_counts():
         now = time.time()
         groups = await node_a.queued_groups(now)
         if not groups:
