@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 
 async def wait_any(timeout: float, *events: asyncio.Event) -> bool:
@@ -16,7 +15,7 @@ async def wait_any(timeout: float, *events: asyncio.Event) -> bool:
         done, _ = await asyncio.wait(waiters, timeout=limit, return_when=asyncio.FIRST_COMPLETED)
         return bool(done)
     finally:
+        # Not awaited: a cancellation of this task landing in that await would have been swallowed
+        # (and the caller's stop with it). A cancelled Event.wait() ends on its own next loop turn.
         for waiter in waiters:
             waiter.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.gather(*waiters, return_exceptions=True)

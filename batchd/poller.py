@@ -237,13 +237,17 @@ class Pollers:
             self.start(batch.id)
         for wake in self._sweep_wake.values():
             wake.set()  # a sweep started before run() waits on the old stopping event
-        await wait_any(float("inf"), stopping, self._failed)
-        tasks = [*self._tasks.values(), *self._sweeps.values()]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        try:
+            await wait_any(float("inf"), stopping, self._failed)
+        finally:
+            # Also when run() itself is cancelled: a poller outliving it would write after the
+            # daemon released its leases to other nodes.
+            tasks = [*self._tasks.values(), *self._sweeps.values()]
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
         if self.failure is not None:
             raise RuntimeError(f"a poller died: {self.failure!r}") from self.failure
 

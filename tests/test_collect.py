@@ -8,6 +8,7 @@ and the rest still waiting (so the next attempt finishes them, exactly once).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -21,7 +22,7 @@ from batchd.providers import ProviderError, ProviderPool
 from batchd.store import open_store
 from batchd.store.contract import BatchRow, Chunk, FileKey, NewItem, Store
 
-from .conftest import make_settings
+from .conftest import make_settings, wait_until
 
 
 async def submitted_batch(store: Store, count: int) -> BatchRow:
@@ -119,3 +120,17 @@ async def test_a_failure_part_way_keeps_what_was_committed_and_the_rest_waits(
     summary = await pollers._apply_all(batch, chunks_of(chunks), None)
     assert (summary.final, summary.ignored) == (10, 20)
     assert len(await store.results_after(0, 100)) == 30
+
+
+async def test_a_cancelled_run_takes_its_batch_pollers_down_with_it(setup: tuple[Store, Pollers, list[str]]) -> None:
+    # The daemon cancels what has not stopped within the graceful timeout; a poller left running
+    # after that would still write to the store after release_leases let another node take over.
+    store, pollers, _ = setup
+    await submitted_batch(store, 3)
+    running = asyncio.create_task(pollers.run(asyncio.Event()))
+    await wait_until(lambda: pollers.live == 1, timeout=10, interval=0.01)
+    polling = list(pollers._tasks.values())
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    assert all(task.done() for task in polling) and pollers.live == 0
