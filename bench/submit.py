@@ -54,6 +54,9 @@ async def batchd_side(template: str, root: str, openai_url: str, anthropic_url: 
     workdir = base / "work"
     workdir.mkdir()
     providers = ProviderPool(settings.providers)
+    # As the daemon does at start-up (before READY): its adapters, SSL contexts included, are made
+    # once per process, never per batch. The script makes its client per run, as a script must.
+    providers.prepare()
     batcher = Batcher(settings, store, providers, workdir, on_submitted=lambda _id: None, crashpoints=CrashPoints(""))
     await batcher.recover()
     started = time.perf_counter()
