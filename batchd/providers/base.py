@@ -159,6 +159,9 @@ class RequestStream:
     size: int
     chunks: AsyncIterator[bytes]
     failure: BaseException | None = None
+    # Set when the chunks did not add up to `size`: the SDK reports the torn request only as a
+    # connection error, so the caller says this instead.
+    mismatch: str | None = None
 
     async def exactly(self) -> AsyncIterator[bytes]:
         """The chunks, then an error if they did not add up to `size`: the request's declared
@@ -168,7 +171,8 @@ class RequestStream:
             sent += len(chunk)
             yield chunk
         if sent != self.size:
-            raise ValueError(f"the batch's request lines are {sent} bytes, not the {self.size} declared")
+            self.mismatch = f"the batch's request lines are {sent} bytes, not the {self.size} declared"
+            raise ValueError(self.mismatch)
 
 
 class Provider(abc.ABC):
