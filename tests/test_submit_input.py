@@ -3,6 +3,7 @@ batch streamed from the store; byte for byte the request lines either way."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -13,11 +14,11 @@ import pytest
 from batchd import batcher as batcher_module
 from batchd.batcher import Batcher
 from batchd.crashpoints import CrashPoints
-from batchd.emulator import EmulatorConfig, start_emulator
+from batchd.emulator import EmulatorConfig, RunningEmulator, start_emulator
 from batchd.formats import anthropic_request, openai_request_line
 from batchd.providers import ProviderError, ProviderPool
 from batchd.providers.base import RequestStream
-from batchd.store.contract import InputSize
+from batchd.store.contract import BatchRow, InputSize
 from batchd.store.sqlite import SQLiteStore
 
 from .conftest import make_settings
@@ -149,33 +150,43 @@ async def test_a_stream_whose_length_is_not_the_declared_one_creates_no_batch(de
             await providers.close()
 
 
+@contextlib.asynccontextmanager
+async def claimed_anthropic_batch(
+    tmp_path: Path, count: int
+) -> AsyncIterator[tuple[SQLiteStore, RunningEmulator, Batcher, BatchRow]]:
+    """`count` Anthropic requests claimed into one batch, an emulator that never ends a batch, and
+    the batcher that submits it."""
+    store = SQLiteStore(tmp_path / "t.sqlite3", "n1")
+    await store.open()
+    try:
+        async with await start_emulator(EmulatorConfig(processing_seconds=600)) as emulator:
+            settings = make_settings(tmp_path, emulator)
+            providers = ProviderPool(settings.providers)
+            try:
+                await ingest(store, count=count, profile="anthropic", endpoint="/v1/messages", model="claude-haiku-4-5")
+                batch = await claim(store, kind="anthropic")
+                runner = Batcher(settings, store, providers, tmp_path, lambda _id: None, CrashPoints(""))
+                await runner.recover()
+                yield store, emulator, runner, batch
+            finally:
+                await providers.close()
+    finally:
+        await store.close()
+
+
 async def test_a_store_failure_mid_stream_is_reported_as_the_store_s_and_creates_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(batcher_module, "INPUT_CHUNK", 2)
-    store = SQLiteStore(tmp_path / "t.sqlite3", "n1")
-    await store.open()
-    failing = fails_on_third_read(store)
-
-    async with await start_emulator(EmulatorConfig(processing_seconds=600)) as emulator:
-        settings = make_settings(tmp_path, emulator)
-        providers = ProviderPool(settings.providers)
-        try:
-            await ingest(store, count=10, profile="anthropic", endpoint="/v1/messages", model="claude-haiku-4-5")
-            batch = await claim(store, kind="anthropic")
-            runner = Batcher(settings, store, providers, tmp_path, lambda _id: None, CrashPoints(""))
-            await runner.recover()
-            monkeypatch.setattr(store, "batch_bodies", failing)
-            # Not a provider's connection error to back off from and retry: the store's own, raised.
-            with pytest.raises(OSError, match="disk I/O error"):
-                await runner._submit(batch)
-            # Two chunks went out before the failure: the provider got a torn body and made nothing.
-            assert emulator.state.anthropic_batches == {}
-            still = await store.batch(batch.id)
-            assert still is not None and still.state == "pending" and still.remote_id is None
-        finally:
-            await providers.close()
-            await store.close()
+    async with claimed_anthropic_batch(tmp_path, 10) as (store, emulator, runner, batch):
+        monkeypatch.setattr(store, "batch_bodies", fails_on_third_read(store))
+        # Not a provider's connection error to back off from and retry: the store's own, raised.
+        with pytest.raises(OSError, match="disk I/O error"):
+            await runner._submit(batch)
+        # Two chunks went out before the failure: the provider got a torn body and made nothing.
+        assert emulator.state.anthropic_batches == {}
+        still = await store.batch(batch.id)
+        assert still is not None and still.state == "pending" and still.remote_id is None
 
 
 async def test_a_wrong_input_size_is_reported_as_such_not_as_a_connection_error(
@@ -183,28 +194,16 @@ async def test_a_wrong_input_size_is_reported_as_such_not_as_a_connection_error(
 ) -> None:
     # The SDK wraps whatever the body raises into "Connection error": an operator reading that would
     # look at the network for a bug of ours in batch_input_size.
-    store = SQLiteStore(tmp_path / "t.sqlite3", "n1")
-    await store.open()
-    async with await start_emulator(EmulatorConfig(processing_seconds=600)) as emulator:
-        settings = make_settings(tmp_path, emulator)
-        providers = ProviderPool(settings.providers)
-        try:
-            await ingest(store, count=4, profile="anthropic", endpoint="/v1/messages", model="claude-haiku-4-5")
-            batch = await claim(store, kind="anthropic")
-            runner = Batcher(settings, store, providers, tmp_path, lambda _id: None, CrashPoints(""))
-            await runner.recover()
-            real = store.batch_input_size
+    async with claimed_anthropic_batch(tmp_path, 4) as (store, emulator, runner, batch):
+        real = store.batch_input_size
 
-            async def one_byte_more(batch_id: int) -> InputSize:
-                size = await real(batch_id)
-                return dataclasses.replace(size, body_bytes=size.body_bytes + 1)
+        async def one_byte_more(batch_id: int) -> InputSize:
+            size = await real(batch_id)
+            return dataclasses.replace(size, body_bytes=size.body_bytes + 1)
 
-            monkeypatch.setattr(store, "batch_input_size", one_byte_more)
-            await runner._submit(batch)  # a submit failure, backed off and retried like any other
-            assert emulator.state.anthropic_batches == {}
-            failed = await store.batch(batch.id)
-            assert failed is not None and failed.state == "pending" and failed.last_error is not None
-            assert "bytes, not the" in failed.last_error and "Connection error" not in failed.last_error
-        finally:
-            await providers.close()
-            await store.close()
+        monkeypatch.setattr(store, "batch_input_size", one_byte_more)
+        await runner._submit(batch)  # a submit failure, backed off and retried like any other
+        assert emulator.state.anthropic_batches == {}
+        failed = await store.batch(batch.id)
+        assert failed is not None and failed.state == "pending" and failed.last_error is not None
+        assert "bytes, not the" in failed.last_error and "Connection error" not in failed.last_error
