@@ -403,13 +403,13 @@ class Batcher:
                 if isinstance(lines, RequestStream) and lines.failure is not None:
                     raise lines.failure from exc  # the store failed mid-send: not the provider's error
                 if isinstance(lines, RequestStream) and lines.mismatch is not None:
-                    # A bug of ours (batch_input_size against batch_bodies), said as one. The torn
-                    # request created nothing; the retry reconciles first all the same.
+                    # A bug of ours (batch_input_size against batch_bodies), said as one. Not
+                    # ambiguous: a body cut off before its declared length, or before its closing
+                    # `]}`, can create nothing, so there is nothing to reconcile.
                     log.error("batch.input_size_mismatch", batch=batch.id, error=lines.mismatch)
                     raise ProviderError(
                         f"{lines.mismatch}: the request was cut off and nothing was created",
                         retryable=True,
-                        ambiguous=exc.ambiguous,
                     ) from exc
                 raise
             self._crashpoints.reach("after-create")

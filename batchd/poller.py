@@ -245,9 +245,10 @@ class Pollers:
             tasks = [*self._tasks.values(), *self._sweeps.values()]
             for task in tasks:
                 task.cancel()
-            for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+            if tasks:
+                # asyncio.wait, not await: their errors are _done's to keep, and a cancellation of
+                # run() while it waits here is not swallowed.
+                await asyncio.wait(tasks)
         if self.failure is not None:
             raise RuntimeError(f"a poller died: {self.failure!r}") from self.failure
 

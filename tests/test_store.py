@@ -540,6 +540,8 @@ async def test_cancelled_claims_and_outcomes_are_whole(node_a: SQLiteStore, tmp_
         for batch_id, requests in rows(path, "SELECT id, requests FROM batches"):
             (claimed,) = rows(path, "SELECT COUNT(*) FROM items WHERE batch_id = ?", (batch_id,))[0]
             assert claimed == requests and requests in (2, 3)
+    else:
+        raise AssertionError("the claims never took the whole queue before the deadline")
     assert rows(path, "SELECT COUNT(*) FROM items WHERE batch_id IS NULL") == [(0,)]
     assert node_a._conn.in_transaction is False
     await node_a.add_error("test.after_cancel", "ok")

@@ -189,21 +189,27 @@ async def test_a_store_failure_mid_stream_is_reported_as_the_store_s_and_creates
         assert still is not None and still.state == "pending" and still.remote_id is None
 
 
+# A byte more or less than the bodies, or half of them: the excess then comes in an early chunk.
+@pytest.mark.parametrize(
+    "declared", [lambda n: n + 1, lambda n: n - 1, lambda n: n // 2], ids=["short", "over_by_a_byte", "over_by_half"]
+)
 async def test_a_wrong_input_size_is_reported_as_such_not_as_a_connection_error(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, declared: Callable[[int], int]
 ) -> None:
     # The SDK wraps whatever the body raises into "Connection error": an operator reading that would
     # look at the network for a bug of ours in batch_input_size.
-    async with claimed_anthropic_batch(tmp_path, 4) as (store, emulator, runner, batch):
+    monkeypatch.setattr(batcher_module, "INPUT_CHUNK", 2)  # several chunks: the excess may come early
+    async with claimed_anthropic_batch(tmp_path, 40) as (store, emulator, runner, batch):
         real = store.batch_input_size
 
-        async def one_byte_more(batch_id: int) -> InputSize:
+        async def wrong(batch_id: int) -> InputSize:
             size = await real(batch_id)
-            return dataclasses.replace(size, body_bytes=size.body_bytes + 1)
+            return dataclasses.replace(size, body_bytes=declared(size.body_bytes))
 
-        monkeypatch.setattr(store, "batch_input_size", one_byte_more)
+        monkeypatch.setattr(store, "batch_input_size", wrong)
         await runner._submit(batch)  # a submit failure, backed off and retried like any other
         assert emulator.state.anthropic_batches == {}
         failed = await store.batch(batch.id)
         assert failed is not None and failed.state == "pending" and failed.last_error is not None
-        assert "bytes, not the" in failed.last_error and "Connection error" not in failed.last_error
+        assert "declared" in failed.last_error and "Connection error" not in failed.last_error
+        assert not failed.last_error.startswith("anthropic connection")

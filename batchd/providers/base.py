@@ -169,6 +169,10 @@ class RequestStream:
         sent = 0
         async for chunk in self.chunks:
             sent += len(chunk)
+            if sent > self.size:
+                # Before the HTTP client sees it: it would refuse the excess in words of its own.
+                self.mismatch = f"the batch's request lines are over {self.size} bytes, the length declared"
+                raise ValueError(self.mismatch)
             yield chunk
         if sent != self.size:
             self.mismatch = f"the batch's request lines are {sent} bytes, not the {self.size} declared"
